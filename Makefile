@@ -1,0 +1,32 @@
+# Each target works alone on a fresh clone: it creates .venv when missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+UNAME := $(shell uname -s)
+ifeq ($(UNAME),Darwin)
+EXTRAS := dev
+else
+EXTRAS := dev,cpu
+endif
+STAMP := $(VENV)/.installed-$(EXTRAS)
+
+.PHONY: run test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m appliance $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check appliance tests
+	$(BIN)/mypy appliance
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

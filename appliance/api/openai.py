@@ -1,0 +1,366 @@
+"""OpenAI-compatible resources: thin (parse -> engine -> serialize)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from typing import Any, Optional
+
+import falcon
+import falcon.asgi
+import orjson
+from falcon.asgi import SSEvent
+
+from ..engine.service import Engine
+from ..engine.text import TextStream
+from ..engine.types import Generation
+from ..errors import ApplianceError, BodyTooLarge, Forbidden, RequestTimeout
+from .errors import body_of
+from .parsing import Common, check_vocab, decode_json, parse_chat, parse_completion
+
+log = logging.getLogger("appliance.api")
+
+KEEPALIVE_S = 1.0  # an SSE comment while waiting lets a gone client be noticed during prefill
+
+
+class Gate:
+    """Whether new inference is accepted (not draining); set by the lifecycle."""
+
+    def __init__(self) -> None:
+        self.draining = False
+
+    def check(self) -> None:
+        if self.draining:
+            from ..errors import Draining
+
+            raise Draining("the server is shutting down; retry on another instance", retry_after=5)
+
+
+async def read_json(req: falcon.asgi.Request, max_bytes: int) -> dict[str, Any]:
+    """The body as a JSON object; 413 past max_bytes without reading the rest."""
+    length = req.content_length
+    if length is not None and length > max_bytes:
+        raise BodyTooLarge(f"the body is {length} bytes; the limit is {max_bytes}")
+    chunks = []
+    size = 0
+    async for chunk in req.stream:
+        size += len(chunk)
+        if size > max_bytes:
+            raise BodyTooLarge(f"the body is over the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+    return decode_json(b"".join(chunks))
+
+
+def _usage(gen: Generation) -> dict[str, Any]:
+    p, c = len(gen.prompt_tokens), len(gen.tokens)
+    return {
+        "prompt_tokens": p,
+        "completion_tokens": c,
+        "total_tokens": p + c,
+        "prompt_tokens_details": {"cached_tokens": gen.cached_tokens},
+    }
+
+
+class _Out:
+    """Text and finish reason of one request, as the client sees them."""
+
+    __slots__ = ("text", "finish")
+
+    def __init__(self, text: TextStream) -> None:
+        self.text = text
+        self.finish: Optional[str] = None
+
+
+class Generate:
+    """The shared path of /v1/chat/completions and /v1/completions."""
+
+    def __init__(self, engine: Engine, gate: Gate, max_body_bytes: int) -> None:
+        self.engine = engine
+        self.gate = gate
+        self.max_body_bytes = max_body_bytes
+
+    async def begin(
+        self,
+        req: falcon.asgi.Request,
+        common: Common,
+        prompt_of: Callable[[Any], list[int]],
+        raw_prompt: Any,
+    ) -> tuple[Generation, Any]:
+        self.gate.check()
+        if common.high_priority and not getattr(req.context, "is_admin", False):
+            raise Forbidden("priority 'high' needs the admin key", param="priority")
+        name = self.engine.resolve_name(common.model)
+        req.context.model = name
+        worker = await self.engine.model(name)
+        tok = worker.tokenizer
+        check_vocab(common.params, raw_prompt, worker.vocab_size)
+        try:
+            prompt = prompt_of(tok)
+        except ApplianceError:
+            raise
+        except Exception as exc:
+            from ..errors import InvalidRequest
+
+            raise InvalidRequest(f"the prompt could not be built: {exc}", param="messages") from None
+        self.engine.check_prompt(name, prompt, common.max_tokens or 1)
+        max_tokens = self.engine.max_tokens_for(name, len(prompt), common.max_tokens)
+        params = replace(common.params, max_tokens=max_tokens)
+        gen = await self.engine.start(worker, prompt, params, high_priority=common.high_priority)
+        return gen, tok
+
+    async def collect(self, gen: Generation, out: _Out) -> str:
+        """Run a request to the end; returns its text."""
+        deadline = self.engine.deadline()
+        parts = []
+        try:
+            while True:
+                new, _ = await gen.next_tokens(deadline)
+                if not new:
+                    break
+                parts.append(out.text.feed(new))
+                if out.text.stopped:
+                    out.finish = "stop"
+                    break
+            parts.append(out.text.flush())
+            out.finish = out.finish or gen.finish_reason or "stop"
+            self.engine.finish(gen)
+        except BaseException as exc:
+            self.engine.finish(gen, status=_status_name(exc))
+            raise
+        return "".join(parts)
+
+    async def events(
+        self,
+        gen: Generation,
+        out: _Out,
+        piece: Callable[[str, int, int], bytes],
+        final: Callable[[str], bytes],
+        usage: Optional[Callable[[], bytes]],
+        first: Optional[bytes] = None,
+    ) -> AsyncIterator[Optional[SSEvent]]:
+        """SSE events of one stream; the slot is freed in `finally` whatever happens."""
+        status = "ok"
+        try:
+            if first is not None:
+                yield SSEvent(data=first)
+            deadline = self.engine.deadline()
+            while True:
+                if not await gen.wait_event(KEEPALIVE_S):
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise RequestTimeout("the request ran past limits.request_timeout_s")
+                    yield SSEvent(comment="keep-alive")
+                    continue
+                new, start = await gen.next_tokens(deadline)
+                if not new:
+                    break
+                text = out.text.feed(new)
+                if text or gen.params.logprobs:
+                    yield SSEvent(data=piece(text, start, len(new)))
+                if out.text.stopped:
+                    out.finish = "stop"
+                    break
+            tail = out.text.flush()
+            if tail:
+                yield SSEvent(data=piece(tail, len(gen.tokens), 0))
+            out.finish = out.finish or gen.finish_reason or "stop"
+            self.engine.finish(gen)
+            yield SSEvent(data=final(out.finish))
+            if usage is not None:
+                yield SSEvent(data=usage())
+        except ApplianceError as exc:
+            status = _status_name(exc)
+            yield SSEvent(data=orjson.dumps(body_of(exc)))
+        except asyncio.CancelledError:
+            status = "cancelled"
+            raise
+        except Exception as exc:  # never a hang: an error chunk, then [DONE]
+            status = "error"
+            log.exception("stream failed")
+            yield SSEvent(
+                data=orjson.dumps(
+                    {"error": {"message": f"generation failed: {exc}", "type": "server_error",
+                               "param": None, "code": "engine_failure"}}
+                )
+            )
+        finally:
+            self.engine.finish(gen, status=status)
+        yield SSEvent(data=b"[DONE]")
+
+
+def _status_name(exc: BaseException) -> str:
+    if isinstance(exc, ApplianceError):
+        return exc.code or "error"
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return "cancelled"
+    return "error"
+
+
+def _token_text(tok: Any, t: int) -> str:
+    return str(tok.decode([t]))
+
+
+def _chat_logprobs(tok: Any, gen: Generation, start: int, count: int) -> dict[str, Any]:
+    content = []
+    for i in range(start, min(start + count, len(gen.logprobs))):
+        t = gen.tokens[i]
+        s = _token_text(tok, t)
+        entry: dict[str, Any] = {"token": s, "logprob": gen.logprobs[i], "bytes": list(s.encode())}
+        tops = gen.top_logprobs[i] if i < len(gen.top_logprobs) else []
+        entry["top_logprobs"] = [
+            {"token": (ts := _token_text(tok, x.token)), "logprob": x.logprob, "bytes": list(ts.encode())}
+            for x in tops
+        ]
+        content.append(entry)
+    return {"content": content}
+
+
+def _completion_logprobs(tok: Any, gen: Generation, start: int, count: int, offset: int) -> dict[str, Any]:
+    tokens, lps, tops, offsets = [], [], [], []
+    pos = offset
+    for i in range(start, min(start + count, len(gen.logprobs))):
+        s = _token_text(tok, gen.tokens[i])
+        tokens.append(s)
+        lps.append(gen.logprobs[i])
+        offsets.append(pos)
+        pos += len(s)
+        t = gen.top_logprobs[i] if i < len(gen.top_logprobs) else []
+        tops.append({_token_text(tok, x.token): x.logprob for x in t})
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+class ChatCompletions:
+    """POST /v1/chat/completions."""
+
+    def __init__(self, gen: Generate) -> None:
+        self.g = gen
+
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        body = await read_json(req, self.g.max_body_bytes)
+        parsed = parse_chat(body)
+        common = parsed.common
+        msgs = [dict(m) for m in parsed.messages]
+        gen, tok = await self.g.begin(
+            req,
+            common,
+            lambda t: list(t.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)),
+            None,
+        )
+        out = _Out(TextStream(tok, common.params.stop))
+        rid = "chatcmpl-" + uuid.uuid4().hex
+        created = int(time.time())
+        model = gen.model
+        if not common.stream:
+            text = await self.g.collect(gen, out)
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": _chat_logprobs(tok, gen, 0, len(gen.tokens)) if common.params.logprobs else None,
+                "finish_reason": out.finish,
+            }
+            resp.content_type = falcon.MEDIA_JSON
+            resp.data = orjson.dumps(
+                {"id": rid, "object": "chat.completion", "created": created, "model": model,
+                 "choices": [choice], "usage": _usage(gen)}
+            )
+            return
+        head = orjson.dumps({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model})[:-1]
+        # Built once per request: each token chunk is prefix + JSON string + suffix.
+        prefix = head + b',"choices":[{"index":0,"delta":{"content":'
+        suffix = b'},"logprobs":null,"finish_reason":null}]}'
+        want_lp = common.params.logprobs
+
+        def piece(text: str, start: int, count: int) -> bytes:
+            if want_lp:
+                lp = orjson.dumps(_chat_logprobs(tok, gen, start, count))
+                return prefix + orjson.dumps(text) + b'},"logprobs":' + lp + b',"finish_reason":null}]}'
+            return prefix + orjson.dumps(text) + suffix
+
+        def final(reason: str) -> bytes:
+            return head + b',"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":' + orjson.dumps(reason) + b"}]}"
+
+        def usage() -> bytes:
+            return head + b',"choices":[],"usage":' + orjson.dumps(_usage(gen)) + b"}"
+
+        first = head + b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}'
+        resp.sse = self.g.events(gen, out, piece, final, usage if common.include_usage else None, first)
+
+
+class Completions:
+    """POST /v1/completions."""
+
+    def __init__(self, gen: Generate) -> None:
+        self.g = gen
+
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        body = await read_json(req, self.g.max_body_bytes)
+        parsed = parse_completion(body)
+        common = parsed.common
+        p = parsed.prompt
+
+        def prompt_of(tok: Any) -> list[int]:
+            if isinstance(p, tuple):
+                return list(p)
+            bos = getattr(tok, "bos_token", None)
+            add_special = bos is None or not p.startswith(bos)
+            return list(tok.encode(p, add_special_tokens=add_special))
+
+        gen, tok = await self.g.begin(req, common, prompt_of, p)
+        out = _Out(TextStream(tok, common.params.stop))
+        rid = "cmpl-" + uuid.uuid4().hex
+        created = int(time.time())
+        model = gen.model
+        echo = ""
+        if parsed.echo:
+            echo = p if isinstance(p, str) else str(tok.decode(list(p)))
+        if not common.stream:
+            text = echo + await self.g.collect(gen, out)
+            resp.content_type = falcon.MEDIA_JSON
+            resp.data = orjson.dumps(
+                {"id": rid, "object": "text_completion", "created": created, "model": model,
+                 "choices": [{"index": 0, "text": text, "finish_reason": out.finish,
+                              "logprobs": _completion_logprobs(tok, gen, 0, len(gen.tokens), len(echo))
+                              if common.params.logprobs else None}],
+                 "usage": _usage(gen)}
+            )
+            return
+        head = orjson.dumps({"id": rid, "object": "text_completion", "created": created, "model": model})[:-1]
+        prefix = head + b',"choices":[{"index":0,"text":'
+        suffix = b',"logprobs":null,"finish_reason":null}]}'
+        want_lp = common.params.logprobs
+
+        def piece(text: str, start: int, count: int) -> bytes:
+            if want_lp:
+                lp = orjson.dumps(_completion_logprobs(tok, gen, start, count, 0))
+                return prefix + orjson.dumps(text) + b',"logprobs":' + lp + b',"finish_reason":null}]}'
+            return prefix + orjson.dumps(text) + suffix
+
+        def final(reason: str) -> bytes:
+            return prefix + b'"","logprobs":null,"finish_reason":' + orjson.dumps(reason) + b"}]}"
+
+        def usage() -> bytes:
+            return head + b',"choices":[],"usage":' + orjson.dumps(_usage(gen)) + b"}"
+
+        first = prefix + orjson.dumps(echo) + suffix if echo else None
+        resp.sse = self.g.events(gen, out, piece, final, usage if common.include_usage else None, first)
+
+
+class Models:
+    """GET /v1/models: every catalog model (loaded on first use)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.created = int(time.time())
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        loaded = set(self.engine.registry.loaded())
+        data = [
+            {"id": n, "object": "model", "created": self.created, "owned_by": "appliance",
+             "loaded": n in loaded}
+            for n in self.engine.registry.names
+        ]
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = orjson.dumps({"object": "list", "data": data})

@@ -1,0 +1,36 @@
+"""Liveness and readiness probes."""
+
+from __future__ import annotations
+
+import falcon
+import falcon.asgi
+import orjson
+
+from ..engine.service import Engine
+from ..errors import Draining, NotReady
+from .openai import Gate
+
+
+class Health:
+    """GET /healthz: 200 while the process serves."""
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = b'{"status":"ok"}'
+
+
+class Ready:
+    """GET /readyz: 200 when a model is loaded and work is accepted, else 503."""
+
+    def __init__(self, engine: Engine, gate: Gate) -> None:
+        self.engine = engine
+        self.gate = gate
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        if self.gate.draining:
+            raise Draining("the server is draining", retry_after=5)
+        loaded = self.engine.registry.loaded()
+        if not loaded:
+            raise NotReady("no model is loaded yet", retry_after=2)
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = orjson.dumps({"status": "ready", "models": loaded})

@@ -1,0 +1,207 @@
+"""The only place that wires: typed config -> engine, metrics, tasks, middleware, resources -> app."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import falcon
+import falcon.asgi
+import psutil
+from prometheus_client import CollectorRegistry
+
+from . import __version__
+from .api import errors as api_errors
+from .api.openai import ChatCompletions, Completions, Gate, Generate, Models
+from .api.probes import Health, Ready
+from .config import AppConfig
+from .engine.service import Engine
+from .metrics import Metrics
+from .middleware import (
+    AccessLog,
+    Auth,
+    BodyLimit,
+    Cors,
+    HostGuard,
+    LoadShedding,
+    RateLimit,
+    RequestId,
+)
+
+log = logging.getLogger("appliance")
+
+
+def mlx_memory() -> dict[str, Optional[int]]:
+    """MLX active / peak / cache bytes through backend-neutral calls; None where unavailable."""
+    out: dict[str, Optional[int]] = {"mlx_active": None, "mlx_peak": None, "mlx_cache": None}
+    try:
+        import mlx.core as mx
+
+        out["mlx_active"] = int(mx.get_active_memory())
+        out["mlx_peak"] = int(mx.get_peak_memory())
+        out["mlx_cache"] = int(mx.get_cache_memory())
+    except Exception:  # no MLX backend here
+        pass
+    return out
+
+
+@dataclass
+class Appliance:
+    """Everything `build` made; `app` is the ASGI callable uvicorn serves."""
+
+    cfg: AppConfig
+    app: falcon.asgi.App
+    engine: Engine
+    metrics: Metrics
+    gate: Gate
+    started_at: float = field(default_factory=time.time)
+    background: list[asyncio.Task[Any]] = field(default_factory=list)
+    on_startup: list[Callable[[], Any]] = field(default_factory=list)
+    on_shutdown: list[Callable[[], Any]] = field(default_factory=list)
+
+    def live(self) -> dict[str, Any]:
+        """Live state for the metrics collector and the health report."""
+        eng = self.engine
+        mem: dict[str, Optional[int]] = {"rss": psutil.Process().memory_info().rss}
+        mem.update(mlx_memory())
+        caches = {}
+        for name in eng.registry.loaded():
+            w = eng.registry.worker(name)
+            if w is not None and w.prompt_cache is not None:
+                caches[name] = w.prompt_cache.nbytes
+        return {
+            "running": eng.admission.running,
+            "waiting": eng.admission.waiting,
+            "max_running": eng.admission.max_running,
+            "max_queued": eng.admission.max_queued,
+            "models_loaded": len(eng.registry.loaded()),
+            "threads_alive": eng.registry.threads_alive(),
+            "safe_mode": 1 if self.cfg.safe_mode_reason else 0,
+            "draining": 1 if self.gate.draining else 0,
+            "uptime": time.time() - self.started_at,
+            "memory": mem,
+            "system_memory_percent": psutil.virtual_memory().percent,
+            "prompt_cache_bytes": caches,
+            "build": {"version": __version__, "backend": _backend()},
+        }
+
+
+def _backend() -> str:
+    try:
+        import mlx.core as mx
+
+        return str(mx.default_device())
+    except Exception:
+        return "none"
+
+
+class _Lifecycle:
+    """ASGI lifespan: load auto_load models in the background, stop everything at the end."""
+
+    def __init__(self, appliance: Appliance) -> None:
+        self.a = appliance
+
+    async def process_startup(self, scope: Any, event: Any) -> None:
+        a = self.a
+        a.background.append(asyncio.create_task(a.engine.start_up(), name="auto-load"))
+        for fn in a.on_startup:
+            result = fn()
+            if asyncio.iscoroutine(result):
+                await result
+
+    async def process_shutdown(self, scope: Any, event: Any) -> None:
+        a = self.a
+        for fn in a.on_shutdown:
+            try:
+                result = fn()
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:
+                log.exception("shutdown step failed")
+        for task in a.background:
+            task.cancel()
+        await asyncio.gather(*a.background, return_exceptions=True)
+        await a.engine.close()
+
+
+class _RequestCounter:
+    """requests_total{model,endpoint,status} for every /v1 answer."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    async def process_response(self, req: Any, resp: Any, resource: Any, ok: bool) -> None:
+        if req.path.startswith("/v1/"):
+            self.metrics.requests.labels(
+                getattr(req.context, "model", None) or "", req.path, str(resp.status_code)
+            ).inc()
+
+
+class MetricsResource:
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        resp.content_type = "text/plain; version=0.0.4; charset=utf-8"
+        resp.data = self.metrics.render()
+
+
+def _middleware(cfg: AppConfig, metrics: Metrics) -> list[object]:
+    reject = metrics.reject
+    table: dict[str, Callable[[], object]] = {
+        "request_id": RequestId,
+        "access_log": AccessLog,
+        "host_guard": lambda: HostGuard(cfg.server, reject),
+        "body_limit": lambda: BodyLimit(cfg.limits, reject),
+        "cors": lambda: Cors(cfg.security),
+        "load_shedding": lambda: LoadShedding(
+            cfg.shedding, reject, lambda: mlx_memory()["mlx_active"]
+        ),
+        "auth": lambda: Auth(cfg.security, reject, cfg.metrics.path),
+        "rate_limit": lambda: RateLimit(cfg.rate_limits, reject),
+    }
+    return [table[name]() for name in cfg.middleware]
+
+
+def build(
+    cfg: AppConfig,
+    *,
+    engine: Optional[Engine] = None,
+    registry: Optional[CollectorRegistry] = None,
+) -> Appliance:
+    """Assemble the appliance from the typed config; nothing starts until the lifespan runs."""
+    engine = engine or Engine(cfg.models, cfg.limits)
+    metrics = Metrics(cfg.metrics, registry)
+    gate = Gate()
+    app = falcon.asgi.App(middleware=[], cors_enable=False)
+    appliance = Appliance(cfg=cfg, app=app, engine=engine, metrics=metrics, gate=gate)
+    metrics.attach_live(appliance.live)
+    engine.observe(metrics.on_request)
+    engine.registry.subscribe(metrics.on_model)
+
+    for mw in [_Lifecycle(appliance), _RequestCounter(metrics), *_middleware(cfg, metrics)]:
+        app.add_middleware(mw)
+    api_errors.install(app)
+    app.req_options.strip_url_path_trailing_slash = True
+
+    gen = Generate(engine, gate, cfg.limits.max_body_bytes)
+    app.add_route("/healthz", Health())
+    app.add_route("/readyz", Ready(engine, gate))
+    app.add_route(cfg.metrics.path, MetricsResource(metrics))
+    app.add_route("/v1/models", Models(engine))
+    app.add_route("/v1/chat/completions", ChatCompletions(gen))
+    app.add_route("/v1/completions", Completions(gen))
+    _warn_exposure(cfg)
+    return appliance
+
+
+def _warn_exposure(cfg: AppConfig) -> None:
+    sec = cfg.security
+    if not sec.api_keys:
+        log.warning("no API key is set: /v1 is open to every client that can reach %s", cfg.server.host)
+    if not sec.admin_keys:
+        log.info("no admin key is set: the admin API is closed (set %s)", sec.admin_keys_env)

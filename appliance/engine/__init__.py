@@ -1,0 +1,1 @@
+"""The engine: model registry, loading and generation on MLX."""

@@ -1,0 +1,241 @@
+"""The model registry: the catalog from config, loading and unloading, memory estimates."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+import psutil
+
+from ..config import ModelsConfig, ModelSpec
+from ..errors import EngineFailure, InsufficientMemory, ModelLoadError, ModelNotFound
+from .types import ModelInfo
+from .worker import ModelWorker
+
+log = logging.getLogger("appliance.engine")
+
+DEMO_PREFIX = "builtin:"
+Listener = Callable[[str, str, dict[str, Any]], None]  # (event, model, details)
+
+
+def resolve_path(spec: ModelSpec, demo_base: Optional[str]) -> Path:
+    """A catalog path to a local folder: builds the demo model, finds cached hub ids.
+
+    Never downloads: a hub id missing from the local cache fails at once.
+    """
+    if spec.path.startswith(DEMO_PREFIX):
+        if spec.path != "builtin:demo":
+            raise ModelLoadError(f"unknown builtin model {spec.path!r}; allowed: builtin:demo")
+        from .demo import ensure_demo_model
+
+        return ensure_demo_model(demo_base, shape=spec.demo_shape)
+    local = Path(spec.path).expanduser()
+    if local.is_dir():
+        return local
+    if local.is_absolute() or spec.path.startswith(("~", ".")) or spec.path.count("/") != 1:
+        raise ModelLoadError(f"model folder {spec.path!r} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(spec.path, local_files_only=True))
+    except Exception:
+        raise ModelLoadError(
+            f"{spec.path!r} is not a local folder and is not in the local Hugging Face cache; "
+            "the appliance does not download models: fetch it first or give a folder"
+        ) from None
+
+
+def estimate_bytes(path: Path, spec: ModelSpec) -> int:
+    """Weights on disk plus the KV cache of one full context, from config.json."""
+    weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+        text_cfg = cfg.get("text_config", cfg)
+        layers = int(text_cfg["num_hidden_layers"])
+        heads = int(text_cfg["num_attention_heads"])
+        kv_heads = int(text_cfg.get("num_key_value_heads", heads))
+        head_dim = int(text_cfg.get("head_dim") or text_cfg["hidden_size"] // heads)
+        dtype_bytes = 2 if str(text_cfg.get("torch_dtype", "bfloat16")) != "float32" else 4
+        kv = 2 * layers * kv_heads * head_dim * spec.context_length * dtype_bytes
+    except (OSError, KeyError, ValueError, TypeError, ZeroDivisionError):
+        kv = 0
+    return weights + kv
+
+
+class ModelRegistry:
+    """The catalog and the loaded models, each on its own generation thread."""
+
+    def __init__(self, cfg: ModelsConfig) -> None:
+        self.cfg = cfg
+        self._workers: dict[str, ModelWorker] = {}
+        self._info: dict[str, ModelInfo] = {
+            name: ModelInfo(name=name, path=spec.path, state="unloaded")
+            for name, spec in cfg.catalog.items()
+        }
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._listeners: list[Listener] = []
+        self.on_death: Optional[Callable[[str, BaseException], None]] = None
+
+    # -- observers (metrics, state file)
+    def subscribe(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def _emit(self, event: str, name: str, **details: Any) -> None:
+        for listener in self._listeners:
+            try:
+                listener(event, name, details)
+            except Exception:  # an observer must not break loading
+                log.exception("model listener failed on %s %s", event, name)
+
+    # -- queries
+    def spec(self, name: str) -> ModelSpec:
+        try:
+            return self.cfg.catalog[name]
+        except KeyError:
+            raise ModelNotFound(
+                f"model {name!r} is not in the catalog; see GET /v1/models", param="model"
+            ) from None
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.cfg.catalog)
+
+    def loaded(self) -> list[str]:
+        return [n for n, w in self._workers.items() if w.alive]
+
+    def worker(self, name: str) -> Optional[ModelWorker]:
+        w = self._workers.get(name)
+        return w if w is not None and w.alive else None
+
+    def info(self, name: str) -> ModelInfo:
+        self.spec(name)
+        return self._info[name]
+
+    def infos(self) -> list[ModelInfo]:
+        return [self._info[n] for n in self.cfg.catalog]
+
+    def touch(self, name: str) -> None:
+        info = self._info[name]
+        info.last_used = time.time()
+        info.requests_served += 1
+
+    def threads_alive(self) -> int:
+        return sum(1 for w in self._workers.values() if w.alive)
+
+    # -- load / unload
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    async def get_or_load(self, name: str) -> ModelWorker:
+        """The running worker of a catalog model, loading it on first use."""
+        w = self.worker(name)
+        if w is not None:
+            return w
+        await self.load(name)
+        w = self.worker(name)
+        if w is None:
+            raise EngineFailure(f"model {name!r} stopped right after loading")
+        return w
+
+    async def load(self, name: str) -> ModelInfo:
+        spec = self.spec(name)
+        async with self._lock(name):
+            if self.worker(name) is not None:
+                return self._info[name]
+            info = self._info[name]
+            info.state, info.error = "loading", None
+            t0 = time.perf_counter()
+            loop = asyncio.get_running_loop()
+
+            def loader() -> tuple[Any, Any]:
+                # Runs on the model's own thread: resolve, check memory, load.
+                path = resolve_path(spec, self.cfg.demo_dir)
+                need = estimate_bytes(path, spec)
+                info.memory_estimate_bytes = need
+                free = psutil.virtual_memory().available
+                if need > free:
+                    raise InsufficientMemory(
+                        f"model {name!r} needs about {need / 2**30:.1f} GiB "
+                        f"(weights and one full KV cache) but {free / 2**30:.1f} GiB is free",
+                        retry_after=30,
+                    )
+                from mlx_lm import load
+
+                log.info("loading model %s from %s", name, path)
+                try:
+                    model, tokenizer = load(str(path), tokenizer_config={"trust_remote_code": spec.trust_remote_code})[:2]
+                except Exception as exc:
+                    raise ModelLoadError(f"model {name!r} could not be loaded: {exc}") from None
+                return model, tokenizer
+
+            worker = ModelWorker(
+                name,
+                spec.path,
+                loader=loader,
+                loop=loop,
+                prefill_step_size=spec.prefill_step_size,
+                completion_batch_size=spec.completion_batch_size,
+                prefill_batch_size=spec.prefill_batch_size,
+                max_kv_size=spec.max_kv_size,
+                prompt_cache_bytes=self.cfg.prompt_cache_bytes,
+                on_death=self._died,
+            )
+            try:
+                await worker.start()
+            except BaseException as exc:
+                info.state = "failed"
+                info.error = str(exc)
+                self._emit("load_failed", name, error=str(exc))
+                raise
+            seconds = time.perf_counter() - t0
+            self._workers[name] = worker
+            info.state = "loaded"
+            info.loaded_at = time.time()
+            info.last_used = info.last_used or info.loaded_at
+            log.info("model %s loaded in %.2f s", name, seconds)
+            self._emit("loaded", name, seconds=seconds)
+            return info
+
+    async def unload(self, name: str, timeout_s: float = 30.0) -> ModelInfo:
+        """Stop a model: wait for its requests up to `timeout_s`, then fail the rest."""
+        self.spec(name)
+        async with self._lock(name):
+            worker = self._workers.get(name)
+            info = self._info[name]
+            if worker is None:
+                info.state = "unloaded"
+                return info
+            info.state = "unloading"
+            deadline = time.monotonic() + timeout_s
+            while worker.active_count and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            worker.stop()
+            await asyncio.to_thread(worker.join, 10.0)
+            self._workers.pop(name, None)
+            info.state = "unloaded"
+            info.loaded_at = None
+            log.info("model %s unloaded", name)
+            self._emit("unloaded", name)
+            return info
+
+    def _died(self, name: str, exc: BaseException) -> None:
+        info = self._info.get(name)
+        if info is not None:
+            info.state = "failed"
+            info.error = f"generation thread died: {exc}"
+        self._workers.pop(name, None)
+        self._emit("died", name, error=str(exc))
+        if self.on_death is not None:
+            self.on_death(name, exc)
+
+    async def close(self) -> None:
+        for name in list(self._workers):
+            worker = self._workers.pop(name)
+            worker.stop()
+            await asyncio.to_thread(worker.join, 10.0)
+            self._info[name].state = "unloaded"

@@ -1,0 +1,187 @@
+"""Small data passed between the API, the scheduler and the generation threads."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..errors import ApplianceError, RequestTimeout
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What one request asks of the sampler; validated by the API before it gets here."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: Optional[int] = None
+    repetition_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    logit_bias: Optional[tuple[tuple[int, float], ...]] = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token: int
+    logprob: float
+
+
+class Generation:
+    """One request's tokens as the generation thread produces them, read on the event loop.
+
+    The generation thread never touches this object directly: it hands a whole decode step to
+    the loop at once (`call_soon_threadsafe`), which appends here and wakes the reader.
+    """
+
+    __slots__ = (
+        "model",
+        "prompt_tokens",
+        "params",
+        "cached_tokens",
+        "tokens",
+        "logprobs",
+        "top_logprobs",
+        "finish_reason",
+        "error",
+        "t_created",
+        "t_admitted",
+        "t_first",
+        "t_last",
+        "itl",
+        "_event",
+        "_cancel",
+        "_read",
+        "done",
+    )
+
+    def __init__(
+        self, model: str, prompt_tokens: list[int], params: SamplingParams
+    ) -> None:
+        self.model = model
+        self.prompt_tokens = prompt_tokens
+        self.params = params
+        self.cached_tokens = 0
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.top_logprobs: list[list[TopLogprob]] = []
+        self.finish_reason: Optional[str] = None
+        self.error: Optional[BaseException] = None
+        self.t_created = time.perf_counter()
+        self.t_admitted = self.t_created
+        self.t_first: Optional[float] = None
+        self.t_last: Optional[float] = None
+        self.itl: list[float] = []
+        self._event = asyncio.Event()
+        self._cancel: Optional[object] = None  # set by the worker: a callable that cancels
+        self._read = 0
+        self.done = False
+
+    # -- called on the event loop by the worker's per-step hand-off
+    def push(
+        self,
+        token: Optional[int],
+        finish_reason: Optional[str],
+        logprob: Optional[float],
+        top: Optional[list[TopLogprob]],
+        now: float,
+    ) -> None:
+        if self.done:
+            return
+        if token is not None:
+            self.tokens.append(token)
+            if logprob is not None:
+                self.logprobs.append(logprob)
+            if top is not None:
+                self.top_logprobs.append(top)
+            if self.t_first is None:
+                self.t_first = now
+            elif self.t_last is not None:
+                self.itl.append(now - self.t_last)
+            self.t_last = now
+        if finish_reason is not None:
+            self.finish_reason = finish_reason
+            self.done = True
+        self._event.set()
+
+    def fail(self, error: BaseException) -> None:
+        if self.done:
+            return
+        self.error = error
+        self.done = True
+        self._event.set()
+
+    # -- called by the reader
+    async def next_tokens(self, deadline: float) -> tuple[list[int], int]:
+        """Wait for tokens not read yet; returns them and the index of the first one.
+
+        Returns an empty list once finished. Raises the engine's error if there was one,
+        RequestTimeout past `deadline` (a loop.time() value).
+        """
+        while self._read >= len(self.tokens) and not self.done:
+            self._event.clear()
+            timeout = deadline - asyncio.get_running_loop().time()
+            if timeout <= 0:
+                raise RequestTimeout("the request ran past limits.request_timeout_s")
+            try:
+                await asyncio.wait_for(self._event.wait(), timeout)
+            except asyncio.TimeoutError:
+                raise RequestTimeout("the request ran past limits.request_timeout_s") from None
+        start = self._read
+        new = self.tokens[start:]
+        self._read = len(self.tokens)
+        if not new and self.error is not None:
+            raise self.error if isinstance(self.error, ApplianceError) else RuntimeError(
+                str(self.error)
+            )
+        return new, start
+
+    async def wait_event(self, timeout: float) -> bool:
+        """Wait up to `timeout` for anything new; True if something came."""
+        if self._read < len(self.tokens) or self.done:
+            return True
+        self._event.clear()
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    def cancel(self) -> None:
+        """Leave the batch (client gone, stop string seen, timeout). Idempotent."""
+        cancel = self._cancel
+        self._cancel = None
+        if not self.done:
+            self.done = True
+            if self.finish_reason is None and self.error is None:
+                self.finish_reason = "cancelled"
+            self._event.set()
+        if cancel is not None:
+            cancel()  # type: ignore[operator]
+
+
+@dataclass
+class ModelInfo:
+    """What the admin API shows of one catalog model."""
+
+    name: str
+    path: str
+    state: str  # unloaded | loading | loaded | failed | unloading
+    memory_estimate_bytes: Optional[int] = None
+    loaded_at: Optional[float] = None
+    last_used: Optional[float] = None
+    requests_served: int = 0
+    error: Optional[str] = None
+    extra: dict[str, object] = field(default_factory=dict)

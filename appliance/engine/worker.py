@@ -1,0 +1,324 @@
+"""The generation thread of one loaded model, around mlx_lm's BatchGenerator.
+
+Everything MLX happens on this thread (streams belong to the thread that made them): load,
+prefill, decode, embeddings and memory estimates. Requests join the running batch between
+steps and leave it when finished or cancelled. Each decode step is handed to the event loop
+in one `call_soon_threadsafe`, not one per token per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, Optional
+
+from ..errors import EngineFailure
+from .types import Generation, SamplingParams, TopLogprob
+
+log = logging.getLogger("appliance.engine")
+
+_STOP = object()
+
+
+def _make_sampler(p: SamplingParams) -> Optional[Callable[[Any], Any]]:
+    """None for greedy (the batch then shares one argmax), else mlx_lm's sampler chain."""
+    if p.greedy:
+        return None
+    import mlx.core as mx
+    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_sampler
+
+    if p.seed is None:
+        return make_sampler(temp=p.temperature, top_p=p.top_p, min_p=p.min_p, top_k=p.top_k)
+    # A seeded request draws from its own key, so its output repeats whatever else runs.
+    state = {"key": mx.random.key(p.seed)}
+
+    def seeded(logprobs: Any) -> Any:
+        if 0 < p.top_p < 1.0:
+            logprobs = apply_top_p(logprobs, p.top_p)
+        if p.min_p:
+            logprobs = apply_min_p(logprobs, p.min_p)
+        if p.top_k > 0:
+            logprobs = apply_top_k(logprobs, p.top_k)
+        key, sub = mx.random.split(state["key"])
+        state["key"] = key
+        return mx.random.categorical(logprobs * (1 / p.temperature), key=sub)
+
+    return seeded
+
+
+def _make_processors(p: SamplingParams) -> list[Any]:
+    if not (p.logit_bias or p.repetition_penalty or p.presence_penalty or p.frequency_penalty):
+        return []
+    from mlx_lm.sample_utils import make_logits_processors
+
+    return make_logits_processors(
+        logit_bias=dict(p.logit_bias) if p.logit_bias else None,
+        repetition_penalty=p.repetition_penalty,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+    )
+
+
+class ModelWorker:
+    """Owns one model on its own thread; the registry talks to it through `submit` and `call`."""
+
+    def __init__(
+        self,
+        name: str,
+        path: str,
+        *,
+        loader: Callable[[], tuple[Any, Any]],
+        loop: asyncio.AbstractEventLoop,
+        prefill_step_size: int,
+        completion_batch_size: int,
+        prefill_batch_size: int,
+        max_kv_size: Optional[int],
+        prompt_cache_bytes: int,
+        on_death: Optional[Callable[[str, BaseException], None]] = None,
+    ) -> None:
+        self.name = name
+        self.path = path
+        self._loader = loader
+        self._loop = loop
+        self._prefill_step_size = prefill_step_size
+        self._completion_batch_size = completion_batch_size
+        self._prefill_batch_size = prefill_batch_size
+        self._max_kv_size = max_kv_size
+        self._prompt_cache_bytes = prompt_cache_bytes
+        self._on_death = on_death
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._active: dict[int, Generation] = {}
+        self._thread = threading.Thread(target=self._run, name=f"gen-{name}", daemon=True)
+        self._loaded: Future[None] = Future()
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.prompt_cache: Any = None
+        self.stats = {"cache_hits": 0, "cache_misses": 0, "cached_tokens": 0}
+        self.dead: Optional[BaseException] = None
+        self.vocab_size = 0
+
+    # -- lifecycle (called from the event loop)
+    async def start(self) -> None:
+        """Start the thread and wait until the model is loaded; raises the load error."""
+        self._thread.start()
+        await asyncio.wrap_future(self._loaded)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.dead is None
+
+    @property
+    def active_count(self) -> int:
+        return len(self._active)
+
+    def submit(self, gen: Generation) -> None:
+        """Queue a generation to join the batch at the next step."""
+        if not self.alive:
+            gen.fail(EngineFailure(f"model {self.name!r} is not running"))
+            return
+        gen._cancel = lambda: self._inbox.put(("cancel", gen))
+        self._inbox.put(("submit", gen))
+
+    def call(self, fn: Callable[[Any, Any], Any]) -> Future[Any]:
+        """Run fn(model, tokenizer) on the generation thread between steps (embeddings, ...)."""
+        fut: Future[Any] = Future()
+        self._inbox.put(("call", fn, fut))
+        return fut
+
+    def stop(self) -> None:
+        self._inbox.put(_STOP)
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # -- the thread
+    def _run(self) -> None:
+        try:
+            import mlx.core as mx
+            from mlx_lm.generate import BatchGenerator
+            from mlx_lm.models.cache import LRUPromptCache
+
+            stream = mx.default_stream(mx.default_device())
+            self.model, self.tokenizer = self._loader()
+            args = getattr(self.model, "args", None)
+            self.vocab_size = int(getattr(args, "vocab_size", 0) or len(self.tokenizer._tokenizer))
+            self.prompt_cache = LRUPromptCache(max_size=64, max_bytes=self._prompt_cache_bytes)
+            gen = BatchGenerator(
+                self.model,
+                stop_tokens=[[t] for t in sorted(self.tokenizer.eos_token_ids)],
+                completion_batch_size=self._completion_batch_size,
+                prefill_batch_size=self._prefill_batch_size,
+                prefill_step_size=self._prefill_step_size,
+                max_kv_size=self._max_kv_size,
+                stream=stream,
+            )
+        except BaseException as exc:  # forwarded to whoever awaits the load
+            self._loaded.set_exception(exc)
+            self.dead = exc
+            return
+        self._loaded.set_result(None)
+        try:
+            self._serve(gen, mx)
+        except BaseException as exc:  # the thread boundary: fail every request, report
+            log.exception("generation thread of %s died", self.name)
+            self.dead = exc
+            err = EngineFailure(f"the generation thread of model {self.name!r} failed: {exc}")
+            victims = list(self._active.values())
+            self._active.clear()
+            self._loop.call_soon_threadsafe(_fail_all, victims, err)
+            self._drain_after_death(err)
+            if self._on_death is not None:
+                self._loop.call_soon_threadsafe(self._on_death, self.name, exc)
+        finally:
+            try:
+                gen.close()
+            except Exception:  # closing is best effort
+                pass
+            self.model = self.tokenizer = self.prompt_cache = None
+
+    def _drain_after_death(self, err: BaseException) -> None:
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if item is _STOP:
+                return
+            if item[0] == "submit":
+                self._loop.call_soon_threadsafe(item[1].fail, err)
+            elif item[0] == "call":
+                item[2].set_exception(err)
+
+    def _serve(self, gen: Any, mx: Any) -> None:
+        inbox = self._inbox
+        active = self._active
+        uid_of: dict[int, int] = {}  # id(Generation) -> uid
+        loop = self._loop
+        want_lp: set[int] = set()
+        while True:
+            # Take every command waiting; block only when there is nothing to step.
+            block = not active
+            while True:
+                try:
+                    item = inbox.get(timeout=0.5) if block else inbox.get_nowait()
+                except queue.Empty:
+                    if block:
+                        continue
+                    break
+                block = False
+                if item is _STOP:
+                    victims = list(active.values())
+                    active.clear()
+                    loop.call_soon_threadsafe(
+                        _fail_all, victims, EngineFailure(f"model {self.name!r} was unloaded")
+                    )
+                    return
+                kind = item[0]
+                if kind == "submit":
+                    g: Generation = item[1]
+                    if g.done:
+                        continue
+                    uid = self._insert(gen, g)
+                    active[uid] = g
+                    uid_of[id(g)] = uid
+                    if g.params.logprobs:
+                        want_lp.add(uid)
+                elif kind == "cancel":
+                    g = item[1]
+                    uid = uid_of.pop(id(g), None)
+                    if uid is not None and uid in active:
+                        del active[uid]
+                        want_lp.discard(uid)
+                        gen.remove([uid])
+                elif kind == "call":
+                    fn, fut = item[1], item[2]
+                    if fut.set_running_or_notify_cancel():
+                        try:
+                            fut.set_result(fn(self.model, self.tokenizer))
+                        except BaseException as exc:  # forwarded to the caller
+                            fut.set_exception(exc)
+            if not active:
+                continue
+            _, responses = gen.next()
+            if not responses:
+                continue
+            now = time.perf_counter()
+            events = []
+            for r in responses:
+                g2 = active.get(r.uid)
+                if g2 is None:
+                    continue
+                finish = r.finish_reason
+                token: Optional[int] = r.token
+                if finish == "stop":
+                    token = None  # the end-of-sequence token is not part of the text
+                lp = top = None
+                if r.uid in want_lp and token is not None:
+                    lp, top = _logprobs(mx, r.logprobs, token, g2.params.top_logprobs)
+                events.append((g2, token, finish, lp, top))
+                if finish is not None:
+                    del active[r.uid]
+                    uid_of.pop(id(g2), None)
+                    want_lp.discard(r.uid)
+                    if r.prompt_cache is not None and self._prompt_cache_bytes > 0:
+                        self.prompt_cache.insert_cache(
+                            self.path, list(r.all_tokens), r.prompt_cache, cache_type="assistant"
+                        )
+                        active_bytes = gen.prompt_cache_nbytes
+                        self.prompt_cache.trim_to(
+                            n_bytes=self._prompt_cache_bytes - active_bytes
+                        )
+            loop.call_soon_threadsafe(_deliver, events, now)
+
+    def _insert(self, gen: Any, g: Generation) -> int:
+        prompt = g.prompt_tokens
+        cache = None
+        rest = prompt
+        if self._prompt_cache_bytes > 0:
+            cache, rest = self.prompt_cache.fetch_nearest_cache(self.path, prompt)
+        cached = len(prompt) - len(rest)
+        if cache is not None and 0 < cached < len(prompt):
+            self.stats["cache_hits"] += 1
+            self.stats["cached_tokens"] += cached
+        else:
+            self.stats["cache_misses"] += 1
+            cache, rest, cached = None, prompt, 0
+        g.cached_tokens = cached
+        sampler = _make_sampler(g.params)
+        (uid,) = gen.insert(
+            [rest],
+            max_tokens=[g.params.max_tokens],
+            caches=[cache] if cache is not None else None,
+            all_tokens=[prompt[:cached]],
+            samplers=[sampler],
+            logits_processors=[_make_processors(g.params)],
+        )
+        return int(uid)
+
+
+def _logprobs(
+    mx: Any, logprobs: Any, token: int, k: int
+) -> tuple[float, Optional[list[TopLogprob]]]:
+    lp = float(logprobs[token].item())
+    if k <= 0:
+        return lp, None
+    idx = mx.argpartition(-logprobs, kth=k - 1)[:k]
+    vals = logprobs[idx]
+    pairs = sorted(zip(idx.tolist(), vals.tolist()), key=lambda t: -t[1])
+    return lp, [TopLogprob(int(t), float(v)) for t, v in pairs]
+
+
+def _deliver(events: list[tuple[Any, ...]], now: float) -> None:
+    for g, token, finish, lp, top in events:
+        g.push(token, finish, lp, top, now)
+
+
+def _fail_all(victims: list[Generation], err: BaseException) -> None:
+    for g in victims:
+        g.fail(err)

@@ -1,0 +1,163 @@
+"""Prometheus metrics on a registry the builder passes in (never the global REGISTRY).
+
+Names follow vLLM's stems under `metrics.namespace`. Counters and histograms are updated by
+the engine's observers; gauges that mirror live state are read at scrape time by a collector.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector
+
+from .config import MetricsConfig
+from .engine.types import Generation
+
+REJECT_REASONS = (
+    "busy",
+    "rate_limited",
+    "shed",
+    "unauthorized",
+    "forbidden_host",
+    "too_large",
+    "draining",
+    "insufficient_memory",
+)
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_ITL = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class _LiveCollector(Collector):
+    """Gauges read from live state at scrape time."""
+
+    def __init__(self, prefix: str, read: Callable[[], dict[str, Any]]) -> None:
+        self.prefix = prefix
+        self.read = read
+
+    def collect(self) -> Iterable[Any]:
+        s = self.read()
+        p = self.prefix
+
+        def g(name: str, doc: str, value: Optional[float], unit: str = "") -> Any:
+            fam = GaugeMetricFamily(p + name, doc, unit=unit)
+            if value is not None:
+                fam.add_metric([], float(value))
+            return fam
+
+        yield g("num_requests_running", "Requests in the generation batches.", s["running"])
+        yield g("num_requests_waiting", "Requests waiting in the admission queue.", s["waiting"])
+        yield g("concurrent_limit", "limits.max_running in force.", s["max_running"])
+        yield g("queue_limit", "limits.max_queued in force.", s["max_queued"])
+        yield g("models_loaded", "Models loaded and running.", s["models_loaded"])
+        yield g("generation_threads_alive", "Generation threads alive.", s["threads_alive"])
+        yield g("safe_mode", "1 while the appliance runs in safe mode.", s["safe_mode"])
+        yield g("draining", "1 while the appliance drains before exit.", s["draining"])
+        yield g("uptime_seconds", "Seconds since the process started.", s["uptime"])
+        mem = GaugeMetricFamily(p + "memory_bytes", "Memory in use by kind.", labels=["kind"])
+        for kind in ("rss", "mlx_active", "mlx_peak", "mlx_cache"):
+            v = s["memory"].get(kind)
+            if v is not None:
+                mem.add_metric([kind], float(v))
+        yield mem
+        yield g("system_memory_percent", "System memory in use, percent.", s["system_memory_percent"])
+        pc = GaugeMetricFamily(p + "prompt_cache_bytes", "Bytes held by prompt caches.", labels=["model"])
+        for model, nbytes in s["prompt_cache_bytes"].items():
+            pc.add_metric([model], float(nbytes))
+        yield pc
+        for name, doc, key in (
+            ("helper_up", "1 when the helper node answers.", "helper_up"),
+            ("helper_circuit_open", "1 while the helper's circuit breaker is open.", "helper_open"),
+        ):
+            fam = GaugeMetricFamily(p + name, doc, labels=["helper"])
+            for helper, v in s.get(key, {}).items():
+                fam.add_metric([helper], float(v))
+            yield fam
+        info = InfoMetricFamily(p + "build", "Version and backend of this appliance.")
+        info.add_metric([], s["build"])
+        yield info
+
+
+class Metrics:
+    """Every appliance series; `render()` gives the Prometheus text."""
+
+    def __init__(self, cfg: MetricsConfig, registry: Optional[CollectorRegistry] = None) -> None:
+        self.cfg = cfg
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.prefix = cfg.namespace + "_" if cfg.namespace else ""
+        p, r = self.prefix, self.registry
+        self.requests = Counter(
+            p + "requests", "Finished requests.", ["model", "endpoint", "status"], registry=r
+        )
+        self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
+        self.generation_tokens = Counter(
+            p + "generation_tokens", "Tokens generated.", ["model"], registry=r
+        )
+        self.ttft = Histogram(
+            p + "time_to_first_token_seconds", "Time to first token.", ["model"], buckets=_LATENCY, registry=r
+        )
+        self.itl = Histogram(
+            p + "inter_token_latency_seconds", "Time between tokens.", ["model"], buckets=_ITL, registry=r
+        )
+        self.e2e = Histogram(
+            p + "e2e_request_latency_seconds", "Request latency, admission to end.", ["model"],
+            buckets=_LATENCY, registry=r,
+        )
+        self.queue_time = Histogram(
+            p + "request_queue_time_seconds", "Time waiting for a slot.", ["model"], buckets=_LATENCY,
+            registry=r,
+        )
+        self.rejected = Counter(p + "rejected_requests", "Requests refused, by reason.", ["reason"], registry=r)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
+        self.cache_hits = Counter(p + "prompt_cache_hits", "Requests that reused a cached prefix.", ["model"], registry=r)
+        self.cache_misses = Counter(p + "prompt_cache_misses", "Requests with no cached prefix.", ["model"], registry=r)
+        self.model_load = Histogram(
+            p + "model_load_seconds", "Time to load a model.", ["model"],
+            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600), registry=r,
+        )
+        self.task_runs = Counter(p + "maintenance_task_runs", "Maintenance task runs.", ["task"], registry=r)
+        self.task_failures = Counter(
+            p + "maintenance_task_failures", "Maintenance task runs that failed.", ["task"], registry=r
+        )
+        self.task_duration = Histogram(
+            p + "maintenance_task_duration_seconds", "Maintenance task run time.", ["task"],
+            buckets=(0.001, 0.01, 0.1, 0.5, 1, 5, 30), registry=r,
+        )
+        self.helper_requests = Counter(
+            p + "helper_requests", "Requests proxied to helper nodes.", ["helper", "status"], registry=r
+        )
+
+    def attach_live(self, read: Callable[[], dict[str, Any]]) -> None:
+        self.registry.register(_LiveCollector(self.prefix, read))
+
+    def reject(self, reason: str) -> None:
+        self.rejected.labels(reason).inc()
+
+    # -- engine observers
+    def on_request(self, event: str, gen: Optional[Generation], details: dict[str, Any]) -> None:
+        if event == "admitted" and gen is not None:
+            self.queue_time.labels(gen.model).observe(details.get("queued_s", 0.0))
+        elif event == "finished" and gen is not None:
+            m = gen.model
+            (self.cache_hits if gen.cached_tokens else self.cache_misses).labels(m).inc()
+            self.prompt_tokens.labels(m).inc(len(gen.prompt_tokens))
+            self.generation_tokens.labels(m).inc(len(gen.tokens))
+            if gen.t_first is not None:
+                self.ttft.labels(m).observe(gen.t_first - gen.t_admitted)
+            if gen.itl:
+                h = self.itl.labels(m)
+                for v in gen.itl:
+                    h.observe(v)
+            self.e2e.labels(m).observe(time.perf_counter() - gen.t_created)
+
+    def on_model(self, event: str, model: str, details: dict[str, Any]) -> None:
+        if event == "loaded":
+            self.model_load.labels(model).observe(details.get("seconds", 0.0))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,103 @@
+"""uvicorn with the appliance's own signal handling: drain, then exit 0.
+
+uvicorn alone closes its listener and re-raises the signal (exit -15). Here the first SIGTERM or
+SIGINT starts a drain: /readyz and new inference answer 503 at once, in-flight requests get up
+to server.drain_timeout_s to finish, the rest are ended with an error, then uvicorn stops.
+A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Generator
+from typing import Any, Optional
+
+import uvicorn
+
+from .builder import Appliance
+
+log = logging.getLogger("appliance.server")
+
+
+class ApplianceServer(uvicorn.Server):
+    """A uvicorn.Server whose signals drain the appliance instead of cutting it off."""
+
+    def __init__(self, config: uvicorn.Config, appliance: Appliance) -> None:
+        super().__init__(config)
+        self.appliance = appliance
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._drain_task: Optional[asyncio.Task[None]] = None
+
+    async def serve(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self._on_signal) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, sig: int, frame: Any) -> None:
+        if self._drain_task is not None or self._loop is None:
+            log.warning("second signal %s: stopping now", signal.Signals(sig).name)
+            self.force_exit = True
+            self.should_exit = True
+            return
+        log.info("signal %s: draining", signal.Signals(sig).name)
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        if self._drain_task is None:
+            self._drain_task = asyncio.ensure_future(self.drain())
+
+    async def drain(self) -> None:
+        a = self.appliance
+        a.gate.draining = True
+        timeout = a.cfg.server.drain_timeout_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        adm = a.engine.admission
+        while (adm.running or adm.waiting) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if adm.running or adm.waiting:
+            log.warning(
+                "drain timeout: ending %d running and %d waiting requests", adm.running, adm.waiting
+            )
+            await a.engine.registry.close()
+        else:
+            log.info("drained: no request in flight")
+        self.should_exit = True
+
+
+def serve(appliance: Appliance) -> None:
+    """Serve until a signal has drained the appliance."""
+    cfg = appliance.cfg.server
+    kwargs: dict[str, Any] = {}
+    if cfg.tls.certfile and cfg.tls.keyfile:
+        kwargs.update(ssl_certfile=cfg.tls.certfile, ssl_keyfile=cfg.tls.keyfile)
+    config = uvicorn.Config(
+        appliance.app,
+        host=cfg.host,
+        port=cfg.port,
+        workers=1,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=max(1, int(cfg.drain_timeout_s)),
+        server_header=False,
+        **kwargs,
+    )
+    server = ApplianceServer(config, appliance)
+    server.run()
