@@ -133,6 +133,7 @@ def ensure_demo_model(
         say(f"building demo model (shape {shape}) in {target}")
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
         try:
+            tmp.chmod(0o755)  # mkdtemp makes it owner-only; the model folder is not secret
             _build(tmp, shape, say)
             (tmp / MARKER).write_text(f"demo-{shape}-v{VERSION}\n", encoding="utf-8")
             if target.exists():  # an incomplete earlier attempt
@@ -170,8 +171,10 @@ def _build(out: Path, shape: str, say: Callable[[str], None]) -> None:
     say(f"writing weights ({spec['torch_dtype']}, vocab {vocab_size})")
     row_scale = np.ones(vocab_size, dtype=np.float32)
     row_scale[_quiet_ids(tok, vocab_size)] = QUIET_ROW_SCALE
-    write = _write_weights_numpy if spec["torch_dtype"] == "float32" else _write_weights_mlx
-    write(out / "model.safetensors", spec, config, row_scale)
+    if spec["torch_dtype"] == "float32":
+        _write_weights_numpy(out / "model.safetensors", spec, config, row_scale)
+    else:
+        _write_weights_mlx(out / "model.safetensors", spec, config, row_scale, say)
 
 
 def _corpus_text() -> str:
@@ -328,14 +331,21 @@ def _write_weights_numpy(
 
 
 def _write_weights_mlx(
-    path: Path, spec: dict[str, Any], config: dict[str, Any], row_scale: np.ndarray
+    path: Path,
+    spec: dict[str, Any],
+    config: dict[str, Any],
+    row_scale: np.ndarray,
+    say: Callable[[str], None],
 ) -> None:
     """bfloat16 weights from mlx's seeded generator, one tensor at a time (large shapes)."""
     import mlx.core as mx
 
     key = mx.random.key(spec["seed"])
     weights: dict[str, Any] = {}
+    layers = config["num_hidden_layers"]
     for name, shape, std in _tensor_specs(spec, config):
+        if name.endswith(".input_layernorm.weight"):  # a long job: one line per layer
+            say(f"  layer {int(name.split('.')[2]) + 1}/{layers}")
         key, sub = mx.random.split(key)
         if std == 0.0:
             w = mx.ones(shape, dtype=mx.bfloat16)
@@ -345,6 +355,7 @@ def _write_weights_mlx(
             w = w * mx.array(row_scale, dtype=mx.bfloat16)[:, None]
         mx.eval(w)  # materialise now so only one float temporary exists at a time
         weights[name] = w
+    say("  saving")
     mx.save_safetensors(str(path), weights, metadata={"format": "mlx"})
 
 

@@ -1,0 +1,170 @@
+"""Shared fixtures: a demo-model cache built once per session, and real appliance processes.
+
+Every appliance a test starts is a real `python -m appliance` on 127.0.0.1 with a free port,
+its own state and log folders, stopped by PID at the end of the test (or module).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Optional
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SIGTERM = signal.SIGTERM  # the Appliance.signal method shadows the module in its class body
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An XDG cache folder holding the demo model, built once for the whole session."""
+    cache = tmp_path_factory.mktemp("xdg-cache")
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+    subprocess.run(
+        [sys.executable, "-m", "appliance.engine.demo"], env=env, check=True, timeout=300,
+        capture_output=True,
+    )
+    return cache
+
+
+class Appliance:
+    """A real appliance process on a free loopback port."""
+
+    def __init__(
+        self,
+        home: Path,
+        demo_cache: Path,
+        overrides: tuple[str, ...] = (),
+        env: Optional[dict[str, str]] = None,
+        port: Optional[int] = None,
+    ) -> None:
+        self.home = home
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = home / "stderr.log"
+        self.overrides = overrides
+        self.env = {
+            **os.environ,
+            "XDG_CACHE_HOME": str(demo_cache),
+            "XDG_STATE_HOME": str(home / "state"),
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+        for key in ("LMX_ADMIN_KEY", "LMX_API_KEYS"):
+            if env is None or key not in env:
+                self.env.pop(key, None)
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+
+    def start(self, wait: str = "/readyz", timeout: float = 60.0) -> Appliance:
+        home = self.home
+        home.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "appliance", f"server.port={self.port}", *self.overrides],
+            cwd=home,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        if wait:
+            self.wait_for(wait, timeout)
+        return self
+
+    def wait_for(self, path: str, timeout: float = 60.0, status: int = 200) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"appliance exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + path, timeout=2).status_code == status:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"{path} never answered {status}:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, sig: int = SIGTERM, timeout: float = 30.0) -> int:
+        """Signal the process and wait; kills it if it does not exit in time."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+        return int(self.proc.returncode)
+
+
+@pytest.fixture
+def appliance_factory(tmp_path: Path, demo_cache: Path) -> Iterator[object]:
+    """Start appliances with overrides; all are stopped at the end of the test."""
+    started: list[Appliance] = []
+
+    def make(*overrides: str, env: Optional[dict[str, str]] = None, wait: str = "/readyz",
+             home: Optional[Path] = None, port: Optional[int] = None) -> Appliance:
+        a = Appliance(home or tmp_path / f"app{len(started)}", demo_cache, overrides, env, port)
+        started.append(a)
+        return a.start(wait=wait)
+
+    yield make
+    for a in started:
+        a.stop()
+
+
+@pytest.fixture(scope="module")
+def module_appliance(tmp_path_factory: pytest.TempPathFactory, demo_cache: Path,
+                     request: pytest.FixtureRequest) -> Iterator[Appliance]:
+    """One appliance shared by a module; its overrides come from `APPLIANCE_OVERRIDES` and
+    `APPLIANCE_ENV` in the module, if set."""
+    overrides = tuple(getattr(request.module, "APPLIANCE_OVERRIDES", ()))
+    env = getattr(request.module, "APPLIANCE_ENV", None)
+    home = tmp_path_factory.mktemp("module-appliance")
+    a = Appliance(home, demo_cache, overrides, env).start()
+    yield a
+    a.stop()
+
+
+@pytest.fixture(scope="module")
+def module_appliance_factory(tmp_path_factory: pytest.TempPathFactory,
+                             demo_cache: Path) -> Iterator[object]:
+    """Start appliances that live for the whole module (for a module that needs several
+    configurations); all are stopped at the end of the module."""
+    started: list[Appliance] = []
+
+    def make(*overrides: str, env: Optional[dict[str, str]] = None,
+             wait: str = "/readyz") -> Appliance:
+        a = Appliance(tmp_path_factory.mktemp("module-app"), demo_cache, overrides, env)
+        started.append(a)
+        return a.start(wait=wait)
+
+    yield make
+    for a in started:
+        a.stop()
