@@ -6,12 +6,15 @@ is allowed (a supervisor can tell a config error from a crash: RestartPreventExi
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any, Optional
 
 from omegaconf import DictConfig
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-from .config import ConfigError, conf_dir, load, register_schemas
+from .config import AppConfig, ConfigError, conf_dir, load, register_schemas
+from .state import StateStore
 
 # Hydra flags that take the next argument as their value.
 _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name",
@@ -20,7 +23,7 @@ _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "
 
 def _overrides(argv: list[str]) -> Optional[list[str]]:
     """The key=value overrides of a plain run, or None when Hydra flags need Hydra itself."""
-    out = []
+    out: list[str] = []
     skip = False
     for arg in argv:
         if skip:
@@ -40,24 +43,53 @@ def compose(overrides: list[str]) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, MissingConfigException
     from omegaconf.errors import OmegaConfBaseException
 
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             return hydra_compose(config_name="config", overrides=overrides)
+    except MissingConfigException as exc:
+        # An unknown profile (or other group option): name the options there are.
+        group, _, option = (exc.missing_cfg_file or "profile/?").rpartition("/")
+        folder = conf_dir() / (group or "profile")
+        options = exc.options or sorted(p.stem for p in folder.glob("*.yaml"))
+        raise ConfigError(
+            group or "profile", option, f"one of the {group or 'profile'}s: {', '.join(options)}"
+        ) from None
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        key = overrides[0].split("=")[0] if overrides else "?"
+        raise _compose_error(exc, overrides) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _compose_error(exc: Exception, overrides: list[str]) -> ConfigError:
+    """One line for a Hydra composition error: the override, its value and what to do."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    first = lines[0] if lines else type(exc).__name__
+    named = re.search(r"override '([^']+)'", first)
+    key = named.group(1) if named else ""
+    if not key:
         for o in overrides:
             name = o.lstrip("+~").split("=")[0]
             if name and (name in first or name.split("/")[0] in first):
                 key = name
                 break
-        raise ConfigError(key, next((o.split("=", 1)[1] for o in overrides if o.lstrip("+~").startswith(key + "=")), None), first) from None
-    finally:
-        GlobalHydra.instance().clear()
+    key = key or (overrides[0].lstrip("+~").split("=")[0] if overrides else "?")
+    value = next(
+        (o.split("=", 1)[1] for o in overrides if o.lstrip("+~").split("=")[0] == key and "=" in o),
+        None,
+    )
+    cause = exc.__cause__
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
+        # Hydra would suggest +key=value, but the schema would refuse that key as well.
+        allowed = "a key of the config; `python -m appliance --cfg job` lists them"
+    elif key == "profile" and "No match in the defaults list" in first:
+        allowed = "+profile=NAME (with the +) to choose a profile"
+    else:
+        allowed = " ".join(ln for ln in lines[:2] if not ln.startswith("See https://"))
+    return ConfigError(key, value, allowed)
 
 
 def fail(exc: ConfigError) -> None:
@@ -75,9 +107,45 @@ def run(cfg: DictConfig) -> None:
         typed = load(cfg)
     except ConfigError as exc:
         fail(exc)
+    from .engine import distributed
+
+    rank, size = distributed.world()
+    if rank > 0:
+        # Other ranks serve no HTTP and keep no state: they follow rank 0's batch.
+        typed.logging.file = "none"
+        logs.setup(typed.logging)
+        sys.exit(distributed.run_follower(typed.models))
     logs.setup(typed.logging)
-    appliance = build(typed)
+    typed, state = start_state(cfg, typed)
+    appliance = build(typed, state=state)
     serve(appliance)
+
+
+def start_state(cfg: DictConfig, typed: AppConfig) -> tuple[AppConfig, StateStore]:
+    """Record this start in the state file; after a crash loop, merge the safe-mode profile's
+    file over the composed config and say why in `safe_mode_reason`."""
+    import logging
+
+    from omegaconf import OmegaConf
+
+    from .config import safe_mode_overlay
+
+    state = StateStore(typed.state)
+    boot = state.begin_run(typed.models.catalog)
+    if not boot.safe_mode_reason:
+        return typed, state
+    try:
+        merged = OmegaConf.merge(cfg, safe_mode_overlay())
+        assert isinstance(merged, DictConfig)
+        safe = load(merged)
+    except ConfigError as exc:
+        fail(exc)
+    safe.safe_mode_reason = boot.safe_mode_reason
+    logging.getLogger("appliance.state").error(
+        "starting in safe mode (the safe-mode profile over the config: no auto-load, no "
+        "recovery, its limits): %s", boot.safe_mode_reason,
+    )
+    return safe, state
 
 
 def main(argv: Optional[list[str]] = None) -> Any:

@@ -41,6 +41,16 @@ def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
+@pytest.fixture(scope="session")
+def demo_model_dir(demo_cache: Path) -> Path:
+    """The demo model's folder inside `demo_cache` (what `builtin:demo` resolves to there)."""
+    from appliance.engine.demo import demo_dir
+
+    path = demo_dir(demo_cache / "appliance" / "models")
+    assert (path / "config.json").is_file(), path
+    return path
+
+
 class Appliance:
     """A real appliance process on a free loopback port."""
 

@@ -89,8 +89,10 @@ async def handle_http_error(
     else:
         message = ex.description or ex.title or "error"
     _write(resp, status, error_body(message, type_, None, code))
-    for name, value in (ex.headers or {}).items():
-        resp.set_header(name, value)
+    headers = ex.headers or {}
+    pairs = list(headers.items()) if isinstance(headers, dict) else list(headers)
+    for name, value in pairs:
+        resp.set_header(str(name), str(value))
     req.context.error_code = code
 
 

@@ -106,16 +106,20 @@ class Generate:
             from ..errors import InvalidRequest
 
             raise InvalidRequest(f"the prompt could not be built: {exc}", param="messages") from None
-        self.engine.check_prompt(name, prompt, common.max_tokens or 1)
+        # raw_prompt is the completions prompt; chat passes None.
+        where = "messages" if raw_prompt is None else "prompt"
+        self.engine.check_prompt(name, prompt, common.max_tokens or 1, param=where)
         max_tokens = self.engine.max_tokens_for(name, len(prompt), common.max_tokens)
         params = replace(common.params, max_tokens=max_tokens)
         gen = await self.engine.start(worker, prompt, params, high_priority=common.high_priority)
         return gen, tok
 
-    async def collect(self, gen: Generation, out: _Out) -> str:
-        """Run a request to the end; returns its text."""
+    async def collect(self, gen: Generation, out: _Out, req: Optional[falcon.asgi.Request] = None) -> str:
+        """Run a request to the end; returns its text. A client that goes away meanwhile ends it
+        (its slot is freed at once, not when the answer would have been complete)."""
         deadline = self.engine.deadline()
         parts = []
+        watcher = _watch_disconnect(req, lambda: self.engine.finish(gen, status="cancelled"))
         try:
             while True:
                 new, _ = await gen.next_tokens(deadline)
@@ -131,6 +135,9 @@ class Generate:
         except BaseException as exc:
             self.engine.finish(gen, status=_status_name(exc))
             raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
         return "".join(parts)
 
     async def events(
@@ -189,6 +196,28 @@ class Generate:
         finally:
             self.engine.finish(gen, status=status)
         yield SSEvent(data=b"[DONE]")
+
+
+def _watch_disconnect(
+    req: Optional[falcon.asgi.Request], on_disconnect: Callable[[], None]
+) -> Optional[asyncio.Task[None]]:
+    """Call `on_disconnect` when the client goes away before the answer is sent.
+
+    uvicorn neither cancels the handler nor tells Falcon, and Falcon has no public hook for it:
+    once the body is read, the next ASGI receive() is the `http.disconnect` message.
+    """
+    receive = getattr(req, "_receive", None)
+    if receive is None:
+        return None
+
+    async def watch() -> None:
+        while True:
+            message = await receive()
+            if message.get("type") == "http.disconnect":
+                on_disconnect()
+                return
+
+    return asyncio.ensure_future(watch())
 
 
 def _status_name(exc: BaseException) -> str:
@@ -254,7 +283,7 @@ class ChatCompletions:
         created = int(time.time())
         model = gen.model
         if not common.stream:
-            text = await self.g.collect(gen, out)
+            text = await self.g.collect(gen, out, req)
             choice: dict[str, Any] = {
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
@@ -317,7 +346,7 @@ class Completions:
         if parsed.echo:
             echo = p if isinstance(p, str) else str(tok.decode(list(p)))
         if not common.stream:
-            text = echo + await self.g.collect(gen, out)
+            text = echo + await self.g.collect(gen, out, req)
             resp.content_type = falcon.MEDIA_JSON
             resp.data = orjson.dumps(
                 {"id": rid, "object": "text_completion", "created": created, "model": model,
@@ -332,9 +361,13 @@ class Completions:
         suffix = b',"logprobs":null,"finish_reason":null}]}'
         want_lp = common.params.logprobs
 
+        at = [len(echo)]  # where the next token's text starts: text_offset counts from the start
+
         def piece(text: str, start: int, count: int) -> bytes:
             if want_lp:
-                lp = orjson.dumps(_completion_logprobs(tok, gen, start, count, 0))
+                lp_obj = _completion_logprobs(tok, gen, start, count, at[0])
+                at[0] += sum(len(t) for t in lp_obj["tokens"])
+                lp = orjson.dumps(lp_obj)
                 return prefix + orjson.dumps(text) + b',"logprobs":' + lp + b',"finish_reason":null}]}'
             return prefix + orjson.dumps(text) + suffix
 

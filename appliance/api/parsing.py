@@ -159,7 +159,8 @@ def _common(body: dict[str, Any], vocab_size: int, *, chat: bool) -> Common:
     top_k = _number(body, "top_k", -1, 1 << 20, 0, integer=True)
     min_p = _number(body, "min_p", 0, 1, 0.0)
     seed = _number(body, "seed", -(1 << 63), (1 << 64) - 1, integer=True)
-    rep = _number(body, "repetition_penalty", 0, 10, lo_open=True)
+    # Below 0.01 the penalty divides logits into infinities: refuse it instead.
+    rep = _number(body, "repetition_penalty", 0.01, 10)
     pres = _number(body, "presence_penalty", -2, 2)
     freq = _number(body, "frequency_penalty", -2, 2)
     if chat:

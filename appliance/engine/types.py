@@ -84,7 +84,7 @@ class Generation:
         self.t_first: Optional[float] = None
         self.t_last: Optional[float] = None
         self.itl: list[float] = []
-        self._event = asyncio.Event()
+        self._event: Optional[asyncio.Future[bool]] = None  # the reader's waiter, if waiting
         self._cancel: Optional[object] = None  # set by the worker: a callable that cancels
         self._read = 0
         self.done = False
@@ -114,31 +114,46 @@ class Generation:
         if finish_reason is not None:
             self.finish_reason = finish_reason
             self.done = True
-        self._event.set()
+        self._wake()
 
     def fail(self, error: BaseException) -> None:
         if self.done:
             return
         self.error = error
         self.done = True
-        self._event.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self._event
+        if w is not None and not w.done():
+            w.set_result(True)
 
     # -- called by the reader
+    async def _wait(self, timeout: float) -> bool:
+        """Wait for news up to `timeout`; a bare future and one timer, no task per wait."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
+        self._event = fut
+        timer = loop.call_later(timeout, _expire, fut)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+            self._event = None
+
     async def next_tokens(self, deadline: float) -> tuple[list[int], int]:
         """Wait for tokens not read yet; returns them and the index of the first one.
 
         Returns an empty list once finished. Raises the engine's error if there was one,
         RequestTimeout past `deadline` (a loop.time() value).
         """
+        # Checked even when tokens are waiting: a steady stream must time out as well.
+        if not self.done and asyncio.get_running_loop().time() >= deadline:
+            raise RequestTimeout("the request ran past limits.request_timeout_s")
         while self._read >= len(self.tokens) and not self.done:
-            self._event.clear()
             timeout = deadline - asyncio.get_running_loop().time()
-            if timeout <= 0:
+            if timeout <= 0 or not await self._wait(timeout):
                 raise RequestTimeout("the request ran past limits.request_timeout_s")
-            try:
-                await asyncio.wait_for(self._event.wait(), timeout)
-            except asyncio.TimeoutError:
-                raise RequestTimeout("the request ran past limits.request_timeout_s") from None
         start = self._read
         new = self.tokens[start:]
         self._read = len(self.tokens)
@@ -152,12 +167,7 @@ class Generation:
         """Wait up to `timeout` for anything new; True if something came."""
         if self._read < len(self.tokens) or self.done:
             return True
-        self._event.clear()
-        try:
-            await asyncio.wait_for(self._event.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
+        return await self._wait(timeout)
 
     def cancel(self) -> None:
         """Leave the batch (client gone, stop string seen, timeout). Idempotent."""
@@ -167,7 +177,7 @@ class Generation:
             self.done = True
             if self.finish_reason is None and self.error is None:
                 self.finish_reason = "cancelled"
-            self._event.set()
+            self._wake()
         if cancel is not None:
             cancel()  # type: ignore[operator]
 
@@ -185,3 +195,8 @@ class ModelInfo:
     requests_served: int = 0
     error: Optional[str] = None
     extra: dict[str, object] = field(default_factory=dict)
+
+
+def _expire(fut: asyncio.Future[bool]) -> None:
+    if not fut.done():
+        fut.set_result(False)
