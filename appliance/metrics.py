@@ -10,7 +10,13 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
@@ -27,6 +33,22 @@ REJECT_REASONS = (
     "draining",
     "insufficient_memory",
 )
+
+# Error codes (errors.py) of refusals raised outside the middleware (admission, the drain gate,
+# a resource's own body check) -> rejected_requests_total reason. Keyed by code, never by text.
+CODE_REASONS = {
+    "server_busy": "busy",
+    "draining": "draining",
+    "rate_limited": "rate_limited",
+    "overloaded": "shed",
+    "invalid_api_key": "unauthorized",
+    "admin_disabled": "unauthorized",
+    "forbidden_host": "forbidden_host",
+    "request_too_large": "too_large",
+    "insufficient_memory": "insufficient_memory",
+}
+# Probes answer 503 while draining or loading: that is their job, not a refused request.
+_NOT_COUNTED = ("/healthz", "/readyz")
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _ITL = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -65,6 +87,7 @@ class _LiveCollector(Collector):
                 mem.add_metric([kind], float(v))
         yield mem
         yield g("system_memory_percent", "System memory in use, percent.", s["system_memory_percent"])
+        yield g("shedding_memory_percent", "shedding.memory_percent in force.", s["shedding_memory_percent"])
         pc = GaugeMetricFamily(p + "prompt_cache_bytes", "Bytes held by prompt caches.", labels=["model"])
         for model, nbytes in s["prompt_cache_bytes"].items():
             pc.add_metric([model], float(nbytes))
@@ -86,6 +109,9 @@ class Metrics:
     """Every appliance series; `render()` gives the Prometheus text."""
 
     def __init__(self, cfg: MetricsConfig, registry: Optional[CollectorRegistry] = None) -> None:
+        # No *_created series: they double the scrape and no dashboard reads them. The switch
+        # is process-wide, which is fine: the appliance is one process.
+        disable_created_metrics()
         self.cfg = cfg
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self.prefix = cfg.namespace + "_" if cfg.namespace else ""
@@ -138,6 +164,21 @@ class Metrics:
     def reject(self, reason: str) -> None:
         self.rejected.labels(reason).inc()
 
+    def on_response(self, req: Any, resp: Any, endpoint: str) -> None:
+        """Count one finished request: requests_total for /v1, and refusals not yet counted.
+
+        `endpoint` is the route's path, or "other" for a path no route serves (so a scan of
+        random paths cannot grow the label set).
+        """
+        ctx = req.context
+        code = getattr(ctx, "error_code", None)
+        if code in CODE_REASONS and not getattr(ctx, "rejected", None) and req.path not in _NOT_COUNTED:
+            ctx.rejected = CODE_REASONS[code]
+            self.reject(CODE_REASONS[code])
+        if req.path.startswith("/v1/"):
+            model = getattr(ctx, "model", None) or ""
+            self.requests.labels(model, endpoint, str(resp.status_code)).inc()
+
     # -- engine observers
     def on_request(self, event: str, gen: Optional[Generation], details: dict[str, Any]) -> None:
         if event == "admitted" and gen is not None:
@@ -161,3 +202,23 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class RequestCounter:
+    """Falcon middleware (outermost): hands every finished request to `Metrics.on_response`."""
+
+    def __init__(self, metrics: Metrics, app: Any) -> None:
+        self.metrics = metrics
+        self.app = app
+
+    def _endpoint(self, req: Any) -> str:
+        if req.uri_template:
+            return str(req.uri_template)
+        # Routing runs after process_request, so a request refused by middleware has no
+        # uri_template yet: ask the router (the compiled router's find is cheap).
+        found = self.app._router.find(req.path)
+        return str(found[3]) if found else "other"
+
+    async def process_response(self, req: Any, resp: Any, resource: Any, ok: bool) -> None:
+        endpoint = self._endpoint(req) if req.path.startswith("/v1/") else ""
+        self.metrics.on_response(req, resp, endpoint)

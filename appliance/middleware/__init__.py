@@ -38,12 +38,23 @@ log = logging.getLogger("appliance.access")
 PROBES = ("/healthz", "/readyz")
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a bind address only accepts connections from this machine."""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def _is_inference(req: Req) -> bool:
     return req.path.startswith("/v1/")
 
 
 def _is_admin(req: Req) -> bool:
     return req.path == "/admin" or req.path.startswith("/admin/")
+
+
+def refuse(req: Req, reject: Reject, reason: str) -> None:
+    """Count a refusal once: the metrics' response hook skips requests marked here."""
+    req.context.rejected = reason
+    reject(reason)
 
 
 def fingerprint(key: str) -> str:
@@ -99,7 +110,7 @@ class HostGuard:
     LOOPBACK = ("localhost", "127.0.0.1", "::1", "[::1]")
 
     def __init__(self, cfg: ServerConfig, reject: Reject) -> None:
-        self.active = cfg.host in ("127.0.0.1", "localhost", "::1") or cfg.host.startswith("127.")
+        self.active = is_loopback(cfg.host)
         self.allowed = {h.lower() for h in cfg.allowed_hosts}
         self.reject = reject
 
@@ -115,7 +126,7 @@ class HostGuard:
             return
         host = req.get_header("Host") or ""
         if not self._host_ok(host):
-            self.reject("forbidden_host")
+            refuse(req, self.reject, "forbidden_host")
             raise ForbiddenHost(
                 f"Host {host!r} is not allowed on a loopback-bound server; add it to "
                 "server.allowed_hosts",
@@ -132,7 +143,7 @@ class BodyLimit:
     async def process_request(self, req: Req, resp: Resp) -> None:
         n = req.content_length
         if n is not None and n > self.max:
-            self.reject("too_large")
+            refuse(req, self.reject, "too_large")
             raise BodyTooLarge(f"the body is {n} bytes; the limit is {self.max}")
 
 
@@ -142,36 +153,47 @@ class Cors:
     def __init__(self, cfg: SecurityConfig) -> None:
         self.origins = set(cfg.cors_origins)
 
-    def _allowed(self, origin: Optional[str]) -> bool:
-        return bool(origin) and ("*" in self.origins or origin in self.origins)
+    def _allowed(self, origin: Optional[str]) -> Optional[str]:
+        """The origin to echo back, or None when it is not listed."""
+        if origin and ("*" in self.origins or origin in self.origins):
+            return origin
+        return None
 
     async def process_request(self, req: Req, resp: Resp) -> None:
-        origin = req.get_header("Origin")
-        if req.method == "OPTIONS" and req.get_header("Access-Control-Request-Method"):
-            req.context.preflight = True
-            resp.status = falcon.HTTP_204 if self._allowed(origin) else falcon.HTTP_403
-            if self._allowed(origin):
-                resp.set_header("Access-Control-Allow-Origin", origin)
-                resp.set_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
-                resp.set_header(
-                    "Access-Control-Allow-Headers",
-                    "Authorization, Content-Type, X-API-Key, X-Request-ID",
-                )
-                resp.set_header("Access-Control-Max-Age", "600")
-                resp.set_header("Vary", "Origin")
-            else:
-                resp.content_type = falcon.MEDIA_JSON
-                resp.data = (
-                    b'{"error":{"message":"origin not allowed; list it in security.cors_origins",'
-                    b'"type":"permission_error","param":null,"code":"cors_forbidden"}}'
-                )
-            resp.complete = True
+        if req.method != "OPTIONS" or not req.get_header("Access-Control-Request-Method"):
+            return
+        req.context.preflight = True
+        allowed = self._allowed(req.get_header("Origin"))
+        resp.set_header("Vary", "Origin")
+        if allowed:
+            resp.status = falcon.HTTP_204
+            resp.set_header("Access-Control-Allow-Origin", allowed)
+            resp.set_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+            resp.set_header(
+                "Access-Control-Allow-Headers",
+                "Authorization, Content-Type, X-API-Key, X-Request-ID",
+            )
+            resp.set_header("Access-Control-Max-Age", "600")
+        else:
+            resp.status = falcon.HTTP_403
+            resp.content_type = falcon.MEDIA_JSON
+            resp.data = (
+                b'{"error":{"message":"origin not allowed; list it in security.cors_origins",'
+                b'"type":"permission_error","param":null,"code":"cors_forbidden"}}'
+            )
+        resp.complete = True  # skips the rest of the stack (auth included) and routing
 
     async def process_response(self, req: Req, resp: Resp, resource: Any, ok: bool) -> None:
-        origin = req.get_header("Origin")
-        if self._allowed(origin) and not getattr(req.context, "preflight", False):
-            resp.set_header("Access-Control-Allow-Origin", origin)
-            resp.set_header("Access-Control-Expose-Headers", "X-Request-ID, Retry-After")
+        if getattr(req.context, "preflight", False):
+            return
+        allowed = self._allowed(req.get_header("Origin"))
+        if allowed:
+            resp.set_header("Access-Control-Allow-Origin", allowed)
+            resp.set_header(
+                "Access-Control-Expose-Headers",
+                "X-Request-ID, Retry-After, RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset",
+            )
+        if self.origins:
             resp.set_header("Vary", "Origin")
 
 
@@ -195,7 +217,7 @@ class LoadShedding:
             if active is not None and active >= self.cfg.mlx_active_bytes:
                 why = f"MLX active memory is {active} bytes (limit {self.cfg.mlx_active_bytes})"
         if why:
-            self.reject("shed")
+            refuse(req, self.reject, "shed")
             raise Shedding(f"the server is shedding load: {why}", retry_after=self.cfg.retry_after_s)
 
 
@@ -210,11 +232,12 @@ class Auth:
         self.admin = [_digest(k) for k in cfg.admin_keys]
         self.api = [_digest(k) for k in cfg.api_keys]
         self.admin_env = cfg.admin_keys_env
+        # Probes and /metrics are open unless configured closed; closed, they take any
+        # configured key (API or admin), and stay closed when there is none.
         self.open_paths: set[str] = set()
-        if cfg.open_probes:
-            self.open_paths.update(PROBES)
-        if cfg.open_metrics:
-            self.open_paths.add(metrics_path)
+        self.closed_paths: set[str] = set()
+        (self.open_paths if cfg.open_probes else self.closed_paths).update(PROBES)
+        (self.open_paths if cfg.open_metrics else self.closed_paths).add(metrics_path)
         self.reject = reject
 
     @staticmethod
@@ -238,7 +261,9 @@ class Auth:
         return found
 
     async def process_request(self, req: Req, resp: Resp) -> None:
-        if req.method == "OPTIONS" or getattr(req.context, "preflight", False):
+        # Only a preflight the CORS middleware already answered passes without a key: with
+        # auth before cors in the stack, preflights meet auth first and get 401.
+        if getattr(req.context, "preflight", False):
             return
         key = self._presented(req)
         is_admin = self._match(key, self.admin)
@@ -250,20 +275,28 @@ class Auth:
             return
         if _is_admin(req):
             if not self.admin:
-                self.reject("unauthorized")
+                refuse(req, self.reject, "unauthorized")
                 raise AdminClosed(
                     "the admin API is closed: no admin key is set; set "
                     f"{self.admin_env} (or security.admin_keys) and restart"
                 )
             if not is_admin:
-                self.reject("unauthorized")
+                refuse(req, self.reject, "unauthorized")
                 raise Unauthorized(
                     "missing or wrong admin key: send Authorization: Bearer <key> or X-API-Key"
                 )
             return
+        if path in self.closed_paths:
+            if not (is_admin or self._match(key, self.api)):
+                refuse(req, self.reject, "unauthorized")
+                raise Unauthorized(
+                    f"{path} needs a key (security.open_probes / open_metrics is false): "
+                    "send Authorization: Bearer <key> or X-API-Key"
+                )
+            return
         # /v1 and everything else not open: API keys when set (the admin key works too).
         if self.api and not (is_admin or self._match(key, self.api)):
-            self.reject("unauthorized")
+            refuse(req, self.reject, "unauthorized")
             raise Unauthorized(
                 "missing or wrong API key: send Authorization: Bearer <key> or X-API-Key"
             )
@@ -300,7 +333,7 @@ class RateLimit:
             if not self.limiter.hit(item, scope, who):
                 stats = self.limiter.get_window_stats(item, scope, who)
                 retry = max(1, int(stats.reset_time - time.time()) + 1)
-                self.reject("rate_limited")
+                refuse(req, self.reject, "rate_limited")
                 req.context.ratelimit = (item, 0, retry)
                 raise RateLimited(
                     f"rate limit {item} exceeded for this key; retry in {retry} s",
