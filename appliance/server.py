@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import sys
 import threading
 from collections.abc import Generator
 from typing import Any, Optional
@@ -22,6 +24,12 @@ from .builder import Appliance
 
 log = logging.getLogger("appliance.server")
 
+# Exit status when the engine gives up (a model's generation thread kept dying): not 0, so
+# launchd / systemd restart the process, and not 2, which means a config error.
+FATAL_EXIT = 3
+# After the drain only the last bytes of finished streams are left to send.
+GRACE_AFTER_DRAIN_S = 2
+
 
 class ApplianceServer(uvicorn.Server):
     """A uvicorn.Server whose signals drain the appliance instead of cutting it off."""
@@ -31,6 +39,14 @@ class ApplianceServer(uvicorn.Server):
         self.appliance = appliance
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._drain_task: Optional[asyncio.Task[None]] = None
+        self.exit_code = 0
+        appliance.engine.on_fatal = self.fatal
+
+    def fatal(self, reason: str) -> None:
+        """The engine gave up (a model's reloads ran out): drain, then exit FATAL_EXIT."""
+        self.exit_code = FATAL_EXIT
+        if self._loop is not None:
+            self._start_drain()
 
     async def serve(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -43,11 +59,32 @@ class ApplianceServer(uvicorn.Server):
             return
         handled = (signal.SIGINT, signal.SIGTERM)
         original = {sig: signal.signal(sig, self._on_signal) for sig in handled}
+        original[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._on_peer_failure)
         try:
             yield
         finally:
             for sig, handler in original.items():
                 signal.signal(sig, handler)
+
+    def _on_peer_failure(self, sig: int, frame: Any) -> None:
+        # The launcher saw another rank of the group die: this rank can't step any more.
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._start_peer_failure)
+
+    def _start_peer_failure(self) -> None:
+        asyncio.ensure_future(self.peer_failed())
+
+    async def peer_failed(self) -> None:
+        """Not ready at once, fail what is in flight, then exit non-zero for a group restart."""
+        from .engine.distributed import PEER_FAILED_EXIT
+
+        log.error("a rank of the distributed group died: failing requests and exiting")
+        a = self.appliance
+        a.gate.draining = True
+        a.engine.fail_all("a rank of the distributed group died; the group is restarting")
+        await asyncio.sleep(1.0)  # let error chunks and 503s reach the clients
+        logging.shutdown()
+        os._exit(PEER_FAILED_EXIT)
 
     def _on_signal(self, sig: int, frame: Any) -> None:
         if self._drain_task is not None or self._loop is None:
@@ -75,6 +112,10 @@ class ApplianceServer(uvicorn.Server):
             log.warning(
                 "drain timeout: ending %d running and %d waiting requests", adm.running, adm.waiting
             )
+            a.engine.fail_all(
+                f"the server is shutting down and server.drain_timeout_s ({timeout:g} s) has passed"
+            )
+            await asyncio.sleep(0.2)  # let the error chunks go out before the threads stop
             await a.engine.registry.close()
         else:
             log.info("drained: no request in flight")
@@ -95,9 +136,16 @@ def serve(appliance: Appliance) -> None:
         log_config=None,
         access_log=False,
         lifespan="on",
-        timeout_graceful_shutdown=max(1, int(cfg.drain_timeout_s)),
+        timeout_graceful_shutdown=GRACE_AFTER_DRAIN_S,
         server_header=False,
         **kwargs,
     )
     server = ApplianceServer(config, appliance)
     server.run()
+    if not server.started and not server.exit_code:
+        server.exit_code = FATAL_EXIT  # the lifespan or the listener failed to start
+    if server.exit_code:
+        log.error("exiting with status %d", server.exit_code)
+        sys.exit(server.exit_code)
+    if appliance.state is not None:
+        appliance.state.mark_clean()

@@ -29,6 +29,9 @@ class Ready:
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         if self.gate.draining:
             raise Draining("the server is draining", retry_after=5)
+        if self.engine.reloading:
+            names = ", ".join(sorted(self.engine.reloading))
+            raise NotReady(f"reloading after a generation thread died: {names}", retry_after=2)
         loaded = self.engine.registry.loaded()
         if not loaded:
             raise NotReady("no model is loaded yet", retry_after=2)

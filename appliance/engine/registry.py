@@ -14,6 +14,7 @@ import psutil
 
 from ..config import ModelsConfig, ModelSpec
 from ..errors import EngineFailure, InsufficientMemory, ModelLoadError, ModelNotFound
+from . import distributed
 from .types import ModelInfo
 from .worker import ModelWorker
 
@@ -53,6 +54,11 @@ def resolve_path(spec: ModelSpec, demo_base: Optional[str]) -> Path:
 def estimate_bytes(path: Path, spec: ModelSpec) -> int:
     """Weights on disk plus the KV cache of one full context, from config.json."""
     weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    return weights + kv_bytes_per_token(path) * spec.context_length
+
+
+def kv_bytes_per_token(path: Path) -> int:
+    """KV cache bytes per token (2 * layers * kv_heads * head_dim * dtype), 0 when unknown."""
     try:
         cfg = json.loads((path / "config.json").read_text())
         text_cfg = cfg.get("text_config", cfg)
@@ -61,10 +67,9 @@ def estimate_bytes(path: Path, spec: ModelSpec) -> int:
         kv_heads = int(text_cfg.get("num_key_value_heads", heads))
         head_dim = int(text_cfg.get("head_dim") or text_cfg["hidden_size"] // heads)
         dtype_bytes = 2 if str(text_cfg.get("torch_dtype", "bfloat16")) != "float32" else 4
-        kv = 2 * layers * kv_heads * head_dim * spec.context_length * dtype_bytes
+        return 2 * layers * kv_heads * head_dim * dtype_bytes
     except (OSError, KeyError, ValueError, TypeError, ZeroDivisionError):
-        kv = 0
-    return weights + kv
+        return 0
 
 
 class ModelRegistry:
@@ -80,6 +85,7 @@ class ModelRegistry:
         self._locks: dict[str, asyncio.Lock] = {}
         self._listeners: list[Listener] = []
         self.on_death: Optional[Callable[[str, BaseException], None]] = None
+        self.memory_limit: Optional[int] = None  # limits.mlx_memory_limit_bytes, set by the engine
 
     # -- observers (metrics, state file)
     def subscribe(self, listener: Listener) -> None:
@@ -151,13 +157,25 @@ class ModelRegistry:
             info.state, info.error = "loading", None
             t0 = time.perf_counter()
             loop = asyncio.get_running_loop()
+            grp = distributed.group() if distributed.world()[1] > 1 else None
+            if grp is not None and name != self.cfg.default:
+                info.state = "failed"
+                raise ModelLoadError(
+                    f"a distributed group serves only models.default ({self.cfg.default!r})",
+                    param="model",
+                )
 
             def loader() -> tuple[Any, Any]:
                 # Runs on the model's own thread: resolve, check memory, load.
                 path = resolve_path(spec, self.cfg.demo_dir)
                 need = estimate_bytes(path, spec)
                 info.memory_estimate_bytes = need
+                info.extra["kv_bytes_per_token"] = kv_bytes_per_token(path)
                 free = psutil.virtual_memory().available
+                if self.memory_limit is not None:
+                    import mlx.core as mx
+
+                    free = min(free, self.memory_limit - int(mx.get_active_memory()))
                 if need > free:
                     raise InsufficientMemory(
                         f"model {name!r} needs about {need / 2**30:.1f} GiB "
@@ -167,6 +185,8 @@ class ModelRegistry:
                 from mlx_lm import load
 
                 log.info("loading model %s from %s", name, path)
+                if grp is not None:
+                    return distributed.load_sharded(str(path))
                 try:
                     model, tokenizer = load(str(path), tokenizer_config={"trust_remote_code": spec.trust_remote_code})[:2]
                 except Exception as exc:
@@ -184,6 +204,7 @@ class ModelRegistry:
                 max_kv_size=spec.max_kv_size,
                 prompt_cache_bytes=self.cfg.prompt_cache_bytes,
                 on_death=self._died,
+                link=distributed.Link(grp) if grp is not None else None,
             )
             try:
                 await worker.start()

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 from ..config import LimitsConfig, ModelsConfig
-from ..errors import PromptTooLong
+from ..errors import InsufficientMemory, PromptTooLong
 from .admission import Admission
 from .registry import ModelRegistry
 from .types import Generation, SamplingParams
@@ -29,7 +29,16 @@ class Engine:
         self.registry = ModelRegistry(models)
         self.admission = Admission(limits)
         self._observers: list[RequestObserver] = []
-        self._holding: set[int] = set()  # id() of generations holding a slot
+        self._holding: dict[int, Generation] = {}  # generations holding a slot, by id()
+        # Resilience (issue 5): models to recover after an unclean exit, reloads after a
+        # generation thread died, and the hook that ends the process when reloads give out.
+        self.recover: list[str] = []
+        self.reloading: set[str] = set()
+        self.on_fatal: Optional[Callable[[str], None]] = None
+        self._deaths: dict[str, int] = {}
+        self._reloads: set[asyncio.Task[None]] = set()
+        self.registry.on_death = self._on_death
+        self.registry.memory_limit = limits.mlx_memory_limit_bytes
 
     def observe(self, observer: RequestObserver) -> None:
         self._observers.append(observer)
@@ -49,13 +58,15 @@ class Engine:
     async def model(self, name: str) -> ModelWorker:
         return await self.registry.get_or_load(name)
 
-    def check_prompt(self, name: str, prompt_tokens: list[int], max_tokens: int) -> None:
+    def check_prompt(
+        self, name: str, prompt_tokens: list[int], max_tokens: int, *, param: str = "messages"
+    ) -> None:
         ctx = self.registry.spec(name).context_length
         if len(prompt_tokens) >= ctx:
             raise PromptTooLong(
                 f"the prompt has {len(prompt_tokens)} tokens; model {name!r} takes at most "
                 f"{ctx - 1} (context_length {ctx})",
-                param="messages",
+                param=param,
             )
 
     def max_tokens_for(self, name: str, prompt_len: int, asked: Optional[int]) -> int:
@@ -72,6 +83,7 @@ class Engine:
         high_priority: bool = False,
     ) -> Generation:
         """Wait for a slot (or raise QueueFull), then put the request in the batch."""
+        self.check_memory(worker.name, len(prompt_tokens), params.max_tokens)
         try:
             queued = await self.admission.acquire(high_priority)
         except Exception as exc:
@@ -79,7 +91,7 @@ class Engine:
             raise
         gen = Generation(worker.name, prompt_tokens, params)
         gen.t_admitted = gen.t_created + queued
-        self._holding.add(id(gen))
+        self._holding[id(gen)] = gen
         self.registry.touch(worker.name)
         self._emit("admitted", gen, queued_s=queued)
         worker.submit(gen)
@@ -89,21 +101,131 @@ class Engine:
         """Leave the batch if still in it and give the slot back. Idempotent."""
         if id(gen) not in self._holding:
             return
-        self._holding.discard(id(gen))
+        del self._holding[id(gen)]
         gen.cancel()
         self.admission.release()
         self._emit("finished", gen, status=status)
+
+    def fail_all(self, message: str) -> None:
+        """End every request in flight with an engine error (their streams get an error chunk)."""
+        from ..errors import EngineFailure
+
+        for gen in list(self._holding.values()):
+            gen.fail(EngineFailure(message))
 
     def deadline(self) -> float:
         return asyncio.get_running_loop().time() + self.limits.request_timeout_s
 
     async def start_up(self) -> None:
-        """Load the auto_load models; a failure is logged and the server starts unready."""
-        for name in self.models_cfg.auto_load:
+        """Load the auto_load models, then `recover` (loaded before an unclean exit) within the
+        memory budget; a failure is logged and the next model tried."""
+        limit = self.limits.mlx_memory_limit_bytes
+        if limit is not None:
+            try:
+                import mlx.core as mx
+
+                mx.set_memory_limit(limit)
+                log.info("MLX memory limit set to %d bytes", limit)
+            except Exception as exc:  # no MLX backend here
+                log.warning("could not set the MLX memory limit: %s", exc)
+        auto = list(self.models_cfg.auto_load)
+        for name in [*auto, *[n for n in self.recover if n not in auto]]:
             try:
                 await self.registry.load(name)
             except Exception as exc:
-                log.error("auto_load of %s failed: %s", name, exc)
+                what = "auto_load" if name in auto else "recovery"
+                log.error("%s of %s failed: %s", what, name, exc)
+
+    # -- memory guard
+    def kv_bytes_per_token(self, name: str) -> int:
+        value = self.registry.info(name).extra.get("kv_bytes_per_token")
+        return value if isinstance(value, int) else 0
+
+    def free_memory(self) -> int:
+        """Bytes a new request's KV cache may take: system memory available, or the MLX limit
+        less MLX's active memory, less what requests in flight will still allocate."""
+        import psutil
+
+        free = int(psutil.virtual_memory().available)
+        limit = self.limits.mlx_memory_limit_bytes
+        if limit is not None:
+            try:
+                import mlx.core as mx
+
+                free = min(free, limit - int(mx.get_active_memory()))
+            except Exception:  # no MLX backend here
+                pass
+        outstanding = 0
+        for gen in self._holding.values():
+            left = gen.params.max_tokens - len(gen.tokens)
+            if gen.t_first is None:  # not prefilled yet: the prompt's KV is still to come
+                left += len(gen.prompt_tokens)
+            outstanding += self.kv_bytes_per_token(gen.model) * max(0, left)
+        return free - outstanding
+
+    def check_memory(self, name: str, prompt_len: int, max_tokens: int) -> None:
+        """Refuse, before prefill, a request whose KV cache would not fit (503)."""
+        per_token = self.kv_bytes_per_token(name)
+        if not per_token:
+            return
+        need = per_token * (prompt_len + max_tokens)
+        free = self.free_memory()
+        if need > free:
+            raise InsufficientMemory(
+                f"not enough memory for this request: its KV cache needs about {need} bytes "
+                f"({prompt_len} prompt + {max_tokens} max tokens) and {max(0, free)} are free; "
+                "lower max_tokens or retry later",
+                retry_after=5,
+            )
+
+    # -- generation thread failures
+    def _on_death(self, name: str, exc: BaseException) -> None:
+        """A generation thread died (its requests already failed): reload it, or give up."""
+        deaths = self._deaths[name] = self._deaths.get(name, 0) + 1
+        if deaths > self.limits.engine_restarts:
+            self._fatal(
+                f"the generation thread of model {name!r} died {deaths} times "
+                f"(limits.engine_restarts={self.limits.engine_restarts})"
+            )
+            return
+        self.reloading.add(name)
+        task = asyncio.get_running_loop().create_task(self._reload(name, deaths), name=f"reload-{name}")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def _reload(self, name: str, deaths: int) -> None:
+        from tenacity import AsyncRetrying, stop_after_attempt, wait_exponential
+
+        backoff = self.limits.engine_restart_backoff_s * 2 ** (deaths - 1)
+        log.warning(
+            "model %s: generation thread died (%d of %d restarts); reloading in %g s",
+            name, deaths, self.limits.engine_restarts, backoff,
+        )
+        try:
+            await asyncio.sleep(backoff)
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(3),
+                wait=wait_exponential(multiplier=backoff, max=60),
+                reraise=True,
+            ):
+                with attempt:
+                    await self.registry.load(name)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._fatal(f"model {name!r} could not be reloaded after its generation thread died: {exc}")
+            return
+        finally:
+            self.reloading.discard(name)
+        log.info("model %s reloaded after its generation thread died", name)
+
+    def _fatal(self, reason: str) -> None:
+        log.critical("giving up: %s; exiting so the supervisor restarts the process", reason)
+        if self.on_fatal is not None:
+            self.on_fatal(reason)
 
     async def close(self) -> None:
+        for task in list(self._reloads):
+            task.cancel()
+        await asyncio.gather(*self._reloads, return_exceptions=True)
         await self.registry.close()

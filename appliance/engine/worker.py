@@ -80,6 +80,7 @@ class ModelWorker:
         max_kv_size: Optional[int],
         prompt_cache_bytes: int,
         on_death: Optional[Callable[[str, BaseException], None]] = None,
+        link: Any = None,
     ) -> None:
         self.name = name
         self.path = path
@@ -91,6 +92,7 @@ class ModelWorker:
         self._max_kv_size = max_kv_size
         self._prompt_cache_bytes = prompt_cache_bytes
         self._on_death = on_death
+        self._link = link  # distributed.Link on rank 0 of a group, else None
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._active: dict[int, Generation] = {}
         self._thread = threading.Thread(target=self._run, name=f"gen-{name}", daemon=True)
@@ -130,6 +132,11 @@ class ModelWorker:
         self._inbox.put(("call", fn, fut))
         return fut
 
+    def inject_fault(self, exc: BaseException) -> None:
+        """Testing only (reached through APPLIANCE_FAULT_INJECTION=1, never by default): make the
+        generation thread raise `exc` between steps, as a real failure there would."""
+        self._inbox.put(("fault", exc))
+
     def stop(self) -> None:
         self._inbox.put(_STOP)
 
@@ -159,6 +166,13 @@ class ModelWorker:
                 stream=stream,
             )
         except BaseException as exc:  # forwarded to whoever awaits the load
+            self._loaded.set_exception(exc)
+            self.dead = exc
+            return
+        try:
+            if self._link is not None:
+                self._link.sync_seed()
+        except BaseException as exc:
             self._loaded.set_exception(exc)
             self.dead = exc
             return
@@ -200,10 +214,12 @@ class ModelWorker:
         active = self._active
         uid_of: dict[int, int] = {}  # id(Generation) -> uid
         loop = self._loop
+        link = self._link
         want_lp: set[int] = set()
         while True:
             # Take every command waiting; block only when there is nothing to step.
             block = not active
+            commands: list[Any] = []
             while True:
                 try:
                     item = inbox.get(timeout=0.5) if block else inbox.get_nowait()
@@ -213,36 +229,46 @@ class ModelWorker:
                     break
                 block = False
                 if item is _STOP:
-                    victims = list(active.values())
-                    active.clear()
-                    loop.call_soon_threadsafe(
-                        _fail_all, victims, EngineFailure(f"model {self.name!r} was unloaded")
-                    )
-                    return
-                kind = item[0]
-                if kind == "submit":
-                    g: Generation = item[1]
-                    if g.done:
-                        continue
-                    uid = self._insert(gen, g)
-                    active[uid] = g
-                    uid_of[id(g)] = uid
-                    if g.params.logprobs:
-                        want_lp.add(uid)
-                elif kind == "cancel":
-                    g = item[1]
-                    uid = uid_of.pop(id(g), None)
-                    if uid is not None and uid in active:
-                        del active[uid]
-                        want_lp.discard(uid)
-                        gen.remove([uid])
-                elif kind == "call":
+                    commands.append(item)
+                    break
+                if item[0] == "fault":  # testing only: see inject_fault
+                    raise item[1]
+                if item[0] == "call":
                     fn, fut = item[1], item[2]
                     if fut.set_running_or_notify_cancel():
                         try:
                             fut.set_result(fn(self.model, self.tokenizer))
                         except BaseException as exc:  # forwarded to the caller
                             fut.set_exception(exc)
+                    continue
+                if item[0] == "submit" and item[1].done:
+                    continue
+                if item[0] == "cancel" and id(item[1]) not in uid_of:
+                    continue
+                commands.append(item)
+            if link is not None and (commands or active):
+                # The other ranks apply the same decisions to their batches, in this order.
+                link.share([_wire(c, uid_of) for c in commands] or None)
+            for item in commands:
+                if item is _STOP:
+                    victims = list(active.values())
+                    active.clear()
+                    loop.call_soon_threadsafe(
+                        _fail_all, victims, EngineFailure(f"model {self.name!r} was unloaded")
+                    )
+                    return
+                g: Generation = item[1]
+                if item[0] == "submit":
+                    uid, g.cached_tokens = self._insert(gen, g.prompt_tokens, g.params)
+                    active[uid] = g
+                    uid_of[id(g)] = uid
+                    if g.params.logprobs:
+                        want_lp.add(uid)
+                else:  # cancel
+                    gone = uid_of.pop(id(g))
+                    active.pop(gone, None)
+                    want_lp.discard(gone)
+                    gen.remove([gone])
             if not active:
                 continue
             _, responses = gen.next()
@@ -264,20 +290,58 @@ class ModelWorker:
                 events.append((g2, token, finish, lp, top))
                 if finish is not None:
                     del active[r.uid]
-                    uid_of.pop(id(g2), None)
+                    uid_of.pop(id(g2), 0)
                     want_lp.discard(r.uid)
-                    if r.prompt_cache is not None and self._prompt_cache_bytes > 0:
-                        self.prompt_cache.insert_cache(
-                            self.path, list(r.all_tokens), r.prompt_cache, cache_type="assistant"
-                        )
-                        active_bytes = gen.prompt_cache_nbytes
-                        self.prompt_cache.trim_to(
-                            n_bytes=self._prompt_cache_bytes - active_bytes
-                        )
+                    self._keep_cache(gen, r)
             loop.call_soon_threadsafe(_deliver, events, now)
 
-    def _insert(self, gen: Any, g: Generation) -> int:
-        prompt = g.prompt_tokens
+    def follow(self) -> None:
+        """A non-zero rank: apply rank 0's decisions and step in lock-step until told to stop."""
+        import mlx.core as mx  # noqa: F401  (the thread's default stream is used)
+        from mlx_lm.generate import BatchGenerator
+        from mlx_lm.models.cache import LRUPromptCache
+
+        assert self._link is not None
+        self.model, self.tokenizer = self._loader()
+        self.prompt_cache = LRUPromptCache(max_size=64, max_bytes=self._prompt_cache_bytes)
+        gen = BatchGenerator(
+            self.model,
+            stop_tokens=[[t] for t in sorted(self.tokenizer.eos_token_ids)],
+            completion_batch_size=self._completion_batch_size,
+            prefill_batch_size=self._prefill_batch_size,
+            prefill_step_size=self._prefill_step_size,
+            max_kv_size=self._max_kv_size,
+            stream=mx.default_stream(mx.default_device()),
+        )
+        self._link.sync_seed()
+        active: set[int] = set()
+        while True:
+            commands = self._link.share(None) or []
+            for c in commands:
+                if c[0] == "x":
+                    return
+                if c[0] == "s":
+                    uid, _ = self._insert(gen, c[1], c[2])
+                    active.add(uid)
+                else:
+                    active.discard(c[1])
+                    gen.remove([c[1]])
+            if not active:
+                continue
+            _, responses = gen.next()
+            for r in responses:
+                if r.finish_reason is not None:
+                    active.discard(r.uid)
+                    self._keep_cache(gen, r)
+
+    def _keep_cache(self, gen: Any, r: Any) -> None:
+        if r.prompt_cache is not None and self._prompt_cache_bytes > 0:
+            self.prompt_cache.insert_cache(
+                self.path, list(r.all_tokens), r.prompt_cache, cache_type="assistant"
+            )
+            self.prompt_cache.trim_to(n_bytes=self._prompt_cache_bytes - gen.prompt_cache_nbytes)
+
+    def _insert(self, gen: Any, prompt: list[int], params: SamplingParams) -> tuple[int, int]:
         cache = None
         rest = prompt
         if self._prompt_cache_bytes > 0:
@@ -289,17 +353,24 @@ class ModelWorker:
         else:
             self.stats["cache_misses"] += 1
             cache, rest, cached = None, prompt, 0
-        g.cached_tokens = cached
-        sampler = _make_sampler(g.params)
         (uid,) = gen.insert(
             [rest],
-            max_tokens=[g.params.max_tokens],
+            max_tokens=[params.max_tokens],
             caches=[cache] if cache is not None else None,
             all_tokens=[prompt[:cached]],
-            samplers=[sampler],
-            logits_processors=[_make_processors(g.params)],
+            samplers=[_make_sampler(params)],
+            logits_processors=[_make_processors(params)],
         )
-        return int(uid)
+        return int(uid), cached
+
+
+def _wire(item: Any, uid_of: dict[int, int]) -> tuple[Any, ...]:
+    """A command as the other ranks receive it: no Python objects of this process."""
+    if item is _STOP:
+        return ("x",)
+    if item[0] == "submit":
+        return ("s", item[1].prompt_tokens, item[1].params)
+    return ("c", uid_of[id(item[1])])
 
 
 def _logprobs(
@@ -310,7 +381,7 @@ def _logprobs(
         return lp, None
     idx = mx.argpartition(-logprobs, kth=k - 1)[:k]
     vals = logprobs[idx]
-    pairs = sorted(zip(idx.tolist(), vals.tolist()), key=lambda t: -t[1])
+    pairs = sorted(zip(idx.tolist(), vals.tolist(), strict=True), key=lambda t: -t[1])
     return lp, [TopLogprob(int(t), float(v)) for t, v in pairs]
 
 
