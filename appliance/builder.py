@@ -15,12 +15,17 @@ import psutil
 from prometheus_client import CollectorRegistry
 
 from . import __version__
+from .api import admin as api_admin
 from .api import errors as api_errors
+from .api import faults as api_faults
+from .api.embeddings import Embeddings, Rerank
 from .api.openai import ChatCompletions, Completions, Gate, Generate, Models
+from .api.openapi import OpenAPI
 from .api.probes import Health, Ready
 from .config import AppConfig
 from .engine.service import Engine
-from .metrics import Metrics
+from .helpers import Helpers
+from .metrics import Metrics, RequestCounter
 from .middleware import (
     AccessLog,
     Auth,
@@ -30,7 +35,10 @@ from .middleware import (
     LoadShedding,
     RateLimit,
     RequestId,
+    is_loopback,
 )
+from .state import StateStore
+from .tasks import TaskContext, TaskRunner
 
 log = logging.getLogger("appliance")
 
@@ -62,6 +70,16 @@ class Appliance:
     background: list[asyncio.Task[Any]] = field(default_factory=list)
     on_startup: list[Callable[[], Any]] = field(default_factory=list)
     on_shutdown: list[Callable[[], Any]] = field(default_factory=list)
+    # Checks that add reasons to /admin/health: each returns None, (status, reason) or a list.
+    health_contributors: list[api_admin.HealthContributor] = field(default_factory=list)
+    # Helper node name -> its status for /admin/health (filled by the helper clients).
+    helper_status: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
+    # Resilience (issue 5): the state file (recovery, crash loop), maintenance tasks, helpers;
+    # health_details are extra sections of /admin/health, by name.
+    state: Optional[StateStore] = None
+    tasks: Optional[TaskRunner] = None
+    helpers: Optional[Helpers] = None
+    health_details: dict[str, Callable[[], Any]] = field(default_factory=dict)
 
     def live(self) -> dict[str, Any]:
         """Live state for the metrics collector and the health report."""
@@ -85,8 +103,10 @@ class Appliance:
             "uptime": time.time() - self.started_at,
             "memory": mem,
             "system_memory_percent": psutil.virtual_memory().percent,
+            "shedding_memory_percent": self.cfg.shedding.memory_percent,
             "prompt_cache_bytes": caches,
             "build": {"version": __version__, "backend": _backend()},
+            **(self.helpers.live() if self.helpers is not None else {}),
         }
 
 
@@ -128,19 +148,6 @@ class _Lifecycle:
         await a.engine.close()
 
 
-class _RequestCounter:
-    """requests_total{model,endpoint,status} for every /v1 answer."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-
-    async def process_response(self, req: Any, resp: Any, resource: Any, ok: bool) -> None:
-        if req.path.startswith("/v1/"):
-            self.metrics.requests.labels(
-                getattr(req.context, "model", None) or "", req.path, str(resp.status_code)
-            ).inc()
-
-
 class MetricsResource:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -150,9 +157,9 @@ class MetricsResource:
         resp.data = self.metrics.render()
 
 
-def _middleware(cfg: AppConfig, metrics: Metrics) -> list[object]:
+def _middleware(cfg: AppConfig, metrics: Metrics) -> list[Any]:
     reject = metrics.reject
-    table: dict[str, Callable[[], object]] = {
+    table: dict[str, Callable[[], Any]] = {
         "request_id": RequestId,
         "access_log": AccessLog,
         "host_guard": lambda: HostGuard(cfg.server, reject),
@@ -172,6 +179,7 @@ def build(
     *,
     engine: Optional[Engine] = None,
     registry: Optional[CollectorRegistry] = None,
+    state: Optional[StateStore] = None,
 ) -> Appliance:
     """Assemble the appliance from the typed config; nothing starts until the lifespan runs."""
     engine = engine or Engine(cfg.models, cfg.limits)
@@ -183,7 +191,8 @@ def build(
     engine.observe(metrics.on_request)
     engine.registry.subscribe(metrics.on_model)
 
-    for mw in [_Lifecycle(appliance), _RequestCounter(metrics), *_middleware(cfg, metrics)]:
+    stack: list[Any] = [_Lifecycle(appliance), RequestCounter(metrics, app), *_middleware(cfg, metrics)]
+    for mw in stack:
         app.add_middleware(mw)
     api_errors.install(app)
     app.req_options.strip_url_path_trailing_slash = True
@@ -192,16 +201,78 @@ def build(
     app.add_route("/healthz", Health())
     app.add_route("/readyz", Ready(engine, gate))
     app.add_route(cfg.metrics.path, MetricsResource(metrics))
+    app.add_route("/openapi.json", OpenAPI(cfg))
     app.add_route("/v1/models", Models(engine))
     app.add_route("/v1/chat/completions", ChatCompletions(gen))
     app.add_route("/v1/completions", Completions(gen))
+    api_admin.add_routes(app, appliance)
+    _resilience(appliance, state)
     _warn_exposure(cfg)
     return appliance
 
 
+def _resilience(a: Appliance, state: Optional[StateStore]) -> None:
+    """State file and recovery, maintenance tasks, helper nodes, /v1/embeddings and /v1/rerank."""
+    cfg, engine = a.cfg, a.engine
+    helpers = Helpers(cfg.helpers, lambda role, status: a.metrics.helper_requests.labels(role, status).inc())
+    a.helpers = helpers
+    for role, node in helpers.nodes.items():
+        a.helper_status[role] = node.status
+    a.health_contributors.append(helpers.health)
+    if state is not None:
+        a.state = state
+        state.attach(engine.registry.subscribe, engine.registry.loaded)
+        if state.boot is not None:
+            engine.recover = list(state.boot.recover)
+        a.health_contributors.append(lambda: _state_reasons(state))
+        a.health_details["state"] = state.health
+        a.on_startup.append(
+            lambda: a.background.append(
+                asyncio.create_task(_stable_after(state, cfg.state.stable_after_s), name="stable")
+            )
+        )
+    ctx = TaskContext(cfg, engine, state, helpers)
+    runner = TaskRunner(cfg.maintenance, ctx, a.metrics)
+    a.tasks = runner
+    a.health_contributors.append(ctx.health)
+    a.health_details["maintenance"] = runner.status
+    a.on_startup.append(lambda: a.background.extend(runner.start()))
+    a.on_shutdown.append(runner.stop)
+    a.on_shutdown.append(helpers.close)
+    a.app.add_route("/v1/embeddings", Embeddings(engine, a.gate, helpers, cfg.limits.max_body_bytes))
+    a.app.add_route("/v1/rerank", Rerank(engine, a.gate, helpers, cfg.limits.max_body_bytes))
+    if api_faults.enabled():
+        log.warning("%s=1: fault injection is on at POST %s (tests only)", api_faults.ENV, api_faults.PATH)
+        a.app.add_route(api_faults.PATH, api_faults.Faults(engine, runner))
+
+
+def _state_reasons(state: StateStore) -> list[tuple[str, str]]:
+    out = []
+    if not state.writable:
+        out.append(("degraded", f"state file: {state.problem}"))
+    if state.pending:
+        out.append(("degraded", f"recovering models after an unclean shutdown: {', '.join(state.pending)}"))
+    for name, err in state.recovery_failed.items():
+        out.append(("degraded", f"model {name} was not recovered after an unclean shutdown: {err}"))
+    return out
+
+
+async def _stable_after(state: StateStore, seconds: float) -> None:
+    await asyncio.sleep(seconds)
+    await asyncio.to_thread(state.mark_stable)
+
+
 def _warn_exposure(cfg: AppConfig) -> None:
-    sec = cfg.security
+    sec, host = cfg.security, cfg.server.host
+    local = is_loopback(host)
     if not sec.api_keys:
-        log.warning("no API key is set: /v1 is open to every client that can reach %s", cfg.server.host)
+        # Always said at start; beyond loopback an open /v1 is worth a warning.
+        (log.info if local else log.warning)(
+            "no API key is set: /v1 is open to every client that can reach %s (set %s)",
+            host,
+            sec.api_keys_env,
+        )
     if not sec.admin_keys:
         log.info("no admin key is set: the admin API is closed (set %s)", sec.admin_keys_env)
+    if not local and not cfg.server.tls.certfile and not sec.behind_tls_proxy:
+        log.warning("serving plain HTTP on %s: keys and prompts cross the network in clear", host)

@@ -7,13 +7,16 @@ and what is allowed. `__main__` turns that into exit status 2.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 MIDDLEWARE_NAMES = (
     "request_id",
@@ -84,6 +87,10 @@ class LimitsConfig:
     max_body_bytes: int = 1024 * 1024
     request_timeout_s: float = 300.0
     mlx_memory_limit_bytes: Optional[int] = None
+    # A model whose generation thread dies is reloaded (backoff from engine_restart_backoff_s,
+    # doubling); past engine_restarts deaths of one model the process exits 3 for launchd.
+    engine_restarts: int = 3
+    engine_restart_backoff_s: float = 1.0
 
 
 @dataclass
@@ -196,6 +203,7 @@ class HelperNode:
     failure_threshold: int = 3
     reset_after_s: float = 10.0
     model: Optional[str] = None
+    api_key: Optional[str] = None  # sent as a Bearer token when the helper wants one
 
 
 @dataclass
@@ -209,6 +217,16 @@ class DistributedConfig:
     backend: str = "ring"
     hosts: List[str] = field(default_factory=list)
     hostfile: Optional[str] = None
+
+
+@dataclass
+class ServiceConfig:
+    """How `python -m appliance.recipes` renders the launchd plist and systemd unit."""
+
+    caffeinate: bool = False  # macOS: hold a `caffeinate -i` assertion while the server runs
+    label: Optional[str] = None  # null: com.appliance.<profile> (launchd), appliance-<profile> (systemd)
+    working_directory: Optional[str] = None  # null: the service user's home
+    throttle_interval_s: int = 10  # launchd ThrottleInterval, systemd RestartSec
 
 
 @dataclass
@@ -228,6 +246,7 @@ class AppConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     helpers: HelpersConfig = field(default_factory=HelpersConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
     # Set at run time, never from YAML: why the appliance is in safe mode, if it is.
     safe_mode_reason: Optional[str] = None
 
@@ -251,6 +270,7 @@ def register_schemas() -> None:
         ("logging", LoggingConfig),
         ("helpers", HelpersConfig),
         ("distributed", DistributedConfig),
+        ("service", ServiceConfig),
     ):
         cs.store(group="schema", name=name, node=node)
 
@@ -272,13 +292,58 @@ def _plain(cfg: DictConfig) -> DictConfig:
     return OmegaConf.create(container)
 
 
-def _one_line(exc: OmegaConfBaseException) -> ConfigError:
+# What a schema node of each kind takes, for the one-line message of a wrong type.
+_KINDS = {
+    "IntegerNode": "an integer",
+    "FloatNode": "a number",
+    "BooleanNode": "true or false",
+    "StringNode": "a string",
+    "EnumNode": "one of the enum's names",
+}
+_UNKNOWN_KEY = "a key of the config; `python -m appliance --cfg job` lists them"
+
+
+def _one_line(exc: OmegaConfBaseException, plain: Optional[DictConfig] = None) -> ConfigError:
     key = getattr(exc, "full_key", None) or "?"
     msg = str(getattr(exc, "msg", None) or exc).splitlines()[0]
     value: Any = getattr(exc, "value", None)
-    if "is not in struct" in msg or "Key '" in msg and "not in" in msg:
-        return ConfigError(key, value, "only the keys of the schema (see docs/profiles.md)")
+    if value is None and plain is not None and key != "?":
+        value = OmegaConf.select(plain, key, default=None)
+    if isinstance(exc, ConfigKeyError):
+        return ConfigError(key, value, _UNKNOWN_KEY)
+    kind = _KINDS.get(type(getattr(exc, "child_node", None)).__name__)
+    if isinstance(exc, ValidationError) and kind is not None:
+        return ConfigError(key, value, kind)
     return ConfigError(key, value, msg)
+
+
+def _check_shape(schema: type, data: dict[Any, Any], prefix: str = "") -> None:
+    """A section, list or mapping given a scalar (e.g. `logging=4`) named by its key; OmegaConf's
+    own merge error for that names no key."""
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        if f.name not in data or data[f.name] is None:
+            continue
+        value, kind, key = data[f.name], hints[f.name], prefix + f.name
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if typing.get_origin(kind) is typing.Union and len(args) == 1:
+            kind = args[0]
+        origin = typing.get_origin(kind)
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(value, dict):
+                raise ConfigError(key, value, f"a mapping of keys, e.g. {key}.KEY=VALUE")
+            _check_shape(kind, value, key + ".")  # type: ignore[arg-type]
+        elif origin is list and not isinstance(value, list):
+            raise ConfigError(key, value, "a list such as [a,b]")
+        elif origin is dict:
+            if not isinstance(value, dict):
+                raise ConfigError(key, value, f"a mapping of names, e.g. {key}.NAME.KEY=VALUE")
+            item = typing.get_args(kind)[1]
+            if dataclasses.is_dataclass(item):
+                for name, entry in value.items():
+                    if not isinstance(entry, dict):
+                        raise ConfigError(f"{key}.{name}", entry, "a mapping of keys")
+                    _check_shape(item, entry, f"{key}.{name}.")  # type: ignore[arg-type]
 
 
 def load(cfg: DictConfig | dict[str, Any]) -> AppConfig:
@@ -287,10 +352,13 @@ def load(cfg: DictConfig | dict[str, Any]) -> AppConfig:
     try:
         plain = _plain(raw)
         plain.pop("safe_mode_reason", None)
+        container = OmegaConf.to_container(plain)
+        assert isinstance(container, dict)
+        _check_shape(AppConfig, container)
         merged = OmegaConf.merge(OmegaConf.structured(AppConfig), plain)
         typed = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
-        raise _one_line(exc) from None
+        raise _one_line(exc, locals().get("plain")) from None
     assert isinstance(typed, AppConfig)
     _apply_env_keys(typed.security)
     validate(typed)
@@ -360,6 +428,18 @@ def validate(c: AppConfig) -> None:
     )
     sec = c.security
     _check(sec.exposure in ("lan", "public"), "security.exposure", sec.exposure, "lan | public")
+    for name in ("certfile", "keyfile"):
+        path = getattr(tls, name)
+        _check(path is None or Path(path).expanduser().is_file(), f"server.tls.{name}", path, "an existing file")
+    if sec.exposure == "public":
+        # Public: never an open /v1, never keys in clear unless a proxy in front does TLS.
+        _check(bool(sec.api_keys), "security.api_keys", [], f"at least one key when exposure is public (set {sec.api_keys_env})")
+        _check(
+            bool(tls.certfile) or sec.behind_tls_proxy,
+            "server.tls.certfile",
+            tls.certfile,
+            "a certificate and key when exposure is public, or security.behind_tls_proxy=true",
+        )
     for origin in sec.cors_origins:
         _check(
             origin == "*" or origin.startswith(("http://", "https://")),
@@ -401,6 +481,19 @@ def validate(c: AppConfig) -> None:
     for name in TASK_NAMES:
         task = getattr(c.maintenance, name)
         _check(task.interval_s > 0, f"maintenance.{name}.interval_s", task.interval_s, "> 0")
+    _check(lim.engine_restarts >= 0, "limits.engine_restarts", lim.engine_restarts, ">= 0")
+    _check(
+        lim.engine_restart_backoff_s > 0,
+        "limits.engine_restart_backoff_s",
+        lim.engine_restart_backoff_s,
+        "> 0",
+    )
+    m = c.maintenance
+    _check(m.cache_trim.max_cache_bytes >= 0, "maintenance.cache_trim.max_cache_bytes",
+           m.cache_trim.max_cache_bytes, ">= 0")
+    _check(0 <= m.memory_watchdog.warn_margin_percent <= 100,
+           "maintenance.memory_watchdog.warn_margin_percent",
+           m.memory_watchdog.warn_margin_percent, "0..100")
     _check(c.state.crash_loop.starts >= 2, "state.crash_loop.starts", c.state.crash_loop.starts, ">= 2")
     _check(c.state.crash_loop.window_s > 0, "state.crash_loop.window_s", c.state.crash_loop.window_s, "> 0")
     _check(c.state.stable_after_s > 0, "state.stable_after_s", c.state.stable_after_s, "> 0")
@@ -417,6 +510,8 @@ def validate(c: AppConfig) -> None:
                 "an http(s) URL",
             )
             _check(node.retries >= 0, f"helpers.{role}.retries", node.retries, ">= 0")
+            _check(node.timeout_s > 0, f"helpers.{role}.timeout_s", node.timeout_s, "> 0")
+            _check(node.reset_after_s > 0, f"helpers.{role}.reset_after_s", node.reset_after_s, "> 0")
             _check(
                 node.failure_threshold >= 1,
                 f"helpers.{role}.failure_threshold",
@@ -428,6 +523,16 @@ def validate(c: AppConfig) -> None:
         "distributed.backend",
         c.distributed.backend,
         "ring | mpi | jaccl",
+    )
+    svc = c.service
+    _check(
+        svc.throttle_interval_s >= 1, "service.throttle_interval_s", svc.throttle_interval_s, ">= 1"
+    )
+    _check(
+        svc.label is None or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", svc.label) is not None,
+        "service.label",
+        svc.label,
+        "null or letters, digits, '.', '_' and '-'",
     )
 
 
@@ -445,4 +550,7 @@ def redacted(c: AppConfig) -> dict[str, Any]:
     sec = data["security"]
     sec["admin_keys"] = ["<redacted>"] * len(sec["admin_keys"])
     sec["api_keys"] = ["<redacted>"] * len(sec["api_keys"])
-    return data
+    for node in (data.get("helpers") or {}).values():
+        if isinstance(node, dict) and node.get("api_key"):
+            node["api_key"] = "<redacted>"
+    return {str(k): v for k, v in data.items()}

@@ -8,6 +8,7 @@ Other ranks serve no HTTP. Ranks are started by `python -m appliance.launch`.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import pickle
@@ -51,7 +52,7 @@ class Link:
         self.size = int(grp.size())
 
     def share(self, obj: Optional[Any]) -> Optional[Any]:
-        import mlx.core as mx
+        mx: Any = importlib.import_module("mlx.core")
 
         g = self.group
         if self.rank == 0:
@@ -70,7 +71,7 @@ class Link:
 
     def sync_seed(self) -> None:
         """Every rank samples with the same random state."""
-        import mlx.core as mx
+        mx: Any = importlib.import_module("mlx.core")
 
         seed = mx.distributed.all_sum(mx.random.state[0], group=self.group).view(mx.uint64)
         mx.random.seed(int(seed[0].item()))
