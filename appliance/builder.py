@@ -23,6 +23,7 @@ from .api.openai import ChatCompletions, Completions, Gate, Generate, Models
 from .api.openapi import OpenAPI
 from .api.probes import Health, Ready
 from .config import AppConfig
+from .engine.distributed import GroupStatus, world
 from .engine.service import Engine
 from .helpers import Helpers
 from .metrics import Metrics, RequestCounter
@@ -80,6 +81,7 @@ class Appliance:
     tasks: Optional[TaskRunner] = None
     helpers: Optional[Helpers] = None
     health_details: dict[str, Callable[[], Any]] = field(default_factory=dict)
+    group: Optional[GroupStatus] = None  # set on rank 0 of a distributed group
 
     def live(self) -> dict[str, Any]:
         """Live state for the metrics collector and the health report."""
@@ -107,6 +109,8 @@ class Appliance:
             "prompt_cache_bytes": caches,
             "build": {"version": __version__, "backend": _backend()},
             **(self.helpers.live() if self.helpers is not None else {}),
+            **({"group_size": self.group.size, "group_healthy": self.group.healthy_ranks}
+               if self.group is not None else {}),
         }
 
 
@@ -207,6 +211,11 @@ def build(
     app.add_route("/v1/completions", Completions(gen))
     api_admin.add_routes(app, appliance)
     _resilience(appliance, state)
+    if world()[1] > 1:
+        group = GroupStatus(cfg.distributed.backend)
+        appliance.group = group
+        appliance.health_details["distributed"] = group.health
+        appliance.health_contributors.append(group.reasons)
     _warn_exposure(cfg)
     return appliance
 

@@ -100,6 +100,9 @@ class _LiveCollector(Collector):
             for helper, v in s.get(key, {}).items():
                 fam.add_metric([helper], float(v))
             yield fam
+        if "group_size" in s:
+            yield g("distributed_group_size", "Ranks in the distributed group.", s["group_size"])
+            yield g("distributed_ranks_healthy", "Ranks of the group known to be alive.", s["group_healthy"])
         info = InfoMetricFamily(p + "build", "Version and backend of this appliance.")
         info.add_metric([], s["build"])
         yield info

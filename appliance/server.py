@@ -80,6 +80,8 @@ class ApplianceServer(uvicorn.Server):
 
         log.error("a rank of the distributed group died: failing requests and exiting")
         a = self.appliance
+        if a.group is not None:
+            a.group.failed_rank_seen = True
         a.gate.draining = True
         a.engine.fail_all("a rank of the distributed group died; the group is restarting")
         await asyncio.sleep(1.0)  # let error chunks and 503s reach the clients

@@ -19,6 +19,7 @@ from .conftest import Appliance, free_port
 
 pytestmark = pytest.mark.timeout(180)
 
+ADMIN = "group-admin-key"
 PROMPTS = ["hello there", "the weather today", "a short story about servers", "bread"]
 
 
@@ -31,8 +32,8 @@ class Group:
         home.mkdir(parents=True, exist_ok=True)
         self.log_path = home / "launch.log"
         env = {**os.environ, "XDG_CACHE_HOME": str(demo_cache), "XDG_STATE_HOME": str(home / "state")}
-        for key in ("LMX_ADMIN_KEY", "LMX_API_KEYS"):
-            env.pop(key, None)
+        env.pop("LMX_API_KEYS", None)
+        env["LMX_ADMIN_KEY"] = ADMIN
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "appliance.launch", "distributed.hosts=[127.0.0.1,127.0.0.1]",
@@ -131,6 +132,16 @@ def test_concurrent_requests_batch_across_ranks(single: Appliance, group: Group)
         got = list(pool.map(lambda p: (p, _chat(group.url, p)), PROMPTS * 2))
     for prompt, text in got:
         assert text == want[prompt]
+
+
+def test_health_and_metrics_show_the_group(group: Group) -> None:
+    r = httpx.get(group.url + "/admin/health", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10)
+    assert r.status_code == 200, r.text
+    dist = r.json()["distributed"]
+    assert dist["size"] == 2 and dist["backend"] == "ring" and dist["ranks_healthy"] == 2
+    text = httpx.get(group.url + "/metrics", timeout=10).text
+    assert "lmx_distributed_group_size 2.0" in text
+    assert "lmx_distributed_ranks_healthy 2.0" in text
 
 
 def test_sigterm_on_rank0_stops_every_rank(tmp_path: Path, demo_cache: Path) -> None:

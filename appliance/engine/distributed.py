@@ -32,6 +32,33 @@ def world() -> tuple[int, int]:
 _GROUP: Any = None
 
 
+class GroupStatus:
+    """What rank 0 knows of its group, for /admin/health and the metrics."""
+
+    def __init__(self, backend: str) -> None:
+        self.rank, self.size = world()
+        self.backend = backend
+        self.failed_rank_seen = False  # set when the launcher reports a dead rank
+
+    @property
+    def healthy_ranks(self) -> int:
+        return 1 if self.failed_rank_seen else self.size
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "backend": self.backend,
+            "rank": self.rank,
+            "ranks_healthy": self.healthy_ranks,
+            "state": "failed" if self.failed_rank_seen else "ok",
+        }
+
+    def reasons(self) -> Optional[tuple[str, str]]:
+        if self.failed_rank_seen:
+            return ("failing", "a rank of the distributed group died; the group is restarting")
+        return None
+
+
 def group(backend: str = "ring") -> Any:
     """The process's distributed group, initialised once (None when not distributed)."""
     global _GROUP
