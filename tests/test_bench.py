@@ -1,0 +1,106 @@
+"""The benchmark harness runs end to end on a tiny setting and writes its JSON and chart.
+
+No timing assertions: only that every section is there and holds numbers. The real
+mlx_lm.server and appliance processes run on loopback ports; the demo model comes from the
+session's cache (demo_cache), so nothing is rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from appliance.bench import percentile
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_percentile() -> None:
+    assert percentile([], 50) is None
+    assert percentile([3.0], 99) == 3.0
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 50) == 3.0
+    assert percentile([0.0, 10.0], 90) == pytest.approx(9.0)
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and v >= 0
+
+
+@pytest.mark.timeout(180)
+def test_bench_end_to_end(tmp_path: Path, demo_cache: Path) -> None:
+    out = tmp_path / "results"
+    # Every process the bench starts runs in its temporary folder, here under tmp_path.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "XDG_CACHE_HOME": str(demo_cache), "PYTHONUNBUFFERED": "1",
+           "TMPDIR": str(scratch)}
+    for key in ("LMX_ADMIN_KEY", "LMX_API_KEYS"):
+        env.pop(key, None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "appliance.bench", "--concurrency", "1,2", "--max-tokens", "4",
+         "--requests-per-client", "2", "--repeat", "1", "--metrics-requests", "50",
+         "--busy-requests", "5", "--cold-starts", "1", "--out", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=170,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
+    # Progress on stderr, tables on stdout.
+    assert "ceiling" in proc.stderr and "warm-up" in proc.stderr
+    assert "appliance / mlx_lm.server" in proc.stdout
+    assert "PASS" in proc.stdout or "FAIL" in proc.stdout
+
+    (json_path,) = out.glob("bench-*.json")
+    res = json.loads(json_path.read_text())
+    assert res["chart"] and Path(res["chart"]).is_file() and Path(res["chart"]).stat().st_size > 1000
+    for key in ("plan", "machine", "command", "ceiling", "runs", "servers", "ratios", "costs",
+                "targets", "targets_kind", "table_markdown"):
+        assert key in res, key
+    assert res["machine"]["cores"] >= 1 and res["machine"]["versions"]["mlx"]
+    for c in ("1", "2"):
+        assert _number(res["ceiling"]["best"][c]["tokens_per_s"])
+        assert _number(res["ceiling"]["best"][c]["ttft_s"])
+        assert _number(res["ceiling"]["best"][c]["cpu_ms_per_token"])
+        for server in ("mlx_lm.server", "appliance"):
+            best = res["servers"][server][c]
+            assert best["requests"] == int(c) * 2
+            assert best["errors"] == 0, res["runs"][server][c]
+            assert best["tokens_counted_by"] == "usage"
+            for key in ("tokens_per_s", "ttft_s_p50", "ttft_s_p99", "itl_s_p50", "itl_s_p99",
+                        "e2e_s_p50", "e2e_s_p99", "cpu_ms_per_token"):
+                assert _number(best[key]), (server, c, key, best[key])
+            (run,) = res["runs"][server][c]
+            assert run["tokens"] > 0
+        for key in ("vs_mlx", "vs_ceiling", "ttft_p99_vs_mlx", "cpu_per_token_vs_mlx"):
+            assert _number(res["ratios"][c][key])
+
+    costs = res["costs"]
+    probes = costs["probes_during_load"]["appliance"]
+    assert set(probes) == {"/healthz", "/metrics"}
+    assert all(_number(p["p99_s"]) for p in probes.values())
+    assert _number(costs["busy_rejection"]["p99_s"])
+    assert costs["busy_rejection"]["statuses"].get("429", 0) >= 1
+    m = costs["metrics_after_requests"]
+    assert m["requests"] == 50 and _number(m["p50_s"]) and m["requests_total_in_metrics"] >= 50
+    assert all(_number(v) for v in costs["rss_after_load_bytes"].values())
+    assert costs["cold_start"]["samples_s"] and _number(costs["cold_start"]["median_s"])
+
+    names = {t["name"] for t in res["targets"]}
+    assert any("ceiling" in n for n in names) and any("cold start" in n for n in names)
+    assert all(t["passed"] in (True, False, None) for t in res["targets"])
+
+    # Every process the bench started is gone.
+    assert not _running_under(scratch)
+
+
+def _running_under(folder: Path) -> list[int]:
+    found = []
+    for p in psutil.process_iter(["pid", "cwd"]):
+        cwd = p.info.get("cwd") or ""
+        if cwd.startswith(str(folder)):
+            found.append(p.info["pid"])
+    return found
