@@ -124,6 +124,12 @@ class ApplianceServer(uvicorn.Server):
         self.should_exit = True
 
 
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def serve(appliance: Appliance) -> None:
     """Serve until a signal has drained the appliance."""
     cfg = appliance.cfg.server
@@ -140,6 +146,10 @@ def serve(appliance: Appliance) -> None:
         lifespan="on",
         timeout_graceful_shutdown=GRACE_AFTER_DRAIN_S,
         server_header=False,
+        # uvloop and httptools when installed (they are dependencies on Linux and macOS):
+        # they halve the event loop's cost per streamed token against asyncio + h11.
+        loop="uvloop" if _has("uvloop") else "asyncio",
+        http="httptools" if _has("httptools") else "h11",
         **kwargs,
     )
     server = ApplianceServer(config, appliance)

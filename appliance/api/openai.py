@@ -24,7 +24,8 @@ from .parsing import Common, check_vocab, decode_json, parse_chat, parse_complet
 
 log = logging.getLogger("appliance.api")
 
-KEEPALIVE_S = 1.0  # an SSE comment while waiting lets a gone client be noticed during prefill
+# While a stream waits (a long prefill), an SSE comment each engine tick (TICK_S) lets a gone
+# client be noticed.
 
 
 class Gate:
@@ -156,7 +157,7 @@ class Generate:
                 yield SSEvent(data=first)
             deadline = self.engine.deadline()
             while True:
-                if not await gen.wait_event(KEEPALIVE_S):
+                if not await gen.wait_event():
                     if asyncio.get_running_loop().time() > deadline:
                         raise RequestTimeout("the request ran past limits.request_timeout_s")
                     yield SSEvent(comment="keep-alive")

@@ -9,6 +9,8 @@ from typing import Optional
 
 from ..errors import ApplianceError, RequestTimeout
 
+TICK_S = 1.0  # a waiting reader wakes at least this often (keep-alives, deadlines)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -62,6 +64,8 @@ class Generation:
         "t_last",
         "itl",
         "_event",
+        "_ticker",
+        "ticks",
         "_cancel",
         "_read",
         "done",
@@ -85,6 +89,8 @@ class Generation:
         self.t_last: Optional[float] = None
         self.itl: list[float] = []
         self._event: Optional[asyncio.Future[bool]] = None  # the reader's waiter, if waiting
+        self._ticker: Optional[asyncio.TimerHandle] = None
+        self.ticks = 0
         self._cancel: Optional[object] = None  # set by the worker: a callable that cancels
         self._read = 0
         self.done = False
@@ -127,18 +133,30 @@ class Generation:
         w = self._event
         if w is not None and not w.done():
             w.set_result(True)
+        if self.done and self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+
+    def _tick(self) -> None:
+        # One timer per request, re-armed each TICK_S, wakes the reader for keep-alives and
+        # deadlines: no timer is made or cancelled per token.
+        self.ticks += 1
+        self._ticker = None if self.done else asyncio.get_running_loop().call_later(TICK_S, self._tick)
+        w = self._event
+        if w is not None and not w.done():
+            w.set_result(False)
 
     # -- called by the reader
-    async def _wait(self, timeout: float) -> bool:
-        """Wait for news up to `timeout`; a bare future and one timer, no task per wait."""
+    async def _wait(self) -> bool:
+        """Wait for news (True) or the next tick (False)."""
         loop = asyncio.get_running_loop()
+        if self._ticker is None and not self.done:
+            self._ticker = loop.call_later(TICK_S, self._tick)
         fut: asyncio.Future[bool] = loop.create_future()
         self._event = fut
-        timer = loop.call_later(timeout, _expire, fut)
         try:
             return await fut
         finally:
-            timer.cancel()
             self._event = None
 
     async def next_tokens(self, deadline: float) -> tuple[list[int], int]:
@@ -147,13 +165,14 @@ class Generation:
         Returns an empty list once finished. Raises the engine's error if there was one,
         RequestTimeout past `deadline` (a loop.time() value).
         """
+        loop = asyncio.get_running_loop()
         # Checked even when tokens are waiting: a steady stream must time out as well.
-        if not self.done and asyncio.get_running_loop().time() >= deadline:
-            raise RequestTimeout("the request ran past limits.request_timeout_s")
-        while self._read >= len(self.tokens) and not self.done:
-            timeout = deadline - asyncio.get_running_loop().time()
-            if timeout <= 0 or not await self._wait(timeout):
+        while True:
+            if not self.done and loop.time() >= deadline:
                 raise RequestTimeout("the request ran past limits.request_timeout_s")
+            if self._read < len(self.tokens) or self.done:
+                break
+            await self._wait()
         start = self._read
         new = self.tokens[start:]
         self._read = len(self.tokens)
@@ -163,11 +182,13 @@ class Generation:
             )
         return new, start
 
-    async def wait_event(self, timeout: float) -> bool:
-        """Wait up to `timeout` for anything new; True if something came."""
+    async def wait_event(self) -> bool:
+        """Wait for anything new: True if something came, False when only a tick (about
+        TICK_S) passed, so the caller can send a keep-alive."""
         if self._read < len(self.tokens) or self.done:
             return True
-        return await self._wait(timeout)
+        await self._wait()
+        return self._read < len(self.tokens) or self.done
 
     def cancel(self) -> None:
         """Leave the batch (client gone, stop string seen, timeout). Idempotent."""
@@ -195,8 +216,3 @@ class ModelInfo:
     requests_served: int = 0
     error: Optional[str] = None
     extra: dict[str, object] = field(default_factory=dict)
-
-
-def _expire(fut: asyncio.Future[bool]) -> None:
-    if not fut.done():
-        fut.set_result(False)
