@@ -6,6 +6,8 @@ is allowed (a supervisor can tell a config error from a crash: RestartPreventExi
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import sys
 from typing import Any, Optional
@@ -118,7 +120,18 @@ def run(cfg: DictConfig) -> None:
     logs.setup(typed.logging)
     typed, state = start_state(cfg, typed)
     appliance = build(typed, state=state)
-    serve(appliance)
+    code = 0
+    try:
+        serve(appliance)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    # Leave without running native destructors: MLX's CUDA backend aborts in them at interpreter
+    # exit ("terminate called without an active exception"), which would turn a clean drain
+    # into exit 134. Everything worth keeping (state, logs) is written by now.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def start_state(cfg: DictConfig, typed: AppConfig) -> tuple[AppConfig, StateStore]:
