@@ -84,7 +84,10 @@ def _compose_error(exc: Exception, overrides: list[str]) -> ConfigError:
         None,
     )
     cause = exc.__cause__
-    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and _schema_has(key):
+        # A key of the schema that the YAML does not set (a catalog entry's batch sizes, say).
+        allowed = f"a key the profile does not set: add it with +{key}={value or '...'}"
+    elif isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
         # Hydra would suggest +key=value, but the schema would refuse that key as well.
         allowed = "a key of the config; `python -m appliance --cfg job` lists them"
     elif key == "profile" and "No match in the defaults list" in first:
@@ -92,6 +95,30 @@ def _compose_error(exc: Exception, overrides: list[str]) -> ConfigError:
     else:
         allowed = " ".join(ln for ln in lines[:2] if not ln.startswith("See https://"))
     return ConfigError(key, value, allowed)
+
+
+def _schema_has(key: str) -> bool:
+    """Whether a dotted key names a field of the typed schema (dict entries: any name)."""
+    import dataclasses
+    import typing
+
+    node: Any = AppConfig
+    parts = key.split(".")
+    i = 0
+    while i < len(parts):
+        if not dataclasses.is_dataclass(node):
+            return False
+        hints = typing.get_type_hints(node)
+        if parts[i] not in hints:
+            return False
+        node = hints[parts[i]]
+        args = [a for a in typing.get_args(node) if a is not type(None)]
+        if typing.get_origin(node) is dict:
+            node, i = args[-1], i + 1  # skip the entry's name
+        elif args and dataclasses.is_dataclass(args[0]):
+            node = args[0]  # Optional[Section]
+        i += 1
+    return True
 
 
 def fail(exc: ConfigError) -> None:

@@ -101,6 +101,9 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         (["models.auto_load=[nope]"], "models.auto_load[0]", "demo"),
         (["limits.turbo=1"], "limits.turbo", "a key of the config"),
         (["+limits.turbo=1"], "limits.turbo", "a key of the config"),
+        # A schema key the YAML leaves out: the message says how to add it.
+        (["models.catalog.demo.prefill_batch_size=4"], "models.catalog.demo.prefill_batch_size",
+         "+models.catalog.demo.prefill_batch_size=4"),
         (["+profile=nope"], "profile", "mono512, safe-mode"),
         (["profile=mono512"], "profile", "+profile=NAME"),
         (["+profile=mono512", "server.port=99999"], "server.port", "65535"),

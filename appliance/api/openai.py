@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any, Optional
@@ -140,6 +141,13 @@ class Generate:
             if watcher is not None:
                 watcher.cancel()
         return "".join(parts)
+
+    def sse(self, gen: Generation, *args: Any) -> AsyncIterator[Optional[SSEvent]]:
+        """The stream's events. Should Falcon never iterate them (a response middleware that
+        raises after the responder), the slot is still freed when the generator is dropped."""
+        events = self.events(gen, *args)
+        weakref.finalize(events, self.engine.finish, gen, "cancelled")
+        return events
 
     async def events(
         self,
@@ -316,7 +324,7 @@ class ChatCompletions:
             return head + b',"choices":[],"usage":' + orjson.dumps(_usage(gen)) + b"}"
 
         first = head + b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}'
-        resp.sse = self.g.events(gen, out, piece, final, usage if common.include_usage else None, first)
+        resp.sse = self.g.sse(gen, out, piece, final, usage if common.include_usage else None, first)
 
 
 class Completions:
@@ -379,7 +387,7 @@ class Completions:
             return head + b',"choices":[],"usage":' + orjson.dumps(_usage(gen)) + b"}"
 
         first = prefix + orjson.dumps(echo) + suffix if echo else None
-        resp.sse = self.g.events(gen, out, piece, final, usage if common.include_usage else None, first)
+        resp.sse = self.g.sse(gen, out, piece, final, usage if common.include_usage else None, first)
 
 
 class Models:

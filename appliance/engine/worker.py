@@ -148,23 +148,8 @@ class ModelWorker:
     def _run(self) -> None:
         try:
             import mlx.core as mx
-            from mlx_lm.generate import BatchGenerator
-            from mlx_lm.models.cache import LRUPromptCache
 
-            stream = mx.default_stream(mx.default_device())
-            self.model, self.tokenizer = self._loader()
-            args = getattr(self.model, "args", None)
-            self.vocab_size = int(getattr(args, "vocab_size", 0) or len(self.tokenizer._tokenizer))
-            self.prompt_cache = LRUPromptCache(max_size=64, max_bytes=self._prompt_cache_bytes)
-            gen = BatchGenerator(
-                self.model,
-                stop_tokens=[[t] for t in sorted(self.tokenizer.eos_token_ids)],
-                completion_batch_size=self._completion_batch_size,
-                prefill_batch_size=self._prefill_batch_size,
-                prefill_step_size=self._prefill_step_size,
-                max_kv_size=self._max_kv_size,
-                stream=stream,
-            )
+            gen = self._load_and_make_generator()
         except BaseException as exc:  # forwarded to whoever awaits the load
             self._loaded.set_exception(exc)
             self.dead = exc
@@ -295,16 +280,17 @@ class ModelWorker:
                     self._keep_cache(gen, r)
             loop.call_soon_threadsafe(_deliver, events, now)
 
-    def follow(self) -> None:
-        """A non-zero rank: apply rank 0's decisions and step in lock-step until told to stop."""
-        import mlx.core as mx  # noqa: F401  (the thread's default stream is used)
+    def _load_and_make_generator(self) -> Any:
+        """Load the model on this thread and wrap it in a BatchGenerator on this thread's stream."""
+        import mlx.core as mx
         from mlx_lm.generate import BatchGenerator
         from mlx_lm.models.cache import LRUPromptCache
 
-        assert self._link is not None
         self.model, self.tokenizer = self._loader()
+        args = getattr(self.model, "args", None)
+        self.vocab_size = int(getattr(args, "vocab_size", 0) or len(self.tokenizer._tokenizer))
         self.prompt_cache = LRUPromptCache(max_size=64, max_bytes=self._prompt_cache_bytes)
-        gen = BatchGenerator(
+        return BatchGenerator(
             self.model,
             stop_tokens=[[t] for t in sorted(self.tokenizer.eos_token_ids)],
             completion_batch_size=self._completion_batch_size,
@@ -313,6 +299,11 @@ class ModelWorker:
             max_kv_size=self._max_kv_size,
             stream=mx.default_stream(mx.default_device()),
         )
+
+    def follow(self) -> None:
+        """A non-zero rank: apply rank 0's decisions and step in lock-step until told to stop."""
+        assert self._link is not None
+        gen = self._load_and_make_generator()
         self._link.sync_seed()
         active: set[int] = set()
         while True:
