@@ -11,7 +11,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import falcon
 import falcon.asgi
@@ -326,11 +326,18 @@ def _redact_all(obj: Any) -> Any:
 class AdminConfig(_Admin):
     """GET /admin/config: the composed config with every secret redacted."""
 
+    def __init__(self, appliance: Appliance) -> None:
+        super().__init__(appliance)
+        self._body: Optional[bytes] = None  # the config does not change while the process runs
+
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         _require_admin(req, self.a)
-        sec = self.a.cfg.security
-        secrets = [k for k in (*sec.admin_keys, *sec.api_keys) if k]
-        _json(resp, _scrub(redacted(self.a.cfg), secrets))
+        if self._body is None:
+            sec = self.a.cfg.security
+            secrets = [k for k in (*sec.admin_keys, *sec.api_keys) if k]
+            self._body = orjson.dumps(_scrub(redacted(self.a.cfg), secrets))
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = self._body
 
 
 def add_routes(app: falcon.asgi.App, appliance: Appliance) -> None:
