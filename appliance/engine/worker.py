@@ -338,6 +338,14 @@ class ModelWorker:
         if self._prompt_cache_bytes > 0:
             cache, rest = self.prompt_cache.fetch_nearest_cache(self.path, prompt)
         cached = len(prompt) - len(rest)
+        if cache is not None and cached == len(prompt) and cached > 1:
+            # An exact hit: the last prompt token must still go through the model to give the
+            # first logits, so keep all but it.
+            from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+            if can_trim_prompt_cache(cache):
+                trim_prompt_cache(cache, 1)
+                cached, rest = cached - 1, prompt[-1:]
         if cache is not None and 0 < cached < len(prompt):
             self.stats["cache_hits"] += 1
             self.stats["cached_tokens"] += cached
