@@ -282,71 +282,67 @@ CHAT_LOGPROBS: Schema = {
     },
 }
 FINISH = {"enum": ["stop", "length"]}
-CHAT_COMPLETION: Schema = {
-    "type": "object",
-    "required": ["id", "object", "created", "model", "choices", "usage"],
-    "properties": {
-        "id": {"type": "string"},
-        "object": {"const": "chat.completion"},
-        "created": {"type": "integer"},
-        "model": {"type": "string"},
-        "choices": {
-            "type": "array",
-            "minItems": 1,
-            "items": {
-                "type": "object",
-                "required": ["index", "message", "finish_reason"],
-                "properties": {
-                    "index": {"type": "integer"},
-                    "message": {
-                        "type": "object",
-                        "required": ["role", "content"],
-                        "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}},
-                    },
-                    "logprobs": CHAT_LOGPROBS,
-                    "finish_reason": FINISH,
+def _envelope(
+    obj: str, choice: Schema, choice_required: list[str], usage: Schema, *, chunk: bool
+) -> Schema:
+    """The OpenAI response around its choices: a whole answer (usage required, at least one
+    choice) or a stream chunk (at most one choice, usage only on the last)."""
+    return {
+        "type": "object",
+        "required": ["id", "object", "created", "model", "choices"] + ([] if chunk else ["usage"]),
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": obj},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {
+                "type": "array",
+                "maxItems" if chunk else "minItems": 1,
+                "items": {
+                    "type": "object",
+                    "required": ["index", *choice_required],
+                    "properties": {"index": {"type": "integer"}, **choice},
                 },
             },
+            "usage": usage,
         },
-        "usage": _ref("Usage"),
+    }
+
+
+CHAT_COMPLETION: Schema = _envelope(
+    "chat.completion",
+    {
+        "message": {
+            "type": "object",
+            "required": ["role", "content"],
+            "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}},
+        },
+        "logprobs": CHAT_LOGPROBS,
+        "finish_reason": FINISH,
     },
-}
-COMPLETION: Schema = {
-    "type": "object",
-    "required": ["id", "object", "created", "model", "choices", "usage"],
+    ["message", "finish_reason"],
+    _ref("Usage"),
+    chunk=False,
+)
+COMPLETION_LOGPROBS: Schema = {
+    "type": ["object", "null"],
     "properties": {
-        "id": {"type": "string"},
-        "object": {"const": "text_completion"},
-        "created": {"type": "integer"},
-        "model": {"type": "string"},
-        "choices": {
+        "tokens": {"type": "array", "items": {"type": "string"}},
+        "token_logprobs": {"type": "array", "items": {"type": "number"}},
+        "top_logprobs": {
             "type": "array",
-            "minItems": 1,
-            "items": {
-                "type": "object",
-                "required": ["index", "text", "finish_reason"],
-                "properties": {
-                    "index": {"type": "integer"},
-                    "text": {"type": "string"},
-                    "finish_reason": FINISH,
-                    "logprobs": {
-                        "type": ["object", "null"],
-                        "properties": {
-                            "tokens": {"type": "array", "items": {"type": "string"}},
-                            "token_logprobs": {"type": "array", "items": {"type": "number"}},
-                            "top_logprobs": {
-                                "type": "array",
-                                "items": {"type": "object", "additionalProperties": {"type": "number"}},
-                            },
-                            "text_offset": {"type": "array", "items": {"type": "integer"}},
-                        },
-                    },
-                },
-            },
+            "items": {"type": "object", "additionalProperties": {"type": "number"}},
         },
-        "usage": _ref("Usage"),
+        "text_offset": {"type": "array", "items": {"type": "integer"}},
     },
 }
+COMPLETION: Schema = _envelope(
+    "text_completion",
+    {"text": {"type": "string"}, "logprobs": COMPLETION_LOGPROBS, "finish_reason": FINISH},
+    ["text", "finish_reason"],
+    _ref("Usage"),
+    chunk=False,
+)
 MODEL_LIST: Schema = {
     "type": "object",
     "required": ["object", "data"],
@@ -427,59 +423,31 @@ RERANK: Schema = {
         "usage": _TOKEN_USAGE,
     },
 }
-CHAT_CHUNK: Schema = {
-    "type": "object",
-    "required": ["id", "object", "created", "model", "choices"],
-    "properties": {
-        "id": {"type": "string"},
-        "object": {"const": "chat.completion.chunk"},
-        "created": {"type": "integer"},
-        "model": {"type": "string"},
-        "choices": {
-            "type": "array",
-            "maxItems": 1,
-            "items": {
-                "type": "object",
-                "required": ["index", "delta", "finish_reason"],
-                "properties": {
-                    "index": {"type": "integer"},
-                    "delta": {
-                        "type": "object",
-                        "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}},
-                    },
-                    "logprobs": CHAT_LOGPROBS,
-                    "finish_reason": {"enum": ["stop", "length", None]},
-                },
-            },
+CHAT_CHUNK: Schema = _envelope(
+    "chat.completion.chunk",
+    {
+        "delta": {
+            "type": "object",
+            "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}},
         },
-        "usage": USAGE,
+        "logprobs": CHAT_LOGPROBS,
+        "finish_reason": {"enum": ["stop", "length", None]},
     },
-}
-COMPLETION_CHUNK: Schema = {
-    "type": "object",
-    "required": ["id", "object", "created", "model", "choices"],
-    "properties": {
-        "id": {"type": "string"},
-        "object": {"const": "text_completion"},
-        "created": {"type": "integer"},
-        "model": {"type": "string"},
-        "choices": {
-            "type": "array",
-            "maxItems": 1,
-            "items": {
-                "type": "object",
-                "required": ["index", "text", "finish_reason"],
-                "properties": {
-                    "index": {"type": "integer"},
-                    "text": {"type": "string"},
-                    "logprobs": COMPLETION["properties"]["choices"]["items"]["properties"]["logprobs"],
-                    "finish_reason": {"enum": ["stop", "length", None]},
-                },
-            },
-        },
-        "usage": USAGE,
+    ["delta", "finish_reason"],
+    USAGE,
+    chunk=True,
+)
+COMPLETION_CHUNK: Schema = _envelope(
+    "text_completion",
+    {
+        "text": {"type": "string"},
+        "logprobs": COMPLETION_LOGPROBS,
+        "finish_reason": {"enum": ["stop", "length", None]},
     },
-}
+    ["text", "finish_reason"],
+    USAGE,
+    chunk=True,
+)
 
 
 def sse_event(chunk: Schema) -> Schema:
