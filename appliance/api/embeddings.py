@@ -157,6 +157,18 @@ class _Base:
         self.helpers = helpers
         self.max_body_bytes = max_body_bytes
 
+    async def relayed(
+        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, role: str, path: str,
+        model: Optional[str], body: dict[str, Any],
+    ) -> bool:
+        """Pass the request to the helper node of `role` when one is set; True if it did."""
+        helper = self.helpers.get(role)
+        if helper is None:
+            return False
+        req.context.model = model or ""
+        _relay(resp, await helper.post(path, body))
+        return True
+
     async def vectors(
         self, req: falcon.asgi.Request, model: Optional[str], inputs: tuple[EmbedInput, ...]
     ) -> tuple[list[list[float]], int, str]:
@@ -185,10 +197,7 @@ class Embeddings(_Base):
         self.gate.check()
         body = await read_json(req, self.max_body_bytes)
         parsed = parse_embeddings(body)
-        helper = self.helpers.get("embedding")
-        if helper is not None:
-            req.context.model = parsed.model or ""
-            _relay(resp, await helper.post("/v1/embeddings", body))
+        if await self.relayed(req, resp, "embedding", "/v1/embeddings", parsed.model, body):
             return
         vecs, tokens, name = await self.vectors(req, parsed.model, parsed.inputs)
         data = [
@@ -210,10 +219,7 @@ class Rerank(_Base):
         self.gate.check()
         body = await read_json(req, self.max_body_bytes)
         parsed = parse_rerank(body)
-        helper = self.helpers.get("rerank")
-        if helper is not None:
-            req.context.model = parsed.model or ""
-            _relay(resp, await helper.post("/v1/rerank", body))
+        if await self.relayed(req, resp, "rerank", "/v1/rerank", parsed.model, body):
             return
         vecs, tokens, name = await self.vectors(req, parsed.model, (parsed.query, *parsed.documents))
         q, docs = vecs[0], vecs[1:]
