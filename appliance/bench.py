@@ -364,8 +364,9 @@ def ceiling_worker(model_path: str, concurrency: list[int], max_tokens: int) -> 
     gen = BatchGenerator(
         model,
         stop_tokens=[[int(t)] for t in sorted(tok.eos_token_ids)],
+        # The appliance's batch settings in this bench: a batch of c is prefilled in one call.
         completion_batch_size=max(32, max(concurrency)),
-        prefill_batch_size=8,
+        prefill_batch_size=max(32, max(concurrency)),
         stream=mx.default_stream(mx.default_device()),
     )
 

@@ -89,10 +89,13 @@ class Appliance:
         mem: dict[str, Optional[int]] = {"rss": psutil.Process().memory_info().rss}
         mem.update(mlx_memory())
         caches = {}
+        joins = {}
         for name in eng.registry.loaded():
             w = eng.registry.worker(name)
             if w is not None and w.prompt_cache is not None:
                 caches[name] = w.prompt_cache.nbytes
+            if w is not None:
+                joins[name] = (w.stats["joins"], w.stats["joined"])
         return {
             "running": eng.admission.running,
             "waiting": eng.admission.waiting,
@@ -107,6 +110,7 @@ class Appliance:
             "system_memory_percent": psutil.virtual_memory().percent,
             "shedding_memory_percent": self.cfg.shedding.memory_percent,
             "prompt_cache_bytes": caches,
+            "batch_joins": joins,
             "build": {"version": __version__, "backend": _backend()},
             **(self.helpers.live() if self.helpers is not None else {}),
             **({"group_size": self.group.size, "group_healthy": self.group.healthy_ranks}

@@ -64,7 +64,11 @@ class ModelSpec:
     ttl_s: float = 0.0  # 0: never evicted for idleness
     prefill_step_size: int = 512
     completion_batch_size: int = 32
-    prefill_batch_size: int = 8
+    # null: as many as completion_batch_size, so a wave of arrivals is prefilled in one call
+    prefill_batch_size: Optional[int] = None
+    # Longest a new request waits to be prefilled together with requests arriving beside it
+    # (the ones that just finished, coming back); 0 = join at the next step.
+    join_window_s: float = 0.02
     max_kv_size: Optional[int] = None
     trust_remote_code: bool = False
     demo_shape: str = "demo"  # only for builtin:demo: demo | llama-1b
@@ -75,6 +79,9 @@ class ModelsConfig:
     default: str = "demo"
     auto_load: List[str] = field(default_factory=list)
     prompt_cache_bytes: int = 256 * 1024 * 1024
+    # A cached prefix shorter than this is prefilled again: copying and merging its KV cache
+    # into the batch costs more than prefilling a few tokens (0: reuse any prefix).
+    prompt_cache_min_tokens: int = 32
     demo_dir: Optional[str] = None
     catalog: Dict[str, ModelSpec] = field(default_factory=dict)
 
@@ -404,6 +411,10 @@ def validate(c: AppConfig) -> None:
             f"a catalog name: {sorted(c.models.catalog)}",
         )
     _check(c.models.prompt_cache_bytes >= 0, "models.prompt_cache_bytes", c.models.prompt_cache_bytes, ">= 0")
+    _check(
+        c.models.prompt_cache_min_tokens >= 0,
+        "models.prompt_cache_min_tokens", c.models.prompt_cache_min_tokens, ">= 0",
+    )
     for name, spec in c.models.catalog.items():
         k = f"models.catalog.{name}"
         _check(bool(spec.path), f"{k}.path", spec.path, "a model folder, hub id or builtin:demo")
@@ -412,7 +423,11 @@ def validate(c: AppConfig) -> None:
         _check(spec.ttl_s >= 0, f"{k}.ttl_s", spec.ttl_s, ">= 0 (0 = never evicted)")
         _check(spec.prefill_step_size >= 1, f"{k}.prefill_step_size", spec.prefill_step_size, ">= 1")
         _check(spec.completion_batch_size >= 1, f"{k}.completion_batch_size", spec.completion_batch_size, ">= 1")
-        _check(spec.prefill_batch_size >= 1, f"{k}.prefill_batch_size", spec.prefill_batch_size, ">= 1")
+        _check(
+            spec.prefill_batch_size is None or spec.prefill_batch_size >= 1,
+            f"{k}.prefill_batch_size", spec.prefill_batch_size, ">= 1 or null",
+        )
+        _check(0 <= spec.join_window_s <= 1, f"{k}.join_window_s", spec.join_window_s, "0 to 1 (seconds)")
         _check(spec.demo_shape in ("demo", "llama-1b"), f"{k}.demo_shape", spec.demo_shape, "demo | llama-1b")
     lim = c.limits
     _check(lim.max_running >= 1, "limits.max_running", lim.max_running, ">= 1")

@@ -40,6 +40,7 @@ DESCRIPTIONS = {
     "models.default": "The model of a request that names none.",
     "models.auto_load": "Models loaded at start (and pinned against idle eviction).",
     "models.prompt_cache_bytes": "Bytes of KV cache kept for prompt-prefix reuse, per model.",
+    "models.prompt_cache_min_tokens": "Shortest cached prefix reused; a shorter one is prefilled again.",
     "models.demo_dir": "Where the embedded demo model is built (null: the user cache folder).",
     "models.catalog": "The models this appliance may serve, by name.",
     f"models.catalog.{NAME}.path": "A local model folder, a hub id in the local cache, or builtin:demo.",
@@ -48,7 +49,10 @@ DESCRIPTIONS = {
     f"models.catalog.{NAME}.ttl_s": "Unload after this many idle seconds.",
     f"models.catalog.{NAME}.prefill_step_size": "Prompt tokens processed per prefill step.",
     f"models.catalog.{NAME}.completion_batch_size": "Most sequences generating together.",
-    f"models.catalog.{NAME}.prefill_batch_size": "Most prompts prefilled together.",
+    f"models.catalog.{NAME}.prefill_batch_size": "Most prompts prefilled together (null: completion_batch_size).",
+    f"models.catalog.{NAME}.join_window_s": (
+        "Longest a new request waits to be prefilled with those arriving beside it (0: next step)."
+    ),
     f"models.catalog.{NAME}.max_kv_size": "Rotating KV cache size (null: the whole context).",
     f"models.catalog.{NAME}.trust_remote_code": "Let the tokenizer run code shipped with the model.",
     f"models.catalog.{NAME}.demo_shape": "Shape of the builtin demo model.",

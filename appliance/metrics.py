@@ -17,7 +17,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 from .config import MetricsConfig
@@ -92,6 +92,19 @@ class _LiveCollector(Collector):
         for model, nbytes in s["prompt_cache_bytes"].items():
             pc.add_metric([model], float(nbytes))
         yield pc
+        joins = CounterMetricFamily(
+            p + "batch_joins", "Times waiting requests joined the running batch.", labels=["model"]
+        )
+        joined = CounterMetricFamily(
+            p + "batch_joined_requests",
+            "Requests that joined the batch; divided by batch_joins, the mean prefilled together.",
+            labels=["model"],
+        )
+        for model, (n_joins, n_joined) in s.get("batch_joins", {}).items():
+            joins.add_metric([model], float(n_joins))
+            joined.add_metric([model], float(n_joined))
+        yield joins
+        yield joined
         for name, doc, key in (
             ("helper_up", "1 when the helper node answers.", "helper_up"),
             ("helper_circuit_open", "1 while the helper's circuit breaker is open.", "helper_open"),

@@ -135,6 +135,9 @@ def test_counts_equal_what_happened(module_appliance: Any) -> None:
     hits = value(m, p + "prompt_cache_hits", "_total")
     misses = value(m, p + "prompt_cache_misses", "_total")
     assert hits + misses == 2
+    # Both admitted requests joined the batch (one at a time: max_running is 1).
+    assert value(m, p + "batch_joined_requests", "_total", model="demo") == 2
+    assert value(m, p + "batch_joins", "_total", model="demo") == 2
     # Gauges from live state, now idle.
     assert value(m, p + "num_requests_running") == 0
     assert value(m, p + "num_requests_waiting") == 0
@@ -151,6 +154,8 @@ COUNTERS = (
     "rejected_requests",
     "prompt_cache_hits",
     "prompt_cache_misses",
+    "batch_joins",
+    "batch_joined_requests",
 )
 HISTOGRAMS = (
     "time_to_first_token_seconds",

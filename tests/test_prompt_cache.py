@@ -29,7 +29,7 @@ def test_an_exact_hit_reuses_all_but_the_last_prompt_token(
     demo_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(demo_cache))
-    cfg = load(compose(["logging.file=none"]))
+    cfg = load(compose(["logging.file=none", "models.prompt_cache_min_tokens=0"]))
 
     async def scenario() -> None:
         engine = Engine(cfg.models, cfg.limits)
@@ -54,3 +54,26 @@ def test_an_exact_hit_reuses_all_but_the_last_prompt_token(
             await engine.close()
 
     asyncio.run(scenario())
+
+
+def test_a_cached_prefix_shorter_than_the_minimum_is_prefilled_again(
+    demo_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(demo_cache))
+
+    async def reused(min_tokens: int) -> tuple[int, int]:
+        cfg = load(compose(["logging.file=none", f"models.prompt_cache_min_tokens={min_tokens}"]))
+        engine = Engine(cfg.models, cfg.limits)
+        try:
+            tok = (await engine.model("demo")).tokenizer
+            shared = list(tok.encode("The kitchen smelled of fresh bread and"))
+            await _generate(engine, shared + list(tok.encode(" apples")), 4)
+            _, cached = await _generate(engine, shared + list(tok.encode(" a storm")), 4)
+            return cached, len(shared)
+        finally:
+            await engine.close()
+
+    cached, shared = asyncio.run(reused(0))
+    assert shared - 2 <= cached < shared + 2  # reused up to where the prompts part
+    cached, shared = asyncio.run(reused(shared + 8))
+    assert cached == 0  # a prefix that short is not worth the copy: prefilled again

@@ -117,7 +117,7 @@ def run_follower(models: Any) -> int:
     import asyncio
 
     from .registry import resolve_path
-    from .worker import ModelWorker
+    from .worker import ModelWorker, batching
 
     grp = group()
     name = models.default
@@ -128,11 +128,9 @@ def run_follower(models: Any) -> int:
         spec.path,
         loader=lambda: load_sharded(path),
         loop=asyncio.new_event_loop(),  # never run: a follower hands nothing to a loop
-        prefill_step_size=spec.prefill_step_size,
-        completion_batch_size=spec.completion_batch_size,
-        prefill_batch_size=spec.prefill_batch_size,
-        max_kv_size=spec.max_kv_size,
+        **batching(spec),
         prompt_cache_bytes=models.prompt_cache_bytes,
+        prompt_cache_min_tokens=models.prompt_cache_min_tokens,
         link=Link(grp),
     )
     log.info("rank %d following rank 0 on model %s", grp.rank(), name)

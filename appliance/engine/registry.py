@@ -16,7 +16,7 @@ from ..config import ModelsConfig, ModelSpec
 from ..errors import EngineFailure, InsufficientMemory, ModelLoadError, ModelNotFound
 from . import distributed
 from .types import ModelInfo
-from .worker import ModelWorker
+from .worker import ModelWorker, batching
 
 log = logging.getLogger("appliance.engine")
 
@@ -198,11 +198,9 @@ class ModelRegistry:
                 spec.path,
                 loader=loader,
                 loop=loop,
-                prefill_step_size=spec.prefill_step_size,
-                completion_batch_size=spec.completion_batch_size,
-                prefill_batch_size=spec.prefill_batch_size,
-                max_kv_size=spec.max_kv_size,
+                **batching(spec),
                 prompt_cache_bytes=self.cfg.prompt_cache_bytes,
+                prompt_cache_min_tokens=self.cfg.prompt_cache_min_tokens,
                 on_death=self._died,
                 link=distributed.Link(grp) if grp is not None else None,
             )

@@ -64,6 +64,17 @@ def _make_processors(p: SamplingParams) -> list[Any]:
     )
 
 
+def batching(spec: Any) -> dict[str, Any]:
+    """A catalog entry's batching settings as ModelWorker takes them."""
+    return {
+        "prefill_step_size": spec.prefill_step_size,
+        "completion_batch_size": spec.completion_batch_size,
+        "prefill_batch_size": spec.prefill_batch_size or spec.completion_batch_size,
+        "max_kv_size": spec.max_kv_size,
+        "join_window_s": spec.join_window_s,
+    }
+
+
 class ModelWorker:
     """Owns one model on its own thread; the registry talks to it through `submit` and `call`."""
 
@@ -79,6 +90,8 @@ class ModelWorker:
         prefill_batch_size: int,
         max_kv_size: Optional[int],
         prompt_cache_bytes: int,
+        prompt_cache_min_tokens: int = 0,
+        join_window_s: float = 0.0,
         on_death: Optional[Callable[[str, BaseException], None]] = None,
         link: Any = None,
     ) -> None:
@@ -91,16 +104,20 @@ class ModelWorker:
         self._prefill_batch_size = prefill_batch_size
         self._max_kv_size = max_kv_size
         self._prompt_cache_bytes = prompt_cache_bytes
+        self._prompt_cache_min_tokens = prompt_cache_min_tokens
+        self._join_window_s = join_window_s
         self._on_death = on_death
         self._link = link  # distributed.Link on rank 0 of a group, else None
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._active: dict[int, Generation] = {}
+        # Submitted, not in the batch yet (the join window), with the time each arrived.
+        self._waiting: list[tuple[Generation, float]] = []
         self._thread = threading.Thread(target=self._run, name=f"gen-{name}", daemon=True)
         self._loaded: Future[None] = Future()
         self.model: Any = None
         self.tokenizer: Any = None
         self.prompt_cache: Any = None
-        self.stats = {"cache_hits": 0, "cache_misses": 0, "cached_tokens": 0}
+        self.stats = {"cache_hits": 0, "cache_misses": 0, "cached_tokens": 0, "joins": 0, "joined": 0}
         self.dead: Optional[BaseException] = None
         self.vocab_size = 0
 
@@ -116,7 +133,7 @@ class ModelWorker:
 
     @property
     def active_count(self) -> int:
-        return len(self._active)
+        return len(self._active) + len(self._waiting)
 
     def submit(self, gen: Generation) -> None:
         """Queue a generation to join the batch at the next step."""
@@ -168,8 +185,9 @@ class ModelWorker:
             log.exception("generation thread of %s died", self.name)
             self.dead = exc
             err = EngineFailure(f"the generation thread of model {self.name!r} failed: {exc}")
-            victims = list(self._active.values())
+            victims = [*self._active.values(), *(g for g, _ in self._waiting)]
             self._active.clear()
+            self._waiting.clear()
             self._loop.call_soon_threadsafe(_fail_all, victims, err)
             self._drain_after_death(err)
             if self._on_death is not None:
@@ -197,28 +215,38 @@ class ModelWorker:
     def _serve(self, gen: Any, mx: Any) -> None:
         inbox = self._inbox
         active = self._active
+        waiting = self._waiting
         uid_of: dict[int, int] = {}  # id(Generation) -> uid
         loop = self._loop
         link = self._link
         want_lp: set[int] = set()
+        window = self._join_window_s
+        returning = 0  # sequences ended since the last join: their clients may be coming back
         while True:
-            # Take every command waiting; block only when there is nothing to step.
-            block = not active
+            # Take every command waiting; block only when there is nothing to step, and then
+            # no longer than the oldest waiting request's join window.
+            timeout: Optional[float] = None
+            if not active:
+                timeout = 0.5 if not waiting else waiting[0][1] + window - time.perf_counter()
             commands: list[Any] = []
             while True:
                 try:
-                    item = inbox.get(timeout=0.5) if block else inbox.get_nowait()
+                    if timeout is not None and timeout > 0:
+                        item = inbox.get(timeout=timeout)
+                    else:
+                        item = inbox.get_nowait()
                 except queue.Empty:
-                    if block:
-                        continue
+                    if timeout is not None and not waiting:
+                        continue  # idle: keep waiting for work
                     break
-                block = False
+                timeout = None
                 if item is _STOP:
                     commands.append(item)
                     break
-                if item[0] == "fault":  # testing only: see inject_fault
+                kind = item[0]
+                if kind == "fault":  # testing only: see inject_fault
                     raise item[1]
-                if item[0] == "call":
+                if kind == "call":
                     fn, fut = item[1], item[2]
                     if fut.set_running_or_notify_cancel():
                         try:
@@ -226,18 +254,35 @@ class ModelWorker:
                         except BaseException as exc:  # forwarded to the caller
                             fut.set_exception(exc)
                     continue
-                if item[0] == "submit" and item[1].done:
+                if kind == "submit":
+                    if not item[1].done:
+                        waiting.append((item[1], time.perf_counter()))
                     continue
-                if item[0] == "cancel" and id(item[1]) not in uid_of:
-                    continue
-                commands.append(item)
+                if id(item[1]) in uid_of:  # cancel of a request in the batch
+                    commands.append(item)
+                elif waiting:  # cancel of one not in the batch yet (or already ended)
+                    waiting[:] = [w for w in waiting if w[0] is not item[1]]
+            # Join: requests that arrive together are prefilled together. Wait (at most the
+            # window) while fewer have arrived than just ended, unless a prefill batch is full.
+            if waiting and (
+                window <= 0
+                or len(waiting) >= max(1, returning)
+                or len(waiting) >= self._prefill_batch_size
+                or time.perf_counter() - waiting[0][1] >= window
+            ):
+                commands.extend(("submit", g) for g, _ in waiting if not g.done)
+                self.stats["joins"] += 1
+                self.stats["joined"] += len(waiting)
+                waiting.clear()
+                returning = 0
             if link is not None and (commands or active):
                 # The other ranks apply the same decisions to their batches, in this order.
                 link.share([_wire(c, uid_of) for c in commands] or None)
             for item in commands:
                 if item is _STOP:
-                    victims = list(active.values())
+                    victims = [*active.values(), *(g for g, _ in waiting)]
                     active.clear()
+                    waiting.clear()
                     loop.call_soon_threadsafe(
                         _fail_all, victims, EngineFailure(f"model {self.name!r} was unloaded")
                     )
@@ -254,6 +299,7 @@ class ModelWorker:
                     active.pop(gone, None)
                     want_lp.discard(gone)
                     gen.remove([gone])
+                    returning += 1
             if not active:
                 continue
             _, responses = gen.next()
@@ -277,6 +323,7 @@ class ModelWorker:
                     del active[r.uid]
                     uid_of.pop(id(g2), 0)
                     want_lp.discard(r.uid)
+                    returning += 1
                     self._keep_cache(gen, r)
             loop.call_soon_threadsafe(_deliver, events, now)
 
@@ -346,7 +393,7 @@ class ModelWorker:
             if can_trim_prompt_cache(cache):
                 trim_prompt_cache(cache, 1)
                 cached, rest = cached - 1, prompt[-1:]
-        if cache is not None and 0 < cached < len(prompt):
+        if cache is not None and max(1, self._prompt_cache_min_tokens) <= cached < len(prompt):
             self.stats["cache_hits"] += 1
             self.stats["cached_tokens"] += cached
         else:

@@ -1,0 +1,92 @@
+"""How requests join the running batch (the join window), on the real engine in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance.__main__ import compose
+from appliance.config import load
+from appliance.engine.service import Engine
+from appliance.engine.types import Generation, SamplingParams
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def _run(engine: Engine, gen: Generation) -> list[int]:
+    deadline = engine.deadline()
+    while (await gen.next_tokens(deadline))[0]:
+        pass
+    engine.finish(gen)
+    return list(gen.tokens)
+
+
+def _engine(window: float) -> Engine:
+    cfg = load(compose(["logging.file=none", "limits.max_running=4", f"+models.catalog.demo.join_window_s={window}"]))
+    return Engine(cfg.models, cfg.limits)
+
+
+async def _wave_then_follow_ups(window: float) -> tuple[int, int]:
+    """Four requests prefilled together end together; their follow-ups then arrive one by one.
+    Returns (joins, requests joined) for the follow-ups."""
+    engine = _engine(window)
+    try:
+        worker = await engine.model("demo")
+        tok = worker.tokenizer
+        prompts = [list(tok.encode("A story begins in the old mill"))] * 4
+        params = SamplingParams(max_tokens=6)
+        # Hold the generation thread so the first four are all waiting when it looks.
+        release = threading.Event()
+        held = worker.call(lambda model, tokenizer: release.wait(30))
+        gens = [await engine.start(worker, p, params) for p in prompts]
+        release.set()
+        await asyncio.wrap_future(held)
+        first = await asyncio.gather(*(_run(engine, g) for g in gens))
+        assert all(len(t) == 6 for t in first)
+        joins, joined = worker.stats["joins"], worker.stats["joined"]
+        follow = []
+        for p in prompts:  # arriving one at a time, as clients reading their answers would
+            follow.append(asyncio.ensure_future(_run(engine, await engine.start(worker, p, params))))
+            await asyncio.sleep(0.02)
+        again = await asyncio.gather(*follow)
+        assert again == first  # greedy: joining later changes no output
+        return worker.stats["joins"] - joins, worker.stats["joined"] - joined
+    finally:
+        await engine.close()
+
+
+def test_requests_that_come_back_together_are_prefilled_together(
+    demo_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(demo_cache))
+    assert asyncio.run(_wave_then_follow_ups(1.0)) == (1, 4)
+    # Without a window each joins the batch on its own, in a prefill call of its own.
+    assert asyncio.run(_wave_then_follow_ups(0.0)) == (4, 4)
+
+
+def test_a_lone_request_does_not_wait_for_the_window(
+    demo_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(demo_cache))
+
+    async def scenario() -> float:
+        engine = _engine(1.0)
+        try:
+            worker = await engine.model("demo")
+            prompt = list(worker.tokenizer.encode("A single client asks again and again"))
+            t = time.perf_counter()
+            for _ in range(3):
+                await _run(engine, await engine.start(worker, prompt, SamplingParams(max_tokens=4)))
+            return time.perf_counter() - t
+        finally:
+            await engine.close()
+
+    # Each request comes back alone after the one before it ended: it joins at once, far
+    # inside the 1 s window it would otherwise wait out, twice.
+    assert asyncio.run(scenario()) < 2.0
+
+
