@@ -221,7 +221,9 @@ class ModelWorker:
         link = self._link
         want_lp: set[int] = set()
         window = self._join_window_s
-        returning = 0  # sequences ended since the last join: their clients may be coming back
+        # Sequences ended whose clients have not come back yet (closed-loop clients send their
+        # next request as soon as one ends): new arrivals wait, within the window, for them.
+        returning = 0
         while True:
             # Take every command waiting; block only when there is nothing to step, and then
             # no longer than the oldest waiting request's join window.
@@ -237,7 +239,8 @@ class ModelWorker:
                         item = inbox.get_nowait()
                 except queue.Empty:
                     if timeout is not None and not waiting:
-                        continue  # idle: keep waiting for work
+                        returning = 0  # idle for a while: nobody is coming back
+                        continue
                     break
                 timeout = None
                 if item is _STOP:
@@ -273,8 +276,8 @@ class ModelWorker:
                 commands.extend(("submit", g) for g, _ in waiting if not g.done)
                 self.stats["joins"] += 1
                 self.stats["joined"] += len(waiting)
+                returning = max(0, returning - len(waiting))
                 waiting.clear()
-                returning = 0
             if link is not None and (commands or active):
                 # The other ranks apply the same decisions to their batches, in this order.
                 link.share([_wire(c, uid_of) for c in commands] or None)
