@@ -80,8 +80,9 @@ class ModelsConfig:
     auto_load: List[str] = field(default_factory=list)
     prompt_cache_bytes: int = 256 * 1024 * 1024
     # A cached prefix shorter than this is prefilled again: copying and merging its KV cache
-    # into the batch costs more than prefilling a few tokens (0: reuse any prefix).
-    prompt_cache_min_tokens: int = 32
+    # into the batch can cost more than prefilling a few tokens. null: 32 on CUDA, where a
+    # kernel launch per cache array outweighs a short prefill; 0 (reuse any) on Metal and CPU.
+    prompt_cache_min_tokens: Optional[int] = None
     demo_dir: Optional[str] = None
     catalog: Dict[str, ModelSpec] = field(default_factory=dict)
 
@@ -412,8 +413,8 @@ def validate(c: AppConfig) -> None:
         )
     _check(c.models.prompt_cache_bytes >= 0, "models.prompt_cache_bytes", c.models.prompt_cache_bytes, ">= 0")
     _check(
-        c.models.prompt_cache_min_tokens >= 0,
-        "models.prompt_cache_min_tokens", c.models.prompt_cache_min_tokens, ">= 0",
+        c.models.prompt_cache_min_tokens is None or c.models.prompt_cache_min_tokens >= 0,
+        "models.prompt_cache_min_tokens", c.models.prompt_cache_min_tokens, ">= 0 or null",
     )
     for name, spec in c.models.catalog.items():
         k = f"models.catalog.{name}"

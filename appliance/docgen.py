@@ -40,7 +40,9 @@ DESCRIPTIONS = {
     "models.default": "The model of a request that names none.",
     "models.auto_load": "Models loaded at start (and pinned against idle eviction).",
     "models.prompt_cache_bytes": "Bytes of KV cache kept for prompt-prefix reuse, per model.",
-    "models.prompt_cache_min_tokens": "Shortest cached prefix reused; a shorter one is prefilled again.",
+    "models.prompt_cache_min_tokens": (
+        "Shortest cached prefix reused; a shorter one is prefilled again (null: 32 on CUDA, else 0)."
+    ),
     "models.demo_dir": "Where the embedded demo model is built (null: the user cache folder).",
     "models.catalog": "The models this appliance may serve, by name.",
     f"models.catalog.{NAME}.path": "A local model folder, a hub id in the local cache, or builtin:demo.",

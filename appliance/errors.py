@@ -119,6 +119,13 @@ class EngineFailure(ApplianceError):
     code = "engine_failure"
 
 
+class ClientGone(ApplianceError):
+    """The client closed its connection before it was answered (logged as 499, nginx's
+    "client closed request"; nobody reads the body)."""
+
+    code = "client_closed"
+
+
 class RequestTimeout(ApplianceError):
     type = "server_error"
     code = "request_timeout"

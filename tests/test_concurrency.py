@@ -126,6 +126,33 @@ def test_burst_gets_429_at_once(one_slot_one_place: Any) -> None:
     assert one_slot_one_place.proc.poll() is None
 
 
+def _waiting(base: str) -> float:
+    for line in httpx.get(base + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("lmx_num_requests_waiting "):
+            return float(line.split()[1])
+    raise AssertionError("no lmx_num_requests_waiting in /metrics")
+
+
+def test_a_client_that_leaves_the_queue_gives_its_place_up(one_slot_one_place: Any) -> None:
+    base = one_slot_one_place.url
+    client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+    with client.completions.create(model="demo", prompt="Hold", max_tokens=2000, stream=True) as held:
+        next(iter(held))  # admitted and running: the only slot is taken
+        with pytest.raises(httpx.ReadTimeout):  # queued; the client gives up and hangs up
+            httpx.post(base + "/v1/completions", json={"prompt": "Queued", "max_tokens": 2}, timeout=1.0)
+        # Well before the held stream's 2000 tokens end (which would admit the queued one).
+        deadline = time.monotonic() + 3
+        while _waiting(base) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # Its queue place is free while the slot is still held: the next client can queue.
+        assert _waiting(base) == 0
+        with pytest.raises(httpx.ReadTimeout):  # queued, not refused with a 429
+            httpx.post(base + "/v1/completions", json={"prompt": "Next", "max_tokens": 2}, timeout=1.0)
+    metrics = httpx.get(base + "/metrics", timeout=10).text
+    assert 'status="499"' in metrics  # the ones that left are counted, as nginx's 499
+    assert _first_200_after(base + "/v1/completions", {"prompt": "x", "max_tokens": 2}, within=5) < 5
+
+
 @pytest.fixture(scope="module")
 def one_slot(module_appliance_factory: Any) -> Any:
     return module_appliance_factory(

@@ -23,6 +23,7 @@ STATUS: dict[type[e.ApplianceError], int] = {
     e.NotFound: 404,
     e.BodyTooLarge: 413,
     e.QueueFull: 429,
+    e.ClientGone: 499,
     e.RateLimited: 429,
     e.Unavailable: 503,
     e.RequestTimeout: 504,

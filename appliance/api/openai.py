@@ -7,7 +7,7 @@ import logging
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import replace
 from typing import Any, Optional
 
@@ -19,7 +19,7 @@ from falcon.asgi import SSEvent
 from ..engine.service import Engine
 from ..engine.text import TextStream
 from ..engine.types import Generation
-from ..errors import ApplianceError, BodyTooLarge, Forbidden, RequestTimeout
+from ..errors import ApplianceError, BodyTooLarge, ClientGone, Forbidden, RequestTimeout
 from .errors import body_of
 from .parsing import Common, check_vocab, decode_json, parse_chat, parse_completion
 
@@ -113,8 +113,10 @@ class Generate:
         self.engine.check_prompt(name, prompt, common.max_tokens or 1, param=where)
         max_tokens = self.engine.max_tokens_for(name, len(prompt), common.max_tokens)
         params = replace(common.params, max_tokens=max_tokens)
-        gen = await self.engine.start(worker, prompt, params, high_priority=common.high_priority)
-        return gen, tok
+        start = self.engine.start(worker, prompt, params, high_priority=common.high_priority)
+        if not self.engine.admission.would_wait():
+            return await start, tok
+        return await _unless_client_leaves(req, start, self.engine), tok
 
     async def collect(self, gen: Generation, out: _Out, req: Optional[falcon.asgi.Request] = None) -> str:
         """Run a request to the end; returns its text. A client that goes away meanwhile ends it
@@ -205,6 +207,36 @@ class Generate:
         finally:
             self.engine.finish(gen, status=status)
         yield SSEvent(data=b"[DONE]")
+
+
+async def _unless_client_leaves(
+    req: falcon.asgi.Request, start: Coroutine[Any, Any, Generation], engine: Engine
+) -> Generation:
+    """Wait in the admission queue, but give the place up if the client goes away meanwhile
+    (uvicorn does not cancel the handler; only the next receive() tells)."""
+    task = asyncio.ensure_future(start)
+    gone: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    def left() -> None:
+        if not gone.done():
+            gone.set_result(None)
+
+    watcher = _watch_disconnect(req, left)
+    if watcher is None:
+        return await task
+    try:
+        await asyncio.wait([task, gone], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not gone.done():
+        gone.cancel()
+        return task.result()  # admitted, or QueueFull after queue_timeout_s
+    if not task.done():
+        task.cancel()  # Admission.acquire leaves the queue, or passes on a slot just handed over
+        await asyncio.wait({task})
+    if not task.cancelled() and task.exception() is None:
+        engine.finish(task.result(), status="cancelled")  # admitted as the client left
+    raise ClientGone("the client went away while its request waited for a slot")
 
 
 def _watch_disconnect(

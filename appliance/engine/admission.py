@@ -31,6 +31,10 @@ class Admission:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    def would_wait(self) -> bool:
+        """True when a request now would queue (or be refused) rather than start at once."""
+        return self.running >= self.max_running or bool(self._waiting)
+
     def retry_after(self) -> int:
         return max(1, math.ceil(min(self.queue_timeout_s, 5.0)))
 

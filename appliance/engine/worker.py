@@ -90,7 +90,7 @@ class ModelWorker:
         prefill_batch_size: int,
         max_kv_size: Optional[int],
         prompt_cache_bytes: int,
-        prompt_cache_min_tokens: int = 0,
+        prompt_cache_min_tokens: Optional[int] = 0,
         join_window_s: float = 0.0,
         on_death: Optional[Callable[[str, BaseException], None]] = None,
         link: Any = None,
@@ -104,7 +104,7 @@ class ModelWorker:
         self._prefill_batch_size = prefill_batch_size
         self._max_kv_size = max_kv_size
         self._prompt_cache_bytes = prompt_cache_bytes
-        self._prompt_cache_min_tokens = prompt_cache_min_tokens
+        self._prompt_cache_min_tokens = prompt_cache_min_tokens  # None: by backend, at load
         self._join_window_s = join_window_s
         self._on_death = on_death
         self._link = link  # distributed.Link on rank 0 of a group, else None
@@ -340,6 +340,9 @@ class ModelWorker:
         args = getattr(self.model, "args", None)
         self.vocab_size = int(getattr(args, "vocab_size", 0) or len(self.tokenizer._tokenizer))
         self.prompt_cache = LRUPromptCache(max_size=64, max_bytes=self._prompt_cache_bytes)
+        if self._prompt_cache_min_tokens is None:
+            cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
+            self._prompt_cache_min_tokens = 32 if cuda else 0
         return BatchGenerator(
             self.model,
             stop_tokens=[[t] for t in sorted(self.tokenizer.eos_token_ids)],
@@ -396,7 +399,7 @@ class ModelWorker:
             if can_trim_prompt_cache(cache):
                 trim_prompt_cache(cache, 1)
                 cached, rest = cached - 1, prompt[-1:]
-        if cache is not None and max(1, self._prompt_cache_min_tokens) <= cached < len(prompt):
+        if cache is not None and max(1, self._prompt_cache_min_tokens or 0) <= cached < len(prompt):
             self.stats["cache_hits"] += 1
             self.stats["cached_tokens"] += cached
         else:

@@ -1,0 +1,146 @@
+"""`python -m appliance.steptrace`: the engine alone, in-process, under closed-loop clients,
+with a trace of what BatchGenerator does per step. No HTTP: it tells the engine's share of a
+server-side gap from the HTTP front's.
+
+    python -m appliance.steptrace --model-path DIR --clients 32 --requests 3 --max-tokens 128 \
+        [KEY=VALUE ...]   # config overrides, e.g. models.prompt_cache_min_tokens=0
+
+Prints one line: tokens/s, decode steps and their time, mean batch size, prefill calls (and the
+tokens they took), new-batch and cache-merge calls, the time in decode, prefill and new batches,
+TTFT and end-to-end p50/p99. It wraps mlx-lm's BatchGenerator internals to count them, so it
+measures mlx-lm 0.32's structure; a diagnostic, not a benchmark (see `appliance.bench`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+class Trace:
+    def __init__(self) -> None:
+        self.on = False
+        self.steps: list[float] = []
+        self.batch: list[int] = []
+        self.count: dict[str, int] = {}
+        self.secs: dict[str, float] = {}
+
+    def wrap(self, cls: Any, name: str, label: str, *, step: bool = False) -> None:
+        orig: Callable[..., Any] = getattr(cls, name)
+        trace = self
+
+        def wrapped(obj: Any, *args: Any) -> Any:
+            t = time.perf_counter()
+            out = orig(obj, *args)
+            if trace.on:
+                dt = time.perf_counter() - t
+                if step:
+                    trace.steps.append(dt)
+                    trace.batch.append(len(obj._generation_batch))
+                elif label != "prefill" or (args and args[0]):
+                    trace.count[label] = trace.count.get(label, 0) + 1
+                    trace.secs[label] = trace.secs.get(label, 0.0) + dt
+                    if label == "prefill":
+                        trace.count["prefill_tokens"] = trace.count.get("prefill_tokens", 0) + sum(
+                            len(p) for p in args[0]
+                        )
+            return out
+
+        setattr(cls, name, wrapped)
+
+
+def _q(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(p * len(s)))] if s else float("nan")
+
+
+async def _run(args: argparse.Namespace, trace: Trace) -> str:
+    from .__main__ import compose
+    from .config import load
+    from .engine.service import Engine
+    from .engine.types import SamplingParams
+
+    c = args.clients
+    overrides = [
+        "logging.file=none", f"limits.max_running={max(c, 8)}", f"limits.max_queued={4 * c}",
+        f"+models.catalog.demo.completion_batch_size={max(32, c)}",
+        f"models.catalog.demo.max_tokens={max(512, args.max_tokens)}",
+    ]
+    if args.model_path:
+        overrides.append(f"models.catalog.demo.path={args.model_path}")
+    cfg = load(compose([*overrides, *args.overrides]))
+    engine = Engine(cfg.models, cfg.limits)
+    worker = await engine.model("demo")
+    tok = worker.tokenizer
+    total = 0
+    ttft: list[float] = []
+    e2e: list[float] = []
+
+    async def client(i: int, n: int, record: bool) -> None:
+        nonlocal total
+        for j in range(n):
+            prompt = list(tok.encode(f"Request {i * 1000 + j}. Tell me about the sea and the boats"))
+            t0 = time.perf_counter()
+            gen = await engine.start(worker, prompt, SamplingParams(max_tokens=args.max_tokens))
+            deadline, first = engine.deadline(), None
+            while True:
+                new, _ = await gen.next_tokens(deadline)
+                if not new:
+                    break
+                first = first if first is not None else time.perf_counter() - t0
+                total += len(new)
+            engine.finish(gen)
+            if record:
+                ttft.append(first or 0.0)
+                e2e.append(time.perf_counter() - t0)
+
+    await asyncio.gather(*(client(i, 1, False) for i in range(c)))  # warm-up
+    total = 0
+    trace.on = True
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(i, args.requests, True) for i in range(c)))
+    wall = time.perf_counter() - t0
+    trace.on = False
+    await engine.close()
+    n, s, k = trace.steps, trace.secs, trace.count
+    ms = 1000
+    return (
+        f"clients={c} {' '.join(args.overrides)}: {total / wall:.0f} tok/s; steps {len(n)}, "
+        f"next() p50 {_q(n, .5) * ms:.2f} ms p99 {_q(n, .99) * ms:.2f} ms, {sum(n):.2f} s of "
+        f"{wall:.2f} s; mean batch {statistics.mean(trace.batch or [0]):.1f}; "
+        f"prefill calls {k.get('prefill', 0)} ({k.get('prefill_tokens', 0)} tokens) "
+        f"{s.get('prefill', 0):.2f} s; new batches {k.get('newbatch', 0)} {s.get('newbatch', 0):.2f} s; "
+        f"decode {s.get('decode', 0):.2f} s; TTFT p50 {_q(ttft, .5) * ms:.0f} ms p99 "
+        f"{_q(ttft, .99) * ms:.0f} ms; e2e p50 {_q(e2e, .5) * ms:.0f} ms"
+    )
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m appliance.steptrace", description=__doc__.split("\n")[0])
+    ap.add_argument("--model-path", help="a model folder (default: the demo model)")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=3, help="requests per client, after a warm-up one")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE")
+    args = ap.parse_args(argv)
+    g = importlib.import_module("mlx_lm.generate")  # the module, not mlx_lm.generate()
+    trace = Trace()
+    trace.wrap(g.BatchGenerator, "_next", "step", step=True)
+    trace.wrap(g.PromptProcessingBatch, "prompt", "prefill")
+    trace.wrap(g.PromptProcessingBatch, "generate", "newbatch")
+    trace.wrap(g.GenerationBatch, "next", "decode")
+    print(asyncio.run(_run(args, trace)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    code = main(sys.argv[1:])
+    sys.stdout.flush()
+    os._exit(code)  # MLX's CUDA backend can abort in native destructors at interpreter exit
