@@ -15,8 +15,11 @@ from typing import Any, Optional
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
+from . import startup
 from .config import AppConfig, ConfigError, conf_dir, load, register_schemas
 from .state import StateStore
+
+startup.install()  # before anything imports transformers
 
 # Hydra flags that take the next argument as their value.
 _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name",

@@ -198,6 +198,22 @@ def test_stop_string(http: httpx.Client, as_list: bool) -> None:
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
+def test_usage_counts_tokens_up_to_the_one_that_completed_the_stop_string(http: httpx.Client) -> None:
+    full = _chat(http, max_tokens=24)["choices"][0]["message"]["content"]
+    stop = _stop_word(full)
+    # Greedy is deterministic: the shortest max_tokens whose text holds the stop string is the
+    # number of tokens up to and including the one that completed it.
+    upto = next(n for n in range(1, 25) if stop in _chat(http, max_tokens=n)["choices"][0]["message"]["content"])
+    assert upto < 24  # the stop comes before the end: tokens after it would be generated
+    r = _chat(http, max_tokens=24, stop=stop)
+    assert r["choices"][0]["finish_reason"] == "stop"
+    assert r["usage"]["completion_tokens"] == upto
+    chunks = sse_chunks(http, "/v1/chat/completions", {
+        "messages": HELLO, "max_tokens": 24, "stop": stop, "stream_options": {"include_usage": True},
+    })
+    assert chunks[-1]["usage"]["completion_tokens"] == upto
+
+
 def test_stop_string_in_completions(http: httpx.Client) -> None:
     body = {"prompt": "Bread and salt", "max_tokens": 24}
     full = http.post("/v1/completions", json=body).json()["choices"][0]["text"]

@@ -57,8 +57,16 @@ async def read_json(req: falcon.asgi.Request, max_bytes: int) -> dict[str, Any]:
     return decode_json(b"".join(chunks))
 
 
-def _usage(gen: Generation) -> dict[str, Any]:
-    p, c = len(gen.prompt_tokens), len(gen.tokens)
+def _answer_len(gen: Generation, out: Optional[_Out]) -> int:
+    """Tokens of the answer: up to the one that completed a stop string, when one did (tokens
+    generated after it in the same step are not part of it)."""
+    if out is not None and out.text.stopped:
+        return min(len(gen.tokens), out.text.used)
+    return len(gen.tokens)
+
+
+def _usage(gen: Generation, out: Optional[_Out] = None) -> dict[str, Any]:
+    p, c = len(gen.prompt_tokens), _answer_len(gen, out)
     return {
         "prompt_tokens": p,
         "completion_tokens": c,
@@ -177,7 +185,9 @@ class Generate:
                     break
                 text = out.text.feed(new)
                 if text or gen.params.logprobs:
-                    yield SSEvent(data=piece(text, start, len(new)))
+                    # Past a stop string's last token, the tokens are not part of the answer.
+                    count = out.text.used - start if out.text.stopped else len(new)
+                    yield SSEvent(data=piece(text, start, count))
                 if out.text.stopped:
                     out.finish = "stop"
                     break
@@ -328,13 +338,13 @@ class ChatCompletions:
             choice: dict[str, Any] = {
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
-                "logprobs": _chat_logprobs(tok, gen, 0, len(gen.tokens)) if common.params.logprobs else None,
+                "logprobs": _chat_logprobs(tok, gen, 0, _answer_len(gen, out)) if common.params.logprobs else None,
                 "finish_reason": out.finish,
             }
             resp.content_type = falcon.MEDIA_JSON
             resp.data = orjson.dumps(
                 {"id": rid, "object": "chat.completion", "created": created, "model": model,
-                 "choices": [choice], "usage": _usage(gen)}
+                 "choices": [choice], "usage": _usage(gen, out)}
             )
             return
         head = orjson.dumps({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model})[:-1]
@@ -353,7 +363,7 @@ class ChatCompletions:
             return head + b',"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":' + orjson.dumps(reason) + b"}]}"
 
         def usage() -> bytes:
-            return head + b',"choices":[],"usage":' + orjson.dumps(_usage(gen)) + b"}"
+            return head + b',"choices":[],"usage":' + orjson.dumps(_usage(gen, out)) + b"}"
 
         first = head + b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}'
         resp.sse = self.g.sse(gen, out, piece, final, usage if common.include_usage else None, first)
@@ -392,9 +402,9 @@ class Completions:
             resp.data = orjson.dumps(
                 {"id": rid, "object": "text_completion", "created": created, "model": model,
                  "choices": [{"index": 0, "text": text, "finish_reason": out.finish,
-                              "logprobs": _completion_logprobs(tok, gen, 0, len(gen.tokens), len(echo))
+                              "logprobs": _completion_logprobs(tok, gen, 0, _answer_len(gen, out), len(echo))
                               if common.params.logprobs else None}],
-                 "usage": _usage(gen)}
+                 "usage": _usage(gen, out)}
             )
             return
         head = orjson.dumps({"id": rid, "object": "text_completion", "created": created, "model": model})[:-1]
@@ -416,7 +426,7 @@ class Completions:
             return prefix + b'"","logprobs":null,"finish_reason":' + orjson.dumps(reason) + b"}]}"
 
         def usage() -> bytes:
-            return head + b',"choices":[],"usage":' + orjson.dumps(_usage(gen)) + b"}"
+            return head + b',"choices":[],"usage":' + orjson.dumps(_usage(gen, out)) + b"}"
 
         first = prefix + orjson.dumps(echo) + suffix if echo else None
         resp.sse = self.g.sse(gen, out, piece, final, usage if common.include_usage else None, first)

@@ -9,10 +9,12 @@ class TextStream:
     """Turns token ids into text pieces, holding back what could start a stop string.
 
     `feed(tokens)` returns the text safe to send now; `stopped` is True once a stop string
-    was seen (the text is cut before it). `flush()` returns what was held back at the end.
+    was seen (the text is cut before it), and `used` is then the number of tokens up to the one
+    that completed it (tokens after it in the same feed are not part of the answer).
+    `flush()` returns what was held back at the end.
     """
 
-    __slots__ = ("_detok", "_stops", "_hold", "_pending", "stopped", "text_len")
+    __slots__ = ("_detok", "_stops", "_hold", "_pending", "stopped", "text_len", "used")
 
     def __init__(self, tokenizer: Any, stops: tuple[str, ...] = ()) -> None:
         self._detok = tokenizer.detokenizer
@@ -21,18 +23,28 @@ class TextStream:
         self._pending = ""
         self.stopped = False
         self.text_len = 0
+        self.used = 0
 
     def feed(self, tokens: list[int]) -> str:
         if self.stopped:
             return ""
         detok = self._detok
-        for t in tokens:
-            detok.add_token(t)
-        piece = detok.last_segment
         if not self._stops:
+            for t in tokens:
+                detok.add_token(t)
+            self.used += len(tokens)
+            piece = detok.last_segment
             self.text_len += len(piece)
             return piece
-        return self._scan(piece)
+        # With stop strings, token by token: the one that completes a stop string is the last.
+        out = []
+        for t in tokens:
+            detok.add_token(t)
+            self.used += 1
+            out.append(self._scan(detok.last_segment))
+            if self.stopped:
+                break
+        return "".join(out)
 
     def _scan(self, piece: str) -> str:
         buf = self._pending + piece
