@@ -10,11 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
-import psutil
-
 from ..config import ModelsConfig, ModelSpec
 from ..errors import EngineFailure, InsufficientMemory, ModelLoadError, ModelNotFound
 from . import distributed
+from .memory import free_bytes
 from .types import ModelInfo
 from .worker import ModelWorker, batching
 
@@ -171,7 +170,7 @@ class ModelRegistry:
                 need = estimate_bytes(path, spec)
                 info.memory_estimate_bytes = need
                 info.extra["kv_bytes_per_token"] = kv_bytes_per_token(path)
-                free = psutil.virtual_memory().available
+                free = free_bytes()
                 if self.memory_limit is not None:
                     import mlx.core as mx
 

@@ -10,6 +10,7 @@ from typing import Any, Optional
 from ..config import LimitsConfig, ModelsConfig
 from ..errors import InsufficientMemory, PromptTooLong
 from .admission import Admission
+from .memory import free_bytes
 from .registry import ModelRegistry
 from .types import Generation, SamplingParams
 from .worker import ModelWorker
@@ -142,11 +143,10 @@ class Engine:
         return value if isinstance(value, int) else 0
 
     def free_memory(self) -> int:
-        """Bytes a new request's KV cache may take: system memory available, or the MLX limit
-        less MLX's active memory, less what requests in flight will still allocate."""
-        import psutil
-
-        free = int(psutil.virtual_memory().available)
+        """Bytes a new request's KV cache may take: system memory available (on CUDA, the
+        device's memory less MLX's), or the MLX limit less MLX's active memory, less what
+        requests in flight will still allocate."""
+        free = free_bytes()
         limit = self.limits.mlx_memory_limit_bytes
         if limit is not None:
             try:

@@ -1,0 +1,48 @@
+"""How much memory a model or a KV cache may still take, on any MLX backend."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import psutil
+
+_UNSET = -1
+_device_total: int = _UNSET  # the CUDA device's own memory in bytes, 0 when not on CUDA
+
+
+def _cuda_total() -> int:
+    """The default device's own memory on CUDA (read once), else 0: Metal's memory is unified
+    with the system's and the CPU backend uses system memory."""
+    global _device_total
+    if _device_total == _UNSET:
+        total = 0
+        try:
+            import mlx.core as mx
+
+            if mx.default_device() == mx.gpu and mx.cuda.is_available():
+                info = mx.device_info()
+                value = info.get("total_memory") or info.get("memory_size")
+                total = int(value) if isinstance(value, int) else 0
+        except Exception:  # no MLX backend, or an MLX without device_info
+            total = 0
+        _device_total = total
+    return _device_total
+
+
+def free_bytes() -> int:
+    """On CUDA, the device's memory less what MLX holds on it; elsewhere, the system memory
+    available (Metal shares it with the system)."""
+    total = _cuda_total()
+    if total:
+        try:
+            import mlx.core as mx
+
+            return total - int(mx.get_active_memory())
+        except Exception:  # pragma: no cover - MLX went away
+            pass
+    return int(psutil.virtual_memory().available)
+
+
+def device_total() -> Optional[int]:
+    """The CUDA device's memory, None elsewhere (for reports)."""
+    return _cuda_total() or None

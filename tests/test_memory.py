@@ -1,0 +1,37 @@
+"""Which memory the checks count: the GPU's own on CUDA, the system's on Metal and CPU."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import psutil
+import pytest
+
+from appliance.engine import memory
+
+
+@pytest.fixture(autouse=True)
+def _fresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memory, "_device_total", memory._UNSET)
+
+
+def test_cpu_counts_system_memory() -> None:
+    assert mx.default_device() == mx.cpu  # this machine
+    free = memory.free_bytes()
+    assert abs(free - psutil.virtual_memory().available) < 512 * 2**20
+    assert memory.device_total() is None
+
+
+def test_cuda_counts_the_devices_own_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What MLX's CUDA backend reports (mlx/backend/gpu/available.h: total_memory on CUDA).
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(mx, "device_info", lambda: {"device_name": "H200", "total_memory": 141 * 2**30})
+    monkeypatch.setattr(mx, "get_active_memory", lambda: 3 * 2**30)
+    assert memory.free_bytes() == 138 * 2**30  # not the host's RAM
+    assert memory.device_total() == 141 * 2**30
+
+
+def test_metal_counts_system_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: False)  # a GPU that is not CUDA: Metal
+    assert abs(memory.free_bytes() - psutil.virtual_memory().available) < 512 * 2**20
