@@ -30,9 +30,10 @@ def _engine(window: float) -> Engine:
     return Engine(cfg.models, cfg.limits)
 
 
-async def _wave_then_follow_ups(window: float) -> tuple[int, int]:
-    """Four requests prefilled together end together; their follow-ups then arrive one by one.
-    Returns (joins, requests joined) for the follow-ups."""
+async def _wave_then_follow_ups(window: float, *, each_after_the_last_started: bool = False) -> tuple[int, int]:
+    """Four requests prefilled together end together; their follow-ups then arrive one by one,
+    20 ms apart, or each once the one before it has its first token. Returns (joins, requests
+    joined) for the follow-ups."""
     engine = _engine(window)
     try:
         worker = await engine.model("demo")
@@ -50,8 +51,13 @@ async def _wave_then_follow_ups(window: float) -> tuple[int, int]:
         joins, joined = worker.stats["joins"], worker.stats["joined"]
         follow = []
         for p in prompts:  # arriving one at a time, as clients reading their answers would
-            follow.append(asyncio.ensure_future(_run(engine, await engine.start(worker, p, params))))
-            await asyncio.sleep(0.02)
+            gen = await engine.start(worker, p, params)
+            if each_after_the_last_started:
+                while not await gen.wait_event():  # a token: it is in the batch already
+                    pass
+            follow.append(asyncio.ensure_future(_run(engine, gen)))
+            if not each_after_the_last_started:
+                await asyncio.sleep(0.02)
         again = await asyncio.gather(*follow)
         assert again == first  # greedy: joining later changes no output
         return worker.stats["joins"] - joins, worker.stats["joined"] - joined
@@ -64,8 +70,9 @@ def test_requests_that_come_back_together_are_prefilled_together(
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(demo_cache))
     assert asyncio.run(_wave_then_follow_ups(1.0)) == (1, 4)
-    # Without a window each joins the batch on its own, in a prefill call of its own.
-    assert asyncio.run(_wave_then_follow_ups(0.0)) == (4, 4)
+    # Without a window, each joins the batch on its own (in a prefill call of its own) when it
+    # arrives after the one before it started.
+    assert asyncio.run(_wave_then_follow_ups(0.0, each_after_the_last_started=True)) == (4, 4)
 
 
 def test_a_lone_request_does_not_wait_for_the_window(
