@@ -306,11 +306,11 @@ class StateStore:
             starts = self.data.get("starts") or []
             self.data["starts"] = [dict(starts[-1], stable=True)] if starts else []
         in_safe_mode = bool(self.boot and self.boot.safe_mode_reason)
+        self._write_now()  # before saying so: a kill right after the line must find it on disk
         log.info(
             "stable for %g s: start history cleared%s", self.cfg.stable_after_s,
             "; safe mode ends at the next start" if in_safe_mode else "",
         )
-        self._write_now()
 
     def mark_clean(self) -> None:
         """The run is ending cleanly: record it (blocking; the last write)."""

@@ -123,7 +123,7 @@ async def _run(args: argparse.Namespace, trace: Trace) -> str:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m appliance.steptrace", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m appliance.steptrace", description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--model-path", help="a model folder (default: the demo model)")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=3, help="requests per client, after a warm-up one")
