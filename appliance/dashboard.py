@@ -165,6 +165,18 @@ def dashboard() -> dict[str, Any]:
         )],
         unit="percentunit", w=12,
     )
+    lay.add(
+        "timeseries", "Requests prefilled together",
+        [(
+            f"sum(rate(lmx_batch_joined_requests_total{{{MODEL}}}[{RATE}])) / "
+            f"sum(rate(lmx_batch_joins_total{{{MODEL}}}[{RATE}]))",
+            "requests per join",
+        )],
+        w=12, description=(
+            "How many new requests join the running batch at once (one prefill call). Near 1 "
+            "under load: each arrival costs a prefill of its own; see join_window_s."
+        ),
+    )
     lay.row("Capacity")
     lay.add(
         "timeseries", "Running / waiting / limits",
