@@ -35,3 +35,18 @@ def test_metal_counts_system_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
     monkeypatch.setattr(mx.cuda, "is_available", lambda: False)  # a GPU that is not CUDA: Metal
     assert abs(memory.free_bytes() - psutil.virtual_memory().available) < 512 * 2**20
+
+
+def test_system_memory_is_read_once_per_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = []
+    clock = [1000.0]
+    monkeypatch.setattr(memory, "_system", (0.0, None))
+    monkeypatch.setattr(memory.psutil, "virtual_memory", lambda: reads.append(1) or len(reads))
+    monkeypatch.setattr(memory.time, "monotonic", lambda: clock[0])
+    # The shedding check and the memory guard of one request (and of its neighbours) share a read.
+    assert memory.system_memory() == memory.system_memory() == 1
+    clock[0] += memory.SYSTEM_TTL_S / 2
+    assert memory.system_memory() == 1
+    clock[0] += memory.SYSTEM_TTL_S
+    assert memory.system_memory() == 2  # stale: read again
+    assert len(reads) == 2

@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import time
+from typing import Any, Optional
 
 import psutil
+
+SYSTEM_TTL_S = 0.05  # one /proc/meminfo read serves every request within 50 ms
+_system: tuple[float, Any] = (0.0, None)
+
+
+def system_memory() -> Any:
+    """psutil.virtual_memory(), read at most every SYSTEM_TTL_S: the load-shedding check and the
+    memory guard each wanted a read per request (~50-100 us each on the 2-core machine)."""
+    global _system
+    now = time.monotonic()
+    at, value = _system
+    if value is None or now - at >= SYSTEM_TTL_S:
+        value = psutil.virtual_memory()
+        _system = (now, value)
+    return value
 
 _UNSET = -1
 _device_total: int = _UNSET  # the CUDA device's own memory in bytes, 0 when not on CUDA
@@ -40,7 +56,7 @@ def free_bytes() -> int:
             return total - int(mx.get_active_memory())
         except Exception:  # pragma: no cover - MLX went away
             pass
-    return int(psutil.virtual_memory().available)
+    return int(system_memory().available)
 
 
 def device_total() -> Optional[int]:

@@ -16,9 +16,9 @@ from typing import Any, Optional
 
 import falcon
 import falcon.asgi
-import psutil
 
 from ..config import LimitsConfig, RateLimitsConfig, SecurityConfig, ServerConfig, SheddingConfig
+from ..engine.memory import system_memory
 from ..errors import (
     AdminClosed,
     BodyTooLarge,
@@ -208,7 +208,7 @@ class LoadShedding:
     async def process_request(self, req: Req, resp: Resp) -> None:
         if not _is_inference(req) or req.method != "POST":
             return
-        percent = psutil.virtual_memory().percent
+        percent = system_memory().percent
         why = None
         if percent >= self.cfg.memory_percent:
             why = f"system memory is {percent:.0f}% used (limit {self.cfg.memory_percent:g}%)"
