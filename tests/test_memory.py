@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import mlx.core as mx
 import psutil
 import pytest
@@ -10,15 +12,16 @@ from appliance.engine import memory
 
 
 @pytest.fixture(autouse=True)
-def _fresh(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(memory, "_device_total", memory._UNSET)
+def _fresh() -> Iterator[None]:
+    memory._cuda_total.cache_clear()  # the device is read once per process
+    yield
+    memory._cuda_total.cache_clear()
 
 
 def test_cpu_counts_system_memory() -> None:
     assert mx.default_device() == mx.cpu  # this machine
     free = memory.free_bytes()
     assert abs(free - psutil.virtual_memory().available) < 512 * 2**20
-    assert memory.device_total() is None
 
 
 def test_cuda_counts_the_devices_own_memory(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -28,7 +31,6 @@ def test_cuda_counts_the_devices_own_memory(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(mx, "device_info", lambda: {"device_name": "H200", "total_memory": 141 * 2**30})
     monkeypatch.setattr(mx, "get_active_memory", lambda: 3 * 2**30)
     assert memory.free_bytes() == 138 * 2**30  # not the host's RAM
-    assert memory.device_total() == 141 * 2**30
 
 
 def test_metal_counts_system_memory(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import time
-from typing import Any, Optional
+from typing import Any
 
 import psutil
 
@@ -22,27 +23,21 @@ def system_memory() -> Any:
         _system = (now, value)
     return value
 
-_UNSET = -1
-_device_total: int = _UNSET  # the CUDA device's own memory in bytes, 0 when not on CUDA
 
-
+@functools.cache
 def _cuda_total() -> int:
     """The default device's own memory on CUDA (read once), else 0: Metal's memory is unified
     with the system's and the CPU backend uses system memory."""
-    global _device_total
-    if _device_total == _UNSET:
-        total = 0
-        try:
-            import mlx.core as mx
+    try:
+        import mlx.core as mx
 
-            if mx.default_device() == mx.gpu and mx.cuda.is_available():
-                info = mx.device_info()
-                value = info.get("total_memory") or info.get("memory_size")
-                total = int(value) if isinstance(value, int) else 0
-        except Exception:  # no MLX backend, or an MLX without device_info
-            total = 0
-        _device_total = total
-    return _device_total
+        if mx.default_device() == mx.gpu and mx.cuda.is_available():
+            info = mx.device_info()
+            value = info.get("total_memory") or info.get("memory_size")
+            return int(value) if isinstance(value, int) else 0
+    except Exception:  # no MLX backend, or an MLX without device_info
+        pass
+    return 0
 
 
 def free_bytes() -> int:
@@ -57,8 +52,3 @@ def free_bytes() -> int:
         except Exception:  # pragma: no cover - MLX went away
             pass
     return int(system_memory().available)
-
-
-def device_total() -> Optional[int]:
-    """The CUDA device's memory, None elsewhere (for reports)."""
-    return _cuda_total() or None
