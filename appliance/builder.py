@@ -23,6 +23,7 @@ from .api.openai import ChatCompletions, Completions, Gate, Generate, Models
 from .api.openapi import OpenAPI
 from .api.probes import Health, Ready
 from .config import AppConfig
+from .engine import memory
 from .engine.distributed import GroupStatus, world
 from .engine.service import Engine
 from .helpers import Helpers
@@ -45,17 +46,11 @@ log = logging.getLogger("appliance")
 
 
 def mlx_memory() -> dict[str, Optional[int]]:
-    """MLX active / peak / cache bytes through backend-neutral calls; None where unavailable."""
-    out: dict[str, Optional[int]] = {"mlx_active": None, "mlx_peak": None, "mlx_cache": None}
-    try:
-        import mlx.core as mx
-
-        out["mlx_active"] = int(mx.get_active_memory())
-        out["mlx_peak"] = int(mx.get_peak_memory())
-        out["mlx_cache"] = int(mx.get_cache_memory())
-    except Exception:  # no MLX backend here
-        pass
-    return out
+    """MLX active / peak / cache bytes (engine processes included); None where unavailable."""
+    mem = memory.mlx_memory()
+    if mem is None:
+        return {"mlx_active": None, "mlx_peak": None, "mlx_cache": None}
+    return {"mlx_active": mem[0], "mlx_peak": mem[1], "mlx_cache": mem[2]}
 
 
 @dataclass

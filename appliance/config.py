@@ -69,6 +69,11 @@ class ModelSpec:
     # Longest a new request waits to be prefilled together with requests arriving beside it
     # (the ones that just finished, coming back); 0 = join at the next step.
     join_window_s: float = 0.02
+    # The model in an engine process of its own, beside the server: a hard crash of MLX there
+    # (an abort, a segfault, an out-of-memory kill) ends only that process, and the model is
+    # reloaded like a dead generation thread. Same speed as the thread on an H100 at 32 and 64
+    # clients (BENCHMARKS.md), the same time to /readyz; a second copy of the tokenizer.
+    engine_process: bool = False
     max_kv_size: Optional[int] = None
     trust_remote_code: bool = False
     demo_shape: str = "demo"  # only for builtin:demo: demo | llama-1b

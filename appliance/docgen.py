@@ -55,6 +55,9 @@ DESCRIPTIONS = {
     f"models.catalog.{NAME}.join_window_s": (
         "Longest a new request waits to be prefilled with those arriving beside it (0: next step)."
     ),
+    f"models.catalog.{NAME}.engine_process": (
+        "Run the model in a process of its own: an MLX crash there ends only it; the model reloads."
+    ),
     f"models.catalog.{NAME}.max_kv_size": "Rotating KV cache size (null: the whole context).",
     f"models.catalog.{NAME}.trust_remote_code": "Let the tokenizer run code shipped with the model.",
     f"models.catalog.{NAME}.demo_shape": "Shape of the builtin demo model.",

@@ -14,8 +14,10 @@ from appliance.engine import memory
 @pytest.fixture(autouse=True)
 def _fresh() -> Iterator[None]:
     memory._cuda_total.cache_clear()  # the device is read once per process
+    memory.on_cuda.cache_clear()
     yield
     memory._cuda_total.cache_clear()
+    memory.on_cuda.cache_clear()
 
 
 def test_cpu_counts_system_memory() -> None:
@@ -31,6 +33,16 @@ def test_cuda_counts_the_devices_own_memory(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(mx, "device_info", lambda: {"device_name": "H200", "total_memory": 141 * 2**30})
     monkeypatch.setattr(mx, "get_active_memory", lambda: 3 * 2**30)
     assert memory.free_bytes() == 138 * 2**30  # not the host's RAM
+    # A model in an engine process of its own holds device memory this process's MLX can't see:
+    # the engine reports it, and it counts until the engine is gone.
+    memory.report_engine("big", 5 * 2**30, 6 * 2**30, 2**30)
+    try:
+        assert memory.free_bytes() == 133 * 2**30
+        assert memory.mlx_memory() == (8 * 2**30, mx.get_peak_memory() + 6 * 2**30,
+                                       mx.get_cache_memory() + 2**30)
+    finally:
+        memory.forget_engine("big")
+    assert memory.free_bytes() == 138 * 2**30
 
 
 def test_metal_counts_system_memory(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any
+from typing import Any, Optional
 
 import psutil
 
@@ -25,13 +25,24 @@ def system_memory() -> Any:
 
 
 @functools.cache
+def on_cuda() -> bool:
+    """Whether MLX computes on an NVIDIA GPU here (read once)."""
+    try:
+        import mlx.core as mx
+
+        return bool(mx.default_device() == mx.gpu and mx.cuda.is_available())
+    except Exception:  # no MLX backend, or an MLX without the CUDA module
+        return False
+
+
+@functools.cache
 def _cuda_total() -> int:
     """The default device's own memory on CUDA (read once), else 0: Metal's memory is unified
     with the system's and the CPU backend uses system memory."""
     try:
         import mlx.core as mx
 
-        if mx.default_device() == mx.gpu and mx.cuda.is_available():
+        if on_cuda():
             info = mx.device_info()
             value = info.get("total_memory") or info.get("memory_size")
             return int(value) if isinstance(value, int) else 0
@@ -40,15 +51,46 @@ def _cuda_total() -> int:
     return 0
 
 
+# MLX memory of the models in engine processes of their own (models.catalog.NAME.
+# engine_process), as each last reported it: model name -> (active, peak, cache) bytes.
+_engines: dict[str, tuple[int, int, int]] = {}
+
+
+def report_engine(name: str, active: int, peak: int, cache: int) -> None:
+    _engines[name] = (active, peak, cache)
+
+
+def forget_engine(name: str) -> None:
+    _engines.pop(name, None)
+
+
+def mlx_memory() -> Optional[tuple[int, int, int]]:
+    """MLX's active, peak and cache bytes through backend-neutral calls: this process's plus
+    each engine process's last report (a sum of peaks, not the peak of the sum). None when
+    there is no MLX here and no engine process."""
+    try:
+        import mlx.core as mx
+
+        mine = (int(mx.get_active_memory()), int(mx.get_peak_memory()), int(mx.get_cache_memory()))
+    except Exception:  # no MLX backend here
+        if not _engines:
+            return None
+        mine = (0, 0, 0)
+    active, peak, cache = mine
+    for a, p, c in list(_engines.values()):
+        active, peak, cache = active + a, peak + p, cache + c
+    return active, peak, cache
+
+
+def mlx_active() -> int:
+    mem = mlx_memory()
+    return mem[0] if mem is not None else 0
+
+
 def free_bytes() -> int:
-    """On CUDA, the device's memory less what MLX holds on it; elsewhere, the system memory
-    available (Metal shares it with the system)."""
+    """On CUDA, the device's memory less what MLX holds on it (in this process and in engine
+    processes); elsewhere, the system memory available (Metal shares it with the system)."""
     total = _cuda_total()
     if total:
-        try:
-            import mlx.core as mx
-
-            return total - int(mx.get_active_memory())
-        except Exception:  # pragma: no cover - MLX went away
-            pass
+        return total - mlx_active()
     return int(system_memory().available)

@@ -13,7 +13,8 @@ from typing import Any, Optional
 from ..config import ModelsConfig, ModelSpec
 from ..errors import EngineFailure, InsufficientMemory, ModelLoadError, ModelNotFound
 from . import distributed
-from .memory import free_bytes
+from .memory import free_bytes, mlx_active
+from .process import AnyWorker, ProcessWorker
 from .types import ModelInfo
 from .worker import ModelWorker, batching
 
@@ -76,7 +77,7 @@ class ModelRegistry:
 
     def __init__(self, cfg: ModelsConfig) -> None:
         self.cfg = cfg
-        self._workers: dict[str, ModelWorker] = {}
+        self._workers: dict[str, AnyWorker] = {}
         self._info: dict[str, ModelInfo] = {
             name: ModelInfo(name=name, path=spec.path, state="unloaded")
             for name, spec in cfg.catalog.items()
@@ -113,7 +114,7 @@ class ModelRegistry:
     def loaded(self) -> list[str]:
         return [n for n, w in self._workers.items() if w.alive]
 
-    def worker(self, name: str) -> Optional[ModelWorker]:
+    def worker(self, name: str) -> Optional[AnyWorker]:
         w = self._workers.get(name)
         return w if w is not None and w.alive else None
 
@@ -136,7 +137,7 @@ class ModelRegistry:
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
-    async def get_or_load(self, name: str) -> ModelWorker:
+    async def get_or_load(self, name: str) -> AnyWorker:
         """The running worker of a catalog model, loading it on first use."""
         w = self.worker(name)
         if w is not None:
@@ -164,45 +165,62 @@ class ModelRegistry:
                     param="model",
                 )
 
-            def loader() -> tuple[Any, Any]:
-                # Runs on the model's own thread: resolve, check memory, load.
+            def prepare() -> Path:
+                # On the model's own thread: resolve the folder, check the memory it needs.
                 path = resolve_path(spec, self.cfg.demo_dir)
                 need = estimate_bytes(path, spec)
                 info.memory_estimate_bytes = need
                 info.extra["kv_bytes_per_token"] = kv_bytes_per_token(path)
                 free = free_bytes()
                 if self.memory_limit is not None:
-                    import mlx.core as mx
-
-                    free = min(free, self.memory_limit - int(mx.get_active_memory()))
+                    free = min(free, self.memory_limit - mlx_active())
                 if need > free:
                     raise InsufficientMemory(
                         f"model {name!r} needs about {need / 2**30:.1f} GiB "
                         f"(weights and one full KV cache) but {free / 2**30:.1f} GiB is free",
                         retry_after=30,
                     )
-                from mlx_lm import load
-
                 log.info("loading model %s from %s", name, path)
+                return path
+
+            def loader() -> tuple[Any, Any]:
+                path = prepare()
                 if grp is not None:
                     return distributed.load_sharded(str(path))
+                from mlx_lm import load
+
                 try:
                     model, tokenizer = load(str(path), tokenizer_config={"trust_remote_code": spec.trust_remote_code})[:2]
                 except Exception as exc:
                     raise ModelLoadError(f"model {name!r} could not be loaded: {exc}") from None
                 return model, tokenizer
 
-            worker = ModelWorker(
-                name,
-                spec.path,
-                loader=loader,
-                loop=loop,
-                **batching(spec),
-                prompt_cache_bytes=self.cfg.prompt_cache_bytes,
-                prompt_cache_min_tokens=self.cfg.prompt_cache_min_tokens,
-                on_death=self._died,
-                link=distributed.Link(grp) if grp is not None else None,
-            )
+            worker: AnyWorker
+            if spec.engine_process and grp is None:
+                worker = ProcessWorker(
+                    name,
+                    spec.path,
+                    prepare=prepare,
+                    loop=loop,
+                    batching=batching(spec),
+                    prompt_cache_bytes=self.cfg.prompt_cache_bytes,
+                    prompt_cache_min_tokens=self.cfg.prompt_cache_min_tokens,
+                    trust_remote_code=spec.trust_remote_code,
+                    memory_limit=self.memory_limit,
+                    on_death=self._died,
+                )
+            else:
+                worker = ModelWorker(
+                    name,
+                    spec.path,
+                    loader=loader,
+                    loop=loop,
+                    **batching(spec),
+                    prompt_cache_bytes=self.cfg.prompt_cache_bytes,
+                    prompt_cache_min_tokens=self.cfg.prompt_cache_min_tokens,
+                    on_death=self._died,
+                    link=distributed.Link(grp) if grp is not None else None,
+                )
             try:
                 await worker.start()
             except BaseException as exc:

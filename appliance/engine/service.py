@@ -10,10 +10,10 @@ from typing import Any, Optional
 from ..config import LimitsConfig, ModelsConfig
 from ..errors import InsufficientMemory, PromptTooLong
 from .admission import Admission
-from .memory import free_bytes
+from .memory import free_bytes, mlx_active
+from .process import AnyWorker
 from .registry import ModelRegistry
 from .types import Generation, SamplingParams
-from .worker import ModelWorker
 
 log = logging.getLogger("appliance.engine")
 
@@ -56,7 +56,7 @@ class Engine:
         self.registry.spec(name)  # ModelNotFound when unknown
         return name
 
-    async def model(self, name: str) -> ModelWorker:
+    async def model(self, name: str) -> AnyWorker:
         return await self.registry.get_or_load(name)
 
     def check_prompt(
@@ -77,7 +77,7 @@ class Engine:
 
     async def start(
         self,
-        worker: ModelWorker,
+        worker: AnyWorker,
         prompt_tokens: list[int],
         params: SamplingParams,
         *,
@@ -149,12 +149,7 @@ class Engine:
         free = free_bytes()
         limit = self.limits.mlx_memory_limit_bytes
         if limit is not None:
-            try:
-                import mlx.core as mx
-
-                free = min(free, limit - int(mx.get_active_memory()))
-            except Exception:  # no MLX backend here
-                pass
+            free = min(free, limit - mlx_active())
         outstanding = 0
         for gen in self._holding.values():
             left = gen.params.max_tokens - len(gen.tokens)

@@ -188,10 +188,9 @@ class ModelWorker:
             victims = [*self._active.values(), *(g for g, _ in self._waiting)]
             self._active.clear()
             self._waiting.clear()
-            self._loop.call_soon_threadsafe(_fail_all, victims, err)
+            self._out_fail(victims, err)
             self._drain_after_death(err)
-            if self._on_death is not None:
-                self._loop.call_soon_threadsafe(self._on_death, self.name, exc)
+            self._out_death(exc)
         finally:
             try:
                 gen.close()
@@ -208,7 +207,7 @@ class ModelWorker:
             if item is _STOP:
                 return
             if item[0] == "submit":
-                self._loop.call_soon_threadsafe(item[1].fail, err)
+                self._out_fail([item[1]], err)
             elif item[0] == "call":
                 item[2].set_exception(err)
 
@@ -217,7 +216,6 @@ class ModelWorker:
         active = self._active
         waiting = self._waiting
         uid_of: dict[int, int] = {}  # id(Generation) -> uid
-        loop = self._loop
         link = self._link
         want_lp: set[int] = set()
         window = self._join_window_s
@@ -286,9 +284,7 @@ class ModelWorker:
                     victims = [*active.values(), *(g for g, _ in waiting)]
                     active.clear()
                     waiting.clear()
-                    loop.call_soon_threadsafe(
-                        _fail_all, victims, EngineFailure(f"model {self.name!r} was unloaded")
-                    )
+                    self._out_fail(victims, EngineFailure(f"model {self.name!r} was unloaded"))
                     return
                 g: Generation = item[1]
                 if item[0] == "submit":
@@ -328,7 +324,18 @@ class ModelWorker:
                     want_lp.discard(r.uid)
                     returning += 1
                     self._keep_cache(gen, r)
-            loop.call_soon_threadsafe(_deliver, events, now)
+            self._out_step(events, now)
+
+    # -- where the thread's results go: the event loop here; the pipe in an engine process
+    def _out_step(self, events: list[tuple[Any, ...]], now: float) -> None:
+        self._loop.call_soon_threadsafe(_deliver, events, now)
+
+    def _out_fail(self, victims: list[Generation], err: BaseException) -> None:
+        self._loop.call_soon_threadsafe(_fail_all, victims, err)
+
+    def _out_death(self, exc: BaseException) -> None:
+        if self._on_death is not None:
+            self._loop.call_soon_threadsafe(self._on_death, self.name, exc)
 
     def _load_and_make_generator(self) -> Any:
         """Load the model on this thread and wrap it in a BatchGenerator on this thread's stream."""

@@ -8,6 +8,7 @@ Runs happen on the event loop and must not block it: MLX work goes to a model's 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -17,6 +18,7 @@ from typing import Any, Optional
 import psutil
 
 from ..config import AppConfig
+from ..engine.memory import mlx_active
 from ..engine.service import Engine
 from ..helpers import Helpers
 from ..state import StateStore
@@ -40,32 +42,35 @@ class TaskContext:
         return [("degraded", reason) for reason in self.degraded.values()]
 
 
-async def on_model_thread(ctx: TaskContext, fn: Callable[[], Any], timeout: float) -> Any:
-    """Run fn on a loaded model's generation thread (between steps), else in a worker thread."""
-    reg = ctx.engine.registry
-    for name in reg.loaded():
-        worker = reg.worker(name)
-        if worker is not None:
-            fut = worker.call(lambda model, tok: fn())
-            return await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
-    return await asyncio.to_thread(fn)
+def _ignore_model(fn: Callable[[], Any], model: Any, tok: Any) -> Any:
+    return fn()
+
+
+def trim_mlx_cache(max_cache_bytes: int) -> int:
+    """Clear MLX's buffer cache if it holds more than max_cache_bytes; the bytes it held, or 0."""
+    import mlx.core as mx
+
+    cached = int(mx.get_cache_memory())
+    if cached <= max_cache_bytes:
+        return 0
+    mx.clear_cache()
+    return cached
 
 
 def cache_trim(ctx: TaskContext) -> Run:
     """Clear MLX's buffer cache when it holds more than `max_cache_bytes`."""
     t = ctx.cfg.maintenance.cache_trim
-
-    def trim() -> int:
-        import mlx.core as mx
-
-        cached = int(mx.get_cache_memory())
-        if cached <= t.max_cache_bytes:
-            return 0
-        mx.clear_cache()
-        return cached
+    trim = functools.partial(trim_mlx_cache, t.max_cache_bytes)
 
     async def run() -> None:
-        freed = await on_model_thread(ctx, trim, max(t.interval_s, 5.0))
+        # On each model's generation thread, between steps (a model in an engine process of
+        # its own has its own cache); in a worker thread when no model is loaded.
+        reg = ctx.engine.registry
+        workers = [w for w in map(reg.worker, reg.loaded()) if w is not None]
+        freed = 0 if workers else await asyncio.to_thread(trim)
+        for worker in workers:
+            fut = worker.call(functools.partial(_ignore_model, trim))
+            freed += await asyncio.wait_for(asyncio.wrap_future(fut), max(t.interval_s, 5.0))
         if freed:
             log.info(
                 "cache_trim: cleared %d bytes of MLX buffer cache (limit %d)", freed, t.max_cache_bytes
@@ -111,9 +116,7 @@ def memory_watchdog(ctx: TaskContext) -> Run:
                 f"shedding threshold {shed.memory_percent:g}%"
             )
         if shed.mlx_active_bytes:
-            import mlx.core as mx
-
-            active = int(mx.get_active_memory())
+            active = mlx_active()
             if active >= shed.mlx_active_bytes * (1 - t.warn_margin_percent / 100):
                 reasons.append(
                     f"MLX active memory {active} bytes is within {t.warn_margin_percent:g}% of "

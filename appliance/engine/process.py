@@ -1,0 +1,486 @@
+"""A model's generation thread in an engine process of its own (`engine_process: true`).
+
+The child runs the same `ModelWorker` loop; the server keeps the tokenizer, admission, HTTP and
+metrics. What it buys is isolation: a hard crash of MLX (an abort in a backend, a segfault, the
+kernel's out-of-memory kill) ends only the engine process, its requests get an engine_failure
+error, and the model is reloaded as after a dead generation thread, where in the server's own
+process the same crash would end the server. It was built to take the generation thread's
+Python off the event loop's GIL; on an H100 at 32 and 64 streaming clients, interleaved runs
+gave the same tokens/s either way (BENCHMARKS.md), so it is off by default. Not for a
+distributed group (rank 0 keeps its thread).
+
+The two talk over a socket pair with `multiprocessing.connection` framing (pickles):
+
+- server -> engine: ("submit", rid, prompt tokens, params), ("cancel", rid), ("call", cid, fn),
+  ("fault", message), ("stop",).
+- engine -> server: ("loaded", info) or ("load_failed", error) once; then ("step", events) once
+  per decode step, ("fail", rids, error), ("result", cid, ok, value), ("stats", ...) at most
+  every STATS_S, ("log", level, logger, message, exception) and ("died", reason).
+
+The child ignores SIGINT and SIGTERM (the server drains first, then sends "stop") and exits when
+the socket closes, so it never outlives the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import logging
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, Optional, Union, cast
+
+from ..errors import EngineFailure, ModelLoadError
+from . import memory
+from .types import Generation
+from .worker import ModelWorker, _deliver, _fail_all
+
+log = logging.getLogger("appliance.engine")
+
+STATS_S = 0.25  # the engine reports its counters and MLX memory at most this often
+_EMPTY_STATS = {"cache_hits": 0, "cache_misses": 0, "cached_tokens": 0, "joins": 0, "joined": 0}
+
+
+class _CacheSize:
+    """What the server shows of the engine's prompt cache: its size as last reported."""
+
+    nbytes = 0
+
+
+class ProcessWorker:
+    """The server's side of a model in an engine process; the interface of ModelWorker."""
+
+    def __init__(
+        self,
+        name: str,
+        path: str,
+        *,
+        prepare: Callable[[], Path],
+        loop: asyncio.AbstractEventLoop,
+        batching: dict[str, Any],
+        prompt_cache_bytes: int,
+        prompt_cache_min_tokens: Optional[int],
+        trust_remote_code: bool,
+        memory_limit: Optional[int],
+        on_death: Optional[Callable[[str, BaseException], None]] = None,
+    ) -> None:
+        self.name = name
+        self.path = path
+        self._prepare = prepare  # on the manager thread: resolve the folder, check memory
+        self._loop = loop
+        self._init = {
+            "name": name,
+            "batching": batching,
+            "prompt_cache_bytes": prompt_cache_bytes,
+            "prompt_cache_min_tokens": prompt_cache_min_tokens,
+            "trust_remote_code": trust_remote_code,
+            "memory_limit": memory_limit,
+            "log_level": logging.getLogger().getEffectiveLevel(),
+        }
+        self._on_death = on_death
+        self._rids = itertools.count(1)
+        self._gens: dict[int, Generation] = {}  # in the engine's batch or on the way there
+        self._calls: dict[int, Future[Any]] = {}
+        self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=f"gen-{name}", daemon=True)
+        self._sender = threading.Thread(target=self._send_all, name=f"send-{name}", daemon=True)
+        self._loaded: Future[None] = Future()
+        self._stopping = False
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+        self._conn: Optional[Connection] = None
+        self.model: Any = None  # lives in the engine process
+        self.tokenizer: Any = None
+        self.prompt_cache = _CacheSize()
+        self.stats = dict(_EMPTY_STATS)
+        self.dead: Optional[BaseException] = None
+        self.vocab_size = 0
+
+    # -- the ModelWorker interface (called from the event loop)
+    async def start(self) -> None:
+        self._thread.start()
+        await asyncio.wrap_future(self._loaded)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.dead is None
+
+    @property
+    def active_count(self) -> int:
+        return len(self._gens)
+
+    def submit(self, gen: Generation) -> None:
+        if not self.alive:
+            gen.fail(EngineFailure(f"model {self.name!r} is not running"))
+            return
+        rid = next(self._rids)
+        self._gens[rid] = gen
+
+        def cancel() -> None:
+            if self._gens.pop(rid, None) is not None:
+                self._outbox.put(("cancel", rid))
+
+        gen._cancel = cancel
+        self._outbox.put(("submit", rid, gen.prompt_tokens, gen.params))
+        if self.dead is not None and self._gens.pop(rid, None) is not None:  # died meanwhile
+            gen.fail(EngineFailure(f"model {self.name!r} is not running"))
+
+    def call(self, fn: Callable[[Any, Any], Any]) -> Future[Any]:
+        """Run fn(model, tokenizer) in the engine process between steps; fn is pickled, so a
+        module-level function or a functools.partial of one."""
+        fut: Future[Any] = Future()
+        if not self.alive:
+            fut.set_exception(EngineFailure(f"model {self.name!r} is not running"))
+            return fut
+        cid = next(self._rids)
+        self._calls[cid] = fut
+        self._outbox.put(("call", cid, fn))
+        return fut
+
+    def inject_fault(self, exc: BaseException) -> None:
+        """Testing only (APPLIANCE_FAULT_INJECTION=1): the engine's generation thread raises."""
+        self._outbox.put(("fault", str(exc)))
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._outbox.put(("stop",))
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()  # did not stop in time
+            proc.wait(5)
+
+    # -- the manager thread: start the engine, then read what it sends
+    def _run(self) -> None:
+        try:
+            conn = self._spawn()
+            info = self._await_load(conn)
+        except BaseException as exc:  # forwarded to whoever awaits the load
+            self.dead = exc
+            self._loaded.set_exception(exc)
+            self._reap()
+            return
+        self.vocab_size = int(info.get("vocab_size") or 0)
+        self._sender.start()
+        self._loaded.set_result(None)
+        reason = self._read(conn)
+        self._outbox.put(None)  # the sender ends
+        code = self._reap()
+        memory.forget_engine(self.name)
+        if self._stopping and reason is None:
+            err: BaseException = EngineFailure(f"model {self.name!r} was unloaded")
+        else:
+            err = EngineFailure(
+                f"the engine process of model {self.name!r} failed: "
+                f"{reason or f'it exited with code {code}'}"
+            )
+            self.dead = err
+            log.error("engine process of %s ended: %s", self.name, err)
+        victims = list(self._gens.values())
+        self._gens.clear()
+        if victims:
+            self._loop.call_soon_threadsafe(_fail_all, victims, err)
+        for fut in self._calls.values():
+            if not fut.done():
+                fut.set_exception(err)
+        self._calls.clear()
+        if self.dead is not None and self._on_death is not None:
+            self._loop.call_soon_threadsafe(self._on_death, self.name, err)
+
+    def _spawn(self) -> Connection:
+        path = self._prepare()
+        mine, theirs = socket.socketpair()
+        root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "appliance.engine.process", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        finally:
+            theirs.close()
+        conn = self._conn = Connection(mine.detach())
+        conn.send({**self._init, "path": str(path)})
+        log.info("model %s: engine process %d started", self.name, self.proc.pid)
+        # The server's own tokenizer, loaded while the engine loads the weights.
+        from mlx_lm.utils import load_config, load_tokenizer
+
+        try:
+            config = load_config(path)
+            self.tokenizer = load_tokenizer(
+                path,
+                {"trust_remote_code": self._init["trust_remote_code"]},
+                eos_token_ids=config.get("eos_token_id"),
+            )
+        except Exception as exc:
+            raise ModelLoadError(f"model {self.name!r} could not be loaded: {exc}") from None
+        return conn
+
+    def _await_load(self, conn: Connection) -> dict[str, Any]:
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                code = self.proc.wait(10) if self.proc is not None else None
+                raise ModelLoadError(
+                    f"the engine process of model {self.name!r} exited while loading (code {code})"
+                ) from None
+            if msg[0] == "loaded":
+                return cast(dict[str, Any], msg[1])
+            if msg[0] == "load_failed":
+                raise msg[1]
+            self._handle(msg)
+
+    def _read(self, conn: Connection) -> Optional[str]:
+        """Dispatch messages until the socket closes; the reason the engine gave, if it died."""
+        reason: Optional[str] = None
+        gens = self._gens
+        loop = self._loop
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                return reason
+            if msg[0] == "step":
+                now = time.perf_counter()
+                events = []
+                for rid, token, finish, lp, top, cached in msg[1]:
+                    g = gens.get(rid)
+                    if g is None:  # cancelled meanwhile
+                        continue
+                    g.cached_tokens = cached
+                    if finish is not None:
+                        del gens[rid]
+                    events.append((g, token, finish, lp, top))
+                if events:
+                    loop.call_soon_threadsafe(_deliver, events, now)
+            elif msg[0] == "died":
+                reason = msg[1]
+            else:
+                self._handle(msg)
+
+    def _handle(self, msg: tuple[Any, ...]) -> None:
+        kind = msg[0]
+        if kind == "fail":
+            victims = [g for g in map(self._gens.pop, msg[1], itertools.repeat(None)) if g is not None]
+            if victims:
+                self._loop.call_soon_threadsafe(_fail_all, victims, msg[2])
+        elif kind == "result":
+            fut = self._calls.pop(msg[1], None)
+            if fut is not None and fut.set_running_or_notify_cancel():
+                if msg[2]:
+                    fut.set_result(msg[3])
+                else:
+                    fut.set_exception(msg[3])
+        elif kind == "stats":
+            self.stats = msg[1]
+            self.prompt_cache.nbytes = msg[2]
+            memory.report_engine(self.name, *msg[3])
+        elif kind == "log":
+            _, level, logger, message, exc_text = msg
+            extra = {"engine_pid": self.proc.pid if self.proc is not None else None}
+            if exc_text:
+                extra["exception"] = exc_text
+            logging.getLogger(logger).log(level, message, extra=extra)
+
+    def _send_all(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        while True:
+            item = self._outbox.get()
+            if item is None:
+                return
+            try:
+                conn.send(item)
+            except (OSError, EOFError):
+                pass  # the engine is gone; the reader ends the requests
+            except Exception as exc:  # not picklable: only a call's fn can be
+                if item[0] == "call":
+                    fut = self._calls.pop(item[1], None)
+                    if fut is not None and fut.set_running_or_notify_cancel():
+                        fut.set_exception(exc)
+                else:
+                    log.exception("could not send %s to the engine process of %s", item[0], self.name)
+
+    def _reap(self) -> Optional[int]:
+        proc = self.proc
+        if proc is None:
+            return None
+        try:
+            return proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait(5)
+
+
+AnyWorker = Union[ModelWorker, ProcessWorker]  # what the registry holds for a loaded model
+
+
+# -- the engine process
+
+
+class _EngineWorker(ModelWorker):
+    """ModelWorker whose results go down the socket instead of to an event loop."""
+
+    def __init__(self, conn: Connection, init: dict[str, Any]) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+        self._rid: dict[int, int] = {}  # id(Generation) -> the server's request id
+        self.gens: dict[int, Generation] = {}
+        self._stats_at = 0.0
+        trust = bool(init["trust_remote_code"])
+        path = init["path"]
+
+        def loader() -> tuple[Any, Any]:
+            from mlx_lm import load
+
+            try:
+                model, tokenizer = load(path, tokenizer_config={"trust_remote_code": trust})[:2]
+            except Exception as exc:
+                raise ModelLoadError(f"model {init['name']!r} could not be loaded: {exc}") from None
+            return model, tokenizer
+
+        super().__init__(
+            init["name"],
+            path,
+            loader=loader,
+            loop=cast(asyncio.AbstractEventLoop, None),
+            **init["batching"],
+            prompt_cache_bytes=init["prompt_cache_bytes"],
+            prompt_cache_min_tokens=init["prompt_cache_min_tokens"],
+        )
+
+    def send(self, msg: tuple[Any, ...]) -> None:
+        with self._lock:
+            self._conn.send(msg)
+
+    def add(self, rid: int, gen: Generation) -> None:
+        self._rid[id(gen)] = rid
+        self.gens[rid] = gen
+        self.submit(gen)
+
+    def forget(self, gen: Generation) -> Optional[int]:
+        rid = self._rid.pop(id(gen), None)
+        if rid is not None:
+            self.gens.pop(rid, None)
+        return rid
+
+    def _out_step(self, events: list[tuple[Any, ...]], now: float) -> None:
+        wire = []
+        for g, token, finish, lp, top in events:
+            rid = self._rid.get(id(g))
+            if rid is None:
+                continue
+            if finish is not None:
+                self.forget(g)
+            wire.append((rid, token, finish, lp, top, g.cached_tokens))
+        self.send(("step", wire))
+        if now - self._stats_at >= STATS_S:
+            self._stats_at = now
+            self.report()
+
+    def _out_fail(self, victims: list[Generation], err: BaseException) -> None:
+        rids = [r for r in map(self.forget, victims) if r is not None]
+        self.send(("fail", rids, err))
+
+    def _out_death(self, exc: BaseException) -> None:
+        self.send(("died", f"{type(exc).__name__}: {exc}"))
+        os._exit(70)  # the server fails what remains and reloads the model
+
+    def report(self) -> None:
+        import mlx.core as mx
+
+        mem = (int(mx.get_active_memory()), int(mx.get_peak_memory()), int(mx.get_cache_memory()))
+        cache = self.prompt_cache.nbytes if self.prompt_cache is not None else 0
+        self.send(("stats", dict(self.stats), cache, mem))
+
+
+class _LogToServer(logging.Handler):
+    def __init__(self, worker: _EngineWorker) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            exc_text = logging.Formatter().formatException(record.exc_info) if record.exc_info else None
+            self.worker.send(("log", record.levelno, record.name, record.getMessage(), exc_text))
+        except Exception:  # the socket is gone: nobody to tell
+            pass
+
+
+def _result(worker: _EngineWorker, cid: int, fut: Future[Any]) -> None:
+    exc = fut.exception()
+    try:
+        worker.send(("result", cid, exc is None, fut.result() if exc is None else exc))
+    except Exception as err:  # an unpicklable result or error: say so instead
+        worker.send(("result", cid, False, EngineFailure(f"the engine could not return it: {err}")))
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from .. import startup
+
+    startup.install()
+    conn = Connection(int(sys.argv[1]))
+    init = conn.recv()
+    worker = _EngineWorker(conn, init)
+    root = logging.getLogger()
+    root.handlers[:] = [_LogToServer(worker)]
+    root.setLevel(init["log_level"])
+    if init["memory_limit"] is not None:
+        import mlx.core as mx
+
+        mx.set_memory_limit(init["memory_limit"])
+    worker._thread.start()
+    try:
+        worker._loaded.result()
+    except BaseException as exc:
+        worker.send(("load_failed", exc if isinstance(exc, ModelLoadError) else ModelLoadError(str(exc))))
+        os._exit(1)
+    worker.report()
+    worker.send(("loaded", {"vocab_size": worker.vocab_size, "pid": os.getpid()}))
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):  # the server is gone
+            os._exit(0)
+        kind = msg[0]
+        if kind == "submit":
+            worker.add(msg[1], Generation(worker.name, msg[2], msg[3]))
+        elif kind == "cancel":
+            gen = worker.gens.get(msg[1])
+            if gen is not None:
+                gen.cancel()  # leaves the batch at the next step; the server forgot it already
+                worker.forget(gen)
+        elif kind == "call":
+            fut = worker.call(msg[2])
+            fut.add_done_callback(functools.partial(_result, worker, msg[1]))
+        elif kind == "fault":
+            worker.inject_fault(RuntimeError(msg[1]))
+        elif kind == "stop":
+            worker.stop()
+            worker.join(30)
+            conn.close()
+            # os._exit: MLX's CUDA backend can abort in its destructors at interpreter exit.
+            os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
