@@ -3,11 +3,15 @@ with a trace of what BatchGenerator does per step. No HTTP: it tells the engine'
 server-side gap from the HTTP front's.
 
     python -m appliance.steptrace --model-path DIR --clients 32 --requests 3 --max-tokens 128 \
-        [KEY=VALUE ...]   # config overrides, e.g. models.prompt_cache_min_tokens=0
+        [--return-delay-ms D] [KEY=VALUE ...]   # overrides, e.g. models.prompt_cache_min_tokens=0
+
+`--return-delay-ms D` makes each client wait a random 0..D ms before each next request, as
+clients over HTTP come back spread out (the front parses, templates and admits one at a time).
 
 Prints one line: tokens/s, decode steps and their time, mean batch size, prefill calls (and the
 tokens they took), new-batch and cache-merge calls, the time in decode, prefill and new batches,
-TTFT and end-to-end p50/p99. It wraps mlx-lm's BatchGenerator internals to count them, so it
+TTFT and end-to-end p50/p99, TTFT split into the wait before joining the batch (the join window)
+and the rest (prefill and the steps to the first token), and the joins. It wraps mlx-lm's BatchGenerator internals to count them, so it
 measures mlx-lm 0.32's structure; a diagnostic, not a benchmark (see `appliance.bench`).
 """
 
@@ -17,6 +21,7 @@ import argparse
 import asyncio
 import importlib
 import os
+import random
 import statistics
 import sys
 import time
@@ -66,6 +71,7 @@ async def _run(args: argparse.Namespace, trace: Trace) -> str:
     from .config import load
     from .engine.service import Engine
     from .engine.types import SamplingParams
+    from .engine.worker import ModelWorker
 
     c = args.clients
     overrides = [
@@ -78,14 +84,28 @@ async def _run(args: argparse.Namespace, trace: Trace) -> str:
     cfg = load(compose([*overrides, *args.overrides]))
     engine = Engine(cfg.models, cfg.limits)
     worker = await engine.model("demo")
+    if not isinstance(worker, ModelWorker):
+        raise SystemExit("steptrace traces the generation thread in this process: engine_process=false")
     tok = worker.tokenizer
     total = 0
     ttft: list[float] = []
     e2e: list[float] = []
+    joined_wait: list[float] = []
+    inserted: dict[int, float] = {}  # id(prompt tokens) -> when the worker put it in the batch
+    insert = worker._insert
+
+    def timed_insert(gen: Any, prompt: list[int], params: Any) -> Any:
+        inserted[id(prompt)] = time.perf_counter()
+        return insert(gen, prompt, params)
+
+    worker._insert = timed_insert  # type: ignore[method-assign]
+    rng = random.Random(0)
 
     async def client(i: int, n: int, record: bool) -> None:
         nonlocal total
         for j in range(n):
+            if j and args.return_delay_ms > 0:
+                await asyncio.sleep(rng.uniform(0, args.return_delay_ms) / 1000)
             prompt = list(tok.encode(f"Request {i * 1000 + j}. Tell me about the sea and the boats"))
             t0 = time.perf_counter()
             gen = await engine.start(worker, prompt, SamplingParams(max_tokens=args.max_tokens))
@@ -100,25 +120,30 @@ async def _run(args: argparse.Namespace, trace: Trace) -> str:
             if record:
                 ttft.append(first or 0.0)
                 e2e.append(time.perf_counter() - t0)
+                joined_wait.append(inserted.pop(id(prompt), t0) - t0)
 
     await asyncio.gather(*(client(i, 1, False) for i in range(c)))  # warm-up
     total = 0
+    joins0 = worker.stats["joins"]
     trace.on = True
     t0 = time.perf_counter()
     await asyncio.gather(*(client(i, args.requests, True) for i in range(c)))
     wall = time.perf_counter() - t0
     trace.on = False
+    joins = worker.stats["joins"] - joins0
     await engine.close()
+    after_join = [a - b for a, b in zip(ttft, joined_wait, strict=True)]
     n, s, k = trace.steps, trace.secs, trace.count
     ms = 1000
     return (
-        f"clients={c} {' '.join(args.overrides)}: {total / wall:.0f} tok/s; steps {len(n)}, "
+        f"clients={c} delay<={args.return_delay_ms:g}ms {' '.join(args.overrides)}: {total / wall:.0f} tok/s; steps {len(n)}, "
         f"next() p50 {_q(n, .5) * ms:.2f} ms p99 {_q(n, .99) * ms:.2f} ms, {sum(n):.2f} s of "
         f"{wall:.2f} s; mean batch {statistics.mean(trace.batch or [0]):.1f}; "
         f"prefill calls {k.get('prefill', 0)} ({k.get('prefill_tokens', 0)} tokens) "
         f"{s.get('prefill', 0):.2f} s; new batches {k.get('newbatch', 0)} {s.get('newbatch', 0):.2f} s; "
         f"decode {s.get('decode', 0):.2f} s; TTFT p50 {_q(ttft, .5) * ms:.0f} ms p99 "
-        f"{_q(ttft, .99) * ms:.0f} ms; e2e p50 {_q(e2e, .5) * ms:.0f} ms"
+        f"{_q(ttft, .99) * ms:.0f} ms (waiting to join p50 {_q(joined_wait, .5) * ms:.0f} ms, then "
+        f"p50 {_q(after_join, .5) * ms:.0f} ms); joins {joins}; e2e p50 {_q(e2e, .5) * ms:.0f} ms"
     )
 
 
@@ -128,6 +153,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=3, help="requests per client, after a warm-up one")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--return-delay-ms", type=float, default=0.0,
+                    help="each client waits a random 0..D ms before each next request")
     ap.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE")
     args = ap.parse_args(argv)
     g = importlib.import_module("mlx_lm.generate")  # the module, not mlx_lm.generate()

@@ -111,15 +111,19 @@ def test_steptrace_reports_the_engines_steps(tmp_path: Path, demo_cache: Path) -
     env = {**os.environ, "XDG_CACHE_HOME": str(demo_cache)}
     proc = subprocess.run(
         [sys.executable, "-m", "appliance.steptrace", "--clients", "2", "--requests", "2",
-         "--max-tokens", "4", "models.prompt_cache_min_tokens=0"],
+         "--max-tokens", "4", "--return-delay-ms", "5", "models.prompt_cache_min_tokens=0"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = proc.stdout.strip().splitlines()[-1]
-    assert line.startswith("clients=2 models.prompt_cache_min_tokens=0: "), line
+    assert line.startswith("clients=2 delay<=5ms models.prompt_cache_min_tokens=0: "), line
     assert float(line.split(": ", 1)[1].split(" tok/s")[0]) > 0
     assert "TTFT p50" in line and "mean batch" in line
     # 4 requests of 4 tokens: at least 4 decode steps, and every request was prefilled.
     steps = int(line.split("steps ", 1)[1].split(",")[0])
     assert steps >= 4
     assert int(line.split("prefill calls ", 1)[1].split(" ")[0]) >= 1
+    # Every request joined the batch (at least one join per arrival group), and the TTFT split
+    # into waiting to join and the rest is there.
+    assert int(line.split("joins ", 1)[1].split(";")[0]) >= 1
+    assert "waiting to join p50" in line
