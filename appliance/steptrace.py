@@ -8,7 +8,7 @@ server-side gap from the HTTP front's.
 `--return-delay-ms D` makes each client wait a random 0..D ms before each next request, as
 clients over HTTP come back spread out (the front parses, templates and admits one at a time).
 
-Prints one line: tokens/s, decode steps and their time, mean batch size, prefill calls (and the
+Prints one line per round (`--rounds`): tokens/s, decode steps and their time, mean batch size, prefill calls (and the
 tokens they took), new-batch and cache-merge calls, the time in decode, prefill and new batches,
 TTFT and end-to-end p50/p99, TTFT split into the wait before joining the batch (the join window)
 and the rest (prefill and the steps to the first token), and the joins. It wraps mlx-lm's BatchGenerator internals to count them, so it
@@ -32,6 +32,9 @@ from typing import Any
 class Trace:
     def __init__(self) -> None:
         self.on = False
+        self.reset()
+
+    def reset(self) -> None:
         self.steps: list[float] = []
         self.batch: list[int] = []
         self.count: dict[str, int] = {}
@@ -101,12 +104,12 @@ async def _run(args: argparse.Namespace, trace: Trace) -> str:
     worker._insert = timed_insert  # type: ignore[method-assign]
     rng = random.Random(0)
 
-    async def client(i: int, n: int, record: bool) -> None:
+    async def client(i: int, n: int, record: bool, round_: int = 0) -> None:
         nonlocal total
         for j in range(n):
             if j and args.return_delay_ms > 0:
                 await asyncio.sleep(rng.uniform(0, args.return_delay_ms) / 1000)
-            prompt = list(tok.encode(f"Request {i * 1000 + j}. Tell me about the sea and the boats"))
+            prompt = list(tok.encode(f"Request {round_}-{i * 1000 + j}. Tell me about the sea and the boats"))
             t0 = time.perf_counter()
             gen = await engine.start(worker, prompt, SamplingParams(max_tokens=args.max_tokens))
             deadline, first = engine.deadline(), None
@@ -123,20 +126,33 @@ async def _run(args: argparse.Namespace, trace: Trace) -> str:
                 joined_wait.append(inserted.pop(id(prompt), t0) - t0)
 
     await asyncio.gather(*(client(i, 1, False) for i in range(c)))  # warm-up
-    total = 0
-    joins0 = worker.stats["joins"]
-    trace.on = True
-    t0 = time.perf_counter()
-    await asyncio.gather(*(client(i, args.requests, True) for i in range(c)))
-    wall = time.perf_counter() - t0
-    trace.on = False
-    joins = worker.stats["joins"] - joins0
+    lines = []
+    for r in range(1, args.rounds + 1):
+        total = 0
+        ttft.clear()
+        e2e.clear()
+        joined_wait.clear()
+        trace.reset()
+        joins0 = worker.stats["joins"]
+        trace.on = True
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(i, args.requests, True, r) for i in range(c)))
+        wall = time.perf_counter() - t0
+        trace.on = False
+        lines.append(_line(args, trace, total / wall, wall, ttft, joined_wait, e2e,
+                           worker.stats["joins"] - joins0))
     await engine.close()
+    return "\n".join(lines)
+
+
+def _line(args: argparse.Namespace, trace: Trace, rate: float, wall: float, ttft: list[float],
+          joined_wait: list[float], e2e: list[float], joins: int) -> str:
     after_join = [a - b for a, b in zip(ttft, joined_wait, strict=True)]
     n, s, k = trace.steps, trace.secs, trace.count
     ms = 1000
     return (
-        f"clients={c} delay<={args.return_delay_ms:g}ms {' '.join(args.overrides)}: {total / wall:.0f} tok/s; steps {len(n)}, "
+        f"clients={args.clients} delay<={args.return_delay_ms:g}ms {' '.join(args.overrides)}: "
+        f"{rate:.0f} tok/s; steps {len(n)}, "
         f"next() p50 {_q(n, .5) * ms:.2f} ms p99 {_q(n, .99) * ms:.2f} ms, {sum(n):.2f} s of "
         f"{wall:.2f} s; mean batch {statistics.mean(trace.batch or [0]):.1f}; "
         f"prefill calls {k.get('prefill', 0)} ({k.get('prefill_tokens', 0)} tokens) "
@@ -153,6 +169,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=3, help="requests per client, after a warm-up one")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=1, help="measured rounds, one line each")
     ap.add_argument("--return-delay-ms", type=float, default=0.0,
                     help="each client waits a random 0..D ms before each next request")
     ap.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE")
