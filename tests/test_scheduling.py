@@ -97,3 +97,46 @@ def test_a_lone_request_does_not_wait_for_the_window(
     assert asyncio.run(scenario()) < 2.0
 
 
+
+
+def test_clients_that_never_come_back_stop_holding_new_requests(
+    demo_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three requests end and their clients leave, while a long one keeps the engine busy.
+    Once the ends are older than RETURN_S, a new request joins at the next step instead of
+    waiting out the (here 1 s) window for three arrivals that will never come."""
+    from appliance.engine.worker import RETURN_S
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(demo_cache))
+
+    async def scenario() -> tuple[float, float]:
+        engine = _engine(1.0)
+        try:
+            worker = await engine.model("demo")
+            tok = worker.tokenizer
+            prompt = list(tok.encode("The long one keeps the engine stepping"))
+            long = await engine.start(worker, prompt, SamplingParams(max_tokens=2000))
+            short = [await engine.start(worker, prompt, SamplingParams(max_tokens=3)) for _ in range(3)]
+            await asyncio.gather(*(_run(engine, g) for g in short))
+            # Right after the ends, a new arrival waits for the ones expected back, until the
+            # ends are RETURN_S old (the window, 1 s, is longer).
+            t = time.perf_counter()
+            soon = await engine.start(worker, prompt, SamplingParams(max_tokens=2))
+            await _run(engine, soon)
+            held = time.perf_counter() - t
+            await asyncio.sleep(RETURN_S + 0.2)  # nobody came back
+            t = time.perf_counter()
+            late = await engine.start(worker, prompt, SamplingParams(max_tokens=2))
+            await _run(engine, late)
+            joined = time.perf_counter() - t
+            assert not long.done  # the engine was busy all along: no idle reset
+            engine.finish(long)
+            return held, joined
+        finally:
+            await engine.close()
+
+    from appliance.engine.worker import RETURN_S
+
+    held, joined = asyncio.run(scenario())
+    assert held >= 0.8 * RETURN_S, held  # three were expected back
+    assert joined < 0.5 * RETURN_S, joined

@@ -9,6 +9,7 @@ in one `call_soon_threadsafe`, not one per token per request.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import queue
 import threading
@@ -23,6 +24,8 @@ from .types import Generation, SamplingParams, TopLogprob
 log = logging.getLogger("appliance.engine")
 
 _STOP = object()
+# An ended sequence counts as a client about to come back (see the join window) this long.
+RETURN_S = 0.5
 
 
 def _make_sampler(p: SamplingParams) -> Optional[Callable[[Any], Any]]:
@@ -219,9 +222,10 @@ class ModelWorker:
         link = self._link
         want_lp: set[int] = set()
         window = self._join_window_s
-        # Sequences ended whose clients have not come back yet (closed-loop clients send their
-        # next request as soon as one ends): new arrivals wait, within the window, for them.
-        returning = 0
+        # When each sequence ended whose client has not come back yet (closed-loop clients send
+        # their next request as soon as one ends): new arrivals wait, within the window, for as
+        # many as ended in the last RETURN_S; an end older than that no longer holds anyone.
+        ended: collections.deque[float] = collections.deque()
         while True:
             # Take every command waiting; block only when there is nothing to step, and then
             # no longer than the oldest waiting request's join window.
@@ -237,7 +241,7 @@ class ModelWorker:
                         item = inbox.get_nowait()
                 except queue.Empty:
                     if timeout is not None and not waiting:
-                        returning = 0  # idle for a while: nobody is coming back
+                        ended.clear()  # idle for a while: nobody is coming back
                         continue
                     break
                 timeout = None
@@ -265,16 +269,20 @@ class ModelWorker:
                     waiting[:] = [w for w in waiting if w[0] is not item[1]]
             # Join: requests that arrive together are prefilled together. Wait (at most the
             # window) while fewer have arrived than just ended, unless a prefill batch is full.
+            now = time.perf_counter()
+            while ended and now - ended[0] > RETURN_S:
+                ended.popleft()
             if waiting and (
                 window <= 0
-                or len(waiting) >= max(1, returning)
+                or len(waiting) >= max(1, len(ended))
                 or len(waiting) >= self._prefill_batch_size
-                or time.perf_counter() - waiting[0][1] >= window
+                or now - waiting[0][1] >= window
             ):
                 commands.extend(("submit", g) for g, _ in waiting if not g.done)
                 self.stats["joins"] += 1
                 self.stats["joined"] += len(waiting)
-                returning = max(0, returning - len(waiting))
+                for _ in range(min(len(waiting), len(ended))):
+                    ended.popleft()
                 waiting.clear()
             if link is not None and (commands or active):
                 # The other ranks apply the same decisions to their batches, in this order.
@@ -298,7 +306,7 @@ class ModelWorker:
                     active.pop(gone, None)
                     want_lp.discard(gone)
                     gen.remove([gone])
-                    returning += 1
+                    ended.append(time.perf_counter())
             if not active:
                 continue
             _, responses = gen.next()
@@ -322,7 +330,7 @@ class ModelWorker:
                     del active[r.uid]
                     uid_of.pop(id(g2), 0)
                     want_lp.discard(r.uid)
-                    returning += 1
+                    ended.append(now)
                     self._keep_cache(gen, r)
             self._out_step(events, now)
 
