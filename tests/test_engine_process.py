@@ -5,7 +5,9 @@ life tied to the server's (killed engine -> reload, stopped server -> no orphan)
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -139,6 +141,25 @@ def test_a_killed_engine_fails_its_requests_and_the_model_reloads(pair: tuple[An
     r = httpx.post(own.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=30)
     assert r.status_code == 200, r.text
     assert "model demo reloaded after its generation thread died" in own.log()
+
+
+def test_a_model_that_fails_to_load_there_leaves_no_process(
+    appliance_factory: Any, demo_model_dir: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(demo_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    a = appliance_factory(
+        *BASE, OWN, f"+models.catalog.broken={{path:'{broken}',engine_process:true}}"
+    )
+    r = httpx.post(a.url + "/v1/completions", json={"model": "broken", "prompt": "hi", "max_tokens": 2},
+                   timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "model_load_failed" and "broken" in err["message"], err
+    wait_until(lambda: len(engines(a.proc.pid)) == 1, timeout=10, what="only demo's engine left")
+    ok = httpx.post(a.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+    assert ok.status_code == 200, ok.text
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])

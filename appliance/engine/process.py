@@ -170,8 +170,12 @@ class ProcessWorker:
             info = self._await_load(conn)
         except BaseException as exc:  # forwarded to whoever awaits the load
             self.dead = exc
-            self._loaded.set_exception(exc)
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.kill()  # still loading the weights, which nobody will use
             self._reap()
+            if self._conn is not None:
+                self._conn.close()
+            self._loaded.set_exception(exc)
             return
         self.vocab_size = int(info.get("vocab_size") or 0)
         self._sender.start()
@@ -179,6 +183,8 @@ class ProcessWorker:
         reason = self._read(conn)
         self._outbox.put(None)  # the sender ends
         code = self._reap()
+        self._sender.join(5)
+        conn.close()
         memory.forget_engine(self.name)
         if self._stopping and reason is None:
             err: BaseException = EngineFailure(f"model {self.name!r} was unloaded")
