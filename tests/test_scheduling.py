@@ -13,6 +13,7 @@ from appliance.__main__ import compose
 from appliance.config import load
 from appliance.engine.service import Engine
 from appliance.engine.types import Generation, SamplingParams
+from appliance.engine.worker import RETURN_S
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -105,8 +106,6 @@ def test_clients_that_never_come_back_stop_holding_new_requests(
     """Three requests end and their clients leave, while a long one keeps the engine busy.
     Once the ends are older than RETURN_S, a new request joins at the next step instead of
     waiting out the (here 1 s) window for three arrivals that will never come."""
-    from appliance.engine.worker import RETURN_S
-
     monkeypatch.setenv("XDG_CACHE_HOME", str(demo_cache))
 
     async def scenario() -> tuple[float, float]:
@@ -134,8 +133,6 @@ def test_clients_that_never_come_back_stop_holding_new_requests(
             return held, joined
         finally:
             await engine.close()
-
-    from appliance.engine.worker import RETURN_S
 
     held, joined = asyncio.run(scenario())
     assert held >= 0.8 * RETURN_S, held  # three were expected back
