@@ -137,3 +137,27 @@ def test_clients_that_never_come_back_stop_holding_new_requests(
     held, joined = asyncio.run(scenario())
     assert held >= 0.8 * RETURN_S, held  # three were expected back
     assert joined < 0.5 * RETURN_S, joined
+
+
+def test_an_idle_engine_stops_holding_a_request_when_the_ends_expire(
+    demo_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three requests end and the engine is idle; a new request soon after waits for the three
+    expected back only until their ends are RETURN_S old, not the whole (1 s) window."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(demo_cache))
+
+    async def scenario() -> float:
+        engine = _engine(1.0)
+        try:
+            worker = await engine.model("demo")
+            prompt = list(worker.tokenizer.encode("Three short ones, then one more"))
+            short = [await engine.start(worker, prompt, SamplingParams(max_tokens=2)) for _ in range(3)]
+            await asyncio.gather(*(_run(engine, g) for g in short))
+            t = time.perf_counter()
+            await _run(engine, await engine.start(worker, prompt, SamplingParams(max_tokens=2)))
+            return time.perf_counter() - t
+        finally:
+            await engine.close()
+
+    took = asyncio.run(scenario())
+    assert 0.5 * RETURN_S <= took < 0.8, took  # held for the returns, but not the whole window

@@ -228,10 +228,13 @@ class ModelWorker:
         ended: collections.deque[float] = collections.deque()
         while True:
             # Take every command waiting; block only when there is nothing to step, and then
-            # no longer than the oldest waiting request's join window.
+            # no longer than the oldest waiting request's join window (or the oldest end's
+            # RETURN_S, whichever comes first).
             timeout: Optional[float] = None
             if not active:
                 timeout = 0.5 if not waiting else waiting[0][1] + window - time.perf_counter()
+                if waiting and ended:  # or until the oldest end stops holding them
+                    timeout = min(timeout, ended[0] + RETURN_S - time.perf_counter())
             commands: list[Any] = []
             while True:
                 try:
