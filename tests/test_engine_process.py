@@ -37,7 +37,8 @@ def engines(server_pid: int) -> list[psutil.Process]:
 
 @pytest.fixture(scope="module")
 def pair(module_appliance_factory: Any) -> tuple[Any, Any]:
-    own = module_appliance_factory(*BASE, OWN, "limits.engine_restart_backoff_s=0.2", env=ADMIN_ENV)
+    own = module_appliance_factory(*BASE, OWN, "limits.engine_restart_backoff_s=0.2",
+                                   env={**ADMIN_ENV, "APPLIANCE_FAULT_INJECTION": "1"})
     thread = module_appliance_factory(*BASE, THREAD)
     return own, thread
 
@@ -160,6 +161,26 @@ def test_a_model_that_fails_to_load_there_leaves_no_process(
     wait_until(lambda: len(engines(a.proc.pid)) == 1, timeout=10, what="only demo's engine left")
     ok = httpx.post(a.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
     assert ok.status_code == 200, ok.text
+
+
+def test_a_generation_thread_that_raises_in_the_engine_is_reported_and_reloaded(
+    pair: tuple[Any, Any],
+) -> None:
+    own, _ = pair
+    (engine,) = engines(own.proc.pid)
+    stream = Stream(own.url, "A long story about the valley", 1500)
+    stream.start()
+    assert stream.got_tokens.wait(30)
+    r = httpx.post(own.url + "/testing/faults", json={"kill_model": "demo"}, timeout=10)
+    assert r.status_code == 200, r.text
+    stream.join(30)
+    assert stream.errors and stream.errors[0]["code"] == "engine_failure", stream.datas[-3:]
+    engine.wait(15)  # the engine process ended with its thread
+    own.wait_for("/readyz", timeout=30)
+    assert len(engines(own.proc.pid)) == 1
+    assert "injected fault" in own.log()  # the engine's own log line, through the server's
+    r = httpx.post(own.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=30)
+    assert r.status_code == 200, r.text
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
