@@ -88,6 +88,10 @@ class ModelsConfig:
     # into the batch can cost more than prefilling a few tokens. null: 32 on CUDA, where a
     # kernel launch per cache array outweighs a short prefill; 0 (reuse any) on Metal and CPU.
     prompt_cache_min_tokens: Optional[int] = None
+    # On CUDA, prefill attention whose score matrix has at most this many entries (batch x
+    # heads x query x key length) runs as matmul + softmax instead of through cuDNN, which
+    # builds a graph (~40 ms) for each new shape, i.e. at nearly every join. 0: always cuDNN.
+    cuda_unfused_attention_elements: int = 1 << 27
     demo_dir: Optional[str] = None
     catalog: Dict[str, ModelSpec] = field(default_factory=dict)
 
@@ -420,6 +424,10 @@ def validate(c: AppConfig) -> None:
     _check(
         c.models.prompt_cache_min_tokens is None or c.models.prompt_cache_min_tokens >= 0,
         "models.prompt_cache_min_tokens", c.models.prompt_cache_min_tokens, ">= 0 or null",
+    )
+    _check(
+        c.models.cuda_unfused_attention_elements >= 0, "models.cuda_unfused_attention_elements",
+        c.models.cuda_unfused_attention_elements, ">= 0",
     )
     for name, spec in c.models.catalog.items():
         k = f"models.catalog.{name}"

@@ -40,6 +40,9 @@ DESCRIPTIONS = {
     "models.default": "The model of a request that names none.",
     "models.auto_load": "Models loaded at start (and pinned against idle eviction).",
     "models.prompt_cache_bytes": "Bytes of KV cache kept for prompt-prefix reuse, per model.",
+    "models.cuda_unfused_attention_elements": (
+        "CUDA: prefill attention up to this many scores skips cuDNN's per-shape graphs (0: never)."
+    ),
     "models.prompt_cache_min_tokens": (
         "Shortest cached prefix reused; a shorter one is prefilled again (null: 32 on CUDA, else 0)."
     ),

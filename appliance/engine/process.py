@@ -71,6 +71,7 @@ class ProcessWorker:
         batching: dict[str, Any],
         prompt_cache_bytes: int,
         prompt_cache_min_tokens: Optional[int],
+        unfused_attention_elements: int,
         trust_remote_code: bool,
         memory_limit: Optional[int],
         on_death: Optional[Callable[[str, BaseException], None]] = None,
@@ -84,6 +85,7 @@ class ProcessWorker:
             "batching": batching,
             "prompt_cache_bytes": prompt_cache_bytes,
             "prompt_cache_min_tokens": prompt_cache_min_tokens,
+            "unfused_attention_elements": unfused_attention_elements,
             "trust_remote_code": trust_remote_code,
             "memory_limit": memory_limit,
             "log_level": logging.getLogger().getEffectiveLevel(),
@@ -370,6 +372,7 @@ class _EngineWorker(ModelWorker):
             **init["batching"],
             prompt_cache_bytes=init["prompt_cache_bytes"],
             prompt_cache_min_tokens=init["prompt_cache_min_tokens"],
+            unfused_attention_elements=init["unfused_attention_elements"],
         )
 
     def send(self, msg: tuple[Any, ...]) -> None:

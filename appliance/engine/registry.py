@@ -205,6 +205,7 @@ class ModelRegistry:
                     batching=batching(spec),
                     prompt_cache_bytes=self.cfg.prompt_cache_bytes,
                     prompt_cache_min_tokens=self.cfg.prompt_cache_min_tokens,
+                    unfused_attention_elements=self.cfg.cuda_unfused_attention_elements,
                     trust_remote_code=spec.trust_remote_code,
                     memory_limit=self.memory_limit,
                     on_death=self._died,
@@ -218,6 +219,7 @@ class ModelRegistry:
                     **batching(spec),
                     prompt_cache_bytes=self.cfg.prompt_cache_bytes,
                     prompt_cache_min_tokens=self.cfg.prompt_cache_min_tokens,
+                    unfused_attention_elements=self.cfg.cuda_unfused_attention_elements,
                     on_death=self._died,
                     link=distributed.Link(grp) if grp is not None else None,
                 )

@@ -19,6 +19,8 @@ from concurrent.futures import Future
 from typing import Any, Optional
 
 from ..errors import EngineFailure
+from . import cuda
+from .memory import on_cuda
 from .types import Generation, SamplingParams, TopLogprob
 
 log = logging.getLogger("appliance.engine")
@@ -95,6 +97,7 @@ class ModelWorker:
         prompt_cache_bytes: int,
         prompt_cache_min_tokens: Optional[int] = 0,
         join_window_s: float = 0.0,
+        unfused_attention_elements: int = 0,
         on_death: Optional[Callable[[str, BaseException], None]] = None,
         link: Any = None,
     ) -> None:
@@ -109,6 +112,7 @@ class ModelWorker:
         self._prompt_cache_bytes = prompt_cache_bytes
         self._prompt_cache_min_tokens = prompt_cache_min_tokens  # None: by backend, at load
         self._join_window_s = join_window_s
+        self._unfused_attention_elements = unfused_attention_elements  # CUDA only, see cuda.py
         self._on_death = on_death
         self._link = link  # distributed.Link on rank 0 of a group, else None
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -355,12 +359,16 @@ class ModelWorker:
         from mlx_lm.models.cache import LRUPromptCache
 
         self.model, self.tokenizer = self._loader()
+        if cuda.install(self._unfused_attention_elements):
+            log.info(
+                "model %s: prefill attention up to %d scores runs unfused (not through cuDNN)",
+                self.name, self._unfused_attention_elements,
+            )
         args = getattr(self.model, "args", None)
         self.vocab_size = int(getattr(args, "vocab_size", 0) or len(self.tokenizer._tokenizer))
         self.prompt_cache = LRUPromptCache(max_size=64, max_bytes=self._prompt_cache_bytes)
         if self._prompt_cache_min_tokens is None:
-            cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
-            self._prompt_cache_min_tokens = 32 if cuda else 0
+            self._prompt_cache_min_tokens = 32 if on_cuda() else 0
         return BatchGenerator(
             self.model,
             stop_tokens=[[t] for t in sorted(self.tokenizer.eos_token_ids)],
