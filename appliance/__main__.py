@@ -17,9 +17,11 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from . import startup
 from .config import AppConfig, ConfigError, conf_dir, load, register_schemas
+from .engine import cuda
 from .state import StateStore
 
 startup.install()  # before anything imports transformers
+cuda.mlx_env_defaults()  # before MLX builds its CUDA caches
 
 # Hydra flags that take the next argument as their value.
 _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name",

@@ -1,8 +1,12 @@
-"""The unfused prefill attention used on CUDA instead of cuDNN's per-shape graphs: the same
-numbers as MLX's fused attention (checked here on the CPU backend), and routing by size."""
+"""CUDA workarounds (appliance/engine/cuda.py): the unfused prefill attention used instead of
+cuDNN's per-shape graphs (the same numbers as MLX's fused attention, checked here on the CPU
+backend, and routing by size), and MLX's cache-thrashing check turned off in the server."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -72,3 +76,19 @@ def test_small_prefills_go_unfused_and_the_rest_to_mlx(monkeypatch: pytest.Monke
     q1, k1, v1 = _qkv(2, 8, 2, 1, 40)  # a decode step: MLX's vector kernel, never unfused
     mx.fast.scaled_dot_product_attention(q1, k1, v1, scale=0.125, mask=None)
     assert calls == [(2, 8, 16, 64), (2, 8, 1, 64)]
+
+
+@pytest.mark.parametrize("given,expected", [(None, "0"), ("1", "1")])
+def test_the_server_turns_mlx_cache_thrashing_errors_off_unless_told(
+    given: Any, expected: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MLX_ENABLE_CACHE_THRASHING_CHECK"}
+    if given is not None:
+        env["MLX_ENABLE_CACHE_THRASHING_CHECK"] = given  # an operator's own value wins
+    out = subprocess.run(
+        [sys.executable, "-c", "import os, appliance.__main__; "
+         "print(os.environ['MLX_ENABLE_CACHE_THRASHING_CHECK'])"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == expected

@@ -17,7 +17,22 @@ own vector kernel serves them without a graph. Only on CUDA; Metal and CPU are n
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
+
+# MLX's CUDA backend keeps cuDNN attention graphs, CUDA graphs, conv plans and FFT plans in LRU
+# caches, and by default raises "Cache thrashing is happening" once a cache's lifetime misses
+# pass twice its capacity (MLX_CUDA_*_CACHE_SIZE). The count never resets, so a server that keeps
+# seeing new shapes would fail a request after enough hours: the LRU caches evict and keep
+# working with the check off. Set before MLX builds any cache; an operator's own value wins.
+MLX_ENV_DEFAULTS = {"MLX_ENABLE_CACHE_THRASHING_CHECK": "0"}
+
+
+def mlx_env_defaults() -> None:
+    """Put MLX_ENV_DEFAULTS into this process's environment where not already set (and so into
+    the engine processes and ranks it starts)."""
+    for key, value in MLX_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
 
 _state: dict[str, Any] = {"original": None, "max_elements": 0}
 

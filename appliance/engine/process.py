@@ -445,8 +445,10 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from .. import startup
+    from .cuda import mlx_env_defaults
 
     startup.install()
+    mlx_env_defaults()
     conn = Connection(int(sys.argv[1]))
     init = conn.recv()
     worker = _EngineWorker(conn, init)
