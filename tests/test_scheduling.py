@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,18 +29,22 @@ async def _run(engine: Engine, gen: Generation) -> list[int]:
     return list(gen.tokens)
 
 
-def _engine(window: float) -> Engine:
+@contextlib.asynccontextmanager
+async def _demo(window: float) -> AsyncIterator[tuple[Engine, Any]]:
+    """The real engine with the demo model loaded and the given join window; closed after."""
     cfg = load(compose(["logging.file=none", "limits.max_running=4", f"+models.catalog.demo.join_window_s={window}"]))
-    return Engine(cfg.models, cfg.limits)
+    engine = Engine(cfg.models, cfg.limits)
+    try:
+        yield engine, await engine.model("demo")
+    finally:
+        await engine.close()
 
 
 async def _wave_then_follow_ups(window: float, *, each_after_the_last_started: bool = False) -> tuple[int, int]:
     """Four requests prefilled together end together; their follow-ups then arrive one by one,
     20 ms apart, or each once the one before it has its first token. Returns (joins, requests
     joined) for the follow-ups."""
-    engine = _engine(window)
-    try:
-        worker = await engine.model("demo")
+    async with _demo(window) as (engine, worker):
         tok = worker.tokenizer
         prompts = [list(tok.encode("A story begins in the old mill"))] * 4
         params = SamplingParams(max_tokens=6)
@@ -62,8 +69,6 @@ async def _wave_then_follow_ups(window: float, *, each_after_the_last_started: b
         again = await asyncio.gather(*follow)
         assert again == first  # greedy: joining later changes no output
         return worker.stats["joins"] - joins, worker.stats["joined"] - joined
-    finally:
-        await engine.close()
 
 
 def test_requests_that_come_back_together_are_prefilled_together(
@@ -82,16 +87,12 @@ def test_a_lone_request_does_not_wait_for_the_window(
     monkeypatch.setenv("XDG_CACHE_HOME", str(demo_cache))
 
     async def scenario() -> float:
-        engine = _engine(1.0)
-        try:
-            worker = await engine.model("demo")
+        async with _demo(1.0) as (engine, worker):
             prompt = list(worker.tokenizer.encode("A single client asks again and again"))
             t = time.perf_counter()
             for _ in range(3):
                 await _run(engine, await engine.start(worker, prompt, SamplingParams(max_tokens=4)))
             return time.perf_counter() - t
-        finally:
-            await engine.close()
 
     # Each request comes back alone after the one before it ended: it joins at once, far
     # inside the 1 s window it would otherwise wait out, twice.
@@ -109,9 +110,7 @@ def test_clients_that_never_come_back_stop_holding_new_requests(
     monkeypatch.setenv("XDG_CACHE_HOME", str(demo_cache))
 
     async def scenario() -> tuple[float, float]:
-        engine = _engine(1.0)
-        try:
-            worker = await engine.model("demo")
+        async with _demo(1.0) as (engine, worker):
             tok = worker.tokenizer
             prompt = list(tok.encode("The long one keeps the engine stepping"))
             long = await engine.start(worker, prompt, SamplingParams(max_tokens=2000))
@@ -131,8 +130,6 @@ def test_clients_that_never_come_back_stop_holding_new_requests(
             assert not long.done  # the engine was busy all along: no idle reset
             engine.finish(long)
             return held, joined
-        finally:
-            await engine.close()
 
     held, joined = asyncio.run(scenario())
     assert held >= 0.8 * RETURN_S, held  # three were expected back
@@ -147,17 +144,13 @@ def test_an_idle_engine_stops_holding_a_request_when_the_ends_expire(
     monkeypatch.setenv("XDG_CACHE_HOME", str(demo_cache))
 
     async def scenario() -> float:
-        engine = _engine(1.0)
-        try:
-            worker = await engine.model("demo")
+        async with _demo(1.0) as (engine, worker):
             prompt = list(worker.tokenizer.encode("Three short ones, then one more"))
             short = [await engine.start(worker, prompt, SamplingParams(max_tokens=2)) for _ in range(3)]
             await asyncio.gather(*(_run(engine, g) for g in short))
             t = time.perf_counter()
             await _run(engine, await engine.start(worker, prompt, SamplingParams(max_tokens=2)))
             return time.perf_counter() - t
-        finally:
-            await engine.close()
 
     took = asyncio.run(scenario())
     assert 0.5 * RETURN_S <= took < 0.8, took  # held for the returns, but not the whole window

@@ -44,12 +44,11 @@ from typing import Any, Optional, Union, cast
 from ..errors import EngineFailure, ModelLoadError
 from . import memory
 from .types import Generation
-from .worker import ModelWorker, _deliver, _fail_all
+from .worker import ModelWorker, WorkerThread, _deliver, _fail_all, empty_stats
 
 log = logging.getLogger("appliance.engine")
 
 STATS_S = 0.25  # the engine reports its counters and MLX memory at most this often
-_EMPTY_STATS = {"cache_hits": 0, "cache_misses": 0, "cached_tokens": 0, "joins": 0, "joined": 0}
 
 
 class _CacheSize:
@@ -58,7 +57,7 @@ class _CacheSize:
     nbytes = 0
 
 
-class ProcessWorker:
+class ProcessWorker(WorkerThread):
     """The server's side of a model in an engine process; the interface of ModelWorker."""
 
     def __init__(
@@ -104,19 +103,11 @@ class ProcessWorker:
         self.model: Any = None  # lives in the engine process
         self.tokenizer: Any = None
         self.prompt_cache = _CacheSize()
-        self.stats = dict(_EMPTY_STATS)
+        self.stats = empty_stats()
         self.dead: Optional[BaseException] = None
         self.vocab_size = 0
 
     # -- the ModelWorker interface (called from the event loop)
-    async def start(self) -> None:
-        self._thread.start()
-        await asyncio.wrap_future(self._loaded)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive() and self.dead is None
-
     @property
     def active_count(self) -> int:
         return len(self._gens)

@@ -80,7 +80,30 @@ def batching(spec: Any) -> dict[str, Any]:
     }
 
 
-class ModelWorker:
+def empty_stats() -> dict[str, int]:
+    """A worker's counters before any request: prompt cache use and joins (see metrics.py)."""
+    return {"cache_hits": 0, "cache_misses": 0, "cached_tokens": 0, "joins": 0, "joined": 0}
+
+
+class WorkerThread:
+    """What every kind of worker shares: a thread that loads the model, then serves it; `start`
+    waits for the load. Subclasses set `_thread`, `_loaded` and `dead`."""
+
+    _thread: threading.Thread
+    _loaded: Future[None]
+    dead: Optional[BaseException]
+
+    async def start(self) -> None:
+        """Start the thread and wait until the model is loaded; raises the load error."""
+        self._thread.start()
+        await asyncio.wrap_future(self._loaded)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.dead is None
+
+
+class ModelWorker(WorkerThread):
     """Owns one model on its own thread; the registry talks to it through `submit` and `call`."""
 
     def __init__(
@@ -124,20 +147,11 @@ class ModelWorker:
         self.model: Any = None
         self.tokenizer: Any = None
         self.prompt_cache: Any = None
-        self.stats = {"cache_hits": 0, "cache_misses": 0, "cached_tokens": 0, "joins": 0, "joined": 0}
+        self.stats = empty_stats()
         self.dead: Optional[BaseException] = None
         self.vocab_size = 0
 
     # -- lifecycle (called from the event loop)
-    async def start(self) -> None:
-        """Start the thread and wait until the model is loaded; raises the load error."""
-        self._thread.start()
-        await asyncio.wrap_future(self._loaded)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive() and self.dead is None
-
     @property
     def active_count(self) -> int:
         return len(self._active) + len(self._waiting)
