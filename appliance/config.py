@@ -69,6 +69,10 @@ class ModelSpec:
     # Longest a new request waits to be prefilled together with requests arriving beside it
     # (the ones that just finished, coming back); 0 = join at the next step.
     join_window_s: float = 0.02
+    # Requests join and leave the running batch through appliance.engine.batching (no copy of
+    # the prompt batch, no forward pass of their own, one read of the padding per change)
+    # instead of mlx-lm's BatchGenerator as is; same tokens. false: mlx-lm's own path.
+    fast_joins: bool = True
     # The model in an engine process of its own, beside the server: a hard crash of MLX there
     # (an abort, a segfault, an out-of-memory kill) ends only that process, and the model is
     # reloaded like a dead generation thread. Same speed as the thread on an H100 at 32 and 64

@@ -9,7 +9,7 @@ server-side gap from the HTTP front's.
 clients over HTTP come back spread out (the front parses, templates and admits one at a time).
 
 Prints one line per round (`--rounds`): tokens/s, decode steps and their time, mean batch size, prefill calls (and the
-tokens they took), new-batch and cache-merge calls, the time in decode, prefill and new batches,
+tokens they took), new-batch calls (with fast_joins: joins into the running batch), the time in decode, prefill and new batches,
 TTFT and end-to-end p50/p99, TTFT split into the wait before joining the batch (the join window)
 and the rest (prefill and the steps to the first token), and the joins. It wraps mlx-lm's BatchGenerator internals to count them, so it
 measures mlx-lm 0.32's structure; a diagnostic, not a benchmark (see `appliance.bench`).
@@ -39,14 +39,21 @@ class Trace:
         self.batch: list[int] = []
         self.count: dict[str, int] = {}
         self.secs: dict[str, float] = {}
+        self.inside: set[str] = set()  # labels being timed (a subclass calling its base's)
 
     def wrap(self, cls: Any, name: str, label: str, *, step: bool = False) -> None:
         orig: Callable[..., Any] = getattr(cls, name)
         trace = self
 
         def wrapped(obj: Any, *args: Any) -> Any:
+            if label in trace.inside:
+                return orig(obj, *args)
+            trace.inside.add(label)
             t = time.perf_counter()
-            out = orig(obj, *args)
+            try:
+                out = orig(obj, *args)
+            finally:
+                trace.inside.discard(label)
             if trace.on:
                 dt = time.perf_counter() - t
                 if step:
@@ -180,6 +187,11 @@ def main(argv: list[str]) -> int:
     trace.wrap(g.PromptProcessingBatch, "prompt", "prefill")
     trace.wrap(g.PromptProcessingBatch, "generate", "newbatch")
     trace.wrap(g.GenerationBatch, "next", "decode")
+    from .engine import batching  # models.catalog.NAME.fast_joins: its subclasses
+
+    trace.wrap(batching.BatchGenerator, "_next", "step", step=True)
+    trace.wrap(batching.GenerationBatch, "next", "decode")
+    trace.wrap(batching.GenerationBatch, "join", "newbatch")
     print(asyncio.run(_run(args, trace)), flush=True)
     return 0
 

@@ -77,6 +77,7 @@ def batching(spec: Any) -> dict[str, Any]:
         "prefill_batch_size": spec.prefill_batch_size or spec.completion_batch_size,
         "max_kv_size": spec.max_kv_size,
         "join_window_s": spec.join_window_s,
+        "fast_joins": spec.fast_joins,
     }
 
 
@@ -120,6 +121,7 @@ class ModelWorker(WorkerThread):
         prompt_cache_bytes: int,
         prompt_cache_min_tokens: Optional[int] = 0,
         join_window_s: float = 0.0,
+        fast_joins: bool = False,
         unfused_attention_elements: int = 0,
         on_death: Optional[Callable[[str, BaseException], None]] = None,
         link: Any = None,
@@ -135,6 +137,7 @@ class ModelWorker(WorkerThread):
         self._prompt_cache_bytes = prompt_cache_bytes
         self._prompt_cache_min_tokens = prompt_cache_min_tokens  # None: by backend, at load
         self._join_window_s = join_window_s
+        self._fast_joins = fast_joins  # see batching.py
         self._unfused_attention_elements = unfused_attention_elements  # CUDA only, see cuda.py
         self._on_death = on_death
         self._link = link  # distributed.Link on rank 0 of a group, else None
@@ -372,6 +375,8 @@ class ModelWorker(WorkerThread):
         from mlx_lm.generate import BatchGenerator
         from mlx_lm.models.cache import LRUPromptCache
 
+        from . import batching as fast
+
         self.model, self.tokenizer = self._loader()
         if cuda.install(self._unfused_attention_elements):
             log.info(
@@ -383,7 +388,14 @@ class ModelWorker(WorkerThread):
         self.prompt_cache = LRUPromptCache(max_size=64, max_bytes=self._prompt_cache_bytes)
         if self._prompt_cache_min_tokens is None:
             self._prompt_cache_min_tokens = 32 if on_cuda() else 0
-        return BatchGenerator(
+        cls = BatchGenerator
+        if self._fast_joins:
+            if fast.usable():
+                cls = fast.BatchGenerator
+            else:
+                log.warning("model %s: this mlx-lm's batching is not the one fast_joins extends; "
+                            "using mlx-lm's own", self.name)
+        return cls(
             self.model,
             stop_tokens=[[t] for t in sorted(self.tokenizer.eos_token_ids)],
             completion_batch_size=self._completion_batch_size,

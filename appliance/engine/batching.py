@@ -1,0 +1,300 @@
+"""mlx-lm's BatchGenerator with cheaper joins and leaves.
+
+Continuous batching changes the running batch whenever requests join or leave, and on a fast
+accelerator each change used to cost more than the work it added. Measured on an H200 with the
+1B Llama shape (`scripts/accelerator/join_anatomy.py`, 40 sequences decoding, 16 joining, each
+phase synchronized apart; a decode step of the batch takes 7-8 ms):
+
+- split: 7-9 ms. The prompts that finished prefilling are split off the prompt batch with a deep
+  copy of its whole KV cache, though usually every row moves and the original is then emptied.
+- new batch: 9-11 ms. The joiners get a generation batch of their own whose constructor runs a
+  forward pass for their last prompt token alone, before being merged into the running batch.
+- filter: 10-15 ms. When requests leave, each layer's cache evaluates its left padding on its own
+  (`tolist()`: one host round trip per layer) to trim the common padding.
+
+Here the joiners' last prompt token goes into the running batch's next step with everyone else
+(the step that feeds it yields nothing for them, as their own batch's constructor yielded
+nothing before), the prompt batch moves without a copy when all of it is ready, and the left
+padding is read once per change instead of once per layer (every layer of a batch has the same
+padding: they are built, padded, merged and filtered together). Rows are also joined in the
+same call that prefilled them, so the first token comes no later than before.
+
+The results are those of mlx-lm's own path (tests/test_batching.py compares the two, token for
+token and log-probability for log-probability, with joins, leaves and cancels). It subclasses
+mlx-lm 0.32's internals; `usable()` checks they are what it was written against, and the worker
+falls back to mlx-lm's BatchGenerator (with a log line) if not, or when `models.fast_joins` is
+false.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+G: Any = importlib.import_module("mlx_lm.generate")  # the module (mlx_lm.generate is also a function)
+_cache: Any = importlib.import_module("mlx_lm.models.cache")
+
+# What this module relies on in mlx-lm 0.32, checked by usable().
+_EXPECTED = {
+    "BatchGenerator": ("_next", "_make_batch", "insert", "remove", "next"),
+    "GenerationBatch": ("_step", "next", "filter", "extend", "extract_cache", "empty", "Response"),
+    "PromptProcessingBatch": ("prompt", "split", "filter", "empty", "Response"),
+}
+
+
+def usable() -> bool:
+    """Whether mlx-lm's batching internals are the ones this module extends."""
+    import mlx_lm
+
+    if not str(getattr(mlx_lm, "__version__", "")).startswith("0.32."):
+        return False
+    for cls_name, members in _EXPECTED.items():
+        cls = getattr(G, cls_name, None)
+        if cls is None or not all(hasattr(cls, m) for m in members):
+            return False
+    return all(hasattr(G, f) for f in ("_extend_cache", "TokenBuffer")) and hasattr(
+        _cache, "BatchKVCache"
+    )
+
+
+def _homogeneous(caches: list[Any]) -> bool:
+    return bool(caches) and all(type(c) is _cache.BatchKVCache for c in caches)
+
+
+def _filter_caches(caches: list[Any], keep: list[int]) -> None:
+    """BatchKVCache.filter on every layer, reading the left padding once for all of them."""
+    import mlx.core as mx
+
+    idx = mx.array(keep)
+    padding = caches[0].left_padding[idx]
+    mx.eval(padding)
+    pad = padding.tolist()
+    trim = min(pad)  # shift left to drop the padding every row has
+    if trim > 0:
+        pad = [p - trim for p in pad]
+    for c in caches:
+        if c.keys is not None:
+            c.keys = c.keys[idx]
+            c.values = c.values[idx]
+            if trim > 0:
+                c.keys = c.keys[..., trim:, :]
+                c.values = c.values[..., trim:, :]
+        c.offset = c.offset[idx]
+        c._idx -= trim
+        c.left_padding = mx.array(pad)
+
+
+class GenerationBatch(G.GenerationBatch):  # type: ignore[misc]
+    """A generation batch whose rows can join primed: their first input is their prompt's last
+    token, and the step that feeds it yields no response for them."""
+
+    prompt_cache: list[Any]
+    _next_tokens: Any
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._primed: list[bool] = [False] * len(self.uids)
+
+    def join(self, batch: Any, last_tokens: list[int]) -> None:
+        """Take a prefilled PromptProcessingBatch's rows into this batch: their caches merge into
+        ours now, and the next step feeds their last prompt tokens along with everyone's."""
+        import mlx.core as mx
+
+        n = len(batch.uids)
+        self.uids.extend(batch.uids)
+        self.prompt_cache = G._extend_cache(self.prompt_cache, batch.prompt_cache)
+        self.tokens.extend(batch.tokens)
+        self.samplers.extend(batch.samplers)
+        self.logits_processors.extend(batch.logits_processors)
+        self.max_tokens.extend(batch.max_tokens)
+        self.stop_sequences.extend(batch.stop_sequences)
+        last = mx.array(last_tokens, dtype=mx.uint32)
+        if self._next_tokens is None or self._next_tokens.size == 0:
+            self._next_tokens = last
+        else:
+            self._next_tokens = mx.concatenate([self._next_tokens, last.astype(self._next_tokens.dtype)])
+        self._next_logprobs.extend([_NO_LOGPROBS] * n)
+        self._token_context.extend(G.TokenBuffer(t) for t in batch.tokens)
+        self._num_tokens.extend([0] * n)
+        self._matchers.extend(ss.matcher() for ss in batch.stop_sequences)
+        self._primed.extend([True] * n)
+        batch.uids, batch.prompt_cache, batch.tokens = [], [], []
+        batch.samplers, batch.logits_processors, batch.max_tokens = [], [], []
+        batch.stop_sequences = []
+
+    def extend(self, batch: Any) -> None:
+        super().extend(batch)
+        self._primed.extend(getattr(batch, "_primed", None) or [False] * len(batch.uids))
+
+    def extract_cache(self, idx: int) -> list[Any]:
+        import mlx.core as mx
+
+        mx.eval([c.left_padding for c in self.prompt_cache])  # one round trip, not one per layer
+        return super().extract_cache(idx)
+
+    def filter(self, keep: list[int]) -> None:
+        if not keep or not _homogeneous(self.prompt_cache):
+            super().filter(keep)
+        else:
+            caches = self.prompt_cache
+            self.prompt_cache = []  # the base filter's cache pass becomes a no-op
+            super().filter(keep)
+            self.prompt_cache = caches
+            _filter_caches(caches, keep)
+        self._primed = [self._primed[i] for i in keep]
+
+    def next(self) -> list[Any]:
+        if not self.uids:
+            return []
+        if not any(self._primed):
+            return super().next()  # type: ignore[no-any-return]
+        # As GenerationBatch.next, but a primed row's step only fed its last prompt token.
+        primed = self._primed
+        self._primed = [False] * len(self.uids)
+        tokens, logprobs = self._step()
+        keep: list[int] = []
+        responses: list[Any] = []
+        for i in range(len(self.uids)):
+            if primed[i]:
+                keep.append(i)
+                continue
+            finish_reason = None
+            self._num_tokens[i] += 1
+            if self._num_tokens[i] >= self.max_tokens[i]:
+                finish_reason = "length"
+            if self._matchers[i].advance(tokens[i]):
+                finish_reason = "stop"
+            done = finish_reason is not None
+            responses.append(
+                self.Response(
+                    uid=self.uids[i],
+                    token=tokens[i],
+                    logprobs=logprobs[i],
+                    finish_reason=finish_reason,
+                    prompt_cache=self.extract_cache(i) if done else None,
+                    all_tokens=self.tokens[i] if done else None,
+                )
+            )
+            if not done:
+                keep.append(i)
+        if len(keep) < len(self.uids):
+            self.filter(keep)
+        return responses
+
+
+def _placeholder() -> Any:
+    import mlx.core as mx
+
+    a = mx.zeros((1,))
+    mx.eval(a)
+    return a
+
+
+_NO_LOGPROBS: Any = None
+
+
+class BatchGenerator(G.BatchGenerator):  # type: ignore[misc]
+    """mlx-lm's BatchGenerator, joining prefilled prompts into the running batch directly."""
+
+    _prompt_batch: Any
+    _generation_batch: Any
+    _currently_processing: list[Any]
+    _unprocessed_sequences: Any
+    _counters: Any
+
+    def __init__(self, model: Any, **kwargs: Any) -> None:
+        global _NO_LOGPROBS
+        super().__init__(model, **kwargs)
+        if _NO_LOGPROBS is None:
+            _NO_LOGPROBS = _placeholder()
+        self._generation_batch = GenerationBatch.empty(self.model, self.sampler)
+
+    def _empty_prompt_batch(self) -> Any:
+        return G.PromptProcessingBatch.empty(
+            self.model, self.sampler, prefill_step_size=self.prefill_step_size
+        )
+
+    def _join_ready(self, prompt_responses: list[Any], *, prefilled: bool) -> None:
+        """Move every prompt row whose only input left is its last token into the running batch:
+        primed if its prefill just ran (the next step feeds that token with everyone's), else
+        (a one-token prompt, a whole prompt found in the cache) as mlx-lm does, with a forward
+        pass of its own now, so that its first token comes no later than there."""
+        ready = [
+            i for i, seq in enumerate(self._currently_processing)
+            if len(seq[0]) == 1 and len(seq[0][0]) == 1
+        ]
+        if not ready:
+            return
+        last = [self._currently_processing[i][0][0][0] for i in ready]
+        totals = [self._currently_processing[i][2] for i in ready]
+        if len(ready) == len(self._prompt_batch):
+            batch = self._prompt_batch  # all of it: no copy
+            self._prompt_batch = self._empty_prompt_batch()
+            self._currently_processing = []
+        else:
+            batch = self._prompt_batch.split(ready)
+            gone = set(ready)
+            self._currently_processing = [
+                s for i, s in enumerate(self._currently_processing) if i not in gone
+            ]
+        for uid, total in zip(batch.uids, totals, strict=True):
+            prompt_responses.append(G.PromptProcessingBatch.Response(uid, (total, total), True, True))
+        if prefilled:
+            self._generation_batch.join(batch, last)
+        else:
+            self._generation_batch.extend(batch.generate([[t] for t in last]))
+
+    def _next(self) -> tuple[list[Any], list[Any]]:
+        import time
+
+        import mlx.core as mx
+
+        generation_responses: list[Any] = []
+        prompt_responses: list[Any] = []
+        counters = self._counters
+
+        if len(self._generation_batch) > 0:
+            tic = time.perf_counter()
+            generation_responses = self._generation_batch.next()
+            counters.decode_time += time.perf_counter() - tic
+            counters.generation_tokens += len(generation_responses)
+            counters.generation_steps += 1
+            if counters.generation_steps % 512 == 0:
+                mx.clear_cache()
+
+        if len(self._generation_batch) >= self.completion_batch_size:
+            return prompt_responses, generation_responses
+
+        n = min(
+            self.prefill_batch_size - len(self._prompt_batch),
+            self.completion_batch_size - len(self._generation_batch),
+            len(self._unprocessed_sequences),
+        )
+        if n > 0:
+            self._prompt_batch.extend(self._make_batch(n))
+
+        # Rows with nothing but their last token left (a one-token prompt, a full cache hit)
+        self._join_ready(prompt_responses, prefilled=False)
+
+        prompts = []
+        for i, seq in enumerate(self._currently_processing):
+            response = G.PromptProcessingBatch.Response(self._prompt_batch.uids[i], 0, False, False)
+            segments = seq[0]
+            k = min(len(segments[0]), self.prefill_step_size)
+            prompts.append(segments[0][:k])
+            segments[0] = segments[0][k:]
+            if len(segments[0]) == 0:
+                segments.pop(0)
+                response.end_of_segment = True
+            seq[1] += len(prompts[-1])
+            response.progress = (seq[1], seq[2])
+            prompt_responses.append(response)
+
+        counters.prompt_tokens += sum(len(p) for p in prompts)
+        tic = time.perf_counter()
+        self._prompt_batch.prompt(prompts)
+        counters.prompt_time += time.perf_counter() - tic
+
+        # ...and those whose prefill just finished: their last token goes into the next step.
+        self._join_ready(prompt_responses, prefilled=True)
+        return prompt_responses, generation_responses

@@ -1,0 +1,100 @@
+"""appliance.engine.batching against mlx-lm's own BatchGenerator, on the real demo model: the
+same schedule of joins, leaves and cancels gives the same tokens, in the same calls, with the
+same log-probabilities."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.engine import batching
+
+pytestmark = pytest.mark.timeout(300)
+
+G: Any = importlib.import_module("mlx_lm.generate")
+
+
+@pytest.fixture(scope="module")
+def model(demo_model_dir: Path) -> Any:
+    from mlx_lm.utils import load
+
+    m, _ = load(str(demo_model_dir))
+    return m
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    return [(seed * 7919 + i * 104729) % 200 + 3 for i in range(n)]
+
+
+def _drive(cls: Any, model: Any, *, prefill_step_size: int = 2048, extra: Any = None) -> list[list[tuple[Any, ...]]]:
+    """Runs one fixed schedule; returns, per next() call, (uid, token, finish, logprob of the
+    token) for every response."""
+    import mlx.core as mx
+    from mlx_lm.sample_utils import make_logits_processors
+
+    gen = cls(model, stop_tokens=[[7]], completion_batch_size=8, prefill_batch_size=8,
+              prefill_step_size=prefill_step_size)
+    calls: list[list[tuple[Any, ...]]] = []
+    schedule: dict[int, Any] = {
+        0: lambda: gen.insert([_prompt(9, 1), _prompt(14, 2), _prompt(5, 3)], max_tokens=[12, 20, 6]),
+        # one-token prompt, a long one (chunked when prefill_step_size is small), a penalty
+        4: lambda: gen.insert(
+            [_prompt(1, 4), _prompt(40, 5), _prompt(11, 6)], max_tokens=[9, 15, 10],
+            logits_processors=[[], [], make_logits_processors(repetition_penalty=1.3)],
+        ),
+        7: lambda: gen.remove([1]),  # a cancel while others run
+        9: lambda: gen.insert([_prompt(6, 7)], max_tokens=[8]),
+        10: lambda: gen.insert([_prompt(3, 8), _prompt(17, 9)], max_tokens=[5, 7]),
+    }
+    if extra:
+        schedule.update(extra(gen))
+    live = 0
+    for step in range(200):
+        if step in schedule:
+            res = schedule[step]()
+            live += len(res) if isinstance(res, list) else 0
+        _, responses = gen.next()
+        out = []
+        for r in responses:
+            lp = float(r.logprobs[r.token].item())
+            out.append((r.uid, r.token, r.finish_reason, lp))
+        calls.append(out)
+        if step > max(schedule) and not len(gen._generation_batch) and not len(gen._prompt_batch) \
+                and not gen._unprocessed_sequences:
+            break
+    mx.synchronize()
+    gen.close()
+    return calls
+
+
+@pytest.mark.parametrize("prefill_step_size", [2048, 8])
+def test_same_tokens_in_the_same_calls(model: Any, prefill_step_size: int) -> None:
+    assert batching.usable()
+    stock = _drive(G.BatchGenerator, model, prefill_step_size=prefill_step_size)
+    ours = _drive(batching.BatchGenerator, model, prefill_step_size=prefill_step_size)
+    assert [[r[:3] for r in c] for c in ours] == [[r[:3] for r in c] for c in stock]
+    flat_ours = [r[3] for c in ours for r in c]
+    flat_stock = [r[3] for c in stock for r in c]
+    assert flat_ours == pytest.approx(flat_stock, abs=1e-3)
+    # the schedule did what it says: every request ended, one of them cancelled
+    ended = {r[0] for c in stock for r in c if r[2] is not None}
+    assert ended == set(range(9)) - {1}
+    assert any(r[2] == "length" for c in stock for r in c)
+
+
+def test_a_batch_that_empties_and_refills(model: Any) -> None:
+    """Everyone leaves, then a new wave joins an empty batch, twice."""
+
+    def waves(gen: Any) -> dict[int, Any]:
+        return {
+            60: lambda: gen.insert([_prompt(8, 10), _prompt(12, 11)], max_tokens=[4, 4]),
+            80: lambda: gen.insert([_prompt(2, 12)], max_tokens=[3]),
+        }
+
+    stock = _drive(G.BatchGenerator, model, extra=waves)
+    ours = _drive(batching.BatchGenerator, model, extra=waves)
+    assert [[r[:3] for r in c] for c in ours] == [[r[:3] for r in c] for c in stock]
+    assert sum(1 for c in ours for r in c if r[2] is not None) == 11
