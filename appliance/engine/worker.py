@@ -395,7 +395,7 @@ class ModelWorker(WorkerThread):
             else:
                 log.warning("model %s: this mlx-lm's batching is not the one fast_joins extends; "
                             "using mlx-lm's own", self.name)
-        return cls(
+        gen = cls(
             self.model,
             stop_tokens=[[t] for t in sorted(self.tokenizer.eos_token_ids)],
             completion_batch_size=self._completion_batch_size,
@@ -404,6 +404,26 @@ class ModelWorker(WorkerThread):
             max_kv_size=self._max_kv_size,
             stream=mx.default_stream(mx.default_device()),
         )
+        self._warm_up(gen)
+        return gen
+
+    def _warm_up(self, gen: Any) -> None:
+        """Two short generations before the model counts as loaded, so that MLX compiles its
+        kernels now and not in the first request: on CUDA that is NVRTC, 7-12 s on a fresh
+        machine (an H200; MLX keeps what it compiled in its PTX cache folder after that).
+        Prefill, decode, a join and a leave (one ends a step before the other): the paths every
+        request takes. Every rank of a group does the same, in step."""
+        t0 = time.perf_counter()
+        prompt = [int(t) for t in self.tokenizer.encode("Hello, world")][:8]
+        prompt = (prompt * 2)[: max(2, len(prompt))] if prompt else [0, 0]
+        uids = set(gen.insert([prompt, prompt], max_tokens=[2, 3]))
+        for _ in range(64):
+            if not uids:
+                break
+            _, responses = gen.next()
+            uids -= {r.uid for r in responses if r.finish_reason is not None}
+        gen.remove(list(uids))
+        log.info("model %s: warmed up in %.2f s", self.name, time.perf_counter() - t0)
 
     def follow(self) -> None:
         """A non-zero rank: apply rank 0's decisions and step in lock-step until told to stop."""
