@@ -408,21 +408,30 @@ class ModelWorker(WorkerThread):
         return gen
 
     def _warm_up(self, gen: Any) -> None:
-        """Two short generations before the model counts as loaded, so that MLX compiles its
-        kernels now and not in the first request: on CUDA that is NVRTC, 7-12 s on a fresh
-        machine (an H200; MLX keeps what it compiled in its PTX cache folder after that).
-        Prefill, decode, a join and a leave (one ends a step before the other): the paths every
-        request takes. Every rank of a group does the same, in step."""
+        """Short generations before the model counts as loaded, so that MLX compiles its kernels
+        now and not in the first requests: on CUDA that is NVRTC, 7-12 s on a fresh machine (an
+        H200; MLX keeps what it compiled in its PTX cache folder after that). The paths requests
+        take: prompts of two lengths prefilled together (right padding), decode, a leave while
+        another runs, and a prompt joining with a cached prefix. Every rank of a group does the
+        same, in step."""
         t0 = time.perf_counter()
-        prompt = [int(t) for t in self.tokenizer.encode("Hello, world")][:8]
-        prompt = (prompt * 2)[: max(2, len(prompt))] if prompt else [0, 0]
-        uids = set(gen.insert([prompt, prompt], max_tokens=[2, 3]))
-        for _ in range(64):
-            if not uids:
-                break
-            _, responses = gen.next()
-            uids -= {r.uid for r in responses if r.finish_reason is not None}
-        gen.remove(list(uids))
+        prompt = [int(t) for t in self.tokenizer.encode("Hello, world")][:8] or [0]
+        prompt = (prompt * 4)[: max(4, len(prompt))]
+        batches: list[tuple[Any, ...]] = [([prompt, prompt[:-1]], [2, 3], None, None)]
+        while batches:
+            prompts, max_tokens, caches, all_tokens = batches.pop()
+            uids = set(gen.insert(prompts, max_tokens=max_tokens, caches=caches, all_tokens=all_tokens))
+            for _ in range(64):
+                if not uids:
+                    break
+                _, responses = gen.next()
+                for r in responses:
+                    if r.finish_reason is None:
+                        continue
+                    uids.discard(r.uid)
+                    if caches is None and not batches and r.prompt_cache is not None:
+                        batches.append(([prompt[:2]], [2], [r.prompt_cache], [list(r.all_tokens)]))
+            gen.remove(list(uids))
         log.info("model %s: warmed up in %.2f s", self.name, time.perf_counter() - t0)
 
     def follow(self) -> None:
