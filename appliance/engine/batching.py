@@ -19,8 +19,10 @@ padding is read once per change instead of once per layer (every layer of a batc
 padding: they are built, padded, merged and filtered together). Rows are also joined in the
 same call that prefilled them, so the first token comes no later than before.
 
-The results are those of mlx-lm's own path (tests/test_batching.py compares the two, token for
-token and log-probability for log-probability, with joins, leaves and cancels). It subclasses
+The results are those of mlx-lm's own path, in the same next() calls, with the same admissions
+(tests/test_batching.py compares the two on the demo model and on random schedules of joins,
+leaves and cancels), up to floating-point differences from the batch shape the joiners' first
+step runs in. It subclasses
 mlx-lm 0.32's internals; `usable()` checks they are what it was written against, and the worker
 falls back to mlx-lm's BatchGenerator (with a log line) if not, or when `models.fast_joins` is
 false.
@@ -129,7 +131,8 @@ class GenerationBatch(G.GenerationBatch):  # type: ignore[misc]
     def extract_cache(self, idx: int) -> list[Any]:
         import mlx.core as mx
 
-        mx.eval([c.left_padding for c in self.prompt_cache])  # one round trip, not one per layer
+        # one round trip for every layer's padding, not one per layer
+        mx.eval([c.left_padding for c in self.prompt_cache if hasattr(c, "left_padding")])
         return super().extract_cache(idx)
 
     def filter(self, keep: list[int]) -> None:
@@ -225,6 +228,8 @@ class BatchGenerator(G.BatchGenerator):  # type: ignore[misc]
         ]
         if not ready:
             return
+        if prefilled and len(self._generation_batch) >= self.completion_batch_size:
+            return  # mlx-lm would keep them in the prompt batch: they join at a later call
         last = [self._currently_processing[i][0][0][0] for i in ready]
         totals = [self._currently_processing[i][2] for i in ready]
         if len(ready) == len(self._prompt_batch):
@@ -252,6 +257,9 @@ class BatchGenerator(G.BatchGenerator):  # type: ignore[misc]
         generation_responses: list[Any] = []
         prompt_responses: list[Any] = []
         counters = self._counters
+        # Rows joined primed at the last call: mlx-lm would still hold them in the prompt batch
+        # until this call's split, so its limits count them there, and so do these.
+        primed = sum(self._generation_batch._primed)
 
         if len(self._generation_batch) > 0:
             tic = time.perf_counter()
@@ -262,12 +270,12 @@ class BatchGenerator(G.BatchGenerator):  # type: ignore[misc]
             if counters.generation_steps % 512 == 0:
                 mx.clear_cache()
 
-        if len(self._generation_batch) >= self.completion_batch_size:
+        if len(self._generation_batch) - primed >= self.completion_batch_size:
             return prompt_responses, generation_responses
 
         n = min(
-            self.prefill_batch_size - len(self._prompt_batch),
-            self.completion_batch_size - len(self._generation_batch),
+            self.prefill_batch_size - len(self._prompt_batch) - primed,
+            self.completion_batch_size - len(self._generation_batch) + primed,
             len(self._unprocessed_sequences),
         )
         if n > 0:

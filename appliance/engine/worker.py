@@ -429,7 +429,12 @@ class ModelWorker(WorkerThread):
                     if r.finish_reason is None:
                         continue
                     uids.discard(r.uid)
-                    if caches is None and not batches and r.prompt_cache is not None:
+                    if (
+                        caches is None
+                        and not batches
+                        and r.prompt_cache is not None
+                        and all(hasattr(c, "merge") for c in r.prompt_cache)  # else no prefix reuse
+                    ):
                         batches.append(([prompt[:2]], [2], [r.prompt_cache], [list(r.all_tokens)]))
             gen.remove(list(uids))
         log.info("model %s: warmed up in %.2f s", self.name, time.perf_counter() - t0)
