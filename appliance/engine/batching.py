@@ -60,7 +60,14 @@ def usable() -> bool:
 
 
 def _homogeneous(caches: list[Any]) -> bool:
-    return bool(caches) and all(type(c) is _cache.BatchKVCache for c in caches)
+    """Every layer a BatchKVCache at the same position: then they share their left padding."""
+    if not caches:
+        return False
+    first = caches[0]
+    return all(
+        type(c) is _cache.BatchKVCache and c._idx == first._idx and (c.keys is None) == (first.keys is None)
+        for c in caches
+    )
 
 
 def _filter_caches(caches: list[Any], keep: list[int]) -> None:
