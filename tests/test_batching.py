@@ -51,11 +51,9 @@ def _drive(cls: Any, model: Any, *, prefill_step_size: int = 2048, extra: Any = 
     }
     if extra:
         schedule.update(extra(gen))
-    live = 0
     for step in range(200):
         if step in schedule:
-            res = schedule[step]()
-            live += len(res) if isinstance(res, list) else 0
+            schedule[step]()
         _, responses = gen.next()
         out = []
         for r in responses:

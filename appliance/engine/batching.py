@@ -30,6 +30,7 @@ false.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any
 
@@ -57,6 +58,17 @@ def usable() -> bool:
     return all(hasattr(G, f) for f in ("_extend_cache", "TokenBuffer")) and hasattr(
         _cache, "BatchKVCache"
     )
+
+
+@functools.cache
+def _no_logprobs() -> Any:
+    """What a primed row's step holds for its log-probabilities (never reported): an evaluated
+    array, so evaluating the step's log-probabilities costs nothing for it."""
+    import mlx.core as mx
+
+    a = mx.zeros((1,))
+    mx.eval(a)
+    return a
 
 
 def _homogeneous(caches: list[Any]) -> bool:
@@ -122,7 +134,7 @@ class GenerationBatch(G.GenerationBatch):  # type: ignore[misc]
             self._next_tokens = last
         else:
             self._next_tokens = mx.concatenate([self._next_tokens, last.astype(self._next_tokens.dtype)])
-        self._next_logprobs.extend([_NO_LOGPROBS] * n)
+        self._next_logprobs.extend([_no_logprobs()] * n)
         self._token_context.extend(G.TokenBuffer(t) for t in batch.tokens)
         self._num_tokens.extend([0] * n)
         self._matchers.extend(ss.matcher() for ss in batch.stop_sequences)
@@ -192,17 +204,6 @@ class GenerationBatch(G.GenerationBatch):  # type: ignore[misc]
         return responses
 
 
-def _placeholder() -> Any:
-    import mlx.core as mx
-
-    a = mx.zeros((1,))
-    mx.eval(a)
-    return a
-
-
-_NO_LOGPROBS: Any = None
-
-
 class BatchGenerator(G.BatchGenerator):  # type: ignore[misc]
     """mlx-lm's BatchGenerator, joining prefilled prompts into the running batch directly."""
 
@@ -213,10 +214,7 @@ class BatchGenerator(G.BatchGenerator):  # type: ignore[misc]
     _counters: Any
 
     def __init__(self, model: Any, **kwargs: Any) -> None:
-        global _NO_LOGPROBS
         super().__init__(model, **kwargs)
-        if _NO_LOGPROBS is None:
-            _NO_LOGPROBS = _placeholder()
         self._generation_batch = GenerationBatch.empty(self.model, self.sampler)
 
     def _empty_prompt_batch(self) -> Any:

@@ -417,26 +417,9 @@ class ModelWorker(WorkerThread):
         t0 = time.perf_counter()
         prompt = [int(t) for t in self.tokenizer.encode("Hello, world")][:8] or [0]
         prompt = (prompt * 4)[: max(4, len(prompt))]
-        batches: list[tuple[Any, ...]] = [([prompt, prompt[:-1]], [2, 3], None, None)]
-        while batches:
-            prompts, max_tokens, caches, all_tokens = batches.pop()
-            uids = set(gen.insert(prompts, max_tokens=max_tokens, caches=caches, all_tokens=all_tokens))
-            for _ in range(64):
-                if not uids:
-                    break
-                _, responses = gen.next()
-                for r in responses:
-                    if r.finish_reason is None:
-                        continue
-                    uids.discard(r.uid)
-                    if (
-                        caches is None
-                        and not batches
-                        and r.prompt_cache is not None
-                        and all(hasattr(c, "merge") for c in r.prompt_cache)  # else no prefix reuse
-                    ):
-                        batches.append(([prompt[:2]], [2], [r.prompt_cache], [list(r.all_tokens)]))
-            gen.remove(list(uids))
+        cache, tokens = _run_to_end(gen, [prompt, prompt[:-1]], [2, 3])
+        if cache is not None and all(hasattr(c, "merge") for c in cache):  # else no prefix reuse
+            _run_to_end(gen, [prompt[:2]], [2], caches=[cache], all_tokens=[tokens])
         log.info("model %s: warmed up in %.2f s", self.name, time.perf_counter() - t0)
 
     def follow(self) -> None:
@@ -500,6 +483,24 @@ class ModelWorker(WorkerThread):
             logits_processors=[_make_processors(params)],
         )
         return int(uid), cached
+
+
+def _run_to_end(gen: Any, prompts: list[list[int]], max_tokens: list[int], **kw: Any) -> tuple[Any, Any]:
+    """Generate until these prompts end (at most 64 steps); the first one to end's prompt cache
+    and tokens (the warm-up's cached prefix)."""
+    uids = set(gen.insert(prompts, max_tokens=max_tokens, **kw))
+    first: tuple[Any, Any] = (None, None)
+    for _ in range(64):
+        if not uids:
+            break
+        _, responses = gen.next()
+        for r in responses:
+            if r.finish_reason is not None:
+                uids.discard(r.uid)
+                if first[0] is None and r.prompt_cache is not None:
+                    first = (r.prompt_cache, list(r.all_tokens))
+    gen.remove(list(uids))
+    return first
 
 
 def _wire(item: Any, uid_of: dict[int, int]) -> tuple[Any, ...]:
