@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from appliance.bench import percentile
+from appliance.bench import percentile, tables
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,6 +88,17 @@ def test_bench_end_to_end(tmp_path: Path, demo_cache: Path) -> None:
     assert m["requests"] == 50 and _number(m["p50_s"]) and m["requests_total_in_metrics"] >= 50
     assert all(_number(v) for v in costs["rss_after_load_bytes"].values())
     assert costs["cold_start"]["samples_s"] and _number(costs["cold_start"]["median_s"])
+
+    # On the CPU one ceiling worker, under MLX's defaults; where a second ran (a GPU, under the
+    # appliance's MLX settings), the table says which one each concurrency's figure came from.
+    assert res["ceiling"]["mlx_envs"] == ["mlx defaults"]
+    assert res["ceiling"]["best"]["1"]["mlx_env"] == "mlx defaults"
+    assert "ran under" not in res["table_markdown"]
+    two = {**res, "ceiling": {**res["ceiling"], "mlx_envs": ["mlx defaults", "other settings"]}}
+    two["ceiling"]["best"] = {**res["ceiling"]["best"],
+                              "2": {**res["ceiling"]["best"]["2"], "mlx_env": "other settings"}}
+    assert ("ran under mlx defaults and under other settings; the faster counts: "
+            "c=1 mlx defaults, c=2 other settings.") in tables(two)
 
     names = {t["name"] for t in res["targets"]}
     assert any("ceiling" in n for n in names) and any("cold start" in n for n in names)

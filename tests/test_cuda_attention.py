@@ -78,16 +78,17 @@ def test_small_prefills_go_unfused_and_the_rest_to_mlx(monkeypatch: pytest.Monke
     assert calls == [(2, 8, 16, 64), (2, 8, 1, 64)]
 
 
+@pytest.mark.parametrize("name", ["MLX_ENABLE_CACHE_THRASHING_CHECK", "MLX_USE_CUDA_GRAPHS"])
 @pytest.mark.parametrize("given,expected", [(None, "0"), ("1", "1")])
-def test_the_server_turns_mlx_cache_thrashing_errors_off_unless_told(
-    given: Any, expected: str
+def test_the_server_sets_its_mlx_cuda_defaults_unless_told(
+    name: str, given: Any, expected: str
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "MLX_ENABLE_CACHE_THRASHING_CHECK"}
+    """Cache-thrashing errors and CUDA graphs off (see appliance/engine/cuda.py)."""
+    env = {k: v for k, v in os.environ.items() if k != name}
     if given is not None:
-        env["MLX_ENABLE_CACHE_THRASHING_CHECK"] = given  # an operator's own value wins
+        env[name] = given  # an operator's own value wins
     out = subprocess.run(
-        [sys.executable, "-c", "import os, appliance.__main__; "
-         "print(os.environ['MLX_ENABLE_CACHE_THRASHING_CHECK'])"],
+        [sys.executable, "-c", f"import os, appliance.__main__; print(os.environ[{name!r}])"],
         env=env, capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 0, out.stderr[-2000:]
