@@ -12,7 +12,8 @@ On one model and one machine, in one run:
   (engine/cuda.py's MLX_ENV_DEFAULTS, CUDA graphs off), and the faster of the two counts;
 - mlx_lm.server and the appliance, both started once on loopback ports; for each repetition,
   for each concurrency, the ceiling, then mlx_lm.server, then the appliance take their turn (one
-  at a time) with closed-loop streaming chat clients (asyncio + httpx in this process);
+  at a time) with closed-loop streaming chat clients (asyncio + httpx; more than 16 clients are
+  spread over client processes, `--clients-per-process`, so the client is not what limits);
   generated tokens are counted from the usage each stream reports (stream_options.include_usage);
 - the appliance's own costs: 429 latency when busy, /healthz and /metrics latency under load,
   /metrics scrape time after many requests, RSS after load, cold start to /readyz 200.
@@ -288,6 +289,7 @@ class Plan:
     probe_interval_s: float
     appliance_args: list[str] = field(default_factory=list)
     mlx_server_args: list[str] = field(default_factory=list)
+    clients_per_process: int = 16
 
     @property
     def cmax(self) -> int:
@@ -485,7 +487,7 @@ class ReqResult:
     text: str = ""
 
 
-_SEQ = itertools.count()
+_SEQ = itertools.count()  # request numbers: every prompt the servers see is new
 
 
 def prompt_text(i: int, n: int) -> str:
@@ -607,6 +609,86 @@ async def _probe(base_url: str, paths: Sequence[str], interval: float, stop: asy
                 await asyncio.wait_for(stop.wait(), interval)
 
 
+def _seq_block(n: int) -> int:
+    """The first of n request numbers reserved for one run."""
+    first = next(_SEQ)
+    for _ in range(n - 1):
+        next(_SEQ)
+    return first
+
+
+async def _run_clients(base_url: str, first: int, n: int, c: int, plan: Plan, seq0: int,
+                       start_at: Optional[float] = None) -> list[ReqResult]:
+    """Clients first .. first+n-1 of c, each sending its requests back to back; from
+    `start_at` (a time.monotonic() value, the same clock in every process) if given."""
+    results: list[ReqResult] = []
+    rpc = plan.requests_per_client
+    async with _client(base_url, n + 4, plan.timeout_s) as client:
+
+        async def one_client(i: int) -> None:
+            for j in range(rpc):
+                body = _chat_body(prompt_text(i + j * c, seq0 + i * rpc + j), plan.max_tokens)
+                results.append(await stream_chat(client, body))
+
+        if start_at is not None:
+            await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+        await asyncio.gather(*(one_client(i) for i in range(first, first + n)))
+    return results
+
+
+def _client_process(base_url: str, first: int, n: int, c: int, plan: Plan, seq0: int,
+                    start_at: float) -> dict[str, Any]:
+    """In a client process (ClientPool): one share of a run's clients."""
+    cpu0 = time.process_time()
+    results = asyncio.run(_run_clients(base_url, first, n, c, plan, seq0, start_at))
+    return {"results": [asdict(r) for r in results], "cpu_s": time.process_time() - cpu0,
+            "end": time.monotonic()}
+
+
+def _idle(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+class ClientPool:
+    """Processes for the load client: one Python process streaming from 64 clients runs near a
+    full core (on an H100 host, ~5,000 events/s), and then its own delays count against the server
+    it measures. closed_loop spreads more than plan.clients_per_process clients over these."""
+
+    def __init__(self) -> None:
+        self._pool: Optional[Any] = None
+        self._size = 0
+
+    def get(self, n: int) -> Any:
+        """A pool of at least n started processes (started now, so no run waits for them)."""
+        if self._pool is None or self._size < n:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.close()
+            self._pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"))
+            self._size = n
+            # By the module's own name, not __main__ (`python -m appliance.bench`): the workers
+            # import it as such.
+            from appliance import bench as named
+
+            pids: set[int] = set()
+            for _ in range(10):  # each worker busy at once: all n have started
+                pids |= set(self._pool.map(named._idle, [0.2] * n))
+                if len(pids) >= n:
+                    break
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = None
+        self._size = 0
+
+
+CLIENT_POOL = ClientPool()
+
+
 async def closed_loop(base_url: str, c: int, plan: Plan, probe_paths: Sequence[str] = (),
                       probes: Optional[dict[str, list[float]]] = None,
                       probe_failures: Optional[dict[str, int]] = None,
@@ -614,32 +696,43 @@ async def closed_loop(base_url: str, c: int, plan: Plan, probe_paths: Sequence[s
                       server: Optional[Proc] = None) -> dict[str, Any]:
     """c clients, each sending requests_per_client streaming requests back to back.
 
-    With `server`, also the CPU seconds that server's process used during the run: a figure
-    that contention from other work on the machine distorts far less than tokens/s.
+    More than plan.clients_per_process clients are spread over that many client processes
+    (CLIENT_POOL), started together; client_cpu_fraction is then the busiest one's. With
+    `server`, also the CPU seconds that server's process used during the run: a figure that
+    contention from other work on the machine distorts far less than tokens/s.
     """
-    results: list[ReqResult] = []
-    async with _client(base_url, c + 4, plan.timeout_s) as client:
-
-        async def one_client(i: int) -> None:
-            for j in range(plan.requests_per_client):
-                body = _chat_body(prompt_text(i + j * c, next(_SEQ)), plan.max_tokens)
-                results.append(await stream_chat(client, body))
-
-        stop = asyncio.Event()
-        probe_task = None
-        if probe_paths and probes is not None and probe_failures is not None:
-            probe_task = asyncio.create_task(
-                _probe(base_url, probe_paths, plan.probe_interval_s, stop, probes, probe_failures))
-        srv0 = server.cpu_seconds() if server is not None else None
+    seq0 = _seq_block(c * plan.requests_per_client)
+    nproc = -(-c // max(1, plan.clients_per_process))
+    pool = CLIENT_POOL.get(nproc) if nproc > 1 else None
+    stop = asyncio.Event()
+    probe_task = None
+    if probe_paths and probes is not None and probe_failures is not None:
+        probe_task = asyncio.create_task(
+            _probe(base_url, probe_paths, plan.probe_interval_s, stop, probes, probe_failures))
+    srv0 = server.cpu_seconds() if server is not None else None
+    if pool is None:
         cpu0 = time.process_time()
         t0 = time.perf_counter()
-        await asyncio.gather(*(one_client(i) for i in range(c)))
+        results = await _run_clients(base_url, 0, c, c, plan, seq0)
         wall = time.perf_counter() - t0
-        cpu = time.process_time() - cpu0
-        srv1 = server.cpu_seconds() if server is not None else None
-        stop.set()
-        if probe_task is not None:
-            await probe_task
+        cpu_fraction = (time.process_time() - cpu0) / wall if wall > 0 else 0.0
+    else:
+        from appliance import bench as named
+
+        loop = asyncio.get_running_loop()
+        start_at = time.monotonic() + 0.2
+        shares = [(k * c // nproc, (k + 1) * c // nproc) for k in range(nproc)]
+        outs = await asyncio.gather(*(
+            loop.run_in_executor(pool, named._client_process, base_url, a, b - a, c, plan, seq0,
+                                 start_at)
+            for a, b in shares))
+        wall = max(o["end"] for o in outs) - start_at
+        results = [ReqResult(**r) for o in outs for r in o["results"]]
+        cpu_fraction = max(o["cpu_s"] for o in outs) / wall if wall > 0 else 0.0
+    srv1 = server.cpu_seconds() if server is not None else None
+    stop.set()
+    if probe_task is not None:
+        await probe_task
     counted_by = "usage"
     for r in results:
         if r.ok and not r.usage:
@@ -666,7 +759,8 @@ async def closed_loop(base_url: str, c: int, plan: Plan, probe_paths: Sequence[s
         **_stats([r.e2e_s for r in ok], "e2e_s"),
         "tokens_per_request": tokens / len(ok) if ok else 0.0,
         "events_per_request": sum(r.events for r in ok) / len(ok) if ok else 0.0,
-        "client_cpu_fraction": cpu / wall if wall > 0 else 0.0,
+        "client_cpu_fraction": cpu_fraction,
+        "client_processes": nproc,
         "tokens_counted_by": counted_by,
     }
 
@@ -699,6 +793,7 @@ def best_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     best["tokens_counted_by"] = ("tokenizer" if any(r["tokens_counted_by"] == "tokenizer" for r in runs)
                                  else "usage")
     best["client_cpu_fraction_max"] = max(r["client_cpu_fraction"] for r in runs)
+    best["client_processes_max"] = max(r.get("client_processes", 1) for r in runs)
     return best
 
 
@@ -1024,7 +1119,10 @@ def tables(res: dict[str, Any]) -> str:
                       "tokenizing the returned text."]
     cpu_frac = max((srv[n][str(c)]["client_cpu_fraction_max"] for n in SERVERS for c in conc
                     if str(c) in srv[n]), default=0.0)
-    lines += ["", f"Load client CPU: at most {cpu_frac:.0%} of one core during a run."]
+    nproc = max((srv[n][str(c)].get("client_processes_max", 1) for n in SERVERS for c in conc
+                 if str(c) in srv[n]), default=1)
+    lines += ["", f"Load client CPU: at most {cpu_frac:.0%} of one core during a run"
+              + (f" (the busiest of up to {nproc} client processes)." if nproc > 1 else ".")]
     if cpu_frac > 0.7:
         lines.append("Warning: the load client was near one full core; at that rate it may limit "
                      "the servers' figures (fewer clients or a faster machine for the client).")
@@ -1304,6 +1402,8 @@ def parser() -> argparse.ArgumentParser:
                    help="extra override for the appliance (repeatable)")
     p.add_argument("--mlx-server-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for mlx_lm.server (repeatable, e.g. --mlx-server-arg=--prefill-step-size=512)")
+    p.add_argument("--clients-per-process", type=int, default=16,
+                   help="more clients than this are spread over client processes (default 16)")
     p.add_argument("--ceiling-worker", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -1328,7 +1428,8 @@ def plan_from(args: argparse.Namespace) -> Plan:
         metrics_n, busy_n, colds = min(metrics_n, 500), min(busy_n, 50), 1
     for name, v in (("--max-tokens", max_tokens), ("--requests-per-client", rpc),
                     ("--repeat", repeat), ("--metrics-requests", metrics_n),
-                    ("--busy-requests", busy_n), ("--cold-starts", colds)):
+                    ("--busy-requests", busy_n), ("--cold-starts", colds),
+                    ("--clients-per-process", args.clients_per_process)):
         if v < 1:
             raise SystemExit(f"{name} must be >= 1")
     return Plan(
@@ -1337,7 +1438,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
         chart=not args.no_chart, metrics_requests=metrics_n, busy_requests=busy_n,
         cold_starts=colds, targets=args.targets, timeout_s=args.timeout,
         probe_interval_s=args.probe_interval, appliance_args=list(args.appliance_arg),
-        mlx_server_args=list(args.mlx_server_arg),
+        mlx_server_args=list(args.mlx_server_arg), clients_per_process=args.clients_per_process,
     )
 
 
@@ -1369,6 +1470,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             say("interrupted; stopping every process the bench started")
             return 130
         finally:
+            CLIENT_POOL.close()
             procs.stop_all()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     text = tables(res)

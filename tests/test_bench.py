@@ -45,7 +45,9 @@ def test_bench_end_to_end(tmp_path: Path, demo_cache: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "appliance.bench", "--concurrency", "1,2", "--max-tokens", "4",
          "--requests-per-client", "2", "--repeat", "1", "--metrics-requests", "50",
-         "--busy-requests", "5", "--cold-starts", "1", "--out", str(out)],
+         "--busy-requests", "5", "--cold-starts", "1", "--out", str(out),
+         # 2 clients in 2 client processes; 1 client in this one.
+         "--clients-per-process", "1"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=170,
     )
     assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
@@ -75,6 +77,7 @@ def test_bench_end_to_end(tmp_path: Path, demo_cache: Path) -> None:
                 assert _number(best[key]), (server, c, key, best[key])
             (run,) = res["runs"][server][c]
             assert run["tokens"] > 0
+            assert run["client_processes"] == int(c)
         for key in ("vs_mlx", "vs_ceiling", "ttft_p99_vs_mlx", "cpu_per_token_vs_mlx"):
             assert _number(res["ratios"][c][key])
 
@@ -104,8 +107,8 @@ def test_bench_end_to_end(tmp_path: Path, demo_cache: Path) -> None:
     assert any("ceiling" in n for n in names) and any("cold start" in n for n in names)
     assert all(t["passed"] in (True, False, None) for t in res["targets"])
 
-    # Every process the bench started is gone.
-    assert not _running_under(scratch)
+    # Every process the bench started (servers, ceiling, client processes) is gone.
+    assert not _running_under(tmp_path)
 
 
 def _running_under(folder: Path) -> list[int]:
