@@ -245,6 +245,8 @@ def _resilience(a: Appliance, state: Optional[StateStore]) -> None:
     a.health_contributors.append(ctx.health)
     a.health_details["maintenance"] = runner.status
     a.on_startup.append(lambda: a.background.extend(runner.start()))
+    a.on_startup.append(lambda: a.background.append(
+        asyncio.create_task(a.metrics.watch_loop_lag(), name="loop-lag")))
     a.on_shutdown.append(runner.stop)
     a.on_shutdown.append(helpers.close)
     a.app.add_route("/v1/embeddings", Embeddings(engine, a.gate, helpers, cfg.limits.max_body_bytes))

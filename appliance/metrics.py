@@ -6,6 +6,7 @@ the engine's observers; gauges that mirror live state are read at scrape time by
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, Optional
@@ -51,6 +52,8 @@ CODE_REASONS = {
 _NOT_COUNTED = ("/healthz", "/readyz")
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_LOOP_LAG = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+LOOP_LAG_INTERVAL_S = 0.05
 _ITL = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -170,9 +173,24 @@ class Metrics:
             p + "maintenance_task_duration_seconds", "Maintenance task run time.", ["task"],
             buckets=(0.001, 0.01, 0.1, 0.5, 1, 5, 30), registry=r,
         )
+        self.loop_lag = Histogram(
+            p + "event_loop_lag_seconds",
+            f"How late the event loop ran a timer due every {LOOP_LAG_INTERVAL_S} s: its own busy "
+            "stretches plus waits for the GIL the generation threads hold.",
+            buckets=_LOOP_LAG, registry=r,
+        )
         self.helper_requests = Counter(
             p + "helper_requests", "Requests proxied to helper nodes.", ["helper", "status"], registry=r
         )
+
+    async def watch_loop_lag(self, interval: float = LOOP_LAG_INTERVAL_S) -> None:
+        """Until cancelled: sleep `interval`, observe how much later than that the loop woke.
+        Every callback the loop runs (stream chunks, request parsing) waits that long too."""
+        loop = asyncio.get_running_loop()
+        while True:
+            t = loop.time()
+            await asyncio.sleep(interval)
+            self.loop_lag.observe(max(0.0, loop.time() - t - interval))
 
     def attach_live(self, read: Callable[[], dict[str, Any]]) -> None:
         self.registry.register(_LiveCollector(self.prefix, read))

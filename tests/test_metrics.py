@@ -163,6 +163,7 @@ HISTOGRAMS = (
     "e2e_request_latency_seconds",
     "request_queue_time_seconds",
     "model_load_seconds",
+    "event_loop_lag_seconds",
 )
 GAUGES = (
     "num_requests_running",
@@ -206,6 +207,13 @@ def test_every_series_has_its_type(module_appliance: Any) -> None:
     # The vLLM stems with _total on counters, in the text as Prometheus scrapes it.
     for line in ("# TYPE lmx_requests_total counter", "# TYPE lmx_generation_tokens_total counter"):
         assert line in r.text
+
+
+def test_event_loop_lag_is_watched_while_serving(module_appliance: Any) -> None:
+    """The server watches its own loop from the start: the timer's count grows by itself."""
+    before = value(scrape(module_appliance.url), "lmx_event_loop_lag_seconds", "_count")
+    time.sleep(0.3)  # 0.05 s a wake-up: several more by now
+    assert value(scrape(module_appliance.url), "lmx_event_loop_lag_seconds", "_count") >= before + 3
 
 
 def test_scrape_stays_fast_under_load(module_appliance: Any) -> None:
@@ -261,3 +269,28 @@ def test_draining_refusals_counted_once(module_appliance: Any) -> None:
     assert refused.headers["Retry-After"].isdigit()
     assert after - before == 1
     assert a.proc.wait(30) == 0
+
+
+def test_event_loop_lag_counts_a_blocked_loop() -> None:
+    """A callback that holds the loop 0.2 s shows up as one wake-up at least 0.1 s late."""
+    import asyncio
+
+    from appliance.config import MetricsConfig
+    from appliance.metrics import Metrics
+
+    m = Metrics(MetricsConfig())
+
+    async def run() -> None:
+        watch = asyncio.create_task(m.watch_loop_lag(0.01))
+        await asyncio.sleep(0.05)
+        time.sleep(0.2)  # the loop is blocked: the watcher's timer cannot fire
+        await asyncio.sleep(0.05)
+        watch.cancel()
+
+    asyncio.run(run())
+    fams = {f.name: f for f in text_string_to_metric_families(m.render().decode())}
+    samples = {(s.name, s.labels.get("le")): s.value for s in fams["lmx_event_loop_lag_seconds"].samples}
+    assert samples[("lmx_event_loop_lag_seconds_count", None)] >= 3
+    late = samples[("lmx_event_loop_lag_seconds_count", None)] - samples[
+        ("lmx_event_loop_lag_seconds_bucket", "0.1")]
+    assert late == 1, samples
