@@ -24,13 +24,18 @@ HISTOGRAMS = (
     "lmx_request_queue_time_seconds",
     "lmx_e2e_request_latency_seconds",
     "lmx_inter_token_latency_seconds",
+    "lmx_event_loop_lag_seconds",
 )
+LAG_BUCKET = 'lmx_event_loop_lag_seconds_bucket{le="'
+
 COUNTERS = ("lmx_batch_joins_total", "lmx_batch_joined_requests_total")
 
 
 def scrape() -> dict[str, float]:
     out: dict[str, float] = {}
     for line in httpx.get(URL + "/metrics").text.splitlines():
+        if line.startswith(LAG_BUCKET):
+            out["lag_le_" + line[len(LAG_BUCKET):].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
         for name in COUNTERS:
             if line.startswith(name + "{"):
                 out[name] = out.get(name, 0) + float(line.rsplit(" ", 1)[1])
@@ -77,12 +82,15 @@ async def main() -> None:
         k[4:-4]: round(1000 * d[k] / d[k[:-4] + "_count"], 1)
         for k in d if k.endswith("_sum") and d.get(k[:-4] + "_count")
     }
+    lag = sorted((float(k[7:]), v) for k, v in d.items() if k.startswith("lag_le_"))
+    lag_p90 = next((le for le, v in lag if lag and v >= 0.9 * lag[-1][1]), None)
     joins = d.get("lmx_batch_joins_total", 0)
     per_join = d.get("lmx_batch_joined_requests_total", 0) / joins if joins else 0
     print(
         f"c={C} N={N}: joins {joins:.0f}, {per_join:.1f} per join, {sum(ns) / wall:.0f} tok/s, "
         f"client cpu {cpu / wall:.2f}, client TTFT p50 {1000 * statistics.median(ttfts):.0f} ms "
-        f"mean {1000 * statistics.mean(ttfts):.0f}; server means ms {server}"
+        f"mean {1000 * statistics.mean(ttfts):.0f}; loop lag p90 <= {lag_p90} s; server means ms "
+        f"{server}"
     )
 
 
