@@ -290,6 +290,7 @@ class Plan:
     appliance_args: list[str] = field(default_factory=list)
     mlx_server_args: list[str] = field(default_factory=list)
     clients_per_process: int = 16
+    second_ceiling: bool = True
 
     @property
     def cmax(self) -> int:
@@ -632,8 +633,12 @@ async def _run_clients(base_url: str, first: int, n: int, c: int, plan: Plan, se
 
         if start_at is not None:
             await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+            _STARTED[0] = time.monotonic()
         await asyncio.gather(*(one_client(i) for i in range(first, first + n)))
     return results
+
+
+_STARTED = [0.0]  # in a client process: when its clients began (time.monotonic())
 
 
 def _client_process(base_url: str, first: int, n: int, c: int, plan: Plan, seq0: int,
@@ -642,7 +647,7 @@ def _client_process(base_url: str, first: int, n: int, c: int, plan: Plan, seq0:
     cpu0 = time.process_time()
     results = asyncio.run(_run_clients(base_url, first, n, c, plan, seq0, start_at))
     return {"results": [asdict(r) for r in results], "cpu_s": time.process_time() - cpu0,
-            "end": time.monotonic()}
+            "started": _STARTED[0], "end": time.monotonic()}
 
 
 def _idle(seconds: float) -> int:
@@ -666,11 +671,14 @@ class ClientPool:
             from concurrent.futures import ProcessPoolExecutor
 
             self.close()
-            self._pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"))
-            self._size = n
             # By the module's own name, not __main__ (`python -m appliance.bench`): the workers
             # import it as such.
             from appliance import bench as named
+
+            self._pool = ProcessPoolExecutor(
+                n, mp_context=multiprocessing.get_context("spawn"),
+                initializer=named._die_with_parent if sys.platform.startswith("linux") else None)
+            self._size = n
 
             pids: set[int] = set()
             for _ in range(10):  # each worker busy at once: all n have started
@@ -680,10 +688,13 @@ class ClientPool:
         return self._pool
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-        self._pool = None
-        self._size = 0
+        """Stop the client processes now, whatever they were doing (an interrupted run)."""
+        pool, self._pool, self._size = self._pool, None, 0
+        if pool is not None:
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                with contextlib.suppress(Exception):
+                    proc.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 CLIENT_POOL = ClientPool()
@@ -715,7 +726,8 @@ async def closed_loop(base_url: str, c: int, plan: Plan, probe_paths: Sequence[s
         t0 = time.perf_counter()
         results = await _run_clients(base_url, 0, c, c, plan, seq0)
         wall = time.perf_counter() - t0
-        cpu_fraction = (time.process_time() - cpu0) / wall if wall > 0 else 0.0
+        cpu_fraction = cpu_total = (time.process_time() - cpu0) / wall if wall > 0 else 0.0
+        late = 0.0
     else:
         from appliance import bench as named
 
@@ -729,6 +741,10 @@ async def closed_loop(base_url: str, c: int, plan: Plan, probe_paths: Sequence[s
         wall = max(o["end"] for o in outs) - start_at
         results = [ReqResult(**r) for o in outs for r in o["results"]]
         cpu_fraction = max(o["cpu_s"] for o in outs) / wall if wall > 0 else 0.0
+        cpu_total = sum(o["cpu_s"] for o in outs) / wall if wall > 0 else 0.0
+        late = max(o["started"] for o in outs) - start_at
+        if late > 0.05:
+            say(f"warning: a client process started its clients {late * 1000:.0f} ms late")
     srv1 = server.cpu_seconds() if server is not None else None
     stop.set()
     if probe_task is not None:
@@ -759,8 +775,10 @@ async def closed_loop(base_url: str, c: int, plan: Plan, probe_paths: Sequence[s
         **_stats([r.e2e_s for r in ok], "e2e_s"),
         "tokens_per_request": tokens / len(ok) if ok else 0.0,
         "events_per_request": sum(r.events for r in ok) / len(ok) if ok else 0.0,
-        "client_cpu_fraction": cpu_fraction,
+        "client_cpu_fraction": cpu_fraction,  # the busiest client process, in cores
+        "client_cpu_total": cpu_total,  # all client processes together, in cores
         "client_processes": nproc,
+        "client_start_late_s": late,
         "tokens_counted_by": counted_by,
     }
 
@@ -1233,14 +1251,17 @@ def run(plan: Plan, procs: Procs, work: Path) -> dict[str, Any]:
         "accelerator" if "gpu" in ceiling.device.lower() else "cpu")
     say(f"ceiling ready on {ceiling.device}")
     ceilings = [ceiling]
-    if "gpu" in ceiling.device.lower():
-        # The appliance runs MLX with its own settings (CUDA graphs off): the engine alone gets
-        # them too, in a second worker, and the better of the two is the ceiling.
-        from .engine.cuda import MLX_ENV_DEFAULTS
+    from .engine.cuda import MLX_ENV_DEFAULTS
 
+    # As the appliance sets them: where the environment already sets one, that value.
+    own = {k: os.environ.get(k, v) for k, v in MLX_ENV_DEFAULTS.items()}
+    if "gpu" in ceiling.device.lower() and plan.second_ceiling and any(
+            os.environ.get(k) != v for k, v in own.items()):
+        # The appliance runs MLX with its own settings (CUDA graphs off): the engine alone gets
+        # them too, in a second worker (a second copy of the model in memory), and the better
+        # of the two is the ceiling.
         say("ceiling: a second worker under the appliance's MLX settings")
-        ceilings.append(Ceiling(plan, procs, work, "the appliance's MLX settings",
-                                dict(MLX_ENV_DEFAULTS)))
+        ceilings.append(Ceiling(plan, procs, work, "the appliance's MLX settings", own))
 
     say("starting the appliance")
     app, app_url, cold0 = _start_appliance(plan, procs, work, "appliance")
@@ -1404,6 +1425,9 @@ def parser() -> argparse.ArgumentParser:
                    help="extra argument for mlx_lm.server (repeatable, e.g. --mlx-server-arg=--prefill-step-size=512)")
     p.add_argument("--clients-per-process", type=int, default=16,
                    help="more clients than this are spread over client processes (default 16)")
+    p.add_argument("--one-ceiling", action="store_true",
+                   help="on a GPU, no second ceiling worker under the appliance's MLX settings "
+                        "(it holds a second copy of the model)")
     p.add_argument("--ceiling-worker", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -1439,6 +1463,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
         cold_starts=colds, targets=args.targets, timeout_s=args.timeout,
         probe_interval_s=args.probe_interval, appliance_args=list(args.appliance_arg),
         mlx_server_args=list(args.mlx_server_arg), clients_per_process=args.clients_per_process,
+        second_ceiling=not args.one_ceiling,
     )
 
 
@@ -1449,10 +1474,14 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         os.kill(os.getpid(), signal.SIGINT)
 
     old = signal.signal(signal.SIGTERM, handler)
+    # Started in the background by a non-interactive shell, the bench inherits SIGINT ignored:
+    # the SIGINT above would then do nothing (and asyncio.run would not handle it).
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGINT, old_int)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -1470,8 +1499,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             say("interrupted; stopping every process the bench started")
             return 130
         finally:
-            CLIENT_POOL.close()
-            procs.stop_all()
+            try:
+                procs.stop_all()
+            finally:
+                CLIENT_POOL.close()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     text = tables(res)
     res["table_markdown"] = text
