@@ -253,6 +253,19 @@ def dashboard() -> dict[str, Any]:
         unit="s",
     )
     lay.add(
+        "timeseries", "Event loop lag p50 / p99",
+        [
+            (f"histogram_quantile({q}, sum by (le) "
+             f"(rate(lmx_event_loop_lag_seconds_bucket{{{INST}}}[{RATE}])))", name)
+            for name, q in (("p50", 0.5), ("p99", 0.99))
+        ],
+        unit="s", description=(
+            "How late the server's event loop ran a timer due every 50 ms. Every stream chunk and "
+            "request waits that long too; a p99 that climbs with load means the server's own "
+            "Python (or the GIL its generation threads hold) delays the streams."
+        ),
+    )
+    lay.add(
         "timeseries", "Helpers",
         [
             (f"lmx_helper_up{{{INST}}}", "{{helper}} up"),

@@ -182,7 +182,7 @@ def test_dashboard_has_the_panels_and_the_model_variable() -> None:
     titles = " | ".join(p["title"] for p in dash["panels"])
     for want in ("Request rate", "Rejections by reason", "Time to first token", "Inter-token",
                  "End-to-end", "Tokens per second", "Running / waiting / limits", "Memory",
-                 "Models loaded", "Safe mode", "Maintenance task"):
+                 "Models loaded", "Safe mode", "Maintenance task", "Event loop lag"):
         assert want in titles, want
     per_model = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])
                  if "time_to_first_token" in t["expr"]]
