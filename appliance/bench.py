@@ -488,7 +488,7 @@ class ReqResult:
     text: str = ""
 
 
-_SEQ = itertools.count()  # request numbers: every prompt the servers see is new
+_SEQ = [0]  # the next request number: every prompt the servers see is new
 
 
 def prompt_text(i: int, n: int) -> str:
@@ -612,16 +612,16 @@ async def _probe(base_url: str, paths: Sequence[str], interval: float, stop: asy
 
 def _seq_block(n: int) -> int:
     """The first of n request numbers reserved for one run."""
-    first = next(_SEQ)
-    for _ in range(n - 1):
-        next(_SEQ)
+    first = _SEQ[0]
+    _SEQ[0] += n
     return first
 
 
 async def _run_clients(base_url: str, first: int, n: int, c: int, plan: Plan, seq0: int,
-                       start_at: Optional[float] = None) -> list[ReqResult]:
+                       start_at: Optional[float] = None) -> tuple[list[ReqResult], float]:
     """Clients first .. first+n-1 of c, each sending its requests back to back; from
-    `start_at` (a time.monotonic() value, the same clock in every process) if given."""
+    `start_at` (a time.monotonic() value, the same clock in every process) if given. Returns
+    the results and when the clients began."""
     results: list[ReqResult] = []
     rpc = plan.requests_per_client
     async with _client(base_url, n + 4, plan.timeout_s) as client:
@@ -633,21 +633,18 @@ async def _run_clients(base_url: str, first: int, n: int, c: int, plan: Plan, se
 
         if start_at is not None:
             await asyncio.sleep(max(0.0, start_at - time.monotonic()))
-            _STARTED[0] = time.monotonic()
+        started = time.monotonic()
         await asyncio.gather(*(one_client(i) for i in range(first, first + n)))
-    return results
-
-
-_STARTED = [0.0]  # in a client process: when its clients began (time.monotonic())
+    return results, started
 
 
 def _client_process(base_url: str, first: int, n: int, c: int, plan: Plan, seq0: int,
                     start_at: float) -> dict[str, Any]:
     """In a client process (ClientPool): one share of a run's clients."""
     cpu0 = time.process_time()
-    results = asyncio.run(_run_clients(base_url, first, n, c, plan, seq0, start_at))
+    results, started = asyncio.run(_run_clients(base_url, first, n, c, plan, seq0, start_at))
     return {"results": [asdict(r) for r in results], "cpu_s": time.process_time() - cpu0,
-            "started": _STARTED[0], "end": time.monotonic()}
+            "started": started, "end": time.monotonic()}
 
 
 def _idle(seconds: float) -> int:
@@ -724,7 +721,7 @@ async def closed_loop(base_url: str, c: int, plan: Plan, probe_paths: Sequence[s
     if pool is None:
         cpu0 = time.process_time()
         t0 = time.perf_counter()
-        results = await _run_clients(base_url, 0, c, c, plan, seq0)
+        results, _ = await _run_clients(base_url, 0, c, c, plan, seq0)
         wall = time.perf_counter() - t0
         cpu_fraction = cpu_total = (time.process_time() - cpu0) / wall if wall > 0 else 0.0
         late = 0.0
