@@ -29,13 +29,16 @@ def _prompt(n: int, seed: int) -> list[int]:
     return [(seed * 7919 + i * 104729) % 200 + 3 for i in range(n)]
 
 
-def _drive(cls: Any, model: Any, *, prefill_step_size: int = 2048, extra: Any = None) -> list[list[tuple[Any, ...]]]:
-    """Runs one fixed schedule; returns, per next() call, (uid, token, finish, logprob of the
-    token) for every response."""
+def _drive(cls: Any, model: Any, *, prefill_step_size: int = 2048, extra: Any = None,
+           only_extra: bool = False, stop_tokens: Any = ((7,),),
+           solo: list[bool] | None = None) -> list[list[tuple[Any, ...]]]:
+    """Runs one fixed schedule (or only `extra`'s); returns, per next() call, (uid, token,
+    finish, logprob of the token) for every response. `solo` collects, per call, whether the
+    running batch decoded as a lone row (appliance's class only)."""
     import mlx.core as mx
     from mlx_lm.sample_utils import make_logits_processors
 
-    gen = cls(model, stop_tokens=[[7]], completion_batch_size=8, prefill_batch_size=8,
+    gen = cls(model, stop_tokens=[list(t) for t in stop_tokens], completion_batch_size=8, prefill_batch_size=8,
               prefill_step_size=prefill_step_size)
     calls: list[list[tuple[Any, ...]]] = []
     schedule: dict[int, Any] = {
@@ -49,6 +52,8 @@ def _drive(cls: Any, model: Any, *, prefill_step_size: int = 2048, extra: Any = 
         9: lambda: gen.insert([_prompt(6, 7)], max_tokens=[8]),
         10: lambda: gen.insert([_prompt(3, 8), _prompt(17, 9)], max_tokens=[5, 7]),
     }
+    if only_extra:
+        schedule.clear()
     if extra:
         schedule.update(extra(gen))
     for step in range(200):
@@ -60,6 +65,8 @@ def _drive(cls: Any, model: Any, *, prefill_step_size: int = 2048, extra: Any = 
             lp = float(r.logprobs[r.token].item())
             out.append((r.uid, r.token, r.finish_reason, lp))
         calls.append(out)
+        if solo is not None:
+            solo.append(gen._generation_batch._solo)
         if step > max(schedule) and not len(gen._generation_batch) and not len(gen._prompt_batch) \
                 and not gen._unprocessed_sequences:
             break
@@ -96,6 +103,30 @@ def test_a_batch_that_empties_and_refills(model: Any) -> None:
     ours = _drive(batching.BatchGenerator, model, extra=waves)
     assert [[r[:3] for r in c] for c in ours] == [[r[:3] for r in c] for c in stock]
     assert sum(1 for c in ours for r in c if r[2] is not None) == 11
+
+
+def test_a_lone_stream_decodes_solo(model: Any) -> None:
+    """A row alone in the batch decodes through plain KV caches (no mask, a scalar position),
+    goes back to the batch when another joins and solo again when that one leaves: the same
+    tokens, in the same calls, with the same log-probabilities as mlx-lm's batched path."""
+
+    def lone(gen: Any) -> dict[int, Any]:
+        return {
+            0: lambda: gen.insert([_prompt(9, 21)], max_tokens=[60]),
+            12: lambda: gen.insert([_prompt(30, 22)], max_tokens=[10]),
+        }
+
+    solo: list[bool] = []
+    never = ((10**6,),)  # no stop token: the lengths are the schedule's
+    stock = _drive(G.BatchGenerator, model, extra=lone, only_extra=True, stop_tokens=never)
+    ours = _drive(batching.BatchGenerator, model, extra=lone, only_extra=True, stop_tokens=never, solo=solo)
+    assert [[r[:3] for r in c] for c in ours] == [[r[:3] for r in c] for c in stock]
+    flat_ours = [r[3] for c in ours for r in c]
+    flat_stock = [r[3] for c in stock for r in c]
+    assert flat_ours == pytest.approx(flat_stock, abs=1e-3)
+    assert len([r for c in ours for r in c if r[0] == 0]) == 60
+    # alone, then joined (batched), then alone again
+    assert solo[5] and not solo[16] and solo[40], solo
 
 
 class _Echo:

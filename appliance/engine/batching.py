@@ -113,14 +113,49 @@ class GenerationBatch(G.GenerationBatch):  # type: ignore[misc]
     _next_tokens: Any
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._solo = False
         super().__init__(*args, **kwargs)
         self._primed: list[bool] = [False] * len(self.uids)
+
+    def _go_solo(self) -> None:
+        """A lone row decodes through plain KVCaches over the same buffers: the model then runs
+        without an attention mask and with a scalar position, as mlx-lm's single-stream
+        generate_step does, which on a CUDA card is about a millisecond a step less host work than
+        the batched path (`scripts/accelerator/step_cost.py`). No copy either way."""
+        caches = self.prompt_cache
+        if self._solo or len(self.uids) != 1 or not _homogeneous(caches) or caches[0].keys is None:
+            return
+        pad = int(caches[0].left_padding[0].item())
+        solo = []
+        for c in caches:
+            k = _cache.KVCache()
+            k.keys, k.values = (c.keys[..., pad:, :], c.values[..., pad:, :]) if pad else (c.keys, c.values)
+            k.offset = c._idx - pad
+            solo.append(k)
+        self.prompt_cache = solo
+        self._solo = True
+
+    def _unsolo(self) -> None:
+        """Back to BatchKVCaches (no padding, the same buffers) before anything that works on rows."""
+        if not self._solo:
+            return
+        import mlx.core as mx
+
+        batch = []
+        for k in self.prompt_cache:
+            c = _cache.BatchKVCache([0])
+            c.keys, c.values, c._idx = k.keys, k.values, k.offset
+            c.offset = mx.array([k.offset])
+            batch.append(c)
+        self.prompt_cache = batch
+        self._solo = False
 
     def join(self, batch: Any, last_tokens: list[int]) -> None:
         """Take a prefilled PromptProcessingBatch's rows into this batch: their caches merge into
         ours now, and the next step feeds their last prompt tokens along with everyone's."""
         import mlx.core as mx
 
+        self._unsolo()
         n = len(batch.uids)
         self.uids.extend(batch.uids)
         self.prompt_cache = G._extend_cache(self.prompt_cache, batch.prompt_cache)
@@ -144,17 +179,20 @@ class GenerationBatch(G.GenerationBatch):  # type: ignore[misc]
         batch.stop_sequences = []
 
     def extend(self, batch: Any) -> None:
+        self._unsolo()
         super().extend(batch)
         self._primed.extend(getattr(batch, "_primed", None) or [False] * len(batch.uids))
 
     def extract_cache(self, idx: int) -> list[Any]:
         import mlx.core as mx
 
+        self._unsolo()
         # one round trip for every layer's padding, not one per layer
         mx.eval([c.left_padding for c in self.prompt_cache if hasattr(c, "left_padding")])
         return super().extract_cache(idx)
 
     def filter(self, keep: list[int]) -> None:
+        self._unsolo()
         if not keep or not _homogeneous(self.prompt_cache):
             super().filter(keep)
         else:
@@ -168,6 +206,7 @@ class GenerationBatch(G.GenerationBatch):  # type: ignore[misc]
     def next(self) -> list[Any]:
         if not self.uids:
             return []
+        self._go_solo()
         if not any(self._primed):
             return super().next()  # type: ignore[no-any-return]
         # As GenerationBatch.next, but a primed row's step only fed its last prompt token.
