@@ -111,6 +111,7 @@ class GenerationBatch(G.GenerationBatch):  # type: ignore[misc]
 
     prompt_cache: list[Any]
     _next_tokens: Any
+    solo = True  # a lone row decodes through plain KV caches (off only for an A/B)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._solo = False
@@ -123,7 +124,7 @@ class GenerationBatch(G.GenerationBatch):  # type: ignore[misc]
         generate_step does, which on a CUDA card is about a millisecond a step less host work than
         the batched path (`scripts/accelerator/step_cost.py`). No copy either way."""
         caches = self.prompt_cache
-        if self._solo or len(self.uids) != 1 or not _homogeneous(caches) or caches[0].keys is None:
+        if not self.solo or self._solo or len(self.uids) != 1 or not _homogeneous(caches) or caches[0].keys is None:
             return
         pad = int(caches[0].left_padding[0].item())
         solo = []
