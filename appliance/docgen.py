@@ -59,7 +59,8 @@ DESCRIPTIONS = {
         "Longest a new request waits to be prefilled with those arriving beside it (0: next step)."
     ),
     f"models.catalog.{NAME}.fast_joins": (
-        "Join and leave the running batch without mlx-lm's copies and extra forward pass (false: its own path)."
+        "Join and leave the running batch without mlx-lm's copies and extra forward pass, and decode a lone "
+        "request without the batch's mask (false: mlx-lm's own path)."
     ),
     f"models.catalog.{NAME}.engine_process": (
         "Run the model in a process of its own: an MLX crash there ends only it; the model reloads."

@@ -67,6 +67,12 @@ def test_bench_end_to_end(tmp_path: Path, demo_cache: Path) -> None:
         assert _number(res["ceiling"]["best"][c]["tokens_per_s"])
         assert _number(res["ceiling"]["best"][c]["ttft_s"])
         assert _number(res["ceiling"]["best"][c]["cpu_ms_per_token"])
+        # the ceiling's median batch lies among its batches, at or below the best
+        batches = sorted(r["tokens_per_s"] for r in res["ceiling"]["runs"][c])
+        median = res["ceiling"]["best"][c]["tokens_per_s_median"]
+        assert batches[0] <= median <= batches[-1] == res["ceiling"]["best"][c]["tokens_per_s"]
+        assert res["ratios"][c]["vs_ceiling_median"] >= res["ratios"][c]["vs_ceiling"]
+        assert f"| {median:.1f} | {res['ratios'][c]['vs_ceiling_median']:.2f}x |" in res["table_markdown"]
         for server in ("mlx_lm.server", "appliance"):
             best = res["servers"][server][c]
             assert best["requests"] == int(c) * 2
@@ -79,7 +85,7 @@ def test_bench_end_to_end(tmp_path: Path, demo_cache: Path) -> None:
             assert run["tokens"] > 0
             assert run["client_processes"] == int(c)
             assert run["client_cpu_total"] >= run["client_cpu_fraction"] > 0
-        for key in ("vs_mlx", "vs_ceiling", "ttft_p99_vs_mlx", "cpu_per_token_vs_mlx"):
+        for key in ("vs_mlx", "vs_ceiling", "vs_ceiling_median", "ttft_p99_vs_mlx", "cpu_per_token_vs_mlx"):
             assert _number(res["ratios"][c][key])
 
     costs = res["costs"]
