@@ -129,6 +129,44 @@ def test_a_lone_stream_decodes_solo(model: Any) -> None:
     assert solo[5] and not solo[16] and solo[40], solo
 
 
+def test_a_padded_lone_row_goes_solo_past_its_padding(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Leaves trim the padding every row shares, so a lone row has none; were it padded, solo
+    decoding starts past the padding: junk put in front of the lone row's cache just before it
+    goes solo changes nothing."""
+    import mlx.core as mx
+
+    go_solo = batching.GenerationBatch._go_solo
+    forced: list[int] = []
+
+    def padded_then_solo(self: Any) -> None:
+        caches = self.prompt_cache
+        if not forced and not self._solo and len(self.uids) == 1 and batching._homogeneous(caches) \
+                and caches[0].keys is not None:
+            for c in caches:
+                junk = (mx.random.normal((1, c.keys.shape[1], 5, c.keys.shape[3])) * 5).astype(c.keys.dtype)
+                c.keys = mx.concatenate([junk, c.keys], axis=2)
+                c.values = mx.concatenate([junk, c.values], axis=2)
+                c._idx += 5
+                c.left_padding = c.left_padding + 5
+            forced.append(5)
+        go_solo(self)
+
+    def lone(gen: Any) -> dict[int, Any]:
+        return {
+            0: lambda: gen.insert([_prompt(9, 31)], max_tokens=[40]),
+            12: lambda: gen.insert([_prompt(20, 32)], max_tokens=[8]),
+        }
+
+    never = ((10**6,),)
+    stock = _drive(G.BatchGenerator, model, extra=lone, only_extra=True, stop_tokens=never)
+    monkeypatch.setattr(batching.GenerationBatch, "_go_solo", padded_then_solo)
+    solo: list[bool] = []
+    ours = _drive(batching.BatchGenerator, model, extra=lone, only_extra=True, stop_tokens=never, solo=solo)
+    assert forced and solo[5] and not solo[14] and solo[30], solo
+    assert [[r[:3] for r in c] for c in ours] == [[r[:3] for r in c] for c in stock]
+    assert [r[3] for c in ours for r in c] == pytest.approx([r[3] for c in stock for r in c], abs=1e-3)
+
+
 class _Echo:
     """A tiny stand-in model whose next token follows from the current one and whose KV cache
     holds the tokens it saw: schedules run in milliseconds, and a wrong cache, a token in the

@@ -126,7 +126,7 @@ class GenerationBatch(G.GenerationBatch):  # type: ignore[misc]
         caches = self.prompt_cache
         if not self.solo or self._solo or len(self.uids) != 1 or not _homogeneous(caches) or caches[0].keys is None:
             return
-        pad = int(caches[0].left_padding[0].item())
+        pad = int(caches[0].left_padding[0].item())  # 0 in practice: leaves trim common padding
         solo = []
         for c in caches:
             k = _cache.KVCache()
