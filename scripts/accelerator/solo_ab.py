@@ -9,10 +9,9 @@ ms, then the median over rounds for each.
 
 import statistics
 import sys
-import time
 
-import mlx.core as mx
 from mlx_lm import load
+from steps import median_step_ms
 
 from appliance.engine import batching
 
@@ -23,19 +22,11 @@ steps = int(sys.argv[3]) if len(sys.argv) > 3 else 300
 
 def run(solo: bool) -> float:
     batching.GenerationBatch.solo = solo
-    g = batching.BatchGenerator(model, stop_tokens=[[10**9]], completion_batch_size=64,
-                                prefill_batch_size=64, stream=mx.default_stream(mx.default_device()))
-    g.insert([[1, 2, 3, 4, 5, 6, 7, 8]], max_tokens=[steps + 100])
-    for _ in range(30):
-        g.next()
-    assert g._generation_batch._solo == solo
-    out = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        g.next()
-        out.append(1000 * (time.perf_counter() - t))
-    g.close()
-    return statistics.median(out)
+
+    def engaged(g):
+        assert g._generation_batch._solo == solo
+
+    return median_step_ms(model, batching.BatchGenerator, 1, steps, warm=30, check=engaged)
 
 
 run(True), run(False)  # shapes compiled

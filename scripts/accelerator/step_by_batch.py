@@ -6,13 +6,11 @@ Same-length prompts (no padding), warmed, then STEPS timed next() calls per batc
 the median step in ms and tokens/s for each class and size, in interleaved order.
 """
 
-import statistics
 import sys
-import time
 
-import mlx.core as mx
 from mlx_lm import load
 from mlx_lm.generate import BatchGenerator
+from steps import median_step_ms
 
 from appliance.engine import batching
 
@@ -21,18 +19,7 @@ steps = int(sys.argv[2]) if len(sys.argv) > 2 else 100
 
 
 def step_ms(cls, b: int) -> float:
-    g = cls(model, stop_tokens=[[10**9]], completion_batch_size=64, prefill_batch_size=64,
-            stream=mx.default_stream(mx.default_device()))
-    g.insert([[1, 2, 3, 4, 5, 6, 7, 8]] * b, max_tokens=[steps + 100] * b)
-    for _ in range(20):
-        g.next()
-    out = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        g.next()
-        out.append(1000 * (time.perf_counter() - t))
-    g.close()
-    return statistics.median(out)
+    return median_step_ms(model, cls, b, steps)
 
 
 for b in (1, 2, 4, 8, 16, 32, 64):
