@@ -193,6 +193,36 @@ class _Echo:
         return mx.eye(self.vocab)[nxt] * 10
 
 
+class _RotatingEcho(_Echo):
+    def make_cache(self) -> list[Any]:
+        from mlx_lm.models.cache import RotatingKVCache
+
+        return [RotatingKVCache(max_size=16), RotatingKVCache(max_size=16)]
+
+
+def test_a_lone_row_with_rotating_caches_stays_batched() -> None:
+    """Solo decoding is for plain KV caches only: with rotating caches a lone row stays on
+    mlx-lm's batched path, with its tokens, decided once rather than at every step."""
+
+    def run(cls: Any) -> tuple[list[int], Any]:
+        gen = cls(_RotatingEcho(), stop_tokens=[[1]], completion_batch_size=4, prefill_batch_size=4)
+        gen.insert([[5, 6, 7, 8, 9]], max_tokens=[30])
+        tokens: list[int] = []
+        seen: Any = None
+        for i in range(40):
+            tokens += [r.token for r in gen.next()[1]]
+            if i == 10:  # mid-run, alone
+                b = gen._generation_batch
+                seen = (type(b.prompt_cache[0]).__name__, getattr(b, "_solo", None), getattr(b, "_no_solo", None))
+        gen.close()
+        return tokens, seen
+
+    stock, _ = run(G.BatchGenerator)
+    ours, seen = run(batching.BatchGenerator)
+    assert ours == stock and len(ours) == 30
+    assert seen == ("BatchRotatingKVCache", False, True)  # batched; the check is not repeated
+
+
 def _drive_random(cls: Any, cbs: int, pbs: int, step: int, schedule: dict[int, Any]) -> list[Any]:
     gen = cls(_Echo(), completion_batch_size=cbs, prefill_batch_size=pbs, prefill_step_size=step,
               stop_tokens=[[1]])

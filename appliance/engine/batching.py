@@ -120,6 +120,7 @@ class GenerationBatch(G.GenerationBatch):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._solo = False
+        self._no_solo = False  # the lone row's caches can't go solo: not checked again until a change
         super().__init__(*args, **kwargs)
         self._primed: list[bool] = [False] * len(self.uids)
 
@@ -127,8 +128,13 @@ class GenerationBatch(G.GenerationBatch):  # type: ignore[misc]
         """A lone row decodes through plain KVCaches over the same buffers: the model then runs
         without an attention mask and with a scalar position, as mlx-lm's single-stream
         generate_step does (the module's docstring has the measurements). No copy either way."""
+        if not self.solo or self._solo or self._no_solo or len(self.uids) != 1:
+            return
         caches = self.prompt_cache
-        if not self.solo or self._solo or len(self.uids) != 1 or not _homogeneous(caches) or caches[0].keys is None:
+        if not _homogeneous(caches):
+            self._no_solo = True  # e.g. rotating caches: not walked again every step
+            return
+        if caches[0].keys is None:
             return
         pad = int(caches[0].left_padding[0].item())  # 0 in practice: leaves trim common padding
         solo = []
@@ -141,7 +147,9 @@ class GenerationBatch(G.GenerationBatch):  # type: ignore[misc]
         self._solo = True
 
     def _unsolo(self) -> None:
-        """Back to BatchKVCaches (no padding, the same buffers) before anything that works on rows."""
+        """Back to BatchKVCaches (no padding, the same buffers) before anything that works on rows
+        (and the batch may change: solo is considered again)."""
+        self._no_solo = False
         if not self._solo:
             return
         import mlx.core as mx
