@@ -96,6 +96,10 @@ class ModelsConfig:
     # heads x query x key length) runs as matmul + softmax instead of through cuDNN, which
     # builds a graph (~40 ms) for each new shape, i.e. at nearly every join. 0: always cuDNN.
     cuda_unfused_attention_elements: int = 1 << 27
+    # On CUDA, a decode step's attention over a batch whose rows are padded (a boolean mask) runs
+    # in the appliance's one-launch kernel (engine/cuda.py) instead of MLX's matmul-where-softmax-
+    # matmul fallback, which is what MLX does with an array mask. false: MLX's own.
+    cuda_decode_kernel: bool = True
     demo_dir: Optional[str] = None
     catalog: Dict[str, ModelSpec] = field(default_factory=dict)
 

@@ -43,6 +43,9 @@ DESCRIPTIONS = {
     "models.cuda_unfused_attention_elements": (
         "CUDA: prefill attention up to this many scores skips cuDNN's per-shape graphs (0: never)."
     ),
+    "models.cuda_decode_kernel": (
+        "CUDA: decode attention over padded batch rows in one kernel, not MLX's four-op fallback."
+    ),
     "models.prompt_cache_min_tokens": (
         "Shortest cached prefix reused; a shorter one is prefilled again (null: 32 on CUDA, else 0)."
     ),

@@ -1,6 +1,9 @@
 """CUDA workarounds (appliance/engine/cuda.py): the unfused prefill attention used instead of
 cuDNN's per-shape graphs (the same numbers as MLX's fused attention, checked here on the CPU
-backend, and routing by size), and MLX's cache-thrashing check turned off in the server."""
+backend, and routing by size), the masked decode kernel's routing (here with the unfused
+attention standing in for the kernel, which needs CUDA; its numbers are checked against MLX on a
+card by scripts/accelerator/decode_attention.py and by the CUDA-only test below), and MLX's
+cache-thrashing check turned off in the server."""
 
 from __future__ import annotations
 
@@ -15,13 +18,15 @@ import pytest
 
 from appliance.engine import cuda, memory
 
+pytestmark = pytest.mark.timeout(120)
+
 
 @pytest.fixture(autouse=True)
 def _restore() -> Iterator[None]:
     original = mx.fast.scaled_dot_product_attention
     yield
     mx.fast.scaled_dot_product_attention = original
-    cuda._state.update(original=None, max_elements=0)
+    cuda._state.update(original=None, max_elements=0, decode_kernel=False)
     memory.on_cuda.cache_clear()
 
 
@@ -47,6 +52,7 @@ def test_unfused_attention_matches_the_fused_kernel(hq: int, hk: int, lq: int, l
         assert mx.allclose(got, want, atol=1e-5, rtol=1e-4).item(), mask if isinstance(mask, str) else mask.shape
 
 
+@pytest.mark.skipif(memory.on_cuda(), reason="asserts what happens off CUDA")
 def test_only_cuda_is_patched(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not cuda.install(1 << 27)  # this machine: the CPU backend
     assert cuda._state["original"] is None
@@ -93,3 +99,105 @@ def test_the_server_sets_its_mlx_cuda_defaults_unless_told(
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == expected
+
+
+def _padding_mask(pads: list[int], n_keys: int) -> Any:
+    """The boolean mask mlx-lm's BatchKVCache gives a decode step: row b sees keys from pads[b] on."""
+    return mx.expand_dims(mx.array(pads), (1, 2, 3)) <= mx.arange(n_keys)
+
+
+def test_the_decode_kernel_takes_what_a_padded_batch_gives_it() -> None:
+    q, k, v = _qkv(3, 8, 2, 1, 11)
+    mask = _padding_mask([0, 4, 10], 11)
+    assert cuda.decode_kernel_fits(q, k, v, mask)
+    assert cuda.decode_kernel_fits(q, k, v, mask[:1])  # one mask for every row
+    assert not cuda.decode_kernel_fits(q, k, v, None)
+    assert not cuda.decode_kernel_fits(q, k, v, mx.where(mask, 0.0, -1e9))  # additive: MLX's
+    assert not cuda.decode_kernel_fits(q, k, v, _padding_mask([0, 4, 10], 12))  # keys and mask disagree
+    q2, k2, v2 = _qkv(3, 8, 2, 2, 11)
+    assert not cuda.decode_kernel_fits(q2, k2, v2, mask)  # two queries: a prefill
+    q3, k3, v3 = _qkv(3, 6, 4, 1, 11)
+    assert not cuda.decode_kernel_fits(q3, k3, v3, mask)  # query heads not a multiple of the KV heads
+    odd = [x[..., :40] for x in (q, k, v)]
+    assert not cuda.decode_kernel_fits(*odd, mask)  # head size the warp's 32 lanes don't split
+
+
+def test_padded_decode_steps_go_to_the_kernel_and_the_rest_to_mlx(monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel_calls: list[tuple[int, ...]] = []
+
+    def stand_in(q: Any, k: Any, v: Any, scale: float, mask: Any) -> Any:
+        kernel_calls.append(tuple(q.shape))
+        return cuda.unfused_attention(q, k, v, scale, mask)
+
+    monkeypatch.setattr(cuda, "masked_decode_attention", stand_in)
+    monkeypatch.setattr(memory, "on_cuda", lambda: True)
+    fused = mx.fast.scaled_dot_product_attention
+    assert not cuda.install(0, decode_kernel=False)  # both off: nothing to route
+    assert cuda.install(0, decode_kernel=True)
+    q, k, v = _qkv(3, 8, 2, 1, 11)
+    mask = _padding_mask([0, 4, 10], 11)
+    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
+    assert kernel_calls == [(3, 8, 1, 64)]
+    assert mx.allclose(out, fused(q, k, v, scale=0.125, mask=mask), atol=1e-5).item()
+    mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=None)  # no padding: MLX's vector kernel
+    mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mx.where(mask, 0.0, -1e9))
+    assert len(kernel_calls) == 1
+    assert cuda.install(1 << 20, decode_kernel=False)  # turned off again: MLX's path
+    mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
+    assert len(kernel_calls) == 1
+
+
+def test_a_real_batch_of_padded_rows_decodes_through_the_kernel(
+    demo_model_dir: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mlx-lm's model and BatchKVCache, prompts of different lengths: every decode step's attention
+    reaches the kernel (so a change in how mlx-lm masks would show here, not as a silent slowdown
+    on CUDA), and the tokens are those of MLX's own attention."""
+    from mlx_lm.generate import BatchGenerator
+    from mlx_lm.utils import load
+
+    model, _ = load(str(demo_model_dir))
+    n_layers = len(model.layers)
+    prompts = [[(i * 37 + j * 11) % 200 + 3 for j in range(n)] for i, n in enumerate((3, 9, 16))]
+
+    def tokens() -> list[tuple[int, int]]:
+        gen = BatchGenerator(model, stop_tokens=[[10**9]], completion_batch_size=8, prefill_batch_size=8)
+        gen.insert(prompts, max_tokens=[12, 12, 12])
+        out = []
+        for _ in range(12):
+            out += [(r.uid, r.token) for r in gen.next()[1]]
+        gen.close()
+        return out
+
+    want = tokens()
+    kernel_calls: list[tuple[int, ...]] = []
+
+    def stand_in(q: Any, k: Any, v: Any, scale: float, mask: Any) -> Any:
+        kernel_calls.append(tuple(q.shape))
+        return cuda.unfused_attention(q, k, v, scale, mask)
+
+    monkeypatch.setattr(cuda, "masked_decode_attention", stand_in)
+    monkeypatch.setattr(memory, "on_cuda", lambda: True)
+    assert cuda.install(0, decode_kernel=True)
+    assert tokens() == want
+    assert len(kernel_calls) == 11 * n_layers  # 12 tokens: the first from the prefill, 11 decode steps
+    assert set(kernel_calls) == {(3, model.layers[0].self_attn.n_heads, 1, model.layers[0].self_attn.head_dim)}
+
+
+@pytest.mark.skipif(not memory.on_cuda(), reason="the kernel runs on CUDA only")
+def test_the_decode_kernel_matches_mlx_on_cuda() -> None:
+    """Against MLX's attention in float32, the kernel is no further off than MLX's own in bf16;
+    q a transposed view and k, v views into longer buffers, as a decode step has them."""
+    for b, hq, hkv, n_keys, d in ((1, 32, 8, 7, 64), (8, 32, 8, 130, 128), (5, 16, 2, 513, 256)):
+        mx.random.seed(b)
+        q = mx.random.normal((b, 1, hq, d)).astype(mx.bfloat16).transpose(0, 2, 1, 3)
+        k = mx.random.normal((b, hkv, n_keys + 9, d)).astype(mx.bfloat16)[:, :, :n_keys]
+        v = mx.random.normal((b, hkv, n_keys + 9, d)).astype(mx.bfloat16)[:, :, :n_keys]
+        mask = _padding_mask([i * (n_keys - 1) // max(1, b - 1) for i in range(b)], n_keys)
+        assert cuda.decode_kernel_fits(q, k, v, mask)
+        want = mx.fast.scaled_dot_product_attention(
+            *(x.astype(mx.float32) for x in (q, k, v)), scale=d ** -0.5, mask=mask)
+        own = mx.fast.scaled_dot_product_attention(q, k, v, scale=d ** -0.5, mask=mask)
+        got = cuda.masked_decode_attention(q, k, v, d ** -0.5, mask)
+        err = mx.max(mx.abs(got.astype(mx.float32) - want)).item()
+        assert err <= 2 * mx.max(mx.abs(own.astype(mx.float32) - want)).item() + 1e-2, (b, hq, hkv, n_keys, d)

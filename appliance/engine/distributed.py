@@ -132,6 +132,7 @@ def run_follower(models: Any) -> int:
         prompt_cache_bytes=models.prompt_cache_bytes,
         prompt_cache_min_tokens=models.prompt_cache_min_tokens,
         unfused_attention_elements=models.cuda_unfused_attention_elements,
+        decode_kernel=models.cuda_decode_kernel,
         link=Link(grp),
     )
     log.info("rank %d following rank 0 on model %s", grp.rank(), name)

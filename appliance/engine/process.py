@@ -71,6 +71,7 @@ class ProcessWorker(WorkerThread):
         prompt_cache_bytes: int,
         prompt_cache_min_tokens: Optional[int],
         unfused_attention_elements: int,
+        decode_kernel: bool,
         trust_remote_code: bool,
         memory_limit: Optional[int],
         on_death: Optional[Callable[[str, BaseException], None]] = None,
@@ -85,6 +86,7 @@ class ProcessWorker(WorkerThread):
             "prompt_cache_bytes": prompt_cache_bytes,
             "prompt_cache_min_tokens": prompt_cache_min_tokens,
             "unfused_attention_elements": unfused_attention_elements,
+            "decode_kernel": decode_kernel,
             "trust_remote_code": trust_remote_code,
             "memory_limit": memory_limit,
             "log_level": logging.getLogger().getEffectiveLevel(),
@@ -364,6 +366,7 @@ class _EngineWorker(ModelWorker):
             prompt_cache_bytes=init["prompt_cache_bytes"],
             prompt_cache_min_tokens=init["prompt_cache_min_tokens"],
             unfused_attention_elements=init["unfused_attention_elements"],
+            decode_kernel=init["decode_kernel"],
         )
 
     def send(self, msg: tuple[Any, ...]) -> None:

@@ -206,6 +206,7 @@ class ModelRegistry:
                     prompt_cache_bytes=self.cfg.prompt_cache_bytes,
                     prompt_cache_min_tokens=self.cfg.prompt_cache_min_tokens,
                     unfused_attention_elements=self.cfg.cuda_unfused_attention_elements,
+                    decode_kernel=self.cfg.cuda_decode_kernel,
                     trust_remote_code=spec.trust_remote_code,
                     memory_limit=self.memory_limit,
                     on_death=self._died,
@@ -220,6 +221,7 @@ class ModelRegistry:
                     prompt_cache_bytes=self.cfg.prompt_cache_bytes,
                     prompt_cache_min_tokens=self.cfg.prompt_cache_min_tokens,
                     unfused_attention_elements=self.cfg.cuda_unfused_attention_elements,
+                    decode_kernel=self.cfg.cuda_decode_kernel,
                     on_death=self._died,
                     link=distributed.Link(grp) if grp is not None else None,
                 )

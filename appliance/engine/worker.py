@@ -123,6 +123,7 @@ class ModelWorker(WorkerThread):
         join_window_s: float = 0.0,
         fast_joins: bool = False,
         unfused_attention_elements: int = 0,
+        decode_kernel: bool = False,
         on_death: Optional[Callable[[str, BaseException], None]] = None,
         link: Any = None,
     ) -> None:
@@ -139,6 +140,7 @@ class ModelWorker(WorkerThread):
         self._join_window_s = join_window_s
         self._fast_joins = fast_joins  # see batching.py
         self._unfused_attention_elements = unfused_attention_elements  # CUDA only, see cuda.py
+        self._decode_kernel = decode_kernel  # CUDA only, see cuda.py
         self._on_death = on_death
         self._link = link  # distributed.Link on rank 0 of a group, else None
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -378,10 +380,12 @@ class ModelWorker(WorkerThread):
         from . import batching as fast
 
         self.model, self.tokenizer = self._loader()
-        if cuda.install(self._unfused_attention_elements):
+        if cuda.install(self._unfused_attention_elements, self._decode_kernel):
             log.info(
-                "model %s: prefill attention up to %d scores runs unfused (not through cuDNN)",
+                "model %s: prefill attention up to %d scores runs unfused (not through cuDNN); "
+                "masked decode attention %s",
                 self.name, self._unfused_attention_elements,
+                "in one kernel" if self._decode_kernel else "as MLX runs it",
             )
         args = getattr(self.model, "args", None)
         self.vocab_size = int(getattr(args, "vocab_size", 0) or len(self.tokenizer._tokenizer))
