@@ -118,8 +118,14 @@ def test_the_decode_kernel_takes_what_a_padded_batch_gives_it() -> None:
     assert not cuda.decode_kernel_fits(q2, k2, v2, mask)  # two queries: a prefill
     q3, k3, v3 = _qkv(3, 6, 4, 1, 11)
     assert not cuda.decode_kernel_fits(q3, k3, v3, mask)  # query heads not a multiple of the KV heads
-    odd = [x[..., :40] for x in (q, k, v)]
-    assert not cuda.decode_kernel_fits(*odd, mask)  # head size the warp's 32 lanes don't split
+    odd = [x[..., :48] for x in (q, k, v)]
+    assert not cuda.decode_kernel_fits(*odd, mask)  # head size not 32, 64, 128 or 256
+    per_head = mx.broadcast_to(mask, (3, 8, 1, 11))
+    assert not cuda.decode_kernel_fits(q, k, v, per_head)  # a mask per query head: MLX's
+    q4, k4, v4 = _qkv(3, 16, 1, 1, 11)
+    assert not cuda.decode_kernel_fits(q4, k4, v4, mask)  # 16 query heads a KV head: too many
+    assert cuda.decode_kernel_fits(*(x.astype(mx.bfloat16) for x in (q, k, v)), mask)
+    assert not cuda.decode_kernel_fits(q, k.astype(mx.bfloat16), v, mask)  # mixed types
 
 
 def test_padded_decode_steps_go_to_the_kernel_and_the_rest_to_mlx(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -73,12 +73,15 @@ def unfused_attention(q: Any, k: Any, v: Any, scale: float, mask: Any) -> Any:
 
 # One query per row (a decode step) with a boolean mask (the left padding of a batch whose rows
 # joined at different lengths): MLX's CUDA vector kernel takes no array mask, so MLX falls back to
-# matmul, where, softmax and matmul, four launches and a score matrix per layer. This kernel is
-# the vector kernel's single pass with the mask read per key: one block per (row, query head),
-# WARPS warps each taking a run of keys with an online softmax, merged through shared memory at
-# the end. Inputs are read through their strides, so the cache's views are not copied.
-_DECODE_WARPS = 8
-_DECODE_UNROLL = 4
+# matmul, where, softmax and matmul, four launches and a score matrix per layer. This kernel does
+# it in one pass. One block per (row, KV head) serves all the query heads that share that KV head
+# (grouped-query attention), so each key and value is loaded once for all of them. A warp takes a
+# contiguous run of keys, 32 at a time: its lanes read those 32 mask entries together and a ballot
+# makes them a bit mask, so a group that is all padding costs no loads. Within a group the warp
+# works on 32 / (D / 8) keys at once, each by D / 8 lanes holding 8 elements (one 16-byte load
+# where the cache's rows allow it), with an online softmax per lane group and query head; the
+# partial results merge through shuffles within the warp and shared memory across warps.
+# q, k and v are read through their strides, so the cache's views are not copied.
 _DECODE_HEADER = """
 #define APPLIANCE_NEG_INF __int_as_float(0xff800000)
 __device__ inline float appliance_to_float(float x) { return x; }
@@ -90,127 +93,205 @@ template <> __device__ inline __half appliance_from_float<__half>(float x) { ret
 template <> __device__ inline __nv_bfloat16 appliance_from_float<__nv_bfloat16>(float x) {
     return __float2bfloat16(x);
 }
+// Eight elements from p as floats: 16-byte loads when `packed` (contiguous and aligned), else
+// eight strided ones.
+template <typename T>
+__device__ inline void appliance_load8(const T* p, int step, bool packed, float* out) {
+    if (packed) {
+        constexpr int N = 8 * sizeof(T) / 16;
+        uint4 raw[N];
+#pragma unroll
+        for (int n = 0; n < N; n++) {
+            raw[n] = reinterpret_cast<const uint4*>(p)[n];
+        }
+        const T* e = reinterpret_cast<const T*>(raw);
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            out[i] = appliance_to_float(e[i]);
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            out[i] = appliance_to_float(p[i * step]);
+        }
+    }
+}
+// Merge the online-softmax state (m, l, o) of another part of the keys into this one.
+__device__ inline void appliance_merge(float& m, float& l, float* o, float m2, float l2, const float* o2) {
+    const float top = fmaxf(m, m2);
+    if (top == APPLIANCE_NEG_INF) {
+        return;
+    }
+    const float a = exp2f(m - top);
+    const float c = exp2f(m2 - top);
+    l = l * a + l2 * c;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        o[i] = o[i] * a + o2[i] * c;
+    }
+    m = top;
+}
 """
 _DECODE_SOURCE = """
-    constexpr int VPT = D / 32;
+    constexpr int LPK = D / 8;     // lanes per key
+    constexpr int KPW = 32 / LPK;  // keys a warp works on at once
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-    const int h = blockIdx.x;
+    const int sub = lane / LPK;
+    const int part = lane % LPK;
+    const int kv_h = blockIdx.x;
     const int b = blockIdx.y;
     const int n_q = q_shape[1];
-    const int kv_h = h / (n_q / k_shape[1]);
     const int n_keys = k_shape[2];
-    // 64-bit offsets to this row and head; 32-bit ones within it (one head's keys stay far below
-    // 2^31 elements), which measured faster.
-    const T* qp = q + b * q_strides[0] + h * q_strides[1];
-    const T* kp = k + b * k_strides[0] + kv_h * k_strides[1];
-    const T* vp = v + b * v_strides[0] + kv_h * v_strides[1];
-    const bool* mp = mask + (mask_shape[0] == 1 ? 0 : b * mask_strides[0])
-        + (mask_shape[1] == 1 ? 0 : h * mask_strides[1]);
-    const int q_step = q_strides[3];
+    // 64-bit offsets to this row and head, 32-bit ones within it (one head's keys stay far below
+    // 2^31 elements).
+    const T* kp = k + b * k_strides[0] + kv_h * k_strides[1] + part * 8 * k_strides[3];
+    const T* vp = v + b * v_strides[0] + kv_h * v_strides[1] + part * 8 * v_strides[3];
+    const bool* mp = mask + (mask_shape[0] == 1 ? 0 : b * mask_strides[0]);
     const int k_row = k_strides[2];
-    const int k_step = k_strides[3];
     const int v_row = v_strides[2];
+    const int k_step = k_strides[3];
     const int v_step = v_strides[3];
     const int m_step = mask_strides[3];
+    const bool k_packed = k_step == 1 && k_row % 8 == 0 && (reinterpret_cast<size_t>(kp) & 15) == 0;
+    const bool v_packed = v_step == 1 && v_row % 8 == 0 && (reinterpret_cast<size_t>(vp) & 15) == 0;
     const float scale_log2 = scale[0] * 1.44269504088896340736f;
-    float qr[VPT];
-    float o[VPT];
+    float qr[G][8];
+    float o[G][8];
+    float m[G];
+    float l[G];
 #pragma unroll
-    for (int i = 0; i < VPT; i++) {
-        qr[i] = scale_log2 * appliance_to_float(qp[(lane * VPT + i) * q_step]);
-        o[i] = 0.0f;
+    for (int g = 0; g < G; g++) {
+        const T* qp = q + b * q_strides[0] + (kv_h * G + g) * q_strides[1];
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            qr[g][i] = scale_log2 * appliance_to_float(qp[(part * 8 + i) * q_strides[3]]);
+            o[g][i] = 0.0f;
+        }
+        m[g] = APPLIANCE_NEG_INF;
+        l[g] = 0.0f;
     }
-    float m = APPLIANCE_NEG_INF;
-    float l = 0.0f;
-    // Each warp takes a contiguous run of keys, 32 at a time: the lanes read the 32 mask entries
-    // together and a ballot makes them one bit mask, so a group that is all padding costs no key
-    // or value loads. Within a group, UNROLL keys at a time, their loads issued together.
     const int per_warp = (n_keys + WARPS - 1) / WARPS;
     const int first = warp * per_warp;
     const int last = min(n_keys, first + per_warp);
     for (int base = first; base < last; base += 32) {
         const int mine = base + lane;
-        const unsigned bits = __ballot_sync(0xffffffffu, mine < last && mp[(mine < last ? mine : base) * m_step]);
+        const unsigned bits = __ballot_sync(0xffffffffu, mine < last && mp[mine * m_step]);
         if (bits == 0u) {
             continue;
         }
         const int n = min(32, last - base);
-        for (int j0 = 0; j0 < n; j0 += UNROLL) {
-            float dots[UNROLL];
-            float vals[UNROLL][VPT];
+        for (int j0 = 0; j0 < n; j0 += KPW * UNROLL) {
+            float kf[UNROLL][8];
+            float vf[UNROLL][8];
+            bool keep[UNROLL];
 #pragma unroll
             for (int u = 0; u < UNROLL; u++) {
-                const int at = base + (j0 + u < n ? j0 + u : 0);
-                const T* ks = kp + at * k_row;
-                const T* vs = vp + at * v_row;
-                float dot = 0.0f;
-#pragma unroll
-                for (int i = 0; i < VPT; i++) {
-                    dot += qr[i] * appliance_to_float(ks[(lane * VPT + i) * k_step]);
-                    vals[u][i] = appliance_to_float(vs[(lane * VPT + i) * v_step]);
-                }
-                dots[u] = dot;
-            }
-#pragma unroll
-            for (int off = 16; off > 0; off >>= 1) {
-#pragma unroll
-                for (int u = 0; u < UNROLL; u++) {
-                    dots[u] += __shfl_xor_sync(0xffffffffu, dots[u], off);
-                }
+                const int j = j0 + u * KPW + sub;
+                keep[u] = j < n && ((bits >> j) & 1u);
+                const int at = base + (j < n ? j : 0);
+                appliance_load8(kp + at * k_row, k_step, k_packed, kf[u]);
+                appliance_load8(vp + at * v_row, v_step, v_packed, vf[u]);
             }
 #pragma unroll
             for (int u = 0; u < UNROLL; u++) {
-                if (j0 + u < n && ((bits >> (j0 + u)) & 1u)) {
-                    const float m_new = fmaxf(m, dots[u]);
-                    const float factor = exp2f(m - m_new);
-                    const float p = exp2f(dots[u] - m_new);
-                    l = l * factor + p;
 #pragma unroll
-                    for (int i = 0; i < VPT; i++) {
-                        o[i] = o[i] * factor + p * vals[u][i];
+                for (int g = 0; g < G; g++) {
+                    float dot = 0.0f;
+#pragma unroll
+                    for (int i = 0; i < 8; i++) {
+                        dot += qr[g][i] * kf[u][i];
                     }
-                    m = m_new;
+#pragma unroll
+                    for (int off = LPK / 2; off > 0; off >>= 1) {
+                        dot += __shfl_xor_sync(0xffffffffu, dot, off);
+                    }
+                    if (keep[u]) {
+                        const float m_new = fmaxf(m[g], dot);
+                        const float factor = exp2f(m[g] - m_new);
+                        const float p = exp2f(dot - m_new);
+                        l[g] = l[g] * factor + p;
+#pragma unroll
+                        for (int i = 0; i < 8; i++) {
+                            o[g][i] = o[g][i] * factor + p * vf[u][i];
+                        }
+                        m[g] = m_new;
+                    }
                 }
             }
         }
     }
-    __shared__ float warp_max[WARPS];
-    __shared__ float warp_sum[WARPS];
-    __shared__ float warp_out[WARPS][D];
-    if (lane == 0) {
-        warp_max[warp] = m;
-        warp_sum[warp] = l;
+    // The warp's KPW lane groups hold states over different keys: merge them (every group ends up
+    // with the whole warp's), then across warps through shared memory.
+#pragma unroll
+    for (int off = LPK; off < 32; off <<= 1) {
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            float o2[8];
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                o2[i] = __shfl_xor_sync(0xffffffffu, o[g][i], off);
+            }
+            const float m2 = __shfl_xor_sync(0xffffffffu, m[g], off);
+            const float l2 = __shfl_xor_sync(0xffffffffu, l[g], off);
+            appliance_merge(m[g], l[g], o[g], m2, l2, o2);
+        }
     }
-    for (int i = 0; i < VPT; i++) {
-        warp_out[warp][lane * VPT + i] = o[i];
+    __shared__ float warp_max[WARPS][G];
+    __shared__ float warp_sum[WARPS][G];
+    __shared__ float warp_out[WARPS][G][D];
+    if (sub == 0) {
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            if (part == 0) {
+                warp_max[warp][g] = m[g];
+                warp_sum[warp][g] = l[g];
+            }
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                warp_out[warp][g][part * 8 + i] = o[g][i];
+            }
+        }
     }
     __syncthreads();
-    if (threadIdx.x < D) {
+    for (int t = threadIdx.x; t < G * D; t += WARPS * 32) {
+        const int g = t / D;
+        const int e = t % D;
         float top = APPLIANCE_NEG_INF;
         for (int w = 0; w < WARPS; w++) {
-            top = fmaxf(top, warp_max[w]);
+            top = fmaxf(top, warp_max[w][g]);
         }
         float total = 0.0f;
         float acc = 0.0f;
-        for (int w = 0; w < WARPS; w++) {
-            if (warp_max[w] != APPLIANCE_NEG_INF) {
-                const float f = exp2f(warp_max[w] - top);
-                total += warp_sum[w] * f;
-                acc += warp_out[w][threadIdx.x] * f;
+        if (top != APPLIANCE_NEG_INF) {
+            for (int w = 0; w < WARPS; w++) {
+                const float f = exp2f(warp_max[w][g] - top);
+                total += warp_sum[w][g] * f;
+                acc += warp_out[w][g][e] * f;
             }
         }
-        out[(b * n_q + h) * D + threadIdx.x] = appliance_from_float<T>(total > 0.0f ? acc / total : 0.0f);
+        out[(b * n_q + kv_h * G + g) * D + e] = appliance_from_float<T>(total > 0.0f ? acc / total : 0.0f);
     }
 """
-_DECODE_HEAD_SIZES = (32, 64, 96, 128, 256)  # a multiple of the warp's 32 lanes
+_DECODE_HEAD_SIZES = (32, 64, 128, 256)  # D / 8 lanes a key must divide the warp's 32
+_DECODE_UNROLL = 2
+_DECODE_SHARED_FLOATS = 10 * 1024  # the per-warp results in shared memory: 40 of its 48 KB
+_DECODE_MAX_GROUP = 8  # query heads a KV head (each holds 16 floats a lane in registers)
 _decode: dict[str, Any] = {"kernel": None, "scales": {}}
+
+
+def _decode_warps(group: int, d: int) -> int:
+    """Warps a block for `group` query heads per KV head of size `d` (0: too big for the kernel)."""
+    for warps in (8, 4):
+        if warps * group * d <= _DECODE_SHARED_FLOATS:
+            return warps
+    return 0
 
 
 def masked_decode_attention(q: Any, k: Any, v: Any, scale: float, mask: Any) -> Any:
     """softmax(q k^T * scale, masked) v for one query per row on CUDA, in one kernel launch.
-    q: (B, Hq, 1, D); k, v: (B, Hkv, S, D) with Hq a multiple of Hkv; mask: boolean, (B or 1,
-    Hq or 1, 1, S). Callers check `decode_kernel_fits` first."""
+    q: (B, Hq, 1, D); k, v: (B, Hkv, S, D) with Hq a multiple of Hkv; mask: boolean, (B or 1, 1,
+    1, S). Callers check `decode_kernel_fits` first."""
     import mlx.core as mx
 
     kernel = _decode["kernel"]
@@ -227,19 +308,22 @@ def masked_decode_attention(q: Any, k: Any, v: Any, scale: float, mask: Any) -> 
     if scale_array is None:
         scale_array = _decode["scales"][scale] = mx.array([scale], dtype=mx.float32)
     b, n_q, _, d = q.shape
+    n_kv = k.shape[1]
+    group = n_q // n_kv
+    warps = _decode_warps(group, d)
     return kernel(
         inputs=[q, k, v, mask, scale_array],
-        template=[("T", q.dtype), ("D", d), ("WARPS", _DECODE_WARPS), ("UNROLL", _DECODE_UNROLL)],
-        grid=(32 * _DECODE_WARPS * n_q, b, 1),
-        threadgroup=(32 * _DECODE_WARPS, 1, 1),
+        template=[("T", q.dtype), ("D", d), ("G", group), ("WARPS", warps), ("UNROLL", _DECODE_UNROLL)],
+        grid=(32 * warps * n_kv, b, 1),
+        threadgroup=(32 * warps, 1, 1),
         output_shapes=[(b, n_q, 1, d)],
         output_dtypes=[q.dtype],
     )[0]
 
 
 def decode_kernel_fits(q: Any, k: Any, v: Any, mask: Any) -> bool:
-    """Whether masked_decode_attention takes these: one query, a boolean mask over the keys, a head
-    size the warps split evenly, grouped-query heads, float types."""
+    """Whether masked_decode_attention takes these: one query, one boolean mask over the keys for
+    all heads, a head size of 32, 64, 128 or 256, at most 8 query heads a KV head, float types."""
     import mlx.core as mx
 
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or q.shape[2] != 1:
@@ -250,17 +334,21 @@ def decode_kernel_fits(q: Any, k: Any, v: Any, mask: Any) -> bool:
         isinstance(mask, mx.array)
         and mask.dtype == mx.bool_
         and mask.ndim == 4
+        and mask.shape[1] == 1
         and mask.shape[2] == 1
         and mask.shape[3] == k.shape[2]
         and mask.shape[0] in (1, b)
-        and mask.shape[1] in (1, n_q)
         and d in _DECODE_HEAD_SIZES
         and k.shape[0] == b
         and k.shape == v.shape
         and k.shape[-1] == d
         and n_kv > 0
         and n_q % n_kv == 0
+        and n_q // n_kv <= _DECODE_MAX_GROUP
+        and _decode_warps(n_q // n_kv, d) > 0
         and q.dtype in (mx.bfloat16, mx.float16, mx.float32)
+        and k.dtype == q.dtype
+        and v.dtype == q.dtype
     )
 
 

@@ -1,14 +1,13 @@
-"""The masked decode kernel's warps per block, and what building each attention call costs the host.
+"""The masked decode kernel (appliance/engine/cuda.py) against MLX's attention, on CUDA.
 
     python3 scripts/accelerator/decode_kernel_tune.py
 
-1. ms per call (each evaluated) of appliance/engine/cuda.py's kernel with 8 / 16 / 32 warps a
-   block and 1 / 2 / 4 keys a warp at a time ("16w4u": 16 warps, 4 keys), beside MLX's unmasked vector kernel; Llama 3.2 1B's heads (32 query, 8 KV, size 64), bf16.
-2. ms for 16 calls in a chain (each call's output the next one's query, as layers follow each
-   other in a step), evaluated once: the kernel, MLX masked and unmasked, and a custom kernel that
-   only copies q (what any custom kernel costs).
-3. microseconds of Python and MLX graph building per call, nothing evaluated: the kernel, MLX
-   with the mask (its fallback), MLX without.
+Llama 3.2 1B's heads (32 query, 8 KV, size 64), bf16, q a transposed view and k, v views into
+longer cache buffers, rows padded by 0-6 keys. Each figure is ms for 16 calls in a chain (each
+call's output the next one's query, as layers follow each other in a step), evaluated once,
+mean of 50: the kernel keeping 1 / 2 / 4 keys' loads in flight a lane group ("u1" / "u2" /
+"u4"), MLX with the mask (its four-op fallback) and MLX without a mask (its vector kernel, what a
+batch with no padding runs). Then the microseconds of Python and graph building per call.
 """
 
 import time
@@ -21,8 +20,8 @@ assert cuda.install(0, decode_kernel=True), "not on CUDA"
 original = cuda._state["original"]
 
 
-def per_call(fn, n=200) -> float:
-    for _ in range(10):
+def timed(fn, n=50) -> float:
+    for _ in range(5):
         mx.eval(fn())
     t = time.perf_counter()
     for _ in range(n):
@@ -30,12 +29,10 @@ def per_call(fn, n=200) -> float:
     return 1000 * (time.perf_counter() - t) / n
 
 
-def build_us(fn, n=2000) -> float:
-    fn()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return 1e6 * (time.perf_counter() - t) / n
+def chain(step, q):
+    for _ in range(16):
+        q = step(q)
+    return q
 
 
 def inputs(b, s, hq=32, hkv=8, d=64):
@@ -47,56 +44,40 @@ def inputs(b, s, hq=32, hkv=8, d=64):
     return q, k, v, mask
 
 
-print("ms per call, evaluated:", flush=True)
+def kernel_u(unroll):
+    def step(q, k, v, m):
+        cuda._DECODE_UNROLL = unroll
+        return cuda.masked_decode_attention(q, k, v, 0.125, m)
+    return step
+
+
+VARIANTS = {
+    "u1": kernel_u(1),
+    "u2": kernel_u(2),
+    "u4": kernel_u(4),
+    "MLX masked": lambda q, k, v, m: original(q, k, v, scale=0.125, mask=m),
+    "MLX unmasked": lambda q, k, v, m: original(q, k, v, scale=0.125, mask=None),
+}
+print("ms for 16 chained calls:", flush=True)
 for b in (2, 8, 32, 64):
-    for s in (128, 512):
+    for s in (128, 512, 2048):
         q, k, v, mask = inputs(b, s)
-        row = []
-        for w, u in ((8, 1), (8, 4), (16, 1), (16, 4), (32, 1), (32, 2), (32, 4)):
-            cuda._DECODE_WARPS, cuda._DECODE_UNROLL = w, u
-            ms = per_call(lambda q=q, k=k, v=v, m=mask: cuda.masked_decode_attention(q, k, v, 0.125, m))
-            row.append(f"{w}w{u}u {ms:.3f}")
-        row.append(f"MLX unmasked {per_call(lambda q=q, k=k, v=v: original(q, k, v, scale=0.125, mask=None)):.3f}")
-        print(f"  B={b:>2} S={s:>3}: " + ", ".join(row), flush=True)
+        res = {n: timed(lambda f=f, q=q, k=k, v=v, m=mask: chain(lambda x: f(x, k, v, m), q))
+               for n, f in VARIANTS.items()}
+        print(f"  B={b:>2} S={s:>4}: " + ", ".join(f"{n} {ms:.3f}" for n, ms in res.items()), flush=True)
+cuda._DECODE_UNROLL = 2
+
+
+def build_us(fn, n=2000) -> float:
+    fn()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return 1e6 * (time.perf_counter() - t) / n
+
 
 q, k, v, mask = inputs(8, 128)
-cuda._DECODE_WARPS, cuda._DECODE_UNROLL = 32, 4
 print("microseconds to build one call, not evaluated: "
       f"kernel {build_us(lambda: cuda.masked_decode_attention(q, k, v, 0.125, mask)):.1f}, "
       f"MLX masked {build_us(lambda: original(q, k, v, scale=0.125, mask=mask)):.1f}, "
       f"MLX unmasked {build_us(lambda: original(q, k, v, scale=0.125, mask=None)):.1f}", flush=True)
-
-copy_kernel = mx.fast.cuda_kernel(
-    name="appliance_copy_q", input_names=["q"], output_names=["out"],
-    source="""
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < q_size) { out[i] = q[i]; }
-""".replace("q_size", "Q_SIZE"),
-)
-
-
-def copy_q(q):
-    return copy_kernel(inputs=[q], template=[("Q_SIZE", q.size)], grid=(q.size, 1, 1), threadgroup=(256, 1, 1),
-                       output_shapes=[q.shape], output_dtypes=[q.dtype])[0]
-
-
-def chain(step, q):
-    for _ in range(16):
-        q = step(q)
-    return q
-
-
-print("ms for 16 chained calls, evaluated once:", flush=True)
-for b in (2, 8, 32, 64):
-    for s in (128, 512):
-        q, k, v, mask = inputs(b, s)
-        res = {
-            "kernel": per_call(lambda q=q, k=k, v=v, m=mask: chain(
-                lambda x: cuda.masked_decode_attention(x, k, v, 0.125, m), q), n=50),
-            "MLX masked": per_call(lambda q=q, k=k, v=v, m=mask: chain(
-                lambda x: original(x, k, v, scale=0.125, mask=m), q), n=50),
-            "MLX unmasked": per_call(lambda q=q, k=k, v=v: chain(
-                lambda x: original(x, k, v, scale=0.125, mask=None), q), n=50),
-            "copy kernel": per_call(lambda q=q: chain(copy_q, q), n=50),
-        }
-        print(f"  B={b:>2} S={s:>3}: " + ", ".join(f"{n} {ms:.3f}" for n, ms in res.items()), flush=True)
