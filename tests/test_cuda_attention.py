@@ -126,6 +126,9 @@ def test_the_decode_kernel_takes_what_a_padded_batch_gives_it() -> None:
     assert not cuda.decode_kernel_fits(q4, k4, v4, mask)  # 16 query heads a KV head: too many
     assert cuda.decode_kernel_fits(*(x.astype(mx.bfloat16) for x in (q, k, v)), mask)
     assert not cuda.decode_kernel_fits(q, k.astype(mx.bfloat16), v, mask)  # mixed types
+    assert not cuda.decode_kernel_fits(q, k, v, mask[:2])  # a mask for 2 rows, 3 rows
+    assert not cuda.decode_kernel_fits(q, k[:2], v[:2], mask)  # keys for 2 rows, 3 queries
+    assert not cuda.decode_kernel_fits(q, k, v[..., :5, :], mask)  # fewer values than keys
 
 
 def test_padded_decode_steps_go_to_the_kernel_and_the_rest_to_mlx(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -190,20 +193,86 @@ def test_a_real_batch_of_padded_rows_decodes_through_the_kernel(
     assert set(kernel_calls) == {(3, model.layers[0].self_attn.n_heads, 1, model.layers[0].self_attn.head_dim)}
 
 
+def test_turning_both_off_gives_mlx_back_its_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(cuda, "unfused_attention", lambda *a: calls.append("unfused"))
+    monkeypatch.setattr(cuda, "masked_decode_attention", lambda *a: calls.append("kernel"))
+    monkeypatch.setattr(memory, "on_cuda", lambda: True)
+    assert cuda.install(1 << 20, decode_kernel=True)
+    assert not cuda.install(0, decode_kernel=False)  # the last call's settings win
+    q, k, v = _qkv(2, 8, 2, 4, 4)
+    mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask="causal")
+    q, k, v = _qkv(3, 8, 2, 1, 11)
+    mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=_padding_mask([0, 4, 10], 11))
+    assert calls == []
+
+
+@pytest.mark.parametrize("hq,hkv,d,warps", [(32, 8, 64, 8), (16, 2, 256, 4), (8, 8, 128, 8)])
+def test_the_kernel_is_launched_one_block_per_row_and_kv_head(
+    monkeypatch: pytest.MonkeyPatch, hq: int, hkv: int, d: int, warps: int
+) -> None:
+    """What masked_decode_attention hands MLX (mx.fast.cuda_kernel stood in for, as it needs
+    CUDA): its inputs in order, the block and grid, the template, the output's shape; the kernel
+    built once and the scale kept."""
+    made: list[dict[str, Any]] = []
+    launches: list[dict[str, Any]] = []
+
+    def fake_cuda_kernel(**spec: Any) -> Any:
+        made.append(spec)
+
+        def launch(**kw: Any) -> list[Any]:
+            launches.append(kw)
+            return [mx.zeros(kw["output_shapes"][0], dtype=kw["output_dtypes"][0])]
+        return launch
+
+    monkeypatch.setattr(mx.fast, "cuda_kernel", fake_cuda_kernel)
+    monkeypatch.setitem(cuda._decode, "kernel", None)
+    monkeypatch.setitem(cuda._decode, "scales", {})
+    q = mx.zeros((3, hq, 1, d), mx.bfloat16)
+    k = mx.zeros((3, hkv, 11, d), mx.bfloat16)
+    v = mx.zeros((3, hkv, 11, d), mx.bfloat16)
+    mask = _padding_mask([0, 4, 10], 11)
+    assert cuda.decode_kernel_fits(q, k, v, mask)
+    for _ in range(2):
+        out = cuda.masked_decode_attention(q, k, v, 0.125, mask)
+        assert out.shape == (3, hq, 1, d) and out.dtype == mx.bfloat16
+    assert len(made) == 1 and made[0]["input_names"] == ["q", "k", "v", "mask", "scale"]
+    assert made[0]["ensure_row_contiguous"] is False  # the cache's views, not copies
+    first, second = launches
+    assert all(a is b for a, b in zip(first["inputs"][:4], (q, k, v, mask), strict=True))
+    assert first["inputs"][4].item() == 0.125
+    assert second["inputs"][4] is first["inputs"][4]
+    assert first["threadgroup"] == (32 * warps, 1, 1)
+    assert first["grid"] == (32 * warps * hkv, 3, 1)  # threads in all: one block per (KV head, row)
+    assert dict(first["template"]) == {"T": mx.bfloat16, "D": d, "G": hq // hkv, "WARPS": warps,
+                                       "UNROLL": cuda._DECODE_UNROLL}
+    assert first["output_shapes"] == [(3, hq, 1, d)] and first["output_dtypes"] == [mx.bfloat16]
+
+
 @pytest.mark.skipif(not memory.on_cuda(), reason="the kernel runs on CUDA only")
-def test_the_decode_kernel_matches_mlx_on_cuda() -> None:
-    """Against MLX's attention in float32, the kernel is no further off than MLX's own in bf16;
-    q a transposed view and k, v views into longer buffers, as a decode step has them."""
-    for b, hq, hkv, n_keys, d in ((1, 32, 8, 7, 64), (8, 32, 8, 130, 128), (5, 16, 2, 513, 256)):
-        mx.random.seed(b)
-        q = mx.random.normal((b, 1, hq, d)).astype(mx.bfloat16).transpose(0, 2, 1, 3)
-        k = mx.random.normal((b, hkv, n_keys + 9, d)).astype(mx.bfloat16)[:, :, :n_keys]
-        v = mx.random.normal((b, hkv, n_keys + 9, d)).astype(mx.bfloat16)[:, :, :n_keys]
-        mask = _padding_mask([i * (n_keys - 1) // max(1, b - 1) for i in range(b)], n_keys)
-        assert cuda.decode_kernel_fits(q, k, v, mask)
-        want = mx.fast.scaled_dot_product_attention(
-            *(x.astype(mx.float32) for x in (q, k, v)), scale=d ** -0.5, mask=mask)
-        own = mx.fast.scaled_dot_product_attention(q, k, v, scale=d ** -0.5, mask=mask)
-        got = cuda.masked_decode_attention(q, k, v, d ** -0.5, mask)
-        err = mx.max(mx.abs(got.astype(mx.float32) - want)).item()
-        assert err <= 2 * mx.max(mx.abs(own.astype(mx.float32) - want)).item() + 1e-2, (b, hq, hkv, n_keys, d)
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
+def test_the_decode_kernel_matches_mlx_on_cuda(dtype: Any) -> None:
+    """Against MLX's attention in float32 on the same inputs, the kernel is off by at most its
+    output's rounding to `dtype` (it computes in float32): head sizes 32-256, 1-8 query heads a KV
+    head, one mask for all rows or one per row, rows from unpadded to one key, q a transposed view
+    and k, v views into longer buffers as a decode step has them, and k, v read with a key stride
+    (the unpacked loads)."""
+    cases = ((1, 32, 8, 7, 64), (8, 32, 8, 130, 128), (5, 16, 2, 513, 256), (3, 4, 4, 40, 32),
+             (6, 8, 4, 100, 64))
+    for b, hq, hkv, n_keys, d in cases:
+        for layout in ("cache", "transposed"):
+            mx.random.seed(b + n_keys)
+            q = mx.random.normal((b, 1, hq, d)).astype(dtype).transpose(0, 2, 1, 3)
+            if layout == "cache":
+                k, v = (mx.random.normal((b, hkv, n_keys + 9, d)).astype(dtype)[:, :, :n_keys] for _ in "kv")
+            else:  # elements n_keys apart, keys next to each other: no 16-byte loads
+                k, v = (mx.random.normal((b, hkv, d, n_keys)).astype(dtype).swapaxes(2, 3) for _ in "kv")
+            pads = [i * (n_keys - 1) // max(1, b - 1) for i in range(b)]
+            for mask in (_padding_mask(pads, n_keys), _padding_mask([n_keys // 3], n_keys)):
+                assert cuda.decode_kernel_fits(q, k, v, mask)
+                want = mx.fast.scaled_dot_product_attention(
+                    *(x.astype(mx.float32) for x in (q, k, v)), scale=d ** -0.5, mask=mask)
+                got = cuda.masked_decode_attention(q, k, v, d ** -0.5, mask).astype(mx.float32)
+                tol = 1e-5 if dtype == mx.float32 else 2.0 ** -7 if dtype == mx.bfloat16 else 2.0 ** -10
+                assert mx.allclose(got, want, rtol=tol, atol=1e-4).item(), (
+                    b, hq, hkv, n_keys, d, layout, mask.shape, mx.max(mx.abs(got - want)).item())

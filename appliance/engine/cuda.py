@@ -291,7 +291,8 @@ def _decode_warps(group: int, d: int) -> int:
 def masked_decode_attention(q: Any, k: Any, v: Any, scale: float, mask: Any) -> Any:
     """softmax(q k^T * scale, masked) v for one query per row on CUDA, in one kernel launch.
     q: (B, Hq, 1, D); k, v: (B, Hkv, S, D) with Hq a multiple of Hkv; mask: boolean, (B or 1, 1,
-    1, S). Callers check `decode_kernel_fits` first."""
+    1, S). Callers check `decode_kernel_fits` first. A row with no key unmasked gets zeros (MLX's
+    attention gives the mean of its values); mlx-lm's caches always leave a row its own token."""
     import mlx.core as mx
 
     kernel = _decode["kernel"]
@@ -360,7 +361,7 @@ def _routed(q: Any, k: Any, v: Any, *args: Any, scale: float, mask: Any = None,
         if length == 1:
             if mask is not None and _state["decode_kernel"] and decode_kernel_fits(q, k, v, mask):
                 return masked_decode_attention(q, k, v, scale, mask)
-        elif q.shape[0] * q.shape[1] * length * k.shape[-2] <= _state["max_elements"]:
+        elif length > 1 and q.shape[0] * q.shape[1] * length * k.shape[-2] <= _state["max_elements"]:
             return unfused_attention(q, k, v, scale, mask)
     return original(q, k, v, *args, scale=scale, mask=mask, sinks=sinks, **kwargs)
 
@@ -371,6 +372,8 @@ def install(max_elements: int, decode_kernel: bool = False) -> bool:
     either is in force (False off CUDA, or with max_elements 0 and decode_kernel off)."""
     from .memory import on_cuda
 
+    _state["max_elements"] = max(0, max_elements)
+    _state["decode_kernel"] = decode_kernel
     if (max_elements <= 0 and not decode_kernel) or not on_cuda():
         return False
     import mlx.core as mx
@@ -378,6 +381,4 @@ def install(max_elements: int, decode_kernel: bool = False) -> bool:
     if _state["original"] is None:
         _state["original"] = mx.fast.scaled_dot_product_attention
         mx.fast.scaled_dot_product_attention = _routed
-    _state["max_elements"] = max(0, max_elements)
-    _state["decode_kernel"] = decode_kernel
     return True

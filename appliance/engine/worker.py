@@ -382,10 +382,11 @@ class ModelWorker(WorkerThread):
         self.model, self.tokenizer = self._loader()
         if cuda.install(self._unfused_attention_elements, self._decode_kernel):
             log.info(
-                "model %s: prefill attention up to %d scores runs unfused (not through cuDNN); "
-                "masked decode attention %s",
-                self.name, self._unfused_attention_elements,
-                "in one kernel" if self._decode_kernel else "as MLX runs it",
+                "model %s: prefill attention %s; masked decode attention %s",
+                self.name,
+                f"up to {self._unfused_attention_elements} scores runs unfused (not through cuDNN)"
+                if self._unfused_attention_elements > 0 else "through cuDNN",
+                "in the appliance's kernel" if self._decode_kernel else "as MLX runs it",
             )
         args = getattr(self.model, "args", None)
         self.vocab_size = int(getattr(args, "vocab_size", 0) or len(self.tokenizer._tokenizer))
