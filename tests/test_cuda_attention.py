@@ -19,6 +19,7 @@ import pytest
 from appliance.engine import cuda, memory
 
 pytestmark = pytest.mark.timeout(120)
+_UNFUSED = cuda.unfused_attention  # the reference, also where a test stands something in for it
 
 
 @pytest.fixture(autouse=True)
@@ -27,6 +28,7 @@ def _restore() -> Iterator[None]:
     yield
     mx.fast.scaled_dot_product_attention = original
     cuda._state.update(original=None, max_elements=0, decode_kernel=False)
+    cuda._decode.pop("probe", None)
     memory.on_cuda.cache_clear()
 
 
@@ -101,6 +103,12 @@ def test_the_server_sets_its_mlx_cuda_defaults_unless_told(
     assert out.stdout.strip() == expected
 
 
+def _reference(q: Any, k: Any, v: Any, scale: float, mask: Any) -> Any:
+    """The attention the kernel computes: in float32, rounded to q's type."""
+    f32 = (x.astype(mx.float32) for x in (q, k, v))
+    return _UNFUSED(*f32, scale, mask).astype(q.dtype)
+
+
 def _padding_mask(pads: list[int], n_keys: int) -> Any:
     """The boolean mask mlx-lm's BatchKVCache gives a decode step: row b sees keys from pads[b] on."""
     return mx.expand_dims(mx.array(pads), (1, 2, 3)) <= mx.arange(n_keys)
@@ -136,13 +144,15 @@ def test_padded_decode_steps_go_to_the_kernel_and_the_rest_to_mlx(monkeypatch: p
 
     def stand_in(q: Any, k: Any, v: Any, scale: float, mask: Any) -> Any:
         kernel_calls.append(tuple(q.shape))
-        return cuda.unfused_attention(q, k, v, scale, mask)
+        return _reference(q, k, v, scale, mask)
 
     monkeypatch.setattr(cuda, "masked_decode_attention", stand_in)
     monkeypatch.setattr(memory, "on_cuda", lambda: True)
     fused = mx.fast.scaled_dot_product_attention
     assert not cuda.install(0, decode_kernel=False)  # both off: nothing to route
     assert cuda.install(0, decode_kernel=True)
+    assert cuda.decode_kernel_in_force()
+    kernel_calls.clear()  # install's check
     q, k, v = _qkv(3, 8, 2, 1, 11)
     mask = _padding_mask([0, 4, 10], 11)
     out = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
@@ -183,23 +193,54 @@ def test_a_real_batch_of_padded_rows_decodes_through_the_kernel(
 
     def stand_in(q: Any, k: Any, v: Any, scale: float, mask: Any) -> Any:
         kernel_calls.append(tuple(q.shape))
-        return cuda.unfused_attention(q, k, v, scale, mask)
+        return _reference(q, k, v, scale, mask)
 
     monkeypatch.setattr(cuda, "masked_decode_attention", stand_in)
     monkeypatch.setattr(memory, "on_cuda", lambda: True)
     assert cuda.install(0, decode_kernel=True)
+    kernel_calls.clear()  # install's check
     assert tokens() == want
     assert len(kernel_calls) == 11 * n_layers  # 12 tokens: the first from the prefill, 11 decode steps
     assert set(kernel_calls) == {(3, model.layers[0].self_attn.n_heads, 1, model.layers[0].self_attn.head_dim)}
 
 
+@pytest.mark.parametrize("fault", ["raises", "wrong"])
+def test_a_decode_kernel_that_fails_its_check_stays_off(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, fault: str
+) -> None:
+    """A kernel that cannot be compiled (no CUDA headers for MLX's JIT, say) or that computes
+    something else (an MLX whose custom kernels behave otherwise) is checked once at install,
+    left off with a warning that says why, and MLX's attention serves the decode steps."""
+    def broken(q: Any, k: Any, v: Any, scale: float, mask: Any) -> Any:
+        if fault == "raises":
+            raise RuntimeError("Failed to compile kernel: cuda_fp16.h: No such file")
+        return mx.zeros(q.shape, q.dtype)
+
+    monkeypatch.setattr(cuda, "masked_decode_attention", broken)
+    monkeypatch.setattr(memory, "on_cuda", lambda: True)
+    with caplog.at_level("WARNING", logger="appliance.engine.cuda"):
+        assert not cuda.install(0, decode_kernel=True)
+    assert not cuda.decode_kernel_in_force()
+    (record,) = [r for r in caplog.records if "decode attention kernel is off" in r.getMessage()]
+    assert ("Failed to compile kernel" if fault == "raises" else "differs from MLX") in record.getMessage()
+    assert cuda.install(1 << 20, decode_kernel=True)  # prefill routing still in force; checked once
+    assert not cuda.decode_kernel_in_force()
+    q, k, v = _qkv(3, 8, 2, 1, 11)
+    mask = _padding_mask([0, 4, 10], 11)
+    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
+    assert mx.allclose(out, cuda._state["original"](q, k, v, scale=0.125, mask=mask)).item()
+
+
 def test_turning_both_off_gives_mlx_back_its_attention(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
     monkeypatch.setattr(cuda, "unfused_attention", lambda *a: calls.append("unfused"))
-    monkeypatch.setattr(cuda, "masked_decode_attention", lambda *a: calls.append("kernel"))
+    monkeypatch.setattr(cuda, "masked_decode_attention", lambda *a: calls.append("kernel") or _reference(*a))
     monkeypatch.setattr(memory, "on_cuda", lambda: True)
     assert cuda.install(1 << 20, decode_kernel=True)
+    assert cuda.decode_kernel_in_force()
     assert not cuda.install(0, decode_kernel=False)  # the last call's settings win
+    assert not cuda.decode_kernel_in_force()
+    calls.clear()  # install's check
     q, k, v = _qkv(2, 8, 2, 4, 4)
     mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask="causal")
     q, k, v = _qkv(3, 8, 2, 1, 11)

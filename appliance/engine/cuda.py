@@ -1,4 +1,4 @@
-"""Short prefills on CUDA without cuDNN's attention graphs.
+"""CUDA attention: short prefills without cuDNN's graphs, padded decode steps in one kernel.
 
 MLX's CUDA backend runs attention with more than one query per sequence (a prefill) through a
 cuDNN graph built for each exact shape (batch, heads, query and key lengths) and kept in an LRU
@@ -8,17 +8,23 @@ prompts arrived together, how long the longest is), so each join paid that and s
 running stream; the cache also counts misses, and MLX aborts once they pass twice its capacity
 (MLX_CUDA_SDPA_CACHE_SIZE).
 
-`install(max_elements)` routes attention whose score matrix has at most `max_elements` entries
-(batch x query heads x query length x key length) through plain matmul + softmax, the same
-arithmetic as mlx-lm's quantized-cache attention; larger ones (long prompts, where one graph
-build is small beside the prefill) keep cuDNN. Decode steps (one query) are untouched: MLX's
-own vector kernel serves them without a graph. Only on CUDA; Metal and CPU are not patched.
+`install(max_elements, decode_kernel)` routes attention whose score matrix has at most
+`max_elements` entries (batch x query heads x query length x key length) through plain matmul +
+softmax, the same arithmetic as mlx-lm's quantized-cache attention; larger ones (long prompts,
+where one graph build is small beside the prefill) keep cuDNN. Decode steps (one query) without
+a mask keep MLX's own vector kernel; with the boolean mask of a batch whose rows are padded (which
+MLX's vector kernel does not take) they go through this module's own kernel,
+`masked_decode_attention`, when `decode_kernel` is on and the kernel passed a check against MLX at
+install. Only on CUDA; Metal and CPU are not patched.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any, Optional
+from typing import Any, Optional, cast
+
+log = logging.getLogger(__name__)
 
 # MLX's CUDA backend keeps cuDNN attention graphs, CUDA graphs, conv plans and FFT plans in LRU
 # caches, and by default raises "Cache thrashing is happening" once a cache's lifetime misses
@@ -366,14 +372,44 @@ def _routed(q: Any, k: Any, v: Any, *args: Any, scale: float, mask: Any = None,
     return original(q, k, v, *args, scale=scale, mask=mask, sinks=sinks, **kwargs)
 
 
+def probe_decode_kernel() -> Optional[str]:
+    """Run masked_decode_attention once on small padded inputs (bf16, 4 query heads a KV head,
+    head size 64) against MLX's attention in float32: None when it agrees, else why not (it could
+    not be compiled, e.g. no CUDA headers for MLX's JIT, or an MLX whose custom kernels behave
+    otherwise). Kept after the first call."""
+    if "probe" in _decode:
+        return cast(Optional[str], _decode["probe"])
+    import mlx.core as mx
+
+    reason: Optional[str] = None
+    try:
+        keys = mx.random.split(mx.random.key(0), 3)  # not the global seed: requests' sampling uses it
+        q = mx.random.normal((2, 8, 1, 64), key=keys[0]).astype(mx.bfloat16)
+        k = mx.random.normal((2, 2, 40, 64), key=keys[1]).astype(mx.bfloat16)
+        v = mx.random.normal((2, 2, 40, 64), key=keys[2]).astype(mx.bfloat16)
+        mask = mx.expand_dims(mx.array([0, 33]), (1, 2, 3)) <= mx.arange(40)
+        want = (_state["original"] or mx.fast.scaled_dot_product_attention)(
+            q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32), scale=0.125, mask=mask)
+        got = masked_decode_attention(q, k, v, 0.125, mask).astype(mx.float32)
+        off = float(cast(float, mx.max(mx.abs(got - want)).item()))
+        if not off <= 2.0 ** -6:
+            reason = f"its output differs from MLX's attention by {off:.3g}"
+    except Exception as exc:  # compile or launch failure: MLX's own path still works
+        reason = f"{type(exc).__name__}: {str(exc)[:300]}"
+    _decode["probe"] = reason
+    return reason
+
+
 def install(max_elements: int, decode_kernel: bool = False) -> bool:
     """Route short prefill attention around cuDNN, and masked decode attention through
-    masked_decode_attention, on CUDA (idempotent; the last call's settings win). Returns whether
-    either is in force (False off CUDA, or with max_elements 0 and decode_kernel off)."""
+    masked_decode_attention, on CUDA (idempotent; the last call's settings win). The decode
+    kernel is checked once first (probe_decode_kernel); if it fails, a warning says why and
+    decode attention stays MLX's. Returns whether either is in force (False off CUDA, or with
+    max_elements 0 and no decode kernel); `decode_kernel_in_force()` tells which."""
     from .memory import on_cuda
 
     _state["max_elements"] = max(0, max_elements)
-    _state["decode_kernel"] = decode_kernel
+    _state["decode_kernel"] = False
     if (max_elements <= 0 and not decode_kernel) or not on_cuda():
         return False
     import mlx.core as mx
@@ -381,4 +417,16 @@ def install(max_elements: int, decode_kernel: bool = False) -> bool:
     if _state["original"] is None:
         _state["original"] = mx.fast.scaled_dot_product_attention
         mx.fast.scaled_dot_product_attention = _routed
-    return True
+    if decode_kernel:
+        reason = probe_decode_kernel()
+        if reason is None:
+            _state["decode_kernel"] = True
+        else:
+            log.warning("the CUDA decode attention kernel is off, MLX's attention runs instead: %s",
+                        reason)
+    return max_elements > 0 or _state["decode_kernel"]
+
+
+def decode_kernel_in_force() -> bool:
+    """Whether padded decode steps go through masked_decode_attention (see install)."""
+    return bool(_state["decode_kernel"]) and _state["original"] is not None

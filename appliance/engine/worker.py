@@ -386,7 +386,7 @@ class ModelWorker(WorkerThread):
                 self.name,
                 f"up to {self._unfused_attention_elements} scores runs unfused (not through cuDNN)"
                 if self._unfused_attention_elements > 0 else "through cuDNN",
-                "in the appliance's kernel" if self._decode_kernel else "as MLX runs it",
+                "in the appliance's kernel" if cuda.decode_kernel_in_force() else "as MLX runs it",
             )
         args = getattr(self.model, "args", None)
         self.vocab_size = int(getattr(args, "vocab_size", 0) or len(self.tokenizer._tokenizer))
