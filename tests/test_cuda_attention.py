@@ -248,13 +248,17 @@ def test_turning_both_off_gives_mlx_back_its_attention(monkeypatch: pytest.Monke
     assert calls == []
 
 
-@pytest.mark.parametrize("hq,hkv,d,warps", [(32, 8, 64, 8), (16, 2, 256, 4), (8, 8, 128, 8)])
+@pytest.mark.parametrize("hq,hkv,d,n_keys,heads,warps", [
+    (32, 8, 64, 11, 4, 8), (16, 2, 256, 11, 8, 4), (8, 8, 128, 11, 1, 8),
+    (32, 8, 64, 2048, 1, 8),  # 3 rows x 8 KV heads over 2,048 keys: a block per query head
+])
 def test_the_kernel_is_launched_one_block_per_row_and_kv_head(
-    monkeypatch: pytest.MonkeyPatch, hq: int, hkv: int, d: int, warps: int
+    monkeypatch: pytest.MonkeyPatch, hq: int, hkv: int, d: int, n_keys: int, heads: int, warps: int
 ) -> None:
     """What masked_decode_attention hands MLX (mx.fast.cuda_kernel stood in for, as it needs
     CUDA): its inputs in order, the block and grid, the template, the output's shape; the kernel
-    built once and the scale kept."""
+    built once and the scale kept. A block serves the query heads of one KV head, or one query head
+    where few rows attend to many keys."""
     made: list[dict[str, Any]] = []
     launches: list[dict[str, Any]] = []
 
@@ -270,9 +274,9 @@ def test_the_kernel_is_launched_one_block_per_row_and_kv_head(
     monkeypatch.setitem(cuda._decode, "kernel", None)
     monkeypatch.setitem(cuda._decode, "scales", {})
     q = mx.zeros((3, hq, 1, d), mx.bfloat16)
-    k = mx.zeros((3, hkv, 11, d), mx.bfloat16)
-    v = mx.zeros((3, hkv, 11, d), mx.bfloat16)
-    mask = _padding_mask([0, 4, 10], 11)
+    k = mx.zeros((3, hkv, n_keys, d), mx.bfloat16)
+    v = mx.zeros((3, hkv, n_keys, d), mx.bfloat16)
+    mask = _padding_mask([0, 4, 10], n_keys)
     assert cuda.decode_kernel_fits(q, k, v, mask)
     for _ in range(2):
         out = cuda.masked_decode_attention(q, k, v, 0.125, mask)
@@ -284,20 +288,22 @@ def test_the_kernel_is_launched_one_block_per_row_and_kv_head(
     assert first["inputs"][4].item() == 0.125
     assert second["inputs"][4] is first["inputs"][4]
     assert first["threadgroup"] == (32 * warps, 1, 1)
-    assert first["grid"] == (32 * warps * hkv, 3, 1)  # threads in all: one block per (KV head, row)
-    assert dict(first["template"]) == {"T": mx.bfloat16, "D": d, "G": hq // hkv, "WARPS": warps,
+    assert first["grid"] == (32 * warps * hq // heads, 3, 1)  # threads in all: a block per (heads, row)
+    assert dict(first["template"]) == {"T": mx.bfloat16, "D": d, "G": heads, "WARPS": warps,
                                        "UNROLL": cuda._DECODE_UNROLL}
     assert first["output_shapes"] == [(3, hq, 1, d)] and first["output_dtypes"] == [mx.bfloat16]
 
 
 @pytest.mark.skipif(not memory.on_cuda(), reason="the kernel runs on CUDA only")
+@pytest.mark.parametrize("grouped", [True, False], ids=["a-block-per-kv-head", "a-block-per-query-head"])
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
-def test_the_decode_kernel_matches_mlx_on_cuda(dtype: Any) -> None:
+def test_the_decode_kernel_matches_mlx_on_cuda(dtype: Any, grouped: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Against MLX's attention in float32 on the same inputs, the kernel is off by at most its
     output's rounding to `dtype` (it computes in float32): head sizes 32-256, 1-8 query heads a KV
     head, one mask for all rows or one per row, rows from unpadded to one key, q a transposed view
     and k, v views into longer buffers as a decode step has them, and k, v read with a key stride
-    (the unpacked loads)."""
+    (the unpacked loads). Both block layouts, whatever the batch size would choose."""
+    monkeypatch.setattr(cuda, "_DECODE_LAYOUT", "grouped" if grouped else "per-head")
     cases = ((1, 32, 8, 7, 64), (8, 32, 8, 130, 128), (5, 16, 2, 513, 256), (3, 4, 4, 40, 32),
              (6, 8, 4, 100, 64))
     for b, hq, hkv, n_keys, d in cases:

@@ -5,8 +5,8 @@
 Llama 3.2 1B's heads (32 query, 8 KV, size 64), bf16, q a transposed view and k, v views into
 longer cache buffers, rows padded by 0-6 keys. Each figure is ms for 16 calls in a chain (each
 call's output the next one's query, as layers follow each other in a step), evaluated once,
-mean of 50: the kernel keeping 1 / 2 / 4 keys' loads in flight a lane group ("u1" / "u2" /
-"u4"), MLX with the mask (its four-op fallback) and MLX without a mask (its vector kernel, what a
+mean of 50: the kernel with a block for each KV head's 4 query heads or for each query head,
+MLX with the mask (its four-op fallback) and MLX without a mask (its vector kernel, what a
 batch with no padding runs). Then the microseconds of Python and graph building per call.
 """
 
@@ -44,28 +44,27 @@ def inputs(b, s, hq=32, hkv=8, d=64):
     return q, k, v, mask
 
 
-def kernel_u(unroll):
+def kernel(layout):
     def step(q, k, v, m):
-        cuda._DECODE_UNROLL = unroll
+        cuda._DECODE_LAYOUT = layout
         return cuda.masked_decode_attention(q, k, v, 0.125, m)
     return step
 
 
 VARIANTS = {
-    "u1": kernel_u(1),
-    "u2": kernel_u(2),
-    "u4": kernel_u(4),
+    "4 heads a block": kernel("grouped"),
+    "1 head a block": kernel("per-head"),
     "MLX masked": lambda q, k, v, m: original(q, k, v, scale=0.125, mask=m),
     "MLX unmasked": lambda q, k, v, m: original(q, k, v, scale=0.125, mask=None),
 }
 print("ms for 16 chained calls:", flush=True)
-for b in (2, 8, 32, 64):
+for b in (1, 2, 4, 8, 16, 32, 64):
     for s in (128, 512, 2048):
         q, k, v, mask = inputs(b, s)
         res = {n: timed(lambda f=f, q=q, k=k, v=v, m=mask: chain(lambda x: f(x, k, v, m), q))
                for n, f in VARIANTS.items()}
         print(f"  B={b:>2} S={s:>4}: " + ", ".join(f"{n} {ms:.3f}" for n, ms in res.items()), flush=True)
-cuda._DECODE_UNROLL = 2
+cuda._DECODE_LAYOUT = "auto"
 
 
 def build_us(fn, n=2000) -> float:
