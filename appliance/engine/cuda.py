@@ -82,12 +82,12 @@ def unfused_attention(q: Any, k: Any, v: Any, scale: float, mask: Any) -> Any:
 # matmul, where, softmax and matmul, four launches and a score matrix per layer. This kernel does
 # it in one pass. One block per (row, KV head) serves all the query heads that share that KV head
 # (grouped-query attention), so each key and value is loaded once for all of them (or, where few
-# rows attend to many keys, one block per query head, for more blocks: _heads_per_block). A warp takes a
-# contiguous run of keys, 32 at a time: its lanes read those 32 mask entries together and a ballot
-# makes them a bit mask, so a group that is all padding costs no loads. Within a group the warp
-# works on 32 / (D / 8) keys at once, each by D / 8 lanes holding 8 elements (one 16-byte load
-# where the cache's rows allow it), with an online softmax per lane group and query head; the
-# partial results merge through shuffles within the warp and shared memory across warps.
+# rows attend to many keys, one block per query head, for more blocks: _heads_per_block). A warp
+# takes a contiguous run of keys, 32 at a time: its lanes read those 32 mask entries together and
+# a ballot makes them a bit mask, so a group that is all padding costs no loads. Within a group
+# the warp works on 32 / (D / 8) keys at once, each by D / 8 lanes holding 8 elements (one 16-byte
+# load where the cache's rows allow it), with an online softmax per lane group and query head;
+# the partial results merge through shuffles within the warp and shared memory across warps.
 # q, k and v are read through their strides, so the cache's views are not copied.
 _DECODE_HEADER = """
 #define APPLIANCE_NEG_INF __int_as_float(0xff800000)
@@ -335,7 +335,8 @@ def masked_decode_attention(q: Any, k: Any, v: Any, scale: float, mask: Any) -> 
     warps = _decode_warps(heads, d)
     return kernel(
         inputs=[q, k, v, mask, scale_array],
-        template=[("T", q.dtype), ("D", d), ("G", heads), ("WARPS", warps), ("UNROLL", _DECODE_UNROLL)],
+        template=[("T", q.dtype), ("D", d), ("G", heads), ("WARPS", warps),
+                  ("UNROLL", _DECODE_UNROLL)],
         grid=(32 * warps * (n_q // heads), b, 1),
         threadgroup=(32 * warps, 1, 1),
         output_shapes=[(b, n_q, 1, d)],
@@ -382,8 +383,9 @@ def _routed(q: Any, k: Any, v: Any, *args: Any, scale: float, mask: Any = None,
         if length == 1:
             if mask is not None and _state["decode_kernel"] and decode_kernel_fits(q, k, v, mask):
                 return masked_decode_attention(q, k, v, scale, mask)
-        elif length > 1 and q.shape[0] * q.shape[1] * length * k.shape[-2] <= _state["max_elements"]:
-            return unfused_attention(q, k, v, scale, mask)
+        elif length > 1:
+            if q.shape[0] * q.shape[1] * length * k.shape[-2] <= _state["max_elements"]:
+                return unfused_attention(q, k, v, scale, mask)
     return original(q, k, v, *args, scale=scale, mask=mask, sinks=sinks, **kwargs)
 
 
@@ -398,13 +400,14 @@ def probe_decode_kernel() -> Optional[str]:
 
     reason: Optional[str] = None
     try:
-        keys = mx.random.split(mx.random.key(0), 3)  # not the global seed: requests' sampling uses it
+        keys = mx.random.split(mx.random.key(0), 3)  # not the global seed, which sampling uses
         q = mx.random.normal((2, 8, 1, 64), key=keys[0]).astype(mx.bfloat16)
         k = mx.random.normal((2, 2, 40, 64), key=keys[1]).astype(mx.bfloat16)
         v = mx.random.normal((2, 2, 40, 64), key=keys[2]).astype(mx.bfloat16)
         mask = mx.expand_dims(mx.array([0, 33]), (1, 2, 3)) <= mx.arange(40)
+        f32 = [x.astype(mx.float32) for x in (q, k, v)]
         want = (_state["original"] or mx.fast.scaled_dot_product_attention)(
-            q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32), scale=0.125, mask=mask)
+            *f32, scale=0.125, mask=mask)
         got = masked_decode_attention(q, k, v, 0.125, mask).astype(mx.float32)
         off = float(cast(float, mx.max(mx.abs(got - want)).item()))
         if not off <= 2.0 ** -6:
