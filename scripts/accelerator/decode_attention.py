@@ -25,7 +25,7 @@ from appliance.engine import batching, cuda
 
 model, _ = load(sys.argv[1])
 steps = int(sys.argv[2]) if len(sys.argv) > 2 else 100
-assert cuda.install(0, decode_kernel=True), "not on CUDA"
+assert cuda.install(0, decode_kernel=True), cuda._decode.get("probe") or "not on CUDA"
 original = cuda._state["original"]
 
 

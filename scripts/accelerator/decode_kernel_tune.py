@@ -16,7 +16,7 @@ import mlx.core as mx
 
 from appliance.engine import cuda
 
-assert cuda.install(0, decode_kernel=True), "not on CUDA"
+assert cuda.install(0, decode_kernel=True), cuda._decode.get("probe") or "not on CUDA"
 original = cuda._state["original"]
 
 
