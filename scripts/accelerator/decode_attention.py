@@ -1,6 +1,7 @@
 """The masked decode attention kernel (appliance/engine/cuda.py) against MLX's own path, on CUDA.
 
-    python3 scripts/accelerator/decode_attention.py MODEL_DIR [STEPS]
+    PYTHONPATH=$PYTHONPATH:scripts/accelerator \
+        python3 scripts/accelerator/decode_attention.py MODEL_DIR [STEPS]
 
 1. Correctness: random bf16 inputs laid out as a batch's decode step has them (q a transposed
    view, k and v views into longer cache buffers, a left-padding mask), several head layouts,
@@ -13,13 +14,13 @@
    how many of the first tokens are the same (random weights make near-ties, so a few may flip).
 """
 
-import statistics
 import sys
 import time
 
 import mlx.core as mx
 from mlx_lm import load
 from mlx_lm.generate import BatchGenerator
+from steps import median_step_ms, per_call_ms
 
 from appliance.engine import batching, cuda
 
@@ -27,15 +28,6 @@ model, _ = load(sys.argv[1])
 steps = int(sys.argv[2]) if len(sys.argv) > 2 else 100
 assert cuda.install(0, decode_kernel=True), cuda._decode.get("probe") or "not on CUDA"
 original = cuda._state["original"]
-
-
-def per_call(fn, n=100) -> float:
-    for _ in range(10):
-        mx.eval(fn())
-    t = time.perf_counter()
-    for _ in range(n):
-        mx.eval(fn())
-    return 1000 * (time.perf_counter() - t) / n
 
 
 def inputs(b, hq, hkv, s, d, seed=0):
@@ -78,9 +70,9 @@ for b in (2, 8, 64):
     for s in (128, 512):
         q, k, v, mask = inputs(b, 32, 8, s, 64)
         res = [
-            per_call(lambda q=q, k=k, v=v, m=mask: original(q, k, v, scale=0.125, mask=m)),
-            per_call(lambda q=q, k=k, v=v, m=mask: cuda.masked_decode_attention(q, k, v, 0.125, m)),
-            per_call(lambda q=q, k=k, v=v: original(q, k, v, scale=0.125, mask=None)),
+            per_call_ms(lambda q=q, k=k, v=v, m=mask: original(q, k, v, scale=0.125, mask=m)),
+            per_call_ms(lambda q=q, k=k, v=v, m=mask: cuda.masked_decode_attention(q, k, v, 0.125, m)),
+            per_call_ms(lambda q=q, k=k, v=v: original(q, k, v, scale=0.125, mask=None)),
         ]
         print(f"  B={b:>2} S={s:>3}: MLX masked {res[0]:.3f}, kernel {res[1]:.3f}, MLX unmasked {res[2]:.3f}",
               flush=True)
@@ -88,19 +80,10 @@ for b in (2, 8, 64):
 
 def run(cls, b: int, kernel: bool) -> tuple[float, list[int]]:
     cuda._state["decode_kernel"] = kernel
-    g = cls(model, stop_tokens=[[10**9]], completion_batch_size=64, prefill_batch_size=64,
-            stream=mx.default_stream(mx.default_device()))
-    g.insert([list(range(1, 9 + 5 * (i % 7))) for i in range(b)], max_tokens=[steps + 100] * b)
     toks: list[int] = []
-    for _ in range(20):
-        toks += sorted((r.uid, r.token) for r in g.next()[1])
-    out = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        g.next()
-        out.append(1000 * (time.perf_counter() - t))
-    g.close()
-    return statistics.median(out), [tok for _, tok in toks]
+    prompts = [list(range(1, 9 + 5 * (i % 7))) for i in range(b)]
+    ms = median_step_ms(model, cls, b, steps, prompts=prompts, warm_tokens=toks)
+    return ms, toks
 
 
 print(f"decode step, padded rows, median ms over {steps} steps (kernel off / on):", flush=True)

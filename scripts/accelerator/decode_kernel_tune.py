@@ -1,6 +1,7 @@
 """The masked decode kernel (appliance/engine/cuda.py) against MLX's attention, on CUDA.
 
-    python3 scripts/accelerator/decode_kernel_tune.py
+    PYTHONPATH=$PYTHONPATH:scripts/accelerator \
+        python3 scripts/accelerator/decode_kernel_tune.py
 
 Llama 3.2 1B's heads (32 query, 8 KV, size 64), bf16, q a transposed view and k, v views into
 longer cache buffers, rows padded by 0-6 keys. Each figure is ms for 16 calls in a chain (each
@@ -13,20 +14,12 @@ batch with no padding runs). Then the microseconds of Python and graph building 
 import time
 
 import mlx.core as mx
+from steps import per_call_ms
 
 from appliance.engine import cuda
 
 assert cuda.install(0, decode_kernel=True), cuda._decode.get("probe") or "not on CUDA"
 original = cuda._state["original"]
-
-
-def timed(fn, n=50) -> float:
-    for _ in range(5):
-        mx.eval(fn())
-    t = time.perf_counter()
-    for _ in range(n):
-        mx.eval(fn())
-    return 1000 * (time.perf_counter() - t) / n
 
 
 def chain(step, q):
@@ -61,7 +54,8 @@ print("ms for 16 chained calls:", flush=True)
 for b in (1, 2, 4, 8, 16, 32, 64):
     for s in (128, 512, 2048):
         q, k, v, mask = inputs(b, s)
-        res = {n: timed(lambda f=f, q=q, k=k, v=v, m=mask: chain(lambda x: f(x, k, v, m), q))
+        res = {n: per_call_ms(lambda f=f, q=q, k=k, v=v, m=mask: chain(lambda x: f(x, k, v, m), q),
+                              n=50, warm=5)
                for n, f in VARIANTS.items()}
         print(f"  B={b:>2} S={s:>4}: " + ", ".join(f"{n} {ms:.3f}" for n, ms in res.items()), flush=True)
 cuda._DECODE_LAYOUT = "auto"

@@ -1,7 +1,8 @@
 """What the batched decode's attention mask and per-row positions cost (BENCHMARKS.md: on an H100
 one row decoded solo took 2.3 ms a step, two rows in mlx-lm's batched path 5-6 ms).
 
-    python3 scripts/accelerator/mask_cost.py MODEL_DIR [STEPS]
+    PYTHONPATH=$PYTHONPATH:scripts/accelerator \
+        python3 scripts/accelerator/mask_cost.py MODEL_DIR [STEPS]
 
 1. Attention alone, one query per row, the model's heads and head size, bf16, B rows x S keys:
    ms per call (each call evaluated) with no mask, the boolean mask mlx-lm's BatchKVCache makes,
@@ -12,32 +13,23 @@ one row decoded solo took 2.3 ms a step, two rows in mlx-lm's batched path 5-6 m
    - additive: the mask made additive once per step instead of once per layer inside attention
    - no mask: BatchKVCache.make_mask returns None (correct only because nothing is padded)
    - no mask, scalar position: as well, the cache's offset kept as a Python int after each update
-   The gap between "as is" and the last is what an unmasked batched decode could save.
+   The gap between "as is" and the last is what an unmasked batched decode could save. The tokens
+   compared are every row's in the 20 untimed steps before the timed ones.
 """
 
-import statistics
 import sys
-import time
 
 import mlx.core as mx
 from mlx_lm import load
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models import cache as C
+from steps import median_step_ms, per_call_ms
 
 model, _ = load(sys.argv[1])
 steps = int(sys.argv[2]) if len(sys.argv) > 2 else 100
 a0 = model.layers[0].self_attn
 HQ, HKV, D = a0.n_heads, a0.n_kv_heads, a0.head_dim
 dtype = a0.o_proj.weight.dtype
-
-
-def per_call(fn, n=100) -> float:
-    for _ in range(10):
-        mx.eval(fn())
-    t = time.perf_counter()
-    for _ in range(n):
-        mx.eval(fn())
-    return 1000 * (time.perf_counter() - t) / n
 
 
 print(f"attention alone ({HQ} query heads, {HKV} KV heads, head size {D}, {dtype}):", flush=True)
@@ -50,8 +42,8 @@ for b in (2, 8, 64):
         boolean = mx.expand_dims(pad, (1, 2, 3)) <= mx.arange(s)[None]
         additive = mx.where(boolean, mx.array(0, dtype), mx.array(-mx.inf, dtype))
         mx.eval(q, k, v, boolean, additive)
-        sdpa = mx.fast.scaled_dot_product_attention
-        res = [per_call(lambda m=m: sdpa(q, k, v, scale=D ** -0.5, mask=m)) for m in (None, boolean, additive)]
+        res = [per_call_ms(lambda m=m, q=q, k=k, v=v: mx.fast.scaled_dot_product_attention(
+            q, k, v, scale=D ** -0.5, mask=m)) for m in (None, boolean, additive)]
         print(f"  B={b:>2} S={s:>3}: no mask {res[0]:.3f} ms, boolean {res[1]:.3f}, additive {res[2]:.3f}",
               flush=True)
 
@@ -88,19 +80,8 @@ VARIANTS = {
 def step_ms(b: int, variant: str) -> tuple[float, list[int]]:
     C.BatchKVCache.make_mask, C.BatchKVCache.update_and_fetch = VARIANTS[variant]
     try:
-        g = BatchGenerator(model, stop_tokens=[[10**9]], completion_batch_size=64, prefill_batch_size=64,
-                           stream=mx.default_stream(mx.default_device()))
-        g.insert([[1, 2, 3, 4, 5, 6, 7, 8]] * b, max_tokens=[steps + 100] * b)
         toks: list[int] = []
-        for _ in range(20):
-            toks += [r.token for r in g.next()[1]][:1]
-        out = []
-        for _ in range(steps):
-            t = time.perf_counter()
-            toks += [r.token for r in g.next()[1]][:1]
-            out.append(1000 * (time.perf_counter() - t))
-        g.close()
-        return statistics.median(out), toks
+        return median_step_ms(model, BatchGenerator, b, steps, warm_tokens=toks), toks
     finally:
         C.BatchKVCache.make_mask, C.BatchKVCache.update_and_fetch = orig_mask, orig_update
 

@@ -1,4 +1,5 @@
-"""Shared by the accelerator scripts: the median decode step of a BatchGenerator class."""
+"""Shared by the accelerator scripts: the median decode step of a BatchGenerator class, and the
+mean time of an evaluated MLX call."""
 
 import statistics
 import time
@@ -9,15 +10,31 @@ import mlx.core as mx
 PROMPT = [1, 2, 3, 4, 5, 6, 7, 8]
 
 
+def per_call_ms(fn: Callable[[], Any], n: int = 100, warm: int = 10) -> float:
+    """Mean ms of `fn()` evaluated, over `n` calls after `warm` untimed ones."""
+    for _ in range(warm):
+        mx.eval(fn())
+    t = time.perf_counter()
+    for _ in range(n):
+        mx.eval(fn())
+    return 1000 * (time.perf_counter() - t) / n
+
+
 def median_step_ms(model: Any, cls: Any, batch: int, steps: int, warm: int = 20,
-                   check: Optional[Callable[[Any], None]] = None) -> float:
-    """`batch` same-length prompts in a fresh `cls`, `warm` untimed next() calls, `check(gen)`,
-    then the median of `steps` timed ones, in ms."""
+                   check: Optional[Callable[[Any], None]] = None,
+                   prompts: Optional[list[list[int]]] = None,
+                   warm_tokens: Optional[list[int]] = None) -> float:
+    """`batch` same-length prompts (or `prompts`) in a fresh `cls`, `warm` untimed next() calls
+    (their tokens, in uid order per call, appended to `warm_tokens`), `check(gen)`, then the median
+    of `steps` timed ones, in ms."""
     g = cls(model, stop_tokens=[[10**9]], completion_batch_size=64, prefill_batch_size=64,
             stream=mx.default_stream(mx.default_device()))
-    g.insert([PROMPT] * batch, max_tokens=[steps + 100] * batch)
+    prompts = prompts or [PROMPT] * batch
+    g.insert(prompts, max_tokens=[steps + 100] * len(prompts))
     for _ in range(warm):
-        g.next()
+        responses = g.next()[1]
+        if warm_tokens is not None:
+            warm_tokens += [tok for _, tok in sorted((r.uid, r.token) for r in responses)]
     if check is not None:
         check(g)
     out = []
