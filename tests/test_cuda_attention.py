@@ -109,6 +109,20 @@ def _reference(q: Any, k: Any, v: Any, scale: float, mask: Any) -> Any:
     return _UNFUSED(*f32, scale, mask).astype(q.dtype)
 
 
+def _kernel_stood_in_for(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """Pretend to be on CUDA with the kernel replaced by `_reference`; returns the list of the
+    query shapes it is called with."""
+    calls: list[tuple[int, ...]] = []
+
+    def stand_in(q: Any, k: Any, v: Any, scale: float, mask: Any) -> Any:
+        calls.append(tuple(q.shape))
+        return _reference(q, k, v, scale, mask)
+
+    monkeypatch.setattr(cuda, "masked_decode_attention", stand_in)
+    monkeypatch.setattr(memory, "on_cuda", lambda: True)
+    return calls
+
+
 def _padding_mask(pads: list[int], n_keys: int) -> Any:
     """The boolean mask mlx-lm's BatchKVCache gives a decode step: row b sees keys from pads[b] on."""
     return mx.expand_dims(mx.array(pads), (1, 2, 3)) <= mx.arange(n_keys)
@@ -140,14 +154,7 @@ def test_the_decode_kernel_takes_what_a_padded_batch_gives_it() -> None:
 
 
 def test_padded_decode_steps_go_to_the_kernel_and_the_rest_to_mlx(monkeypatch: pytest.MonkeyPatch) -> None:
-    kernel_calls: list[tuple[int, ...]] = []
-
-    def stand_in(q: Any, k: Any, v: Any, scale: float, mask: Any) -> Any:
-        kernel_calls.append(tuple(q.shape))
-        return _reference(q, k, v, scale, mask)
-
-    monkeypatch.setattr(cuda, "masked_decode_attention", stand_in)
-    monkeypatch.setattr(memory, "on_cuda", lambda: True)
+    kernel_calls = _kernel_stood_in_for(monkeypatch)
     fused = mx.fast.scaled_dot_product_attention
     assert not cuda.install(0, decode_kernel=False)  # both off: nothing to route
     assert cuda.install(0, decode_kernel=True)
@@ -189,14 +196,7 @@ def test_a_real_batch_of_padded_rows_decodes_through_the_kernel(
         return out
 
     want = tokens()
-    kernel_calls: list[tuple[int, ...]] = []
-
-    def stand_in(q: Any, k: Any, v: Any, scale: float, mask: Any) -> Any:
-        kernel_calls.append(tuple(q.shape))
-        return _reference(q, k, v, scale, mask)
-
-    monkeypatch.setattr(cuda, "masked_decode_attention", stand_in)
-    monkeypatch.setattr(memory, "on_cuda", lambda: True)
+    kernel_calls = _kernel_stood_in_for(monkeypatch)
     assert cuda.install(0, decode_kernel=True)
     kernel_calls.clear()  # install's check
     assert tokens() == want

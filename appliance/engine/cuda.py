@@ -289,12 +289,10 @@ _DECODE_LAYOUT = "auto"  # or "grouped" / "per-head" (see _heads_per_block), for
 _decode: dict[str, Any] = {"kernel": None, "scales": {}}
 
 
-def _decode_warps(group: int, d: int) -> int:
-    """Warps a block for `group` query heads per KV head of size `d` (0: too big for the kernel)."""
-    for warps in (8, 4):
-        if warps * group * d <= _DECODE_SHARED_FLOATS:
-            return warps
-    return 0
+def _decode_warps(heads: int, d: int) -> int:
+    """Warps a block serving `heads` query heads of size `d`: 8, or 4 where 8 warps' results would
+    not fit in shared memory (at most 8 heads of size 256 always fit in 4)."""
+    return 8 if 8 * heads * d <= _DECODE_SHARED_FLOATS else 4
 
 
 def _heads_per_block(batch: int, n_kv: int, group: int, n_keys: int) -> int:
@@ -368,7 +366,6 @@ def decode_kernel_fits(q: Any, k: Any, v: Any, mask: Any) -> bool:
         and n_kv > 0
         and n_q % n_kv == 0
         and n_q // n_kv <= _DECODE_MAX_GROUP
-        and _decode_warps(n_q // n_kv, d) > 0
         and q.dtype in (mx.bfloat16, mx.float16, mx.float32)
         and k.dtype == q.dtype
         and v.dtype == q.dtype
