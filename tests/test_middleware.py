@@ -138,6 +138,7 @@ def test_request_id_and_access_log(module_appliance: Any, http: httpx.Client) ->
     assert r.status_code == 200 and r.headers["X-Request-ID"] == "trace-abc-123"
     fresh = http.get(url + "/healthz").headers["X-Request-ID"]
     assert len(fresh) == 32 and int(fresh, 16) >= 0
+    assert http.get(url + "/healthz").headers["X-Request-ID"] != fresh
     bad = http.get(url + "/healthz", headers={"X-Request-ID": "x" * 200}).headers["X-Request-ID"]
     assert bad != "x" * 200  # over 128 characters: replaced
     lines = []

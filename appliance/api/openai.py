@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import replace
@@ -20,6 +19,7 @@ from ..engine.service import Engine
 from ..engine.text import TextStream
 from ..engine.types import Generation
 from ..errors import ApplianceError, BodyTooLarge, ClientGone, Forbidden, RequestTimeout
+from ..logs import new_id
 from .errors import body_of
 from .parsing import Common, check_vocab, decode_json, parse_chat, parse_completion
 
@@ -330,7 +330,7 @@ class ChatCompletions:
             None,
         )
         out = _Out(TextStream(tok, common.params.stop))
-        rid = "chatcmpl-" + uuid.uuid4().hex
+        rid = "chatcmpl-" + new_id()
         created = int(time.time())
         model = gen.model
         if not common.stream:
@@ -390,7 +390,7 @@ class Completions:
 
         gen, tok = await self.g.begin(req, common, prompt_of, p)
         out = _Out(TextStream(tok, common.params.stop))
-        rid = "cmpl-" + uuid.uuid4().hex
+        rid = "cmpl-" + new_id()
         created = int(time.time())
         model = gen.model
         echo = ""

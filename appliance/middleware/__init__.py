@@ -10,7 +10,6 @@ import hashlib
 import hmac
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -27,7 +26,7 @@ from ..errors import (
     Shedding,
     Unauthorized,
 )
-from ..logs import request_id
+from ..logs import new_id, request_id
 
 Reject = Callable[[str], None]
 Req = falcon.asgi.Request
@@ -68,7 +67,7 @@ class RequestId:
     async def process_request(self, req: Req, resp: Resp) -> None:
         rid = req.get_header("X-Request-ID")
         if not rid or len(rid) > 128 or not rid.isprintable():
-            rid = uuid.uuid4().hex
+            rid = new_id()
         req.context.request_id = rid
         request_id.set(rid)
 
