@@ -73,6 +73,10 @@ class ModelSpec:
     # the prompt batch, no forward pass of their own, one read of the padding per change)
     # instead of mlx-lm's BatchGenerator as is; same tokens. false: mlx-lm's own path.
     fast_joins: bool = True
+    # q/k/v and gate/up projections fused into one matmul each after the load (engine/fusion.py):
+    # fewer kernel launches a step, each output the same dot product. Not for a model split
+    # across ranks.
+    fuse_projections: bool = True
     # The model in an engine process of its own, beside the server: a hard crash of MLX there
     # (an abort, a segfault, an out-of-memory kill) ends only that process, and the model is
     # reloaded like a dead generation thread. Same speed as the thread on an H100 at 32 and 64

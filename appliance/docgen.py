@@ -65,6 +65,10 @@ DESCRIPTIONS = {
         "Join and leave the running batch without mlx-lm's copies and extra forward pass, and decode a lone "
         "request without the batch's mask (false: mlx-lm's own path)."
     ),
+    f"models.catalog.{NAME}.fuse_projections": (
+        "Fuse the q/k/v and the gate/up projections into one matmul each after loading: fewer kernels a "
+        "decode step (a model split across ranks is not fused)."
+    ),
     f"models.catalog.{NAME}.engine_process": (
         "Run the model in a process of its own: an MLX crash there ends only it; the model reloads."
     ),

@@ -70,7 +70,7 @@ def _make_processors(p: SamplingParams) -> list[Any]:
 
 
 def batching(spec: Any) -> dict[str, Any]:
-    """A catalog entry's batching settings as ModelWorker takes them."""
+    """A catalog entry's batching settings (and projection fusion) as ModelWorker takes them."""
     return {
         "prefill_step_size": spec.prefill_step_size,
         "completion_batch_size": spec.completion_batch_size,
@@ -78,6 +78,7 @@ def batching(spec: Any) -> dict[str, Any]:
         "max_kv_size": spec.max_kv_size,
         "join_window_s": spec.join_window_s,
         "fast_joins": spec.fast_joins,
+        "fuse_projections": spec.fuse_projections,
     }
 
 
@@ -122,6 +123,7 @@ class ModelWorker(WorkerThread):
         prompt_cache_min_tokens: Optional[int] = 0,
         join_window_s: float = 0.0,
         fast_joins: bool = False,
+        fuse_projections: bool = False,
         unfused_attention_elements: int = 0,
         decode_kernel: bool = False,
         on_death: Optional[Callable[[str, BaseException], None]] = None,
@@ -139,6 +141,7 @@ class ModelWorker(WorkerThread):
         self._prompt_cache_min_tokens = prompt_cache_min_tokens  # None: by backend, at load
         self._join_window_s = join_window_s
         self._fast_joins = fast_joins  # see batching.py
+        self._fuse_projections = fuse_projections  # see fusion.py
         self._unfused_attention_elements = unfused_attention_elements  # CUDA only, see cuda.py
         self._decode_kernel = decode_kernel  # CUDA only, see cuda.py
         self._on_death = on_death
@@ -378,8 +381,10 @@ class ModelWorker(WorkerThread):
         from mlx_lm.models.cache import LRUPromptCache
 
         from . import batching as fast
+        from . import fusion
 
         self.model, self.tokenizer = self._loader()
+        fused = self._fuse()
         if cuda.install(self._unfused_attention_elements, self._decode_kernel):
             log.info(
                 "model %s: prefill attention %s; masked decode attention %s",
@@ -410,7 +415,30 @@ class ModelWorker(WorkerThread):
             stream=mx.default_stream(mx.default_device()),
         )
         self._warm_up(gen)
+        if fused and (slow := fusion.fallback_calls(self.model)):
+            log.warning("model %s: %d calls of fused projections in warm-up computed their own slice "
+                        "(the model calls them in another order or on other inputs); "
+                        "fuse_projections: false may be faster", self.name, slow)
         return gen
+
+    def _fuse(self) -> int:
+        """Fuse the loaded model's q/k/v and gate/up projections (fusion.py), unless switched off
+        or the model is split across ranks (its projections are sharded layers then)."""
+        if not self._fuse_projections:
+            return 0
+        if self._link is not None:
+            log.info("model %s: projections not fused (the model is split across ranks)", self.name)
+            return 0
+        from . import fusion
+
+        t0 = time.perf_counter()
+        n = fusion.fuse_projections(self.model)
+        if n:
+            log.info("model %s: fused q/k/v and gate/up projections in %d groups in %.2f s",
+                     self.name, n, time.perf_counter() - t0)
+        else:
+            log.info("model %s: no q/k/v or gate/up projections that fusion takes", self.name)
+        return n
 
     def _warm_up(self, gen: Any) -> None:
         """Short generations before the model counts as loaded, so that MLX compiles its kernels

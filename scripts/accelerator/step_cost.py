@@ -8,7 +8,8 @@ step: wall ms, ms building the graph in Python, ms in mx.async_eval (launching i
 calling thread. Variants:
 
 - plain:    mlx-lm's model and KVCache, as generate_step runs it
-- fused:    the same with q/k/v and gate/up projections fused into one matmul each
+- fused:    the same with q/k/v and gate/up projections fused into one matmul each, as the
+            appliance loads a model (appliance/engine/fusion.py)
 - compiled: one mx.compile'd step over a fixed-size KV buffer (position as an array input, the
             attention masked past it), so the graph is traced once and replayed
 - batchgen: mlx-lm's BatchGenerator at batch 1 and 64 (the bench's ceiling), stock and fused
@@ -22,55 +23,14 @@ import sys
 import time
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx_lm import load
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.models.llama import Attention, MLP, swiglu
+
+from appliance.engine import batching
+from appliance.engine.fusion import fuse_projections
 
 PROMPT = [1, 2, 3, 4, 5, 6, 7, 8]
-
-
-class FusedAttention(Attention):
-    def __call__(self, x, mask=None, cache=None):
-        B, L, _ = x.shape
-        hd = self.head_dim
-        q, k, v = mx.split(self.qkv_proj(x), [self.n_heads * hd, (self.n_heads + self.n_kv_heads) * hd], axis=-1)
-        q = q.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
-        k = k.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        q = self.rope(q, offset=cache.offset)
-        k = self.rope(k, offset=cache.offset)
-        k, v = cache.update_and_fetch(k, v)
-        o = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
-        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
-
-
-class FusedMLP(MLP):
-    def __call__(self, x):
-        g, u = mx.split(self.gate_up_proj(x), 2, axis=-1)
-        return self.down_proj(swiglu(g, u))
-
-
-def fuse(model):
-    for layer in model.layers:
-        a, m = layer.self_attn, layer.mlp
-        w = mx.concatenate([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], axis=0)
-        a.qkv_proj = nn.Linear(w.shape[1], w.shape[0], bias=False)
-        a.qkv_proj.weight = w
-        a.__class__ = FusedAttention
-        w = mx.concatenate([m.gate_proj.weight, m.up_proj.weight], axis=0)
-        m.gate_up_proj = nn.Linear(w.shape[1], w.shape[0], bias=False)
-        m.gate_up_proj.weight = w
-        m.__class__ = FusedMLP
-    mx.eval(model.parameters())
-
-
-def unfuse(model):
-    for layer in model.layers:
-        layer.self_attn.__class__ = Attention
-        layer.mlp.__class__ = MLP
 
 
 def stats(name, walls, builds, calls, cpus):
@@ -105,11 +65,11 @@ def pipelined(name, step, first, n):
     return toks
 
 
-def plain(model, n):
+def plain(model, n, name="plain"):
     cache = make_prompt_cache(model)
     y = mx.argmax(model(mx.array([PROMPT]), cache=cache)[:, -1, :], axis=-1)
     mx.eval(y)
-    return pipelined("plain" if not isinstance(model.layers[0].mlp, FusedMLP) else "fused", lambda y: mx.argmax(model(y[:, None], cache=cache)[:, -1, :], axis=-1), y, n)
+    return pipelined(name, lambda y: mx.argmax(model(y[:, None], cache=cache)[:, -1, :], axis=-1), y, n)
 
 
 def compiled(model, n, size=1024):
@@ -186,12 +146,10 @@ if __name__ == "__main__":
     print(f"compiled tokens equal to plain's: {same} of {len(ref)}", flush=True)
     batchgen(model, "batchgen", 1, n)
     batchgen(model, "batchgen", 64, n)
-    from appliance.engine import batching
-
     batchgen(model, "appliance", 1, n, batching.BatchGenerator)
     batchgen(model, "appliance", 64, n, batching.BatchGenerator)
-    fuse(model)
-    fz = plain(model, n)
+    fuse_projections(model)  # appliance/engine/fusion.py, as the appliance loads a model
+    fz = plain(model, n, "fused")
     print(f"fused tokens equal to plain's: {sum(a == b for a, b in zip(ref, fz))} of {len(ref)}", flush=True)
     batchgen(model, "batchgen fused", 1, n)
     batchgen(model, "batchgen fused", 64, n)
