@@ -292,10 +292,19 @@ class Plan:
     mlx_server_args: list[str] = field(default_factory=list)
     clients_per_process: int = 16
     second_ceiling: bool = True
+    # A run sends at least this many requests: at low concurrency each client sends more than
+    # requests_per_client (on one H200 a run of 3 requests, 1.4 s, gave 1.50x mlx_lm.server and
+    # runs of 6 minutes later 1.98x and 2.05x).
+    min_requests: int = 8
 
     @property
     def cmax(self) -> int:
         return max(self.concurrency)
+
+    def per_client(self, c: int) -> int:
+        """Requests each of c clients sends in a run: requests_per_client, or more so that the
+        run sends at least min_requests."""
+        return max(self.requests_per_client, -(-self.min_requests // c))
 
 
 def appliance_argv(plan: Plan, port: int, *, max_running: Optional[int] = None,
@@ -703,13 +712,14 @@ async def closed_loop(base_url: str, c: int, plan: Plan, probe_paths: Sequence[s
                       probe_failures: Optional[dict[str, int]] = None,
                       counter: Optional[TokenCounter] = None,
                       server: Optional[Proc] = None) -> dict[str, Any]:
-    """c clients, each sending requests_per_client streaming requests back to back.
+    """c clients, each sending plan.per_client(c) streaming requests back to back.
 
     More than plan.clients_per_process clients are spread over that many client processes
     (CLIENT_POOL), started together; client_cpu_fraction is then the busiest one's. With
     `server`, also the CPU seconds that server's process used during the run: a figure that
     contention from other work on the machine distorts far less than tokens/s.
     """
+    plan = replace(plan, requests_per_client=plan.per_client(c), min_requests=0)
     seq0 = _seq_block(c * plan.requests_per_client)
     nproc = -(-c // max(1, plan.clients_per_process))
     pool = CLIENT_POOL.get(nproc) if nproc > 1 else None
@@ -788,7 +798,7 @@ async def warm_up(base_url: str, plan: Plan) -> None:
         first = await stream_chat(client, _chat_body(PROMPTS[0], 8))
         if not first.ok:
             raise RuntimeError(f"warm-up request to {base_url} failed: {first.error}")
-    once = replace(plan, requests_per_client=1)
+    once = replace(plan, requests_per_client=1, min_requests=0)
     for c in plan.concurrency:
         r = await closed_loop(base_url, c, once)
         if r["errors"]:
@@ -1042,7 +1052,8 @@ def tables(res: dict[str, Any]) -> str:
     got = [x for x in loads if isinstance(x, (int, float))]
     lines = [
         f"Model: {plan['model_label']} ({plan['model_path']}); {plan['max_tokens']} tokens per "
-        f"request, greedy; {plan['requests_per_client']} requests per client per run; "
+        f"request, greedy; {plan['requests_per_client']} requests per client per run "
+        f"(at least {plan.get('min_requests', 0)} a run: more per client at low concurrency); "
         f"device {res['ceiling']['device']}.",
         f"Machine: {mach['cpu']}, {mach['cores']} cores, {mach['ram_bytes'] / 2**30:.0f} GiB, "
         f"{mach['os']}; MLX {mach['versions'].get('mlx', '?')}, mlx-lm "
@@ -1419,6 +1430,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, help="tokens per request (default 64; 128 for llama-1b)")
     p.add_argument("--requests-per-client", type=int, default=8,
                    help="requests each closed-loop client sends per run (default 8)")
+    p.add_argument("--min-requests", type=int, default=8,
+                   help="requests a run sends at least: at low concurrency each client sends more "
+                        "than --requests-per-client (default 8; 0 turns it off)")
     p.add_argument("--repeat", type=int, default=3, help="repetitions; best of (default 3)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for JSON and PNG")
     p.add_argument("--skip-costs", action="store_true", help="only throughput and latency")
@@ -1460,10 +1474,10 @@ def plan_from(args: argparse.Namespace) -> Plan:
         path = ensure_demo_model(shape=args.shape, progress=say)
         label = f"demo model ({args.shape})"
     max_tokens = args.max_tokens or (128 if args.shape == "llama-1b" and args.model_path is None else 64)
-    rpc, repeat = args.requests_per_client, args.repeat
+    rpc, repeat, min_requests = args.requests_per_client, args.repeat, args.min_requests
     metrics_n, busy_n, colds = args.metrics_requests, args.busy_requests, args.cold_starts
     if args.quick:
-        rpc, repeat = min(rpc, 2), 1
+        rpc, repeat, min_requests = min(rpc, 2), 1, min(min_requests, 2)
         metrics_n, busy_n, colds = min(metrics_n, 500), min(busy_n, 50), 1
     for name, v in (("--max-tokens", max_tokens), ("--requests-per-client", rpc),
                     ("--repeat", repeat), ("--metrics-requests", metrics_n),
@@ -1471,6 +1485,8 @@ def plan_from(args: argparse.Namespace) -> Plan:
                     ("--clients-per-process", args.clients_per_process)):
         if v < 1:
             raise SystemExit(f"{name} must be >= 1")
+    if min_requests < 0:
+        raise SystemExit("--min-requests must be >= 0")
     return Plan(
         model_path=path, model_label=label, concurrency=args.concurrency, max_tokens=max_tokens,
         requests_per_client=rpc, repeat=repeat, out=args.out, costs=not args.skip_costs,
@@ -1478,7 +1494,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
         cold_starts=colds, targets=args.targets, timeout_s=args.timeout,
         probe_interval_s=args.probe_interval, appliance_args=list(args.appliance_arg),
         mlx_server_args=list(args.mlx_server_arg), clients_per_process=args.clients_per_process,
-        second_ceiling=not args.one_ceiling,
+        second_ceiling=not args.one_ceiling, min_requests=min_requests,
     )
 
 
