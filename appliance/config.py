@@ -74,8 +74,8 @@ class ModelSpec:
     # instead of mlx-lm's BatchGenerator as is; same tokens. false: mlx-lm's own path.
     fast_joins: bool = True
     # q/k/v and gate/up projections fused into one matmul each after the load (engine/fusion.py):
-    # fewer kernel launches a step, each output the same dot product. Not for a model split
-    # across ranks.
+    # fewer kernel launches a step; the same tokens (on the CPU bit-identical logits). Not for
+    # a model split across ranks.
     fuse_projections: bool = True
     # The model in an engine process of its own, beside the server: a hard crash of MLX there
     # (an abort, a segfault, an out-of-memory kill) ends only that process, and the model is

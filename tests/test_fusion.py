@@ -1,7 +1,8 @@
 """appliance.engine.fusion on the real demo model: the fused model decodes the same tokens with the
-same logits as mlx-lm's model, lists each weight once, frees the separate ones, takes the fast
-path in mlx-lm's forward, and computes the right slice whatever order the projections are called
-in; quantized too. The worker fuses unless `fuse_projections: false`."""
+same logits as mlx-lm's model, lists each weight once, frees the separate ones, runs each fused
+matmul once a layer in mlx-lm's forward (and in other orders), and gives the right projections
+whatever order and inputs they are called with; quantized too. The worker fuses unless
+`fuse_projections: false`, and puts back groups whose parts a model leaves unused."""
 
 from __future__ import annotations
 
@@ -93,9 +94,9 @@ def test_the_fused_model_decodes_the_same_tokens_and_logits(plain: Any, fused: A
 def test_the_fused_projections_take_the_fast_path_and_keep_nothing(fused: Any, prompt: list[int]) -> None:
     parts = _parts(fused)
     assert len(parts) == 3 * len(fused.layers)  # k, v and up of each layer
-    before = fusion.fallback_calls(fused)
+    assert fusion.wasted_parts(fused) == 0
     _decode(fused, prompt)
-    assert fusion.fallback_calls(fused) == before == 0
+    assert fusion.wasted_parts(fused) == 0
     for p in parts:  # every kept part was taken, and the input dropped with the last one
         assert p._shared.x is None and p._shared.parts == []
 
@@ -154,9 +155,7 @@ def _blocks(make: Any, quantize: dict[str, Any] | None) -> tuple[_Block, _Block]
 
 @pytest.mark.parametrize("quantize", [None, {"group_size": 32, "bits": 4}, {"mode": "mxfp4", "group_size": 32, "bits": 4}],
                          ids=["linear", "affine-4bit", "mxfp4"])
-def test_a_projection_called_out_of_order_or_on_another_input_computes_its_own_slice(
-    quantize: dict[str, Any] | None,
-) -> None:
+def test_projections_are_right_in_any_order_and_on_any_input(quantize: dict[str, Any] | None) -> None:
     mx.random.seed(3)
     ref, fused = _blocks(lambda i, o: nn.Linear(i, o, bias=True), quantize)
     x, y = mx.random.normal((2, 3, 64)), mx.random.normal((2, 3, 64))
@@ -166,26 +165,31 @@ def test_a_projection_called_out_of_order_or_on_another_input_computes_its_own_s
         assert got.shape == want.shape
         assert mx.allclose(got, want, rtol=0, atol=1e-5).item(), name
 
-    parts = {n: getattr(fused, n) for n in ("k_proj", "v_proj", "up_proj")}
-    # the order mlx-lm calls them in: the fast path
-    same("q_proj", fused.q_proj(x), x)
-    same("k_proj", fused.k_proj(x), x)
-    same("v_proj", fused.v_proj(x), x)
-    same("gate_proj", fused.gate_proj(x), x)
-    same("up_proj", fused.up_proj(x), x)
-    assert all(p.fallbacks == 0 for p in parts.values())
-    # a later projection first, twice on the same input, on another input than the head's
-    same("v_proj", fused.v_proj(x), x)
-    same("k_proj", fused.k_proj(y), y)
-    same("q_proj", fused.q_proj(x), x)
-    same("k_proj", fused.k_proj(y), y)  # the head's input was x
-    same("v_proj", fused.v_proj(x), x)  # dropped with the mismatch: computed again, still right
+    attn, mlp = fused.q_proj._shared, fused.gate_proj._shared
+    # the order mlx-lm calls them in, then another order on one input: one run a group each
+    for names in (("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"),
+                  ("v_proj", "q_proj", "k_proj", "up_proj", "gate_proj")):
+        for n in names:
+            same(n, getattr(fused, n)(x), x)
+        assert fusion.wasted_parts(fused) == 0 and attn.x is None and mlp.x is None
+    # other inputs: each call whose kept part is for another array runs the fused layer again
+    same("v_proj", fused.v_proj(x), x)  # keeps q, k of x
+    same("k_proj", fused.k_proj(y), y)  # q, k of x wasted; keeps q, v of y
+    same("q_proj", fused.q_proj(x), x)  # q, v of y wasted; keeps k, v of x
+    same("k_proj", fused.k_proj(x), x)  # taken
+    same("k_proj", fused.k_proj(x), x)  # taken already: again (v of x wasted); keeps q, v
+    assert attn.waste == 5 and sum(p is not None for p in attn.parts) == 2
     same("up_proj", fused.up_proj(y), y)
-    same("gate_proj", fused.gate_proj(y), y)
-    same("up_proj", fused.up_proj(y), y)  # the fast path again
-    same("up_proj", fused.up_proj(y), y)  # taken already: its own slice
-    assert [parts[n].fallbacks for n in ("k_proj", "v_proj", "up_proj")] == [2, 2, 2]
-    assert fusion.fallback_calls(fused) == 6
+    same("up_proj", fused.up_proj(y), y)  # gate of y wasted
+    same("gate_proj", fused.gate_proj(y), y)  # taken: nothing kept
+    assert mlp.waste == 1 and mlp.x is None
+    assert fusion.wasted_parts(fused) == 5 + 2 + 1
+    # put back as separate layers (views of the fused arrays), both groups, still right
+    assert fusion.unfuse_wasteful(fused) == 2
+    for n in SEPARATE:
+        assert type(fused[n]) is type(ref[n]), n
+        same(n, fused[n](y), y)
+    assert fusion.wasted_parts(fused) == 0
 
 
 def test_layers_that_differ_are_left_alone() -> None:
@@ -234,7 +238,7 @@ def test_a_quantized_model_fuses_and_decodes_the_same(demo_model_dir: Path, prom
     assert _param_bytes(fused_q) == nbytes
     assert any(k.endswith("q_proj.fused.scales") for k, _ in tree_flatten(fused_q.parameters()))
     _assert_same_decode(_decode(plain_q, prompt), _decode(fused_q, prompt))
-    assert fusion.fallback_calls(fused_q) == 0
+    assert fusion.wasted_parts(fused_q) == 0
 
 
 @pytest.fixture
@@ -243,10 +247,11 @@ def engine_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFi
     yield caplog
 
 
-def _worker_model(demo_model_dir: Path, fuse: bool, up_first: bool = False) -> tuple[type, int]:
+def _worker_model(demo_model_dir: Path, fuse: bool, mlp: str = "llama") -> tuple[type, type, int]:
     """Load the demo model through a real ModelWorker (load, fusion, warm-up through the
-    appliance's batching); the first layer's q_proj kind and the fallback calls of warm-up.
-    `up_first`: its MLPs call up_proj before gate_proj, as some architectures might."""
+    appliance's batching); the first layer's q_proj and gate_proj kinds and the parts wasted.
+    `mlp`: "up_first" calls up_proj before gate_proj (as some architectures do); "gate_only"
+    leaves up_proj unused (as gemma3n's KV-sharing layers leave k/v)."""
     from mlx_lm import load
     from mlx_lm.models.llama import MLP
 
@@ -258,19 +263,25 @@ def _worker_model(demo_model_dir: Path, fuse: bool, up_first: bool = False) -> t
             up = self.up_proj(x)
             return self.down_proj(nn.silu(self.gate_proj(x)) * up)
 
+    class GateOnly(MLP):
+        def __call__(self, x: mx.array) -> mx.array:
+            return self.down_proj(nn.silu(self.gate_proj(x)))
+
     def loader() -> tuple[Any, Any]:
         model, tokenizer = load(str(demo_model_dir))[:2]
-        if up_first:
+        kind = {"llama": None, "up_first": UpFirst, "gate_only": GateOnly}[mlp]
+        if kind is not None:
             for layer in model.layers:
-                layer.mlp.__class__ = UpFirst
+                layer.mlp.__class__ = kind
         return model, tokenizer
 
-    async def go() -> tuple[type, int]:
+    async def go() -> tuple[type, type, int]:
         w = ModelWorker("demo", "builtin:demo", loader=loader, loop=asyncio.get_running_loop(),
                         prompt_cache_bytes=0, **batching(ModelSpec(fuse_projections=fuse)))
         await w.start()
         try:
-            return type(w.model.layers[0].self_attn.q_proj), fusion.fallback_calls(w.model)
+            layer = w.model.layers[0]
+            return type(layer.self_attn.q_proj), type(layer.mlp.gate_proj), fusion.wasted_parts(w.model)
         finally:
             w.stop()
             await asyncio.to_thread(w.join, 10.0)
@@ -279,21 +290,26 @@ def _worker_model(demo_model_dir: Path, fuse: bool, up_first: bool = False) -> t
 
 
 def test_the_worker_fuses_by_default_and_not_when_told(demo_model_dir: Path, engine_log: Any) -> None:
-    assert _worker_model(demo_model_dir, True) == (fusion.FusedHead, 0)  # warm-up: the fast path
+    head = fusion.FusedHead
+    assert _worker_model(demo_model_dir, True) == (head, head, 0)  # warm-up: nothing wasted
     assert "model demo: fused q/k/v and gate/up projections in 8 groups" in engine_log.text
-    assert "computed their own slice" not in engine_log.text
+    assert "put back" not in engine_log.text
     engine_log.clear()
-    assert _worker_model(demo_model_dir, False) == (nn.Linear, 0)
+    assert _worker_model(demo_model_dir, False) == (nn.Linear, nn.Linear, 0)
     assert "fused q/k/v" not in engine_log.text
     assert "model demo: warmed up" in engine_log.text
 
 
-def test_the_worker_warns_of_a_model_that_calls_its_projections_in_another_order(
+def test_the_worker_keeps_fused_a_model_with_another_order_and_puts_back_unused_parts(
     demo_model_dir: Path, engine_log: Any,
 ) -> None:
-    kind, slow = _worker_model(demo_model_dir, True, up_first=True)
-    assert kind is fusion.FusedHead and slow > 0
-    assert f"model demo: {slow} calls of fused projections in warm-up computed their own slice" in engine_log.text
+    head = fusion.FusedHead
+    assert _worker_model(demo_model_dir, True, mlp="up_first") == (head, head, 0)
+    assert "put back" not in engine_log.text
+    engine_log.clear()
+    # up_proj never used: the MLP groups go back to separate layers, attention stays fused
+    assert _worker_model(demo_model_dir, True, mlp="gate_only") == (head, nn.Linear, 0)
+    assert "model demo: 4 of 8 fused groups put back as separate layers" in engine_log.text
 
 
 def test_the_option_reaches_the_server(appliance_factory: Any) -> None:

@@ -1,12 +1,16 @@
 """Fuse a loaded model's q/k/v projections, and its gate/up projections, into one matmul each.
 
 One stream's decode step on a GPU is host-bound (MLX launching a few hundred kernels a step), and
-fewer, wider matmuls cut it (BENCHMARKS.md, `scripts/accelerator/step_cost.py`). This works on any
-architecture without rewriting its forward: the projections are replaced by stand-ins that share
-one fused layer. The first projection's stand-in runs it and splits the output, keeping the other
-parts with the input array; the others' stand-ins return their part when called with that very
-array (mlx-lm's models call q, k, v, or gate, up, on the same `x`), and otherwise compute their
-own slice of the fused weights, so the result is right in any order.
+fewer, wider matmuls cut it (BENCHMARKS.md, `scripts/accelerator/step_cost.py`). This works
+without rewriting a model's forward: the projections are replaced by stand-ins that share one fused
+layer. Whichever stand-in is called first with an input array runs the fused layer on it, returns
+its own part and keeps the others; a stand-in called with that very array (mlx-lm's models call q,
+k, v, or gate, up, on the same `x`) takes its kept part; any other call runs the fused layer again.
+The result is right whatever order and inputs a model uses (one that changed `x` in place between
+two projections would get a stale part: no mlx-lm model does). A model that does not use every
+projection of a group on one input (gemma3n's layers that share another's KV cache call q_proj
+alone) wastes parts: `wasted_parts` counts them, and `unfuse_wasteful`, which the worker calls
+after its warm-up, puts such groups back as separate layers.
 
 Only plain `nn.Linear` and `nn.QuantizedLinear` layers of one shape of input, dtype, bias and
 quantization are fused; anything else (sharded layers of a distributed model, LoRA, ...) is left
@@ -23,7 +27,7 @@ from typing import Any, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-__all__ = ["GROUPS", "FusedHead", "FusedPart", "fallback_calls", "fuse_projections"]
+__all__ = ["GROUPS", "FusedHead", "FusedPart", "fuse_projections", "unfuse_wasteful", "wasted_parts"]
 
 # The projections fused together, each tuple in the order of the fused layer's output.
 GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -36,22 +40,45 @@ class _Shared:
     """What a group's stand-ins share: a plain object, so nn.Module does not take it for a child
     (and its arrays are not listed twice among the model's parameters)."""
 
-    __slots__ = ("head", "bounds", "x", "parts")
+    __slots__ = ("head", "bounds", "x", "parts", "waste")
 
     def __init__(self, bounds: list[tuple[int, int]]) -> None:
         self.head: Any = None  # weakref to the FusedHead: no cycle keeps the weights alive
         self.bounds = bounds  # output columns of each projection in the fused layer
-        self.x: Optional[mx.array] = None  # the input of the head's last call ...
-        self.parts: list[Optional[mx.array]] = []  # ... and the parts of it not taken yet
+        self.x: Optional[mx.array] = None  # the input of the last run ...
+        self.parts: list[Optional[mx.array]] = []  # ... and its parts not taken yet
+        self.waste = 0  # parts computed and never taken (see wasted_parts)
 
     def drop(self) -> None:
         self.x = None
         self.parts = []
 
+    def run(self, x: mx.array, i: int) -> mx.array:
+        """Projection i of x: the part kept from the last run if that run was on this very array
+        and the part is not taken yet, else a new run of the fused layer (whose other parts are
+        kept for the other stand-ins)."""
+        kept = self.parts[i] if self.x is x else None
+        if kept is not None:
+            self.parts[i] = None
+            if all(p is None for p in self.parts):
+                self.drop()  # no activations held between calls
+            return kept
+        self.waste += sum(p is not None for p in self.parts)
+        head = self.head()
+        if head is None:
+            raise RuntimeError("the fused projection's first stand-in is gone from the model")
+        parts: list[Optional[mx.array]] = list(
+            mx.split(head.fused(x), [b for _, b in self.bounds[:-1]], axis=-1)
+        )
+        y = parts[i]
+        parts[i] = None
+        self.x, self.parts = x, parts
+        assert y is not None
+        return y
+
 
 class FusedHead(nn.Module):
-    """Stand-in for a group's first projection: owns the fused layer (`fused`), runs it, returns
-    its own part and keeps the others for the group's other stand-ins."""
+    """Stand-in for a group's first projection: owns the fused layer (`fused`)."""
 
     def __init__(self, fused: nn.Module, shared: _Shared) -> None:
         super().__init__()
@@ -60,68 +87,39 @@ class FusedHead(nn.Module):
         shared.head = weakref.ref(self)
 
     def __call__(self, x: mx.array) -> mx.array:
-        s = self._shared
-        parts = mx.split(self.fused(x), [b for _, b in s.bounds[:-1]], axis=-1)
-        s.x, s.parts = x, list(parts[1:])
-        return parts[0]
+        return self._shared.run(x, 0)
 
     def _extra_repr(self) -> str:
         return f"fused of {len(self._shared.bounds)}, outputs {[b - a for a, b in self._shared.bounds]}"
 
 
 class FusedPart(nn.Module):
-    """Stand-in for a later projection of a group: the head's kept part when called with the head's
-    input, else its own slice of the fused weights (`fallbacks` counts those calls)."""
+    """Stand-in for a later projection of a group (it reaches the fused layer through the head)."""
 
     def __init__(self, shared: _Shared, index: int) -> None:
         super().__init__()
         self._shared = shared
         self._index = index
-        self.fallbacks = 0
 
     def __call__(self, x: mx.array) -> mx.array:
-        s = self._shared
-        i = self._index - 1
-        y = s.parts[i] if s.x is x else None
-        if y is not None:
-            s.parts[i] = None
-            if not any(p is not None for p in s.parts):
-                s.drop()  # no activations held between calls
-            return y
-        self.fallbacks += 1
-        if s.x is not None and s.x is not x:
-            s.drop()  # another input: rather than hold what was kept, compute it again if asked
-        head = s.head()
-        if head is None:
-            raise RuntimeError("the fused projection's first stand-in is gone from the model")
-        a, b = s.bounds[self._index]
-        return _rows(head.fused, a, b, x)
+        return self._shared.run(x, self._index)
 
     def _extra_repr(self) -> str:
         a, b = self._shared.bounds[self._index]
         return f"part {self._index} of a fused projection, outputs {b - a}"
 
 
-def _rows(layer: nn.Module, a: int, b: int, x: mx.array) -> mx.array:
-    """Output features a:b of `layer` (a Linear or QuantizedLinear) on x, as the layer computes
-    them, from views of its arrays."""
-    if isinstance(layer, nn.QuantizedLinear):
-        biases = layer.get("biases")
-        y = mx.quantized_matmul(
-            x,
-            layer["weight"][a:b],
-            scales=layer["scales"][a:b],
-            biases=None if biases is None else biases[a:b],
-            transpose=True,
-            group_size=layer.group_size,
-            bits=layer.bits,
-            mode=layer.mode,
-        )
-        return y + layer["bias"][a:b] if "bias" in layer else y
-    w = layer["weight"][a:b]
-    if "bias" in layer:
-        return mx.addmm(layer["bias"][a:b], x, w.T)
-    return x @ w.T
+def _make(like: nn.Module, arrays: dict[str, mx.array]) -> nn.Module:
+    """A layer of `like`'s kind (Linear or QuantizedLinear, same quantization) holding `arrays`."""
+    layer: nn.Module
+    if type(like) is nn.QuantizedLinear:  # a stub of one output whose arrays are replaced
+        in_dims = like["weight"].shape[1] * 32 // like.bits
+        layer = nn.QuantizedLinear(in_dims, 1, "bias" in arrays, like.group_size, like.bits, mode=like.mode)
+    else:
+        layer = nn.Linear(1, 1, bias="bias" in arrays)
+    for k, v in arrays.items():
+        setattr(layer, k, v)
+    return layer
 
 
 def _fusable(layers: list[Any]) -> bool:
@@ -153,15 +151,7 @@ def _fuse(layers: list[Any]) -> tuple[nn.Module, list[tuple[int, int]]]:
     for n in rows:
         bounds.append((at, at + n))
         at += n
-    fused: nn.Module
-    if type(first) is nn.QuantizedLinear:  # a stub of one output whose arrays are replaced
-        in_dims = first["weight"].shape[1] * 32 // first.bits
-        fused = nn.QuantizedLinear(in_dims, 1, "bias" in arrays, first.group_size, first.bits, mode=first.mode)
-    else:
-        fused = nn.Linear(1, 1, bias="bias" in arrays)
-    for k, v in arrays.items():
-        setattr(fused, k, v)
-    return fused, bounds
+    return _make(first, arrays), bounds
 
 
 def fuse_projections(model: nn.Module) -> int:
@@ -191,7 +181,32 @@ def fuse_projections(model: nn.Module) -> int:
     return done
 
 
-def fallback_calls(model: nn.Module) -> int:
-    """Calls of the model's fused stand-ins so far that computed their own slice (not the fast
-    path): non-zero after a forward when the model calls its projections in another order."""
-    return sum(m.fallbacks for _, m in model.named_modules() if isinstance(m, FusedPart))
+def wasted_parts(model: nn.Module) -> int:
+    """Parts of fused runs that no stand-in took (computed for nothing), including those still
+    kept: 0 after any forward of a model that calls each projection of a group once on one input,
+    in any order; more for one that skips some (gemma3n's layers that share another's KV cache
+    call q_proj alone) or calls them on different inputs."""
+    heads = [m for _, m in model.named_modules() if isinstance(m, FusedHead)]
+    return sum(h._shared.waste + sum(p is not None for p in h._shared.parts) for h in heads)
+
+
+def unfuse_wasteful(model: nn.Module) -> int:
+    """Put back as separate layers (views of the fused arrays: no copy) each group that wasted
+    parts so far; returns how many. The worker calls it after the warm-up."""
+    done = 0
+    for _, parent in list(model.named_modules()):
+        for group in GROUPS:
+            head = parent.get(group[0]) if isinstance(parent, dict) else None
+            if not isinstance(head, FusedHead):
+                continue
+            s = head._shared
+            if not s.waste and not any(p is not None for p in s.parts):
+                continue
+            arrays = {k: v for k, v in head.fused.items() if isinstance(v, mx.array)}
+            for name, (a, b) in zip(group, s.bounds, strict=True):
+                part = {k: v[a:b] for k, v in arrays.items()}
+                mx.eval(part)
+                setattr(parent, name, _make(head.fused, part))
+            s.drop()
+            done += 1
+    return done

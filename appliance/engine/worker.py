@@ -415,10 +415,10 @@ class ModelWorker(WorkerThread):
             stream=mx.default_stream(mx.default_device()),
         )
         self._warm_up(gen)
-        if fused and (slow := fusion.fallback_calls(self.model)):
-            log.warning("model %s: %d calls of fused projections in warm-up computed their own slice "
-                        "(the model calls them in another order or on other inputs); "
-                        "fuse_projections: false may be faster", self.name, slow)
+        if fused and (back := fusion.unfuse_wasteful(self.model)):
+            log.info("model %s: %d of %d fused groups put back as separate layers (in the warm-up "
+                     "the model did not use each of their projections once on one input)",
+                     self.name, back, fused)
         return gen
 
     def _fuse(self) -> int:
