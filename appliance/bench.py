@@ -293,8 +293,8 @@ class Plan:
     clients_per_process: int = 16
     second_ceiling: bool = True
     # A run sends at least this many requests: at low concurrency each client sends more than
-    # requests_per_client (on one H200 a run of 3 requests, 1.4 s, gave 1.50x mlx_lm.server and
-    # runs of 6 minutes later 1.98x and 2.05x).
+    # requests_per_client (on one H200 a one-client run of 3 requests, 1.4 s, gave 1.50x
+    # mlx_lm.server, and runs of 6 requests minutes later 1.98x and 2.05x).
     min_requests: int = 8
 
     @property
@@ -1052,8 +1052,10 @@ def tables(res: dict[str, Any]) -> str:
     got = [x for x in loads if isinstance(x, (int, float))]
     lines = [
         f"Model: {plan['model_label']} ({plan['model_path']}); {plan['max_tokens']} tokens per "
-        f"request, greedy; {plan['requests_per_client']} requests per client per run "
-        f"(at least {plan.get('min_requests', 0)} a run: more per client at low concurrency); "
+        f"request, greedy; {plan['requests_per_client']} requests per client per run"
+        + (f" (at least {plan['min_requests']} a run: more per client at low concurrency)"
+           if plan.get("min_requests", 0) > plan["requests_per_client"] else "")
+        + "; "
         f"device {res['ceiling']['device']}.",
         f"Machine: {mach['cpu']}, {mach['cores']} cores, {mach['ram_bytes'] / 2**30:.0f} GiB, "
         f"{mach['os']}; MLX {mach['versions'].get('mlx', '?')}, mlx-lm "

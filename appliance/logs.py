@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import logging.handlers
+import os
 import random
 import sys
 import time
@@ -22,13 +23,16 @@ request_id: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
 
 
 
+_ids = random.Random()  # its own generator: no library's random.seed() makes ids repeat
+os.register_at_fork(after_in_child=_ids.seed)
+
+
 def new_id() -> str:
     """32 random hex digits, for request and completion ids. From Python's generator, not
     uuid4's os.urandom: that system call gives up the GIL, and on a busy server the event loop
     then waited 0.4-0.5 ms to get it back (2-core machine, engine in a thread or a process).
-    The ids are not secrets (headers and bodies echo them); the generator is reseeded in a
-    forked child."""
-    return f"{random.getrandbits(128):032x}"
+    The ids are not secrets (headers and bodies echo them, and clients may choose their own)."""
+    return f"{_ids.getrandbits(128):032x}"
 
 
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}

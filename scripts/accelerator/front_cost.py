@@ -26,8 +26,11 @@ TICK = os.sysconf("SC_CLK_TCK")
 def cpu() -> dict[int, float]:
     out = {}
     for tid in os.listdir(f"/proc/{PID}/task"):
-        with open(f"/proc/{PID}/task/{tid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+        try:
+            with open(f"/proc/{PID}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # the thread ended meanwhile (its CPU is not counted)
+            continue
         out[int(tid)] = (int(fields[11]) + int(fields[12])) / TICK
     return out
 

@@ -95,6 +95,9 @@ def main() -> None:
     tokens = sum(r[0] for r in results)
     ttfts = [t for r in results for t in r[1]]
     wall = max(r[3] for r in results) - min(r[2] for r in results)
+    late = max(r[2] for r in results) - start_at
+    if late > 0.05:
+        print(f"warning: a client process started {1000 * late:.0f} ms late", file=sys.stderr)
     cpu = max(r[4] / (r[3] - r[2]) for r in results)
     d = {k: after[k] - before.get(k, 0) for k in after}
     server = {
