@@ -21,8 +21,6 @@ request_id: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
     "request_id", default=None
 )
 
-
-
 _ids = random.Random()  # its own generator: no library's random.seed() makes ids repeat
 os.register_at_fork(after_in_child=_ids.seed)
 
