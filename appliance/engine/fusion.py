@@ -40,18 +40,25 @@ class _Shared:
     """What a group's stand-ins share: a plain object, so nn.Module does not take it for a child
     (and its arrays are not listed twice among the model's parameters)."""
 
-    __slots__ = ("head", "bounds", "x", "parts", "waste")
+    __slots__ = ("head", "bounds", "x", "parts", "left", "waste")
 
     def __init__(self, bounds: list[tuple[int, int]]) -> None:
         self.head: Any = None  # weakref to the FusedHead: no cycle keeps the weights alive
         self.bounds = bounds  # output columns of each projection in the fused layer
         self.x: Optional[mx.array] = None  # the input of the last run ...
         self.parts: list[Optional[mx.array]] = []  # ... and its parts not taken yet
-        self.waste = 0  # parts computed and never taken (see wasted_parts)
+        self.left = 0  # how many of those
+        self.waste = 0  # parts of earlier runs never taken
+
+    @property
+    def wasted(self) -> int:
+        """Parts computed and not taken: earlier runs' and the last run's still kept."""
+        return self.waste + self.left
 
     def drop(self) -> None:
         self.x = None
         self.parts = []
+        self.left = 0
 
     def run(self, x: mx.array, i: int) -> mx.array:
         """Projection i of x: the part kept from the last run if that run was on this very array
@@ -60,10 +67,11 @@ class _Shared:
         kept = self.parts[i] if self.x is x else None
         if kept is not None:
             self.parts[i] = None
-            if all(p is None for p in self.parts):
+            self.left -= 1
+            if not self.left:
                 self.drop()  # no activations held between calls
             return kept
-        self.waste += sum(p is not None for p in self.parts)
+        self.waste += self.left
         head = self.head()
         if head is None:
             raise RuntimeError("the fused projection's first stand-in is gone from the model")
@@ -72,7 +80,7 @@ class _Shared:
         )
         y = parts[i]
         parts[i] = None
-        self.x, self.parts = x, parts
+        self.x, self.parts, self.left = x, parts, len(parts) - 1
         assert y is not None
         return y
 
@@ -187,7 +195,7 @@ def wasted_parts(model: nn.Module) -> int:
     in any order; more for one that skips some (gemma3n's layers that share another's KV cache
     call q_proj alone) or calls them on different inputs."""
     heads = [m for _, m in model.named_modules() if isinstance(m, FusedHead)]
-    return sum(h._shared.waste + sum(p is not None for p in h._shared.parts) for h in heads)
+    return sum(h._shared.wasted for h in heads)
 
 
 def unfuse_wasteful(model: nn.Module) -> int:
@@ -200,7 +208,7 @@ def unfuse_wasteful(model: nn.Module) -> int:
             if not isinstance(head, FusedHead):
                 continue
             s = head._shared
-            if not s.waste and not any(p is not None for p in s.parts):
+            if not s.wasted:
                 continue
             arrays = {k: v for k, v in head.fused.items() if isinstance(v, mx.array)}
             for name, (a, b) in zip(group, s.bounds, strict=True):
