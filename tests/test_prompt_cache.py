@@ -77,3 +77,124 @@ def test_a_cached_prefix_shorter_than_the_minimum_is_prefilled_again(
     assert shared - 2 <= cached < shared + 2  # reused up to where the prompts part
     cached, shared = asyncio.run(reused(shared + 8))
     assert cached == 0  # a prefix that short is not worth the copy: prefilled again
+
+
+def test_a_shared_prefix_is_reused_through_the_appliances_lookup_and_changes_nothing(
+    demo_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another prompt after the same opening reuses the cached opening (the lookup of
+    engine/prompt_cache.py, not mlx-lm's), and greedy output is what it is without a cache."""
+    from appliance.engine.prompt_cache import PromptCache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(demo_cache))
+
+    async def scenario() -> None:
+        cfg = load(compose(["logging.file=none", "models.prompt_cache_min_tokens=0"]))
+        engine = Engine(cfg.models, cfg.limits)
+        fresh = Engine(cfg.models, cfg.limits)
+        try:
+            worker = await engine.model("demo")
+            assert type(worker.prompt_cache) is PromptCache
+            tok = worker.tokenizer
+            shared = list(tok.encode("Once upon a time, in a village by the sea, there lived"))
+            for tail in (" a baker", " an old sailor", " two sisters"):
+                await _generate(engine, shared + list(tok.encode(tail)), 6)
+            prompt = shared + list(tok.encode(" a lighthouse keeper"))
+            out, cached = await _generate(engine, prompt, 6)
+            assert len(shared) - 2 <= cached < len(prompt)
+            alone, _ = await _generate(fresh, prompt, 6)
+            assert out == alone
+        finally:
+            await engine.close()
+            await fresh.close()
+
+    asyncio.run(scenario())
+
+
+class _Counting(dict):  # type: ignore[type-arg]
+    """A trie node that counts how often a search reads a child."""
+
+    reads = 0
+
+    def __getitem__(self, key: object) -> object:
+        _Counting.reads += 1
+        return super().__getitem__(key)
+
+
+def _counting(root: dict) -> _Counting:  # type: ignore[type-arg]
+    """The same trie with counting nodes (iteratively: its branches are deep)."""
+    top = _Counting(root)
+    todo = [top]
+    while todo:
+        node = todo.pop()
+        for k, v in list(dict.items(node)):
+            if k != "__value__":
+                child = _Counting(v)
+                dict.__setitem__(node, k, child)
+                todo.append(child)
+    return top
+
+
+def _search_reads(trie: object, tokens: list[int]) -> int:
+    _Counting.reads = 0
+    trie.search("m", tokens)  # type: ignore[attr-defined]
+    return _Counting.reads
+
+
+def test_the_lookup_reads_the_prompt_and_one_branch_not_every_cached_token() -> None:
+    """64 cached conversations of 600 tokens after a 100-token shared opening: mlx-lm's search
+    reads every cached token below the opening (and copies its path at each); ours the prompt
+    and one branch."""
+    import random
+
+    from mlx_lm.models.cache import PromptTrie
+
+    from appliance.engine.prompt_cache import Trie
+
+    rng = random.Random(7)
+    opening = list(range(1, 101))
+    theirs, ours = PromptTrie(), Trie()
+    for i in range(64):
+        seq = opening + [1000 + i] + [rng.randrange(2000, 3000) for _ in range(600)]
+        theirs.add("m", seq, i)
+        ours.add("m", seq, i)
+    for t in (theirs, ours):
+        t._trie["m"] = _counting(t._trie["m"])
+    prompt = opening + [999, 5, 6, 7]
+    assert _search_reads(theirs, prompt) > 64 * 600
+    assert _search_reads(ours, prompt) <= len(prompt) + 602
+    r = ours.search("m", prompt)
+    assert r.common_prefix == 100 and r.longer is not None and r.longer[:100] == opening
+    assert ours.get("m", r.longer) in range(64)  # a cached sequence
+
+
+def test_the_lookup_agrees_with_mlx_lm_on_random_tries() -> None:
+    """Exact, shorter and the shared prefix as mlx-lm finds them; `longer` a cached sequence
+    through that prefix whenever mlx-lm finds one (not necessarily the shortest)."""
+    import random
+
+    from mlx_lm.models.cache import PromptTrie
+
+    from appliance.engine.prompt_cache import Trie
+
+    rng = random.Random(3)
+    for _ in range(300):
+        theirs, ours = PromptTrie(), Trie()
+        stored = []
+        for j in range(rng.randrange(1, 8)):
+            seq = [rng.randrange(4) for _ in range(rng.randrange(1, 9))]
+            stored.append(seq)
+            theirs.add("m", seq, j)
+            ours.add("m", seq, j)
+        if rng.random() < 0.3:  # popping leaves the trie as eviction does
+            victim = rng.choice(stored)
+            theirs.pop("m", victim)
+            ours.pop("m", victim)
+            stored = [s for s in stored if s != victim]
+        query = [rng.randrange(4) for _ in range(rng.randrange(0, 9))]
+        a, b = theirs.search("m", query), ours.search("m", query)
+        assert (b.exact, b.shorter, b.common_prefix) == (a.exact, a.shorter, a.common_prefix), query
+        assert (b.longer is None) == (a.longer is None), query
+        if b.longer is not None:
+            assert b.longer[: b.common_prefix] == query[: b.common_prefix]
+            assert b.longer in stored or b.longer == []

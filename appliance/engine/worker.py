@@ -381,7 +381,7 @@ class ModelWorker(WorkerThread):
         from mlx_lm.models.cache import LRUPromptCache
 
         from . import batching as fast
-        from . import fusion
+        from . import fusion, prompt_cache
 
         self.model, self.tokenizer = self._loader()
         fused = self._fuse()
@@ -395,7 +395,9 @@ class ModelWorker(WorkerThread):
             )
         args = getattr(self.model, "args", None)
         self.vocab_size = int(getattr(args, "vocab_size", 0) or len(self.tokenizer._tokenizer))
-        self.prompt_cache = LRUPromptCache(max_size=64, max_bytes=self._prompt_cache_bytes)
+        # mlx-lm's, with a lookup that does not walk every cached token (prompt_cache.py)
+        cache_cls = prompt_cache.PromptCache if prompt_cache.usable() else LRUPromptCache
+        self.prompt_cache = cache_cls(max_size=64, max_bytes=self._prompt_cache_bytes)
         if self._prompt_cache_min_tokens is None:
             self._prompt_cache_min_tokens = 32 if on_cuda() else 0
         cls = BatchGenerator
