@@ -198,3 +198,39 @@ def test_the_lookup_agrees_with_mlx_lm_on_random_tries() -> None:
         if b.longer is not None:
             assert b.longer[: b.common_prefix] == query[: b.common_prefix]
             assert b.longer in stored or b.longer == []
+
+
+def test_kept_caches_hold_no_more_memory_than_the_cache_counts(
+    demo_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished request's cache is cut out of the running batch's buffers; kept unevaluated it
+    held all of them (every layer, every row): 9x the bytes the cache counted against
+    prompt_cache_bytes. What the process holds after the requests is the model and the entries."""
+    import mlx.core as mx
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(demo_cache))
+
+    async def scenario() -> tuple[int, int, int]:
+        cfg = load(compose(["logging.file=none"]))
+        engine = Engine(cfg.models, cfg.limits)
+        try:
+            worker = await engine.model("demo")
+            tok = worker.tokenizer
+
+            def active() -> asyncio.Future[int]:
+                return asyncio.wrap_future(worker.call(lambda m, t: mx.get_active_memory()))
+
+            async def one(i: int) -> None:
+                prompt = list(tok.encode(f"Story {i}: once upon a time there was a"))
+                await _generate(engine, prompt, 8 + i % 16)  # rows finish at different steps
+
+            base = await active()
+            for wave in range(2):
+                await asyncio.gather(*(one(wave * 100 + i) for i in range(16)))
+            return base, await active(), worker.prompt_cache.nbytes
+        finally:
+            await engine.close()
+
+    base, after, counted = asyncio.run(scenario())
+    assert counted > 0
+    assert after - base <= 1.5 * counted + (1 << 20), (base, after, counted)
