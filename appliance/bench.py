@@ -871,6 +871,22 @@ async def busy_rejection(base_url: str, n: int, long_tokens: int, timeout_s: flo
             "max_s": max(lat) if lat else None, "long_request_held_slot": long_ran_through}
 
 
+def batch_joins(base_url: str) -> Optional[tuple[int, int]]:
+    """The appliance's joins into the running batch so far and the requests they took
+    (lmx_batch_joins_total, lmx_batch_joined_requests_total, summed over models); None if
+    /metrics does not answer. Read between runs: how many prefill calls a run's waves took."""
+    try:
+        text = httpx.get(base_url + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    totals = {"lmx_batch_joins_total": 0.0, "lmx_batch_joined_requests_total": 0.0}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return int(totals["lmx_batch_joins_total"]), int(totals["lmx_batch_joined_requests_total"])
+
+
 async def metrics_after_requests(base_url: str, n: int, metrics_path: str, namespace: str,
                                  timeout_s: float, scrapes: int = 30) -> dict[str, Any]:
     """Send n cheap generation requests (1 token, non-streaming), then time /metrics scrapes.
@@ -1120,6 +1136,11 @@ def tables(res: dict[str, Any]) -> str:
                 f"| {c} | {name} | {_ms(s['ttft_s_p50'])} | {_ms(s['ttft_s_p99'])} | "
                 f"{_ms(s['itl_s_p50'])} | {_ms(s['itl_s_p99'])} | {_ms(s['e2e_s_p50'])} | "
                 f"{_ms(s['e2e_s_p99'])} | {s['errors']} / {s['requests']} |")
+    joins = [(c, r) for c in conc for r in res["runs"][APPLIANCE].get(str(c), []) if r.get("joins")]
+    if joins:
+        lines += ["", "The appliance's joins into the running batch (prefill calls for arriving requests), "
+                  "requests / joins per run: " + ", ".join(
+                      f"c={c} {r['joined']}/{r['joins']}" for c, r in joins) + "."]
     costs = res.get("costs")
     if costs:
         lines += ["", "The appliance's own costs:", "", "| cost | value |", "|---|---:|"]
@@ -1330,15 +1351,21 @@ def run(plan: Plan, procs: Procs, work: Path) -> dict[str, Any]:
             for name in SERVERS:
                 time.sleep(0.3)  # let the other server settle
                 at_max = c == plan.cmax and plan.costs
+                joins0 = batch_joins(urls[name]) if name == APPLIANCE else None
                 r = asyncio.run(closed_loop(
                     urls[name], c, plan, probe_paths[name] if at_max else (),
                     probes[name], probe_fail[name], counter, procs_by_name[name]))
+                joins1 = batch_joins(urls[name]) if joins0 is not None else None
+                if joins0 is not None and joins1 is not None:
+                    r["joins"], r["joined"] = joins1[0] - joins0[0], joins1[1] - joins0[1]
                 r["rep"] = rep + 1
                 r["load_average_1m"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
                 runs[name][str(c)].append(r)
                 err = f", {r['errors']} failed" if r["errors"] else ""
+                joins = f", {r['joined']} requests in {r['joins']} joins" if r.get("joins") else ""
                 say(f"rep {rep + 1}/{plan.repeat} c={c} {name}: {r['tokens_per_s']:.1f} tok/s, "
-                    f"TTFT p99 {_ms(r['ttft_s_p99'])} ms, {r['ok']}/{r['requests']} ok{err}")
+                    f"TTFT p50 {_ms(r['ttft_s_p50'])} p99 {_ms(r['ttft_s_p99'])} ms, ITL p50 "
+                    f"{_ms(r['itl_s_p50'])} ms, {r['ok']}/{r['requests']} ok{err}{joins}")
     for w in ceilings:
         w.close(procs)
     res["ceiling"] = {"device": ceiling.device, "runs": ceil_runs,

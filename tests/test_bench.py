@@ -90,6 +90,11 @@ def test_bench_end_to_end(tmp_path: Path, demo_cache: Path) -> None:
             assert run["tokens"] > 0
             assert run["client_processes"] == int(c)
             assert run["client_cpu_total"] >= run["client_cpu_fraction"] > 0
+            if server == "appliance":  # read from its /metrics around the run: each request joined once
+                assert run["joined"] == run["requests"] and 1 <= run["joins"] <= run["requests"]
+                assert f"c={c} {run['joined']}/{run['joins']}" in res["table_markdown"]
+            else:
+                assert "joins" not in run
         for key in ("vs_mlx", "vs_ceiling", "vs_ceiling_median", "ttft_p99_vs_mlx", "cpu_per_token_vs_mlx"):
             assert _number(res["ratios"][c][key])
 
