@@ -67,7 +67,8 @@ class ModelSpec:
     # null: as many as completion_batch_size, so a wave of arrivals is prefilled in one call
     prefill_batch_size: Optional[int] = None
     # Longest a new request waits to be prefilled together with requests arriving beside it
-    # (the ones that just finished, coming back); 0 = join at the next step.
+    # (the ones that just finished, coming back); 0 = join at the next step. While the HTTP
+    # front still holds requests on their way, up to engine.worker.ARRIVING_WAIT_S (0.1 s).
     join_window_s: float = 0.02
     # Requests join and leave the running batch through appliance.engine.batching (no copy of
     # the prompt batch, no forward pass of their own, one read of the padding per change)

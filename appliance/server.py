@@ -136,8 +136,9 @@ def serve(appliance: Appliance) -> None:
     kwargs: dict[str, Any] = {}
     if cfg.tls.certfile and cfg.tls.keyfile:
         kwargs.update(ssl_certfile=cfg.tls.certfile, ssl_keyfile=cfg.tls.keyfile)
+    arrivals = appliance.engine.arrivals
     config = uvicorn.Config(
-        appliance.app,
+        arrivals.wrap(appliance.app),  # counts requests on their way to an engine (arrivals.py)
         host=cfg.host,
         port=cfg.port,
         workers=1,
@@ -153,6 +154,7 @@ def serve(appliance: Appliance) -> None:
         **kwargs,
     )
     server = ApplianceServer(config, appliance)
+    arrivals.in_flight = lambda: len(server.server_state.tasks)
     server.run()
     if not server.started and not server.exit_code:
         server.exit_code = FATAL_EXIT  # the lifespan or the listener failed to start

@@ -233,3 +233,43 @@ def test_disconnect_while_waiting_for_a_whole_answer_frees_the_slot(one_slot: An
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url, json={"prompt": "A long tale", "max_tokens": 2000}, timeout=1.0)
     assert _first_200_after(url, {"prompt": "x", "max_tokens": 2}, within=5) < 5
+
+
+def _joins(base: str) -> tuple[float, float]:
+    text = httpx.get(base + "/metrics", timeout=10).text
+    got = {"lmx_batch_joins_total": 0.0, "lmx_batch_joined_requests_total": 0.0}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in got:
+            got[name] += float(line.rsplit(" ", 1)[1])
+    return got["lmx_batch_joins_total"], got["lmx_batch_joined_requests_total"]
+
+
+def test_a_burst_of_requests_is_prefilled_together(module_appliance: Any) -> None:
+    """Eight clients sending at the same moment to an engine that has not just finished
+    anything: the front hands their requests over one after another, and the engine, knowing
+    more are on their way, prefills them together instead of starting on the first alone
+    (engine/arrivals.py)."""
+    import asyncio
+
+    from appliance.engine.worker import RETURN_S
+
+    base = module_appliance.url
+    rounds = []
+    for r in range(3):
+        # Ends older than RETURN_S hold nobody: only the front's count can keep the burst together.
+        time.sleep(RETURN_S + 0.1)
+        joins0, joined0 = _joins(base)
+
+        async def burst(first: int) -> list[int]:
+            async with httpx.AsyncClient(timeout=60) as c:
+                rs = await asyncio.gather(*(
+                    c.post(base + "/v1/chat/completions", json=_chat_body(first + i, 8))
+                    for i in range(8)))
+            return [x.status_code for x in rs]
+
+        assert asyncio.run(burst(100 * r)) == [200] * 8
+        joins1, joined1 = _joins(base)
+        assert joined1 - joined0 == 8
+        rounds.append(joins1 - joins0)
+    assert sum(rounds) <= 4 and max(rounds) <= 2, rounds  # one join a burst, at most two

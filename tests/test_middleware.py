@@ -208,3 +208,25 @@ def test_without_auth_v1_is_open_and_admin_closed(
         assert "auth" in r.json["error"]["message"]
     r = client.simulate_post("/admin/models/load", json={"model": "demo"}, headers={"x-api-key": ADMIN})
     assert r.status_code == 403
+
+
+def test_refused_requests_are_no_longer_counted_as_on_their_way(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """In process: the count of requests on their way to an engine (engine/arrivals.py) that
+    the generation thread waits for goes back to 0 after requests refused for bad input, an
+    unknown model or a wrong method; a leak would hold every later join for ARRIVING_WAIT_S."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    cfg = load(compose(["models.auto_load=[]", "logging.file=none", f"state.path={tmp_path / 'state.json'}"]))
+    a = build(cfg)
+    arrivals = a.engine.arrivals
+    client = falcon.testing.TestClient(arrivals.wrap(a.app))
+    url, H = "/v1/chat/completions", "127.0.0.1"
+    assert client.simulate_post(url, body=b"{not json", headers={"content-type": "application/json"}, host=H).status_code == 400
+    assert client.simulate_post(url, json={"model": "demo"}, host=H).status_code == 400
+    assert client.simulate_post("/v1/completions/", json={"model": "demo", "prompt": "x", "max_tokens": 0}, host=H).status_code == 400
+    r = client.simulate_post(url, json={"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, host=H)
+    assert r.status_code == 404 and r.json["error"]["param"] == "model"
+    assert client.simulate_get(url, host=H).status_code == 405
+    assert client.simulate_get("/healthz", host=H).status_code == 200
+    assert (arrivals.started, arrivals.pending, arrivals()) == (0, 0, 0)

@@ -154,3 +154,33 @@ def test_an_idle_engine_stops_holding_a_request_when_the_ends_expire(
 
     took = asyncio.run(scenario())
     assert 0.5 * RETURN_S <= took < 0.8, took  # held for the returns, but not the whole window
+
+
+def test_a_request_waits_for_those_on_their_way_only_so_long(
+    demo_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the HTTP front says a request is on its way (engine/arrivals.py), a new one waits
+    for it; if it never arrives (it failed, the count is wrong), the new one starts after
+    ARRIVING_WAIT_S, and at once when nothing is said to be coming."""
+    from appliance.engine.worker import ARRIVING_WAIT_S
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(demo_cache))
+
+    async def scenario() -> tuple[float, float]:
+        async with _demo(0.02) as (engine, worker):
+            prompt = list(worker.tokenizer.encode("Somebody else is on the way"))
+
+            async def timed() -> float:
+                t = time.perf_counter()
+                await _run(engine, await engine.start(worker, prompt, SamplingParams(max_tokens=2)))
+                return time.perf_counter() - t
+
+            engine.arrivals.pending = 1  # one the front holds, never handed over
+            held = await timed()
+            engine.arrivals.pending = 0
+            alone = await timed()
+            return held, alone
+
+    held, alone = asyncio.run(scenario())
+    assert ARRIVING_WAIT_S <= held < ARRIVING_WAIT_S + 1.0, held
+    assert alone < ARRIVING_WAIT_S, alone

@@ -121,6 +121,7 @@ class Generate:
         self.engine.check_prompt(name, prompt, common.max_tokens or 1, param=where)
         max_tokens = self.engine.max_tokens_for(name, len(prompt), common.max_tokens)
         params = replace(common.params, max_tokens=max_tokens)
+        self.engine.arrivals.admitting(req.scope)  # no longer on its way: admitted, queued or refused
         start = self.engine.start(worker, prompt, params, high_priority=common.high_priority)
         if not self.engine.admission.would_wait():
             return await start, tok

@@ -86,6 +86,8 @@ class ModelRegistry:
         self._listeners: list[Listener] = []
         self.on_death: Optional[Callable[[str, BaseException], None]] = None
         self.memory_limit: Optional[int] = None  # limits.mlx_memory_limit_bytes, set by the engine
+        # Requests the HTTP front holds on their way to an engine (arrivals.py), set by the engine
+        self.arriving: Callable[[], int] = lambda: 0
 
     # -- observers (metrics, state file)
     def subscribe(self, listener: Listener) -> None:
@@ -224,6 +226,7 @@ class ModelRegistry:
                     decode_kernel=self.cfg.cuda_decode_kernel,
                     on_death=self._died,
                     link=distributed.Link(grp) if grp is not None else None,
+                    arriving=self.arriving,
                 )
             try:
                 await worker.start()

@@ -10,6 +10,7 @@ from typing import Any, Optional
 from ..config import LimitsConfig, ModelsConfig
 from ..errors import InsufficientMemory, PromptTooLong
 from .admission import Admission
+from .arrivals import Arrivals
 from .memory import free_bytes, mlx_active
 from .process import AnyWorker
 from .registry import ModelRegistry
@@ -29,6 +30,10 @@ class Engine:
         self.limits = limits
         self.registry = ModelRegistry(models)
         self.admission = Admission(limits)
+        # Requests on their way from the HTTP front (server.py keeps the count): a generation
+        # thread waits for them to prefill a wave of arrivals together.
+        self.arrivals = Arrivals()
+        self.registry.arriving = self.arrivals
         self._observers: list[RequestObserver] = []
         self._holding: dict[int, Generation] = {}  # generations holding a slot, by id()
         # Resilience (issue 5): models to recover after an unclean exit, reloads after a

@@ -28,6 +28,10 @@ log = logging.getLogger("appliance.engine")
 _STOP = object()
 # An ended sequence counts as a client about to come back (see the join window) this long.
 RETURN_S = 0.5
+# While the HTTP front holds requests on their way to the engine (arrivals.py), a waiting
+# request waits for them this long at most (join_window_s if longer), looking every POLL_S.
+ARRIVING_WAIT_S = 0.1
+POLL_S = 0.002
 
 
 def _make_sampler(p: SamplingParams) -> Optional[Callable[[Any], Any]]:
@@ -128,6 +132,7 @@ class ModelWorker(WorkerThread):
         decode_kernel: bool = False,
         on_death: Optional[Callable[[str, BaseException], None]] = None,
         link: Any = None,
+        arriving: Callable[[], int] = lambda: 0,
     ) -> None:
         self.name = name
         self.path = path
@@ -146,6 +151,7 @@ class ModelWorker(WorkerThread):
         self._decode_kernel = decode_kernel  # CUDA only, see cuda.py
         self._on_death = on_death
         self._link = link  # distributed.Link on rank 0 of a group, else None
+        self._arriving = arriving  # requests the HTTP front holds on their way here (arrivals.py)
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._active: dict[int, Generation] = {}
         # Submitted, not in the batch yet (the join window), with the time each arrived.
@@ -248,19 +254,24 @@ class ModelWorker(WorkerThread):
         link = self._link
         want_lp: set[int] = set()
         window = self._join_window_s
+        longest = max(window, ARRIVING_WAIT_S)  # the wait for requests still in the front
         # When each sequence ended whose client has not come back yet (closed-loop clients send
         # their next request as soon as one ends): new arrivals wait, within the window, for as
         # many as ended in the last RETURN_S; an end older than that no longer holds anyone.
         ended: collections.deque[float] = collections.deque()
+        coming = 0  # requests on their way from the HTTP front, as last read
         while True:
             # Take every command waiting; block only when there is nothing to step, and then
             # no longer than the oldest waiting request's join window (or the oldest end's
-            # RETURN_S, whichever comes first).
+            # RETURN_S, whichever comes first); while requests are still on their way from the
+            # front, look again every POLL_S (the count falls without a message here).
             timeout: Optional[float] = None
             if not active:
                 timeout = 0.5 if not waiting else waiting[0][1] + window - time.perf_counter()
                 if waiting and ended:  # or until the oldest end stops holding them
                     timeout = min(timeout, ended[0] + RETURN_S - time.perf_counter())
+                if waiting and coming:
+                    timeout = min(POLL_S, waiting[0][1] + longest - time.perf_counter())
             commands: list[Any] = []
             while True:
                 try:
@@ -297,15 +308,20 @@ class ModelWorker(WorkerThread):
                 elif waiting:  # cancel of one not in the batch yet (or already ended)
                     waiting[:] = [w for w in waiting if w[0] is not item[1]]
             # Join: requests that arrive together are prefilled together. Wait (at most the
-            # window) while fewer have arrived than just ended, unless a prefill batch is full.
+            # window) while fewer have arrived than just ended, and (at most `longest`) while
+            # more are on their way from the HTTP front and would fit, unless a prefill batch is
+            # full.
             now = time.perf_counter()
             while ended and now - ended[0] > RETURN_S:
                 ended.popleft()
+            coming = 0
+            if waiting and window > 0 and len(active) + len(waiting) < self._completion_batch_size:
+                coming = self._arriving()
             if waiting and (
                 window <= 0
-                or len(waiting) >= max(1, len(ended))
                 or len(waiting) >= self._prefill_batch_size
-                or now - waiting[0][1] >= window
+                or now - waiting[0][1] >= (longest if coming else window)
+                or (not coming and len(waiting) >= max(1, len(ended)))
             ):
                 commands.extend(("submit", g) for g, _ in waiting if not g.done)
                 self.stats["joins"] += 1

@@ -1,0 +1,67 @@
+"""How many requests the HTTP front holds that are on their way to an engine.
+
+When a wave of clients sends requests together (agents fanning out, or closed-loop clients
+whose streams ended in the same step), the front parses, templates and admits them one after
+another on the event loop: on one H200 host about a millisecond each, so 64 reach the
+generation thread over some 60 ms. A generation thread that prefilled whatever had reached it
+took such a wave in 3-4 prefill calls, each a stall for every running stream, and the groups
+then ended in different steps and came back apart again: 10 joins for 3 waves of 64 in
+`make bench` (H200, 12:56 UTC on 2026-11-27). Knowing that more requests are in the front, the
+generation thread waits for them (worker.py, up to ARRIVING_WAIT_S) and prefills them together.
+
+Counted: HTTP requests uvicorn has accepted whose handler has not started yet (any path: they
+start within a loop iteration), plus inference requests whose handler has started and not yet
+been handed to the engine (or refused). Admitted requests, requests queued for a slot (they wait
+for capacity, not for the front) and everything else in flight are not. Read from the generation
+thread without a lock: a slightly stale count only moves a join by a poll.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+# Inference routes: a request on one of these is on its way to an engine until admitted.
+INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+_FLAG = "appliance.arriving"  # set in an inference request's ASGI scope until it is admitted
+
+Scope = dict[str, Any]
+ASGIApp = Callable[[Scope, Any, Any], Awaitable[None]]
+
+
+class Arrivals:
+    """The count, for the generation threads (calling it) and the front (keeping it)."""
+
+    def __init__(self) -> None:
+        # HTTP requests in flight in the server (set by server.py: uvicorn's tasks); none when
+        # no server is attached (the engine driven in-process, as tests and steptrace do).
+        self.in_flight: Callable[[], int] = lambda: 0
+        self.started = 0  # requests whose handler is running (any path)
+        self.pending = 0  # inference requests started and not yet admitted or refused
+
+    def __call__(self) -> int:
+        return max(0, self.in_flight() - self.started) + self.pending
+
+    def admitting(self, scope: Scope) -> None:
+        """The request is being handed to the engine (or refused): no longer arriving."""
+        if scope.pop(_FLAG, False):
+            self.pending -= 1
+
+    def wrap(self, app: ASGIApp) -> ASGIApp:
+        """The ASGI app, counting the requests it is running."""
+
+        async def counted(scope: Scope, receive: Any, send: Any) -> None:
+            if scope.get("type") != "http":
+                await app(scope, receive, send)
+                return
+            self.started += 1
+            if scope.get("method") == "POST" and scope.get("path", "").rstrip("/") in INFERENCE_PATHS:
+                scope[_FLAG] = True
+                self.pending += 1
+            try:
+                await app(scope, receive, send)
+            finally:
+                self.started -= 1
+                self.admitting(scope)  # refused before reaching the engine (bad input, ...)
+
+        return counted
