@@ -230,3 +230,32 @@ def test_refused_requests_are_no_longer_counted_as_on_their_way(
     assert client.simulate_get(url, host=H).status_code == 405
     assert client.simulate_get("/healthz", host=H).status_code == 200
     assert (arrivals.started, arrivals.pending, arrivals()) == (0, 0, 0)
+
+
+def test_a_request_waiting_for_its_model_to_load_is_not_counted_as_on_its_way(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, demo_cache: Path
+) -> None:
+    """In process, with the real engine: a request whose model is not loaded yet waits seconds
+    for the load, and meanwhile other models' joins must not wait for it (engine/arrivals.py)."""
+    import asyncio
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(demo_cache))
+    cfg = load(compose(["models.auto_load=[]", "logging.file=none", f"state.path={tmp_path / 'state.json'}"]))
+    a = build(cfg)
+    arrivals = a.engine.arrivals
+    body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+    async def scenario() -> tuple[int, int, int]:
+        async with falcon.testing.ASGIConductor(arrivals.wrap(a.app)) as conductor:
+            post = asyncio.ensure_future(
+                conductor.simulate_post("/v1/chat/completions", json=body, host="127.0.0.1"))
+            while a.engine.registry.info("demo").state != "loading":
+                await asyncio.sleep(0.001)
+            during = arrivals()
+            status = (await post).status_code
+            return during, status, arrivals()
+
+    during, status, after = asyncio.run(scenario())
+    assert status == 200
+    assert (during, after) == (0, 0)

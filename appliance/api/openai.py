@@ -105,6 +105,9 @@ class Generate:
             raise Forbidden("priority 'high' needs the admin key", param="priority")
         name = self.engine.resolve_name(common.model)
         req.context.model = name
+        if self.engine.registry.worker(name) is None:
+            # It waits for a load (seconds): not a request the running batches should wait for.
+            self.engine.arrivals.admitting(req.scope)
         worker = await self.engine.model(name)
         tok = worker.tokenizer
         check_vocab(common.params, raw_prompt, worker.vocab_size)

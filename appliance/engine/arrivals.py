@@ -12,8 +12,11 @@ generation thread waits for them (worker.py, up to ARRIVING_WAIT_S) and prefills
 Counted: HTTP requests uvicorn has accepted whose handler has not started yet (any path: they
 start within a loop iteration), plus inference requests whose handler has started and not yet
 been handed to the engine (or refused). Admitted requests, requests queued for a slot (they wait
-for capacity, not for the front) and everything else in flight are not. Read from the generation
-thread without a lock: a slightly stale count only moves a join by a poll.
+for capacity, not for the front), requests waiting for their model to load, and everything else
+in flight are not. One count for all models: a request on its way to one model also holds the
+others' joins, for as long as the front takes to hand it over. Read from the generation threads
+without a lock: a slightly stale count only moves a join by a poll. An engine in a process of its
+own (`engine_process: true`) does not see the count.
 """
 
 from __future__ import annotations
