@@ -68,7 +68,8 @@ class ModelSpec:
     prefill_batch_size: Optional[int] = None
     # Longest a new request waits to be prefilled together with requests arriving beside it
     # (the ones that just finished, coming back); 0 = join at the next step. While the HTTP
-    # front still holds requests on their way, up to engine.worker.ARRIVING_WAIT_S (0.1 s).
+    # front still holds requests on their way, up to engine.worker.ARRIVING_WAIT_S (0.1 s) if
+    # that is longer; an idle engine also waits engine.worker.SETTLE_S after each arrival.
     join_window_s: float = 0.02
     # Requests join and leave the running batch through appliance.engine.batching (no copy of
     # the prompt batch, no forward pass of their own, one read of the padding per change)

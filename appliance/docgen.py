@@ -60,7 +60,7 @@ DESCRIPTIONS = {
     f"models.catalog.{NAME}.prefill_batch_size": "Most prompts prefilled together (null: completion_batch_size).",
     f"models.catalog.{NAME}.join_window_s": (
         "Longest a new request waits to be prefilled with those arriving beside it (0: next step); "
-        "while the HTTP front still holds requests on their way, up to 0.1 s."
+        "while the HTTP front still holds requests on their way, up to 0.1 s if that is longer."
     ),
     f"models.catalog.{NAME}.fast_joins": (
         "Join and leave the running batch without mlx-lm's copies and extra forward pass, and decode a lone "

@@ -151,6 +151,7 @@ def serve(appliance: Appliance) -> None:
         # they halve the event loop's cost per streamed token against asyncio + h11.
         loop="uvloop" if _has("uvloop") else "asyncio",
         http="httptools" if _has("httptools") else "h11",
+        ws="none",  # no WebSocket routes (and a WebSocket would count as arriving: arrivals.py)
         **kwargs,
     )
     server = ApplianceServer(config, appliance)

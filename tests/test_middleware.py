@@ -232,11 +232,13 @@ def test_refused_requests_are_no_longer_counted_as_on_their_way(
     assert (arrivals.started, arrivals.pending, arrivals()) == (0, 0, 0)
 
 
-def test_a_request_waiting_for_its_model_to_load_is_not_counted_as_on_its_way(
+def test_requests_in_a_load_or_in_the_batch_are_not_counted_as_on_their_way(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, demo_cache: Path
 ) -> None:
-    """In process, with the real engine: a request whose model is not loaded yet waits seconds
-    for the load, and meanwhile other models' joins must not wait for it (engine/arrivals.py)."""
+    """In process, with the real engine (engine/arrivals.py): a request whose model is not loaded
+    yet waits seconds for the load, and meanwhile other models' joins must not wait for it; a
+    request reaching the generation thread's inbox is not on its way any more (else the thread
+    would wait for the very request it has)."""
     import asyncio
 
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
@@ -246,16 +248,23 @@ def test_a_request_waiting_for_its_model_to_load_is_not_counted_as_on_its_way(
     arrivals = a.engine.arrivals
     body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
-    async def scenario() -> tuple[int, int, int]:
+    async def scenario() -> tuple[int, list[int], int]:
         async with falcon.testing.ASGIConductor(arrivals.wrap(a.app)) as conductor:
             post = asyncio.ensure_future(
                 conductor.simulate_post("/v1/chat/completions", json=body, host="127.0.0.1"))
-            while a.engine.registry.info("demo").state != "loading":
+            for _ in range(20_000):
+                if a.engine.registry.info("demo").state == "loading":
+                    break
                 await asyncio.sleep(0.001)
-            during = arrivals()
-            status = (await post).status_code
-            return during, status, arrivals()
+            loading = arrivals()
+            assert (await post).status_code == 200
+            worker = a.engine.registry.worker("demo")
+            assert worker is not None
+            at_submit: list[int] = []
+            submit = worker.submit
+            monkeypatch.setattr(worker, "submit", lambda g: (at_submit.append(arrivals()), submit(g)))
+            r = await conductor.simulate_post("/v1/chat/completions", json=body, host="127.0.0.1")
+            assert r.status_code == 200
+            return loading, at_submit, arrivals()
 
-    during, status, after = asyncio.run(scenario())
-    assert status == 200
-    assert (during, after) == (0, 0)
+    assert asyncio.run(scenario()) == (0, [0], 0)

@@ -170,7 +170,8 @@ def test_the_lookup_reads_the_prompt_and_one_branch_not_every_cached_token() -> 
 
 def test_the_lookup_agrees_with_mlx_lm_on_random_tries() -> None:
     """Exact, shorter and the shared prefix as mlx-lm finds them; `longer` a cached sequence
-    through that prefix whenever mlx-lm finds one (not necessarily the shortest)."""
+    through that prefix whenever mlx-lm finds one (not necessarily the shortest), and as short as
+    mlx-lm's when the first one found can't serve (its cache can't be trimmed)."""
     import random
 
     from mlx_lm.models.cache import PromptTrie
@@ -178,8 +179,9 @@ def test_the_lookup_agrees_with_mlx_lm_on_random_tries() -> None:
     from appliance.engine.prompt_cache import Trie
 
     rng = random.Random(3)
-    for _ in range(300):
-        theirs, ours = PromptTrie(), Trie()
+    for _ in range(600):
+        unusable = {j for j in range(8) if rng.random() < 0.3}
+        theirs, ours = PromptTrie(), Trie(lambda value: value not in unusable)  # noqa: B023
         stored = []
         for j in range(rng.randrange(1, 8)):
             seq = [rng.randrange(4) for _ in range(rng.randrange(1, 9))]
@@ -197,14 +199,16 @@ def test_the_lookup_agrees_with_mlx_lm_on_random_tries() -> None:
         assert (b.longer is None) == (a.longer is None), query
         if b.longer is not None:
             assert b.longer[: b.common_prefix] == query[: b.common_prefix]
-            assert b.longer in stored or b.longer == []
+            assert b.longer in stored
+            if ours.get("m", b.longer) in unusable:  # then the shortest was looked for
+                assert len(b.longer) == len(a.longer), query
 
 
 def test_kept_caches_hold_no_more_memory_than_the_cache_counts(
     demo_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A finished request's cache is cut out of the running batch's buffers; kept unevaluated it
-    held all of them (every layer, every row): 9x the bytes the cache counted against
+    held all of them (every layer, every row): here some 35x the bytes the cache counted against
     prompt_cache_bytes. What the process holds after the requests is the model and the entries."""
     import mlx.core as mx
 
@@ -234,3 +238,26 @@ def test_kept_caches_hold_no_more_memory_than_the_cache_counts(
     base, after, counted = asyncio.run(scenario())
     assert counted > 0
     assert after - base <= 1.5 * counted + (1 << 20), (base, after, counted)
+
+
+def test_a_cache_that_cant_be_trimmed_does_not_hide_one_that_can() -> None:
+    """With max_kv_size the caches are rotating and one past its size can't be trimmed back to a
+    shared opening; the lookup then looks for the shortest entry, as mlx-lm does, which fits."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import RotatingKVCache
+
+    from appliance.engine.prompt_cache import PromptCache
+
+    def entry(n: int) -> list[RotatingKVCache]:
+        c = RotatingKVCache(max_size=16)
+        c.update_and_fetch(mx.zeros((1, 1, n, 4)), mx.zeros((1, 1, n, 4)))
+        return [c]
+
+    opening = list(range(1, 9))
+    cache = PromptCache(max_size=8)
+    cache.insert_cache("m", opening + list(range(100, 132)), entry(40))  # older, past 16: not trimmable
+    cache.insert_cache("m", opening + [200, 201, 202, 203], entry(12))  # newer, trimmable
+    prompt = opening + [300, 301, 302]
+    got, rest = cache.fetch_nearest_cache("m", prompt)
+    assert got is not None and rest == prompt[len(opening):]
+    assert got[0].offset == len(opening)

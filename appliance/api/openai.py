@@ -100,6 +100,22 @@ class Generate:
         prompt_of: Callable[[Any], list[int]],
         raw_prompt: Any,
     ) -> tuple[Generation, Any]:
+        """Template, check and admit a parsed request. From here until it is submitted (or
+        refused) it counts as on its way to an engine, which may wait for it (arrivals.py)."""
+        arrivals = self.engine.arrivals
+        arrivals.on_the_way(req.scope)
+        try:
+            return await self._begin(req, common, prompt_of, raw_prompt)
+        finally:
+            arrivals.admitting(req.scope)  # normally done already, just before the submit
+
+    async def _begin(
+        self,
+        req: falcon.asgi.Request,
+        common: Common,
+        prompt_of: Callable[[Any], list[int]],
+        raw_prompt: Any,
+    ) -> tuple[Generation, Any]:
         self.gate.check()
         if common.high_priority and not getattr(req.context, "is_admin", False):
             raise Forbidden("priority 'high' needs the admin key", param="priority")
@@ -124,8 +140,8 @@ class Generate:
         self.engine.check_prompt(name, prompt, common.max_tokens or 1, param=where)
         max_tokens = self.engine.max_tokens_for(name, len(prompt), common.max_tokens)
         params = replace(common.params, max_tokens=max_tokens)
-        self.engine.arrivals.admitting(req.scope)  # no longer on its way: admitted, queued or refused
-        start = self.engine.start(worker, prompt, params, high_priority=common.high_priority)
+        start = self.engine.start(worker, prompt, params, high_priority=common.high_priority,
+                                  scope=req.scope)
         if not self.engine.admission.would_wait():
             return await start, tok
         return await _unless_client_leaves(req, start, self.engine), tok

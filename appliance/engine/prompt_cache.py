@@ -12,22 +12,30 @@ stays.)
 
 Here the lookup follows one branch down from where the prompt leaves the trie to the first
 cached sequence on it: as long as that sequence, never more. Which sequence serves the shared
-prefix does not change the result (the copy is trimmed to the shared prefix); mlx-lm takes the
+prefix does not change the output (the copy is trimmed to the shared prefix); mlx-lm takes the
 shortest to copy less, which costs far more to find than copying a longer one (a device copy).
-Exact and prefix matches are unchanged.
+Only if that sequence's cache can't be trimmed (a rotating cache, `max_kv_size`, past its size)
+is the shortest searched for, as mlx-lm does but level by level without copying paths: a
+shorter one may still fit. Exact and prefix matches are unchanged.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Optional
 
-from mlx_lm.models.cache import LRUPromptCache, PromptTrie, PromptTrieResult
+from mlx_lm.models.cache import LRUPromptCache, PromptTrie, PromptTrieResult, can_trim_prompt_cache
 
 
 class Trie(PromptTrie):  # type: ignore[misc]
-    """PromptTrie whose search walks the prompt, then at most one branch below it."""
+    """PromptTrie whose search walks the prompt, then one branch below it; `usable(value)` says
+    whether a value found that way can serve a longer match (else the shortest is looked for)."""
 
     _trie: dict[Any, dict[Any, Any]]
+
+    def __init__(self, usable: Callable[[Any], bool] = lambda value: True) -> None:
+        super().__init__()
+        self._usable = usable
 
     def search(self, model: Any, tokens: list[int]) -> PromptTrieResult:
         if model not in self._trie:
@@ -49,23 +57,48 @@ class Trie(PromptTrie):  # type: ignore[misc]
         shorter = tokens[: last_index + 1] if last_index > 0 else None
         longer = None
         if index > 0:
-            extra = _down_to_a_value(current)
-            if extra is not None:
-                longer = tokens[:index] + extra
+            found = _down_to_a_value(current)
+            if found is not None and not self._usable(found[1]):
+                found = _shortest_below(current)
+            if found is not None:
+                longer = tokens[:index] + found[0]
         return PromptTrieResult(model, None, shorter, longer, index)
 
 
-def _down_to_a_value(node: dict[Any, Any]) -> list[int] | None:
-    """The tokens from `node` down one branch to the first node holding a cached sequence
-    (at `node` itself: none); None if the branch ends without one."""
-    path: list[int] = []
+def _down_to_a_value(node: dict[Any, Any]) -> Optional[tuple[list[Any], Any]]:
+    """The tokens from `node` down one branch to the first node holding a cached sequence (at
+    `node` itself: none), and its value; None if the branch ends without one."""
+    path: list[Any] = []
     while "__value__" not in node:
         tok = next((t for t in node if t != "__value__"), None)
         if tok is None:
             return None
         path.append(tok)
         node = node[tok]
-    return path
+    return path, node["__value__"]
+
+
+def _shortest_below(node: dict[Any, Any]) -> Optional[tuple[list[Any], Any]]:
+    """As _down_to_a_value, for the shortest way down to a value: level by level, each node
+    kept once with its parent's place (no path copies); None if there is no value below."""
+    if "__value__" in node:
+        return [], node["__value__"]
+    levels: list[list[tuple[dict[Any, Any], int, Any]]] = [[(node, -1, None)]]
+    while levels[-1]:
+        below: list[tuple[dict[Any, Any], int, Any]] = []
+        for i, (n, _, _) in enumerate(levels[-1]):
+            for tok, child in n.items():
+                if tok == "__value__":
+                    continue
+                if "__value__" in child:
+                    path, up = [tok], i
+                    for level in reversed(levels[1:]):
+                        _, up, t = level[up]
+                        path.append(t)
+                    return path[::-1], child["__value__"]
+                below.append((child, i, tok))
+        levels.append(below)
+    return None
 
 
 class PromptCache(LRUPromptCache):  # type: ignore[misc]
@@ -73,7 +106,8 @@ class PromptCache(LRUPromptCache):  # type: ignore[misc]
 
     def __init__(self, max_size: int = 10, max_bytes: int = 1 << 63) -> None:
         super().__init__(max_size=max_size, max_bytes=max_bytes)
-        self._trie = Trie()
+        # A longer match is only reused when its cache can be trimmed (fetch_nearest_cache).
+        self._trie = Trie(lambda entry: can_trim_prompt_cache(entry.prompt_cache))
 
 
 def usable() -> bool:

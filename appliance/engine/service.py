@@ -87,9 +87,13 @@ class Engine:
         params: SamplingParams,
         *,
         high_priority: bool = False,
+        scope: Optional[dict[str, Any]] = None,
     ) -> Generation:
-        """Wait for a slot (or raise QueueFull), then put the request in the batch."""
+        """Wait for a slot (or raise QueueFull), then put the request in the batch. `scope`: the
+        HTTP request's ASGI scope, counted as on its way (arrivals.py) until it is submitted."""
         self.check_memory(worker.name, len(prompt_tokens), params.max_tokens)
+        if scope is not None and self.admission.would_wait():
+            self.arrivals.admitting(scope)  # it waits for a slot, not for the front
         try:
             queued = await self.admission.acquire(high_priority)
         except Exception as exc:
@@ -100,6 +104,8 @@ class Engine:
         self._holding[id(gen)] = gen
         self.registry.touch(worker.name)
         self._emit("admitted", gen, queued_s=queued)
+        if scope is not None:  # right before the inbox: the thread neither waits for it nor misses it
+            self.arrivals.admitting(scope)
         worker.submit(gen)
         return gen
 

@@ -32,6 +32,10 @@ RETURN_S = 0.5
 # request waits for them this long at most (join_window_s if longer), looking every POLL_S.
 ARRIVING_WAIT_S = 0.1
 POLL_S = 0.002
+# An idle engine that nobody is expected back to waits this long after the latest arrival for
+# another (up to ARRIVING_WAIT_S in all): a burst reaches the front over several loop turns, and
+# requests still in the sockets are in no count.
+SETTLE_S = 0.005
 
 
 def _make_sampler(p: SamplingParams) -> Optional[Callable[[Any], Any]]:
@@ -272,6 +276,8 @@ class ModelWorker(WorkerThread):
                     timeout = min(timeout, ended[0] + RETURN_S - time.perf_counter())
                 if waiting and coming:
                     timeout = min(POLL_S, waiting[0][1] + longest - time.perf_counter())
+                elif waiting and not ended:  # settling: until SETTLE_S after the latest arrival
+                    timeout = min(waiting[-1][1] + SETTLE_S, waiting[0][1] + longest) - time.perf_counter()
             commands: list[Any] = []
             while True:
                 try:
@@ -314,14 +320,15 @@ class ModelWorker(WorkerThread):
             now = time.perf_counter()
             while ended and now - ended[0] > RETURN_S:
                 ended.popleft()
-            coming = 0
+            coming = settling = 0
             if waiting and window > 0 and len(active) + len(waiting) < self._completion_batch_size:
                 coming = self._arriving()
+                settling = not active and not ended and now - waiting[-1][1] < SETTLE_S
             if waiting and (
                 window <= 0
                 or len(waiting) >= self._prefill_batch_size
-                or now - waiting[0][1] >= (longest if coming else window)
-                or (not coming and len(waiting) >= max(1, len(ended)))
+                or now - waiting[0][1] >= (longest if coming or settling else window)
+                or (not coming and not settling and len(waiting) >= max(1, len(ended)))
             ):
                 commands.extend(("submit", g) for g, _ in waiting if not g.done)
                 self.stats["joins"] += 1
@@ -505,7 +512,7 @@ class ModelWorker(WorkerThread):
 
             # A finished row's cache is a lazy copy out of the batch's buffers, and until it is
             # evaluated it keeps all of them alive (the whole batch's keys and values, every
-            # layer): kept entries held 9-35x the bytes the cache counted (tests/test_prompt_cache.py).
+            # layer): kept entries held 9x and more the bytes the cache counted (tests/test_prompt_cache.py).
             # Copied now, on the stream, without waiting for it.
             leaves: Any = tree_flatten([c.state for c in r.prompt_cache])
             mx.async_eval([a for _, a in leaves if isinstance(a, mx.array)])
