@@ -875,15 +875,17 @@ def batch_joins(base_url: str) -> Optional[tuple[int, int]]:
     """The appliance's joins into the running batch so far and the requests they took
     (lmx_batch_joins_total, lmx_batch_joined_requests_total, summed over models); None if
     /metrics does not answer. Read between runs: how many prefill calls a run's waves took."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     try:
         text = httpx.get(base_url + "/metrics", timeout=10).text
     except httpx.HTTPError:
         return None
     totals = {"lmx_batch_joins_total": 0.0, "lmx_batch_joined_requests_total": 0.0}
-    for line in text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in totals:
-            totals[name] += float(line.rsplit(" ", 1)[1])
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in totals:
+                totals[sample.name] += sample.value
     return int(totals["lmx_batch_joins_total"]), int(totals["lmx_batch_joined_requests_total"])
 
 

@@ -235,16 +235,6 @@ def test_disconnect_while_waiting_for_a_whole_answer_frees_the_slot(one_slot: An
     assert _first_200_after(url, {"prompt": "x", "max_tokens": 2}, within=5) < 5
 
 
-def _joins(base: str) -> tuple[float, float]:
-    text = httpx.get(base + "/metrics", timeout=10).text
-    got = {"lmx_batch_joins_total": 0.0, "lmx_batch_joined_requests_total": 0.0}
-    for line in text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in got:
-            got[name] += float(line.rsplit(" ", 1)[1])
-    return got["lmx_batch_joins_total"], got["lmx_batch_joined_requests_total"]
-
-
 def test_a_burst_of_requests_is_prefilled_together(module_appliance: Any) -> None:
     """Eight clients sending at the same moment to an engine that has not just finished
     anything: the requests reach the front over a few loop turns and are handed over one after
@@ -254,10 +244,16 @@ def test_a_burst_of_requests_is_prefilled_together(module_appliance: Any) -> Non
     import socket
     from urllib.parse import urlsplit
 
+    from appliance.bench import batch_joins
     from appliance.engine.worker import RETURN_S
 
     base = module_appliance.url
     where = urlsplit(base)
+
+    def _joins(url: str) -> tuple[int, int]:
+        got = batch_joins(url)
+        assert got is not None
+        return got
 
     def burst(first: int) -> tuple[list[bytes], float, float]:
         socks = [socket.create_connection((where.hostname, where.port), timeout=60) for _ in range(8)]

@@ -70,6 +70,5 @@ class Arrivals:
                 await app(scope, receive, send)
             finally:
                 self.started -= 1
-                self.admitting(scope)  # refused before reaching the engine (bad input, ...)
 
         return counted
