@@ -1,214 +1,36 @@
-"""`python -m appliance [+profile=NAME] [key=value ...] [--cfg job]`: compose, validate, serve.
+"""`python -m appliance [+profile=NAME] [key=value ...] [--cfg job]`: compose, then run.
 
-A bad profile or override exits with status 2 and one line naming the key, the value and what
-is allowed (a supervisor can tell a config error from a crash: RestartPreventExitStatus=2).
+Plain overrides are composed here and handed to `main`; Hydra's own flags (`--cfg job`,
+`--help`, ...) go through Hydra, after the same composition has been checked.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import re
 import sys
 from typing import Any, Optional
 
-from omegaconf import DictConfig
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError
-
-from . import startup
-from .config import AppConfig, ConfigError, conf_dir, load, register_schemas
-from .engine import cuda
-from .state import StateStore
-
-startup.install()  # before anything imports transformers
-cuda.mlx_env_defaults()  # before MLX builds its CUDA caches
-
-# Hydra flags that take the next argument as their value.
-_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name",
-                     "-cn", "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"}
+from .config import ConfigError, compose, conf_dir, load, overrides_of, register_schemas
+from .main import fail, main
 
 
-def _overrides(argv: list[str]) -> Optional[list[str]]:
-    """The key=value overrides of a plain run, or None when Hydra flags need Hydra itself."""
-    out: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        if arg in _FLAGS_WITH_VALUE:
-            skip = True
-            continue
-        if arg.startswith("-"):
-            return None if arg in ("-h", "--help", "--hydra-help") else out + []
-        out.append(arg)
-    return out
-
-
-def compose(overrides: list[str]) -> DictConfig:
-    """Compose the config tree with Hydra's compose API; ConfigError on a bad override."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException, MissingConfigException
-    from omegaconf.errors import OmegaConfBaseException
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            return hydra_compose(config_name="config", overrides=overrides)
-    except MissingConfigException as exc:
-        # An unknown profile (or other group option): name the options there are.
-        group, _, option = (exc.missing_cfg_file or "profile/?").rpartition("/")
-        folder = conf_dir() / (group or "profile")
-        options = exc.options or sorted(p.stem for p in folder.glob("*.yaml"))
-        raise ConfigError(
-            group or "profile", option, f"one of the {group or 'profile'}s: {', '.join(options)}"
-        ) from None
-    except (HydraException, OmegaConfBaseException, ValueError) as exc:
-        raise _compose_error(exc, overrides) from None
-    finally:
-        GlobalHydra.instance().clear()
-
-
-def _compose_error(exc: Exception, overrides: list[str]) -> ConfigError:
-    """One line for a Hydra composition error: the override, its value and what to do."""
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    first = lines[0] if lines else type(exc).__name__
-    named = re.search(r"override '([^']+)'", first)
-    key = named.group(1) if named else ""
-    if not key:
-        for o in overrides:
-            name = o.lstrip("+~").split("=")[0]
-            if name and (name in first or name.split("/")[0] in first):
-                key = name
-                break
-    key = key or (overrides[0].lstrip("+~").split("=")[0] if overrides else "?")
-    value = next(
-        (o.split("=", 1)[1] for o in overrides if o.lstrip("+~").split("=")[0] == key and "=" in o),
-        None,
-    )
-    cause = exc.__cause__
-    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and _schema_has(key):
-        # A key of the schema that the YAML does not set (a catalog entry's batch sizes, say).
-        allowed = f"a key the profile does not set: add it with +{key}={value or '...'}"
-    elif isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
-        # Hydra would suggest +key=value, but the schema would refuse that key as well.
-        allowed = "a key of the config; `python -m appliance --cfg job` lists them"
-    elif key == "profile" and "No match in the defaults list" in first:
-        allowed = "+profile=NAME (with the +) to choose a profile"
-    else:
-        allowed = " ".join(ln for ln in lines[:2] if not ln.startswith("See https://"))
-    return ConfigError(key, value, allowed)
-
-
-def _schema_has(key: str) -> bool:
-    """Whether a dotted key names a field of the typed schema (dict entries: any name)."""
-    import dataclasses
-    import typing
-
-    node: Any = AppConfig
-    parts = key.split(".")
-    i = 0
-    while i < len(parts):
-        if not dataclasses.is_dataclass(node):
-            return False
-        hints = typing.get_type_hints(node)
-        if parts[i] not in hints:
-            return False
-        node = hints[parts[i]]
-        args = [a for a in typing.get_args(node) if a is not type(None)]
-        if typing.get_origin(node) is dict:
-            node, i = args[-1], i + 1  # skip the entry's name
-        elif args and dataclasses.is_dataclass(args[0]):
-            node = args[0]  # Optional[Section]
-        i += 1
-    return True
-
-
-def fail(exc: ConfigError) -> None:
-    print(str(exc), file=sys.stderr)
-    sys.exit(2)
-
-
-def run(cfg: DictConfig) -> None:
-    """The Hydra task: validate, apply safe mode if a crash loop says so, build, serve."""
-    from . import logs
-    from .builder import build
-    from .server import serve
-
-    try:
-        typed = load(cfg)
-    except ConfigError as exc:
-        fail(exc)
-    from .engine import distributed
-
-    rank, size = distributed.world()
-    if rank > 0:
-        # Other ranks serve no HTTP and keep no state: they follow rank 0's batch.
-        typed.logging.file = "none"
-        logs.setup(typed.logging)
-        sys.exit(distributed.run_follower(typed.models))
-    logs.setup(typed.logging)
-    typed, state = start_state(cfg, typed)
-    appliance = build(typed, state=state)
-    code = 0
-    try:
-        serve(appliance)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    # Leave without running native destructors: MLX's CUDA backend aborts in them at interpreter
-    # exit ("terminate called without an active exception"), which would turn a clean drain
-    # into exit 134. Everything worth keeping (state, logs) is written by now.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def start_state(cfg: DictConfig, typed: AppConfig) -> tuple[AppConfig, StateStore]:
-    """Record this start in the state file; after a crash loop, merge the safe-mode profile's
-    file over the composed config and say why in `safe_mode_reason`."""
-    import logging
-
-    from omegaconf import OmegaConf
-
-    from .config import safe_mode_overlay
-
-    state = StateStore(typed.state)
-    boot = state.begin_run(typed.models.catalog)
-    if not boot.safe_mode_reason:
-        return typed, state
-    try:
-        merged = OmegaConf.merge(cfg, safe_mode_overlay())
-        assert isinstance(merged, DictConfig)
-        safe = load(merged)
-    except ConfigError as exc:
-        fail(exc)
-    safe.safe_mode_reason = boot.safe_mode_reason
-    logging.getLogger("appliance.state").error(
-        "starting in safe mode (the safe-mode profile over the config: no auto-load, no "
-        "recovery, its limits): %s", boot.safe_mode_reason,
-    )
-    return safe, state
-
-
-def main(argv: Optional[list[str]] = None) -> Any:
-    import hydra
-
+def cli(argv: Optional[list[str]] = None) -> Any:
     args = list(sys.argv[1:] if argv is None else argv)
-    register_schemas()
-    overrides = _overrides(args)
+    overrides = overrides_of(args)
     if overrides is not None:
         try:
             composed = compose(overrides)
+            if not any(a.startswith("-") for a in args):
+                main(composed)
             if "--cfg" not in args and "-c" not in args:
                 load(composed)
         except ConfigError as exc:
             fail(exc)
+    import hydra
+
+    register_schemas()
     sys.argv = [sys.argv[0], *args]
-    return hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")(run)()
+    return hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")(main)()
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from . import exits
 from .config import ConfigError, load, register_schemas
-from .engine.distributed import PEER_FAILED_EXIT, RANK_ENV, SIZE_ENV
+from .engine.distributed import RANK_ENV, SIZE_ENV
 
 LOCAL = ("127.0.0.1", "localhost")
 
@@ -50,7 +51,8 @@ def ring_hostfile(hosts: list[str], folder: Path) -> Path:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from .__main__ import compose, fail
+    from .config import compose
+    from .main import fail
 
     args = list(sys.argv[1:] if argv is None else argv)
     register_schemas()
@@ -120,7 +122,7 @@ def _local(args: list[str], hosts: list[str]) -> int:
                     procs[0].wait(15)
                 except subprocess.TimeoutExpired:
                     procs[0].kill()
-                code = PEER_FAILED_EXIT
+                code = exits.PEER_FAILED
                 break
             time.sleep(0.1)
     finally:

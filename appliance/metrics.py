@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from prometheus_client import (
     CollectorRegistry,
@@ -23,6 +23,9 @@ from prometheus_client.registry import Collector
 
 from .config import MetricsConfig
 from .engine.types import Generation
+
+if TYPE_CHECKING:
+    from .health import Vitals
 
 REJECT_REASONS = (
     "busy",
@@ -60,12 +63,13 @@ _ITL = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0,
 class _LiveCollector(Collector):
     """Gauges read from live state at scrape time."""
 
-    def __init__(self, prefix: str, read: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, prefix: str, read: Callable[[], Vitals]) -> None:
         self.prefix = prefix
         self.read = read
 
     def collect(self) -> Iterable[Any]:
-        s = self.read()
+        v = self.read()
+        e, m, x = v.engine, v.memory, v.extra
         p = self.prefix
 
         def g(name: str, doc: str, value: Optional[float], unit: str = "") -> Any:
@@ -74,25 +78,28 @@ class _LiveCollector(Collector):
                 fam.add_metric([], float(value))
             return fam
 
-        yield g("num_requests_running", "Requests in the generation batches.", s["running"])
-        yield g("num_requests_waiting", "Requests waiting in the admission queue.", s["waiting"])
-        yield g("concurrent_limit", "limits.max_running in force.", s["max_running"])
-        yield g("queue_limit", "limits.max_queued in force.", s["max_queued"])
-        yield g("models_loaded", "Models loaded and running.", s["models_loaded"])
-        yield g("generation_threads_alive", "Generation threads alive.", s["threads_alive"])
-        yield g("safe_mode", "1 while the appliance runs in safe mode.", s["safe_mode"])
-        yield g("draining", "1 while the appliance drains before exit.", s["draining"])
-        yield g("uptime_seconds", "Seconds since the process started.", s["uptime"])
+        yield g("num_requests_running", "Requests in the generation batches.", e.running)
+        yield g("num_requests_waiting", "Requests waiting in the admission queue.", e.waiting)
+        yield g("concurrent_limit", "limits.max_running in force.", e.max_running)
+        yield g("queue_limit", "limits.max_queued in force.", e.max_queued)
+        yield g("models_loaded", "Models loaded and running.", len(e.models_loaded))
+        yield g("generation_threads_alive", "Generation threads alive.", e.threads_alive)
+        yield g("safe_mode", "1 while the appliance runs in safe mode.",
+                1 if v.safe_mode_reason else 0)
+        yield g("draining", "1 while the appliance drains before exit.", 1 if v.draining else 0)
+        yield g("uptime_seconds", "Seconds since the process started.", v.uptime_s)
         mem = GaugeMetricFamily(p + "memory_bytes", "Memory in use by kind.", labels=["kind"])
         for kind in ("rss", "mlx_active", "mlx_peak", "mlx_cache"):
-            v = s["memory"].get(kind)
-            if v is not None:
-                mem.add_metric([kind], float(v))
+            value = getattr(m, kind)
+            if value is not None:
+                mem.add_metric([kind], float(value))
         yield mem
-        yield g("system_memory_percent", "System memory in use, percent.", s["system_memory_percent"])
-        yield g("shedding_memory_percent", "shedding.memory_percent in force.", s["shedding_memory_percent"])
-        pc = GaugeMetricFamily(p + "prompt_cache_bytes", "Bytes held by prompt caches.", labels=["model"])
-        for model, nbytes in s["prompt_cache_bytes"].items():
+        yield g("system_memory_percent", "System memory in use, percent.", m.system_percent)
+        yield g("shedding_memory_percent", "shedding.memory_percent in force.",
+                v.shedding_memory_percent)
+        pc = GaugeMetricFamily(p + "prompt_cache_bytes", "Bytes held by prompt caches.",
+                               labels=["model"])
+        for model, nbytes in e.prompt_cache_bytes.items():
             pc.add_metric([model], float(nbytes))
         yield pc
         joins = CounterMetricFamily(
@@ -103,24 +110,26 @@ class _LiveCollector(Collector):
             "Requests that joined the batch; divided by batch_joins, the mean prefilled together.",
             labels=["model"],
         )
-        for model, (n_joins, n_joined) in s.get("batch_joins", {}).items():
+        for model, (n_joins, n_joined) in e.batch_joins.items():
             joins.add_metric([model], float(n_joins))
             joined.add_metric([model], float(n_joined))
         yield joins
         yield joined
         for name, doc, key in (
             ("helper_up", "1 when the helper node answers.", "helper_up"),
-            ("helper_circuit_open", "1 while the helper's circuit breaker is open.", "helper_open"),
+            ("helper_circuit_open", "1 while the helper's circuit breaker is open.",
+             "helper_open"),
         ):
             fam = GaugeMetricFamily(p + name, doc, labels=["helper"])
-            for helper, v in s.get(key, {}).items():
-                fam.add_metric([helper], float(v))
+            for helper, value in x.get(key, {}).items():
+                fam.add_metric([helper], float(value))
             yield fam
-        if "group_size" in s:
-            yield g("distributed_group_size", "Ranks in the distributed group.", s["group_size"])
-            yield g("distributed_ranks_healthy", "Ranks of the group known to be alive.", s["group_healthy"])
+        if "group_size" in x:
+            yield g("distributed_group_size", "Ranks in the distributed group.", x["group_size"])
+            yield g("distributed_ranks_healthy", "Ranks of the group known to be alive.",
+                    x["group_healthy"])
         info = InfoMetricFamily(p + "build", "Version and backend of this appliance.")
-        info.add_metric([], s["build"])
+        info.add_metric([], {"version": v.version, "backend": v.backend})
         yield info
 
 
@@ -192,7 +201,8 @@ class Metrics:
             await asyncio.sleep(interval)
             self.loop_lag.observe(max(0.0, loop.time() - t - interval))
 
-    def attach_live(self, read: Callable[[], dict[str, Any]]) -> None:
+    def watch(self, read: Callable[[], Vitals]) -> None:
+        """Read live gauges from `read` at every scrape."""
         self.registry.register(_LiveCollector(self.prefix, read))
 
     def reject(self, reason: str) -> None:

@@ -20,13 +20,11 @@ from typing import Any, Optional
 
 import uvicorn
 
-from .builder import Appliance
+from . import exits
+from .builder import Service
 
 log = logging.getLogger("appliance.server")
 
-# Exit status when the engine gives up (a model's generation thread kept dying): not 0, so
-# launchd / systemd restart the process, and not 2, which means a config error.
-FATAL_EXIT = 3
 # After the drain only the last bytes of finished streams are left to send.
 GRACE_AFTER_DRAIN_S = 2
 
@@ -34,17 +32,17 @@ GRACE_AFTER_DRAIN_S = 2
 class ApplianceServer(uvicorn.Server):
     """A uvicorn.Server whose signals drain the appliance instead of cutting it off."""
 
-    def __init__(self, config: uvicorn.Config, appliance: Appliance) -> None:
+    def __init__(self, config: uvicorn.Config, service: Service) -> None:
         super().__init__(config)
-        self.appliance = appliance
+        self.service = service
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._drain_task: Optional[asyncio.Task[None]] = None
         self.exit_code = 0
-        appliance.engine.on_fatal = self.fatal
+        service.engine.on_fatal = self.fatal
 
     def fatal(self, reason: str) -> None:
-        """The engine gave up (a model's reloads ran out): drain, then exit FATAL_EXIT."""
-        self.exit_code = FATAL_EXIT
+        """The engine gave up (a model's reloads ran out): drain, then exit exits.ENGINE_GAVE_UP."""
+        self.exit_code = exits.ENGINE_GAVE_UP
         if self._loop is not None:
             self._start_drain()
 
@@ -76,17 +74,15 @@ class ApplianceServer(uvicorn.Server):
 
     async def peer_failed(self) -> None:
         """Not ready at once, fail what is in flight, then exit non-zero for a group restart."""
-        from .engine.distributed import PEER_FAILED_EXIT
-
         log.error("a rank of the distributed group died: failing requests and exiting")
-        a = self.appliance
+        a = self.service
         if a.group is not None:
             a.group.failed_rank_seen = True
-        a.gate.draining = True
+        a.lifecycle.draining = True
         a.engine.fail_all("a rank of the distributed group died; the group is restarting")
         await asyncio.sleep(1.0)  # let error chunks and 503s reach the clients
         logging.shutdown()
-        os._exit(PEER_FAILED_EXIT)
+        os._exit(exits.PEER_FAILED)
 
     def _on_signal(self, sig: int, frame: Any) -> None:
         if self._drain_task is not None or self._loop is None:
@@ -102,8 +98,8 @@ class ApplianceServer(uvicorn.Server):
             self._drain_task = asyncio.ensure_future(self.drain())
 
     async def drain(self) -> None:
-        a = self.appliance
-        a.gate.draining = True
+        a = self.service
+        a.lifecycle.draining = True
         timeout = a.cfg.server.drain_timeout_s
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -130,15 +126,15 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def serve(appliance: Appliance) -> None:
+def serve(service: Service) -> None:
     """Serve until a signal has drained the appliance."""
-    cfg = appliance.cfg.server
+    cfg = service.cfg.server
     kwargs: dict[str, Any] = {}
     if cfg.tls.certfile and cfg.tls.keyfile:
         kwargs.update(ssl_certfile=cfg.tls.certfile, ssl_keyfile=cfg.tls.keyfile)
-    arrivals = appliance.engine.arrivals
+    arrivals = service.engine.arrivals
     config = uvicorn.Config(
-        arrivals.wrap(appliance.app),  # counts requests on their way to an engine (arrivals.py)
+        arrivals.wrap(service.app),  # counts requests on their way to an engine (arrivals.py)
         host=cfg.host,
         port=cfg.port,
         workers=1,
@@ -154,13 +150,13 @@ def serve(appliance: Appliance) -> None:
         ws="none",  # no WebSocket routes (and a WebSocket would count as arriving: arrivals.py)
         **kwargs,
     )
-    server = ApplianceServer(config, appliance)
+    server = ApplianceServer(config, service)
     arrivals.in_flight = lambda: len(server.server_state.tasks)
     server.run()
     if not server.started and not server.exit_code:
-        server.exit_code = FATAL_EXIT  # the lifespan or the listener failed to start
+        server.exit_code = exits.ENGINE_GAVE_UP  # the lifespan or the listener failed to start
     if server.exit_code:
         log.error("exiting with status %d", server.exit_code)
         sys.exit(server.exit_code)
-    if appliance.state is not None:
-        appliance.state.mark_clean()
+    if service.state is not None:
+        service.state.mark_clean()

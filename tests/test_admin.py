@@ -12,10 +12,8 @@ import httpx
 import pytest
 
 import appliance
-from appliance.__main__ import compose
-from appliance.api.admin import AdminHealth
 from appliance.builder import build
-from appliance.config import load
+from appliance.config import compose, load
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -216,25 +214,26 @@ def test_config_is_redacted(module_appliance: Any, http: httpx.Client) -> None:
     assert cfg["middleware"][0] == "request_id"
 
 
-def test_health_contributors_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Other components add reasons through Appliance.health_contributors and helper_status.
+def test_health_checks_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Other parts add reasons and sections to the health report through `Health`.
 
     Built in this process without starting it: no model is loaded, so the status is failing.
     """
     monkeypatch.setenv("LMX_ADMIN_KEY", ADMIN)
-    a = build(load(compose([])))
-    health = AdminHealth(a)
+    service = build(load(compose([])))
+    health = service.health
     assert health.report()["status"] == "failing"
 
-    a.health_contributors.append(lambda: None)
-    a.health_contributors.append(lambda: ("degraded", "helper rerank is slow"))
-    a.health_contributors.append(lambda: [("ok", "fine"), ("degraded", "cache is cold")])
+    health.add_check(lambda: None)
+    health.add_check(lambda: ("degraded", "helper rerank is slow"))
+    health.add_check(lambda: [("ok", "fine"), ("degraded", "cache is cold")])
 
     def broken() -> None:
         raise RuntimeError("boom")
 
-    a.health_contributors.append(broken)
-    a.helper_status["embedding"] = lambda: {"url": "http://10.0.0.2:8081", "up": True}
+    health.add_check(broken)
+    health.add_section("helpers", lambda: {"embedding": {"url": "http://10.0.0.2:8081",
+                                                         "up": True}})
     report = health.report()
     reasons = [(r["status"], r["reason"]) for r in report["reasons"]]
     assert ("failing", "no model is loaded") in reasons
@@ -244,7 +243,7 @@ def test_health_contributors_in_process(monkeypatch: pytest.MonkeyPatch) -> None
     assert all(s != "ok" for s, _ in reasons)
     assert report["status"] == "failing"
     assert report["helpers"] == {"embedding": {"url": "http://10.0.0.2:8081", "up": True}}
-    a.cfg.safe_mode_reason = "3 unclean starts in 60 s"
+    service.lifecycle.safe_mode_reason = "3 unclean starts in 60 s"
     assert ("degraded", "safe mode: 3 unclean starts in 60 s") in [
         (r["status"], r["reason"]) for r in health.report()["reasons"]
     ]

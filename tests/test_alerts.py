@@ -15,7 +15,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from appliance.dashboard import dashboard, expressions
+from appliance.recipes.grafana import dashboard, expressions
 
 ROOT = Path(__file__).resolve().parent.parent
 PROM = ROOT / "recipes" / "prometheus"

@@ -11,9 +11,8 @@ import httpx
 import openai
 import pytest
 
-from appliance.__main__ import compose
 from appliance.builder import _warn_exposure, build
-from appliance.config import load
+from appliance.config import compose, load
 from appliance.middleware import fingerprint
 
 pytestmark = pytest.mark.timeout(120)

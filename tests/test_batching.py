@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from appliance.engine import batching
+from appliance.engine.mlx_ext import batching
 
 pytestmark = pytest.mark.timeout(300)
 

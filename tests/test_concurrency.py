@@ -245,7 +245,7 @@ def test_a_burst_of_requests_is_prefilled_together(module_appliance: Any) -> Non
     from urllib.parse import urlsplit
 
     from appliance.bench import batch_joins
-    from appliance.engine.worker import RETURN_S
+    from appliance.engine.join import RETURN_S
 
     base = module_appliance.url
     where = urlsplit(base)

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from appliance.__main__ import compose
-from appliance.config import AppConfig, ConfigError, conf_dir, load
+from appliance.config import AppConfig, ConfigError, compose, conf_dir, load
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,4 +1,4 @@
-"""CUDA workarounds (appliance/engine/cuda.py): the unfused prefill attention used instead of
+"""CUDA workarounds (appliance/engine/mlx_ext/cuda.py): the unfused prefill attention used instead of
 cuDNN's per-shape graphs (the same numbers as MLX's fused attention, checked here on the CPU
 backend, and routing by size), the masked decode kernel's routing (here with the unfused
 attention standing in for the kernel, which needs CUDA; its numbers are checked against MLX on a
@@ -16,7 +16,8 @@ from typing import Any
 import mlx.core as mx
 import pytest
 
-from appliance.engine import cuda, memory
+from appliance.engine import memory
+from appliance.engine.mlx_ext import cuda
 
 pytestmark = pytest.mark.timeout(120)
 _UNFUSED = cuda.unfused_attention  # the reference, also where a test stands something in for it
@@ -58,7 +59,7 @@ def test_unfused_attention_matches_the_fused_kernel(hq: int, hk: int, lq: int, l
 def test_only_cuda_is_patched(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not cuda.install(1 << 27)  # this machine: the CPU backend
     assert cuda._state["original"] is None
-    monkeypatch.setattr(memory, "on_cuda", lambda: True)
+    monkeypatch.setattr(cuda, "on_cuda", lambda: True)
     assert not cuda.install(0)  # 0: off
 
 
@@ -71,7 +72,7 @@ def test_small_prefills_go_unfused_and_the_rest_to_mlx(monkeypatch: pytest.Monke
         return fused(q, k, v, **kw)
 
     monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", spy)
-    monkeypatch.setattr(memory, "on_cuda", lambda: True)
+    monkeypatch.setattr(cuda, "on_cuda", lambda: True)
     assert cuda.install(2 * 8 * 16 * 16)
     assert cuda.install(2 * 8 * 16 * 16)  # twice: still one wrapper
     assert cuda._state["original"] is spy
@@ -91,16 +92,19 @@ def test_small_prefills_go_unfused_and_the_rest_to_mlx(monkeypatch: pytest.Monke
 def test_the_server_sets_its_mlx_cuda_defaults_unless_told(
     name: str, given: Any, expected: str
 ) -> None:
-    """Cache-thrashing errors and CUDA graphs off (see appliance/engine/cuda.py)."""
+    """Cache-thrashing errors and CUDA graphs off (see appliance/engine/mlx_ext/cuda.py)."""
     env = {k: v for k, v in os.environ.items() if k != name}
     if given is not None:
         env[name] = given  # an operator's own value wins
     out = subprocess.run(
-        [sys.executable, "-c", f"import os, appliance.__main__; print(os.environ[{name!r}])"],
+        [sys.executable, "-c", "import os, appliance.__main__, appliance.main as m; "
+         f"print(os.environ.get({name!r}, '-')); m.prepare_process(); "
+         f"print(os.environ[{name!r}])"],
         env=env, capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == expected
+    # Importing the entry point changes nothing; the process's preparation sets the defaults.
+    assert out.stdout.split() == [given or "-", expected]
 
 
 def _reference(q: Any, k: Any, v: Any, scale: float, mask: Any) -> Any:
@@ -119,7 +123,7 @@ def _kernel_stood_in_for(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...
         return _reference(q, k, v, scale, mask)
 
     monkeypatch.setattr(cuda, "masked_decode_attention", stand_in)
-    monkeypatch.setattr(memory, "on_cuda", lambda: True)
+    monkeypatch.setattr(cuda, "on_cuda", lambda: True)
     return calls
 
 
@@ -217,7 +221,7 @@ def test_a_decode_kernel_that_fails_its_check_stays_off(
         return mx.zeros(q.shape, q.dtype)
 
     monkeypatch.setattr(cuda, "masked_decode_attention", broken)
-    monkeypatch.setattr(memory, "on_cuda", lambda: True)
+    monkeypatch.setattr(cuda, "on_cuda", lambda: True)
     with caplog.at_level("WARNING", logger="appliance.engine.cuda"):
         assert not cuda.install(0, decode_kernel=True)
     assert not cuda.decode_kernel_in_force()
@@ -235,7 +239,7 @@ def test_turning_both_off_gives_mlx_back_its_attention(monkeypatch: pytest.Monke
     calls: list[str] = []
     monkeypatch.setattr(cuda, "unfused_attention", lambda *a: calls.append("unfused"))
     monkeypatch.setattr(cuda, "masked_decode_attention", lambda *a: calls.append("kernel") or _reference(*a))
-    monkeypatch.setattr(memory, "on_cuda", lambda: True)
+    monkeypatch.setattr(cuda, "on_cuda", lambda: True)
     assert cuda.install(1 << 20, decode_kernel=True)
     assert cuda.decode_kernel_in_force()
     assert not cuda.install(0, decode_kernel=False)  # the last call's settings win

@@ -1,4 +1,4 @@
-"""docs/: profiles.md matches the schemas, operations.md has a runbook for every alert and names
+"""docs/: configuration.md and conf/config.yaml match the schema, operations.md has a runbook for every alert and names
 only files that exist."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from appliance import docgen
+from appliance.config import reference
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -25,34 +25,32 @@ def _anchors(md: str) -> set[str]:
     return {_slug(m.group(2)) for m in re.finditer(r"^(#+)\s+(.+)$", md, re.M)}
 
 
-def test_profiles_doc_matches_the_schemas() -> None:
-    committed = (DOCS / "profiles.md").read_text(encoding="utf-8")
-    assert committed == docgen.render_profiles_doc(), (
-        "docs/profiles.md is stale: run "
-        "`python -m appliance.recipes profiles-doc --out docs/profiles.md`"
-    )
+def test_base_yaml_and_reference_are_rendered_from_the_schema() -> None:
+    for path, text in reference.outputs(ROOT).items():
+        assert path.read_text(encoding="utf-8") == text, (
+            f"{path.relative_to(ROOT)} is stale: run `python -m appliance.config.reference --write`"
+        )
+
+
+def test_base_yaml_holds_exactly_the_schema_defaults() -> None:
+    """Loading the base YAML alone gives the schema's defaults: it is not a second source."""
+    from appliance.config import AppConfig, compose, load
+
+    assert load(compose([])) == AppConfig()
 
 
 def test_every_key_is_documented_with_default_and_range() -> None:
-    keys = docgen.keys()
-    paths = {k.path for k in keys}
+    keys = {k.path: k for k in reference.keys()}
     assert {"server.port", "limits.max_running", "models.catalog.<name>.max_tokens",
-            "service.caffeinate", "state.crash_loop.starts"} <= paths
-    by_path = {k.path: k for k in keys}
-    assert by_path["server.port"].default == 8080
-    assert by_path["server.port"].allowed == "1..65535"
-    assert by_path["limits.max_running"].allowed == ">= 1"
-    assert by_path["shedding.memory_percent"].default == 95.0
-    assert "lan | public" in by_path["security.exposure"].allowed
-    # The ranges come from validate() itself: every rule key it checks is a documented key
-    # (or a section whose keys carry the rule).
-    for rule in docgen.recorded_rules():
-        assert rule in paths or any(p.startswith(rule + ".") for p in paths), rule
-
-
-def test_descriptions_name_real_keys() -> None:
-    paths = {k.path for k in docgen.keys()}
-    assert set(docgen.DESCRIPTIONS) <= paths, set(docgen.DESCRIPTIONS) - paths
+            "service.caffeinate", "state.crash_loop.starts"} <= set(keys)
+    assert keys["server.port"].default == 8080
+    assert keys["server.port"].allowed == "1..65535"
+    assert keys["limits.max_running"].allowed == ">= 1"
+    assert keys["shedding.memory_percent"].default == 95.0
+    assert "lan | public" in keys["security.exposure"].allowed
+    assert "catalog name" in keys["models.default"].allowed
+    undocumented = [k.path for k in keys.values() if not k.help]
+    assert not undocumented, undocumented
 
 
 def test_every_alert_has_a_runbook() -> None:
@@ -76,7 +74,7 @@ def test_operations_covers_the_topics() -> None:
 
 
 def test_paths_named_in_the_docs_exist() -> None:
-    for doc in (DOCS / "operations.md", DOCS / "profiles.md", ROOT / "recipes" / "README.md"):
+    for doc in (DOCS / "operations.md", DOCS / "configuration.md", ROOT / "recipes" / "README.md"):
         text = doc.read_text(encoding="utf-8")
         for rel in set(re.findall(r"`((?:recipes|docs|conf|appliance)/[\w./-]+\.\w+)`", text)):
             if "NAME" not in rel:  # a placeholder

@@ -25,9 +25,8 @@ def _kill(url: str, model: str = "demo") -> None:
 
 
 def test_fault_route_is_off_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    from appliance.__main__ import compose
     from appliance.builder import build
-    from appliance.config import load
+    from appliance.config import compose, load
 
     monkeypatch.delenv("APPLIANCE_FAULT_INJECTION", raising=False)
     app = build(load(compose(["logging.file=none"]))).app

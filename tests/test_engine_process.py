@@ -48,7 +48,7 @@ def test_the_model_runs_in_a_child_process_and_answers_as_in_process(pair: tuple
     assert own.proc is not None and thread.proc is not None
     (engine,) = engines(own.proc.pid)
     assert engines(thread.proc.pid) == []
-    # The engine inherits the server's MLX settings (see appliance/engine/cuda.py).
+    # The engine inherits the server's MLX settings (see appliance/engine/mlx_ext/cuda.py).
     assert engine.environ().get("MLX_ENABLE_CACHE_THRASHING_CHECK") == "0"
     assert engine.environ().get("MLX_USE_CUDA_GRAPHS") == "0"
     prompts = ["Tell me about the valley", "A story about a fox", "Why is the sky blue?"]

@@ -18,7 +18,7 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
-from appliance.engine import fusion
+from appliance.engine.mlx_ext import fusion
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from appliance.config import HelperNode
-from appliance.helpers import CircuitBreaker, Helper
+from appliance.helper_nodes import CircuitBreaker, HelperClient
 
 from ._resilience import ADMIN_ENV, BASE, admin_get, metric, wait_until
 
@@ -56,7 +56,7 @@ def test_helper_retries_then_counts_one_failure_and_relays_client_errors() -> No
 
     counted: list[tuple[str, str]] = []
     node = HelperNode(url="http://helper:8080", retries=2, failure_threshold=2, model="embedder")
-    h = Helper("embedding", node, lambda role, status: counted.append((role, status)),
+    h = HelperClient("embedding", node, lambda role, status: counted.append((role, status)),
                httpx.MockTransport(handler))
 
     async def main() -> None:

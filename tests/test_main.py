@@ -16,9 +16,8 @@ import httpx
 import pytest
 from falcon.testing import ASGIConductor
 
-from appliance.__main__ import compose
 from appliance.builder import build
-from appliance.config import load
+from appliance.config import compose, load
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -16,9 +16,8 @@ import falcon.testing
 import httpx
 import pytest
 
-from appliance.__main__ import compose
 from appliance.builder import build
-from appliance.config import load
+from appliance.config import compose, load
 from appliance.middleware import fingerprint
 
 pytestmark = pytest.mark.timeout(120)

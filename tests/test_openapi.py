@@ -24,10 +24,9 @@ from schemathesis.specs.openapi.checks import (
     unsupported_method,
 )
 
-from appliance.__main__ import compose
 from appliance.api.openapi import spec
 from appliance.builder import build
-from appliance.config import load
+from appliance.config import compose, load
 
 pytestmark = pytest.mark.timeout(180)
 

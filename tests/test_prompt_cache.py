@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.__main__ import compose
-from appliance.config import load
+from appliance.config import compose, load
 from appliance.engine.service import Engine
 from appliance.engine.types import SamplingParams
 
@@ -83,8 +82,8 @@ def test_a_shared_prefix_is_reused_through_the_appliances_lookup_and_changes_not
     demo_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Another prompt after the same opening reuses the cached opening (the lookup of
-    engine/prompt_cache.py, not mlx-lm's), and greedy output is what it is without a cache."""
-    from appliance.engine.prompt_cache import PromptCache
+    engine/mlx_ext/prompt_cache.py, not mlx-lm's), and greedy output is what it is without a cache."""
+    from appliance.engine.mlx_ext.prompt_cache import PromptCache
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(demo_cache))
 
@@ -149,7 +148,7 @@ def test_the_lookup_reads_the_prompt_and_one_branch_not_every_cached_token() -> 
 
     from mlx_lm.models.cache import PromptTrie
 
-    from appliance.engine.prompt_cache import Trie
+    from appliance.engine.mlx_ext.prompt_cache import Trie
 
     rng = random.Random(7)
     opening = list(range(1, 101))
@@ -176,7 +175,7 @@ def test_the_lookup_agrees_with_mlx_lm_on_random_tries() -> None:
 
     from mlx_lm.models.cache import PromptTrie
 
-    from appliance.engine.prompt_cache import Trie
+    from appliance.engine.mlx_ext.prompt_cache import Trie
 
     rng = random.Random(3)
     for _ in range(600):
@@ -246,7 +245,7 @@ def test_a_cache_that_cant_be_trimmed_does_not_hide_one_that_can() -> None:
     import mlx.core as mx
     from mlx_lm.models.cache import RotatingKVCache
 
-    from appliance.engine.prompt_cache import PromptCache
+    from appliance.engine.mlx_ext.prompt_cache import PromptCache
 
     def entry(n: int) -> list[RotatingKVCache]:
         c = RotatingKVCache(max_size=16)

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from appliance import recipes
-from appliance.__main__ import compose
-from appliance.config import load
+from appliance.config import compose, load
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES = sorted(p.stem for p in (ROOT / "conf" / "profile").glob("*.yaml"))

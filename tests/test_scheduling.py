@@ -12,11 +12,10 @@ from typing import Any
 
 import pytest
 
-from appliance.__main__ import compose
-from appliance.config import load
+from appliance.config import compose, load
+from appliance.engine.join import RETURN_S
 from appliance.engine.service import Engine
 from appliance.engine.types import Generation, SamplingParams
-from appliance.engine.worker import RETURN_S
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -162,7 +161,7 @@ def test_a_request_waits_for_those_on_their_way_only_so_long(
     """While the HTTP front says a request is on its way (engine/arrivals.py), a new one waits
     for it; if it never arrives (it failed, the count is wrong), the new one starts after
     ARRIVING_WAIT_S, and at once when nothing is said to be coming."""
-    from appliance.engine.worker import ARRIVING_WAIT_S
+    from appliance.engine.join import ARRIVING_WAIT_S
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(demo_cache))
 

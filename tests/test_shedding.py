@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from appliance.api import errors as api_errors
-from appliance.builder import mlx_memory
 from appliance.config import SheddingConfig
+from appliance.engine import memory
 from appliance.middleware import LoadShedding
 
 pytestmark = pytest.mark.timeout(120)
@@ -71,7 +71,7 @@ class _Echo:
 
 
 def _app(cfg: SheddingConfig, reasons: list[str]) -> falcon.testing.TestClient:
-    app = falcon.asgi.App(middleware=[LoadShedding(cfg, reasons.append, lambda: mlx_memory()["mlx_active"])])
+    app = falcon.asgi.App(middleware=[LoadShedding(cfg, reasons.append, memory.mlx_active)])
     api_errors.install(app)
     app.add_route("/v1/completions", _Echo())
     app.add_route("/admin/models/load", _Echo())
@@ -84,7 +84,7 @@ def test_mlx_active_threshold() -> None:
 
     x = mx.ones((1024, 256))
     mx.eval(x)
-    active = mlx_memory()["mlx_active"]
+    active = memory.mlx_active()
     assert active is not None and active > 0
     reasons: list[str] = []
     over = _app(SheddingConfig(memory_percent=100, mlx_active_bytes=1), reasons)

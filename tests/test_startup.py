@@ -15,7 +15,7 @@ pytestmark = pytest.mark.timeout(120)
 PROBE = """
 import sys
 if sys.argv[1] == "hook":
-    from appliance import startup
+    from appliance.engine.mlx_ext import transformers_imports as startup
     startup.install()
 import transformers, hashlib
 names = sorted(dir(transformers))

@@ -14,8 +14,7 @@ import httpx
 import openai
 import pytest
 
-from appliance.__main__ import compose
-from appliance.config import ConfigError, load
+from appliance.config import ConfigError, compose, load
 
 pytestmark = pytest.mark.timeout(120)
 

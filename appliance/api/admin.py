@@ -10,37 +10,27 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import Any, Optional
 
 import falcon
 import falcon.asgi
 import orjson
 
-from .. import __version__
-from ..config import redacted
+from ..config import AppConfig, SecurityConfig, redacted
+from ..engine.service import Engine
 from ..errors import AdminClosed, InvalidRequest
-
-if TYPE_CHECKING:
-    from ..builder import Appliance
+from ..health import Health
 
 log = logging.getLogger("appliance.admin")
-
-# What a health contributor returns: None when all is well, one (status, reason) or several.
-# status is "ok", "degraded" or "failing"; the worst one found decides the overall status.
-HealthResult = Union[None, tuple[str, str], Iterable[tuple[str, str]]]
-HealthContributor = Callable[[], HealthResult]
-STATUSES = ("ok", "degraded", "failing")
 
 ADMIN_BODY_MAX = 64 * 1024
 UNLOAD_TIMEOUT_S = 30.0
 UNLOAD_TIMEOUT_MAX_S = 3600.0
 
 
-def _require_admin(req: falcon.asgi.Request, appliance: Appliance) -> None:
+def _require_admin(req: falcon.asgi.Request, sec: SecurityConfig) -> None:
     if getattr(req.context, "is_admin", False):
         return
-    sec = appliance.cfg.security
     if not sec.admin_keys:
         raise AdminClosed(
             f"the admin API is closed: no admin key is set; set {sec.admin_keys_env} "
@@ -88,12 +78,15 @@ def _model_name(body: dict[str, Any]) -> str:
 
 
 class _Admin:
-    def __init__(self, appliance: Appliance) -> None:
-        self.a = appliance
+    """What every admin resource takes: the engine and the config."""
+
+    def __init__(self, engine: Engine, cfg: AppConfig) -> None:
+        self.engine = engine
+        self.cfg = cfg
 
     def model_view(self, name: str) -> dict[str, Any]:
-        reg = self.a.engine.registry
-        models = self.a.cfg.models
+        reg = self.engine.registry
+        models = self.cfg.models
         spec = reg.spec(name)
         info = reg.info(name)
         worker = reg.worker(name)
@@ -121,15 +114,15 @@ class AdminModels(_Admin):
     """GET /admin/models: every catalog model with its state and usage."""
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        _require_admin(req, self.a)
-        reg = self.a.engine.registry
+        _require_admin(req, self.cfg.security)
+        reg = self.engine.registry
         _json(
             resp,
             {
                 "object": "list",
                 "data": [self.model_view(info.name) for info in reg.infos()],
                 "loaded": reg.loaded(),
-                "default": self.a.cfg.models.default,
+                "default": self.cfg.models.default,
             },
         )
 
@@ -138,9 +131,9 @@ class AdminLoad(_Admin):
     """POST /admin/models/load {"model": NAME}: load a catalog model (no-op when loaded)."""
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        _require_admin(req, self.a)
+        _require_admin(req, self.cfg.security)
         name = _model_name(await _read_object(req, ("model",)))
-        reg = self.a.engine.registry
+        reg = self.engine.registry
         reg.spec(name)  # 404 before any work
         was_loaded = reg.worker(name) is not None
         t0 = time.perf_counter()
@@ -155,7 +148,7 @@ class AdminUnload(_Admin):
     requests of that model up to timeout_s, then fail the rest and stop it."""
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        _require_admin(req, self.a)
+        _require_admin(req, self.cfg.security)
         body = await _read_object(req, ("model", "timeout_s"))
         name = _model_name(body)
         timeout = body.get("timeout_s", UNLOAD_TIMEOUT_S)
@@ -168,7 +161,7 @@ class AdminUnload(_Admin):
                 f"'timeout_s' must be a number of seconds in 0..{UNLOAD_TIMEOUT_MAX_S:g}",
                 param="timeout_s",
             )
-        reg = self.a.engine.registry
+        reg = self.engine.registry
         reg.spec(name)
         worker = reg.worker(name)
         in_flight = worker.active_count if worker is not None else 0
@@ -187,110 +180,16 @@ class AdminUnload(_Admin):
         )
 
 
-def _normalise(result: HealthResult) -> list[tuple[str, str]]:
-    if result is None:
-        return []
-    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], str):
-        items: list[Any] = [result]
-    else:
-        items = list(result)
-    out = []
-    for item in items:
-        status, reason = item
-        out.append((status if status in STATUSES else "degraded", str(reason)))
-    return out
-
-
-class AdminHealth(_Admin):
+class AdminHealth:
     """GET /admin/health: ok / degraded / failing with reasons, and the figures behind them."""
 
-    def checks(self, live: dict[str, Any]) -> list[tuple[str, str]]:
-        """The built-in checks, then every contributor on `Appliance.health_contributors`."""
-        a = self.a
-        out: list[tuple[str, str]] = []
-        infos = a.engine.registry.infos()
-        if live["models_loaded"] == 0:
-            loading = [i.name for i in infos if i.state == "loading"]
-            if loading:
-                out.append(("degraded", f"no model is loaded yet; loading: {', '.join(loading)}"))
-            else:
-                out.append(("failing", "no model is loaded"))
-        for info in infos:
-            if info.state == "failed":
-                out.append(("degraded", f"model {info.name} failed: {info.error}"))
-        if a.gate.draining:
-            out.append(("degraded", "draining before exit: new inference is refused"))
-        if a.cfg.safe_mode_reason:
-            out.append(("degraded", f"safe mode: {a.cfg.safe_mode_reason}"))
-        shed = a.cfg.shedding
-        percent = live["system_memory_percent"]
-        if percent >= shed.memory_percent:
-            out.append(
-                ("degraded", f"shedding inference: system memory {percent:.0f}% >= {shed.memory_percent:g}%")
-            )
-        active = live["memory"].get("mlx_active")
-        if shed.mlx_active_bytes is not None and active is not None and active >= shed.mlx_active_bytes:
-            out.append(
-                ("degraded", f"shedding inference: MLX active memory {active} >= {shed.mlx_active_bytes} bytes")
-            )
-        if live["max_queued"] and live["waiting"] >= live["max_queued"]:
-            out.append(("degraded", "the admission queue is full: new requests get 429"))
-        for fn in a.health_contributors:
-            try:
-                out.extend(_normalise(fn()))
-            except Exception as exc:  # a broken check must not break the health report
-                log.exception("health contributor failed")
-                out.append(("degraded", f"health check {getattr(fn, '__name__', fn)!s} failed: {exc}"))
-        return out
-
-    @staticmethod
-    def _sections(providers: dict[str, Callable[[], Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name, fn in providers.items():
-            try:
-                out[name] = fn()
-            except Exception as exc:  # one broken section must not break the report
-                out[name] = {"error": str(exc)}
-        return out
-
-    def report(self) -> dict[str, Any]:
-        a = self.a
-        live = a.live()
-        checks = self.checks(live)
-        worst = max((STATUSES.index(s) for s, _ in checks), default=0)
-        mem = live["memory"]
-        return {
-            "status": STATUSES[worst],
-            "reasons": [{"status": s, "reason": r} for s, r in checks if s != "ok"],
-            "system_memory_percent": live["system_memory_percent"],
-            "memory_bytes": {
-                "rss": mem.get("rss"),
-                "mlx_active": mem.get("mlx_active"),
-                "mlx_peak": mem.get("mlx_peak"),
-                "mlx_cache": mem.get("mlx_cache"),
-            },
-            "models_loaded": a.engine.registry.loaded(),
-            "requests": {
-                "running": live["running"],
-                "waiting": live["waiting"],
-                "max_running": live["max_running"],
-                "max_queued": live["max_queued"],
-            },
-            "generation_threads_alive": live["threads_alive"],
-            "helpers": self._sections(a.helper_status),
-            "uptime_s": round(live["uptime"], 3),
-            "version": __version__,
-            "backend": live["build"].get("backend"),
-            "safe_mode": bool(a.cfg.safe_mode_reason),
-            "safe_mode_reason": a.cfg.safe_mode_reason,
-            "draining": a.gate.draining,
-            # Sections other parts add (state file and recovery, maintenance tasks, ...).
-            **self._sections(a.health_details),
-        }
+    def __init__(self, health: Health, security: SecurityConfig) -> None:
+        self.health = health
+        self.security = security
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        _require_admin(req, self.a)
-        _json(resp, self.report())
+        _require_admin(req, self.security)
+        _json(resp, self.health.report())
 
 
 _URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
@@ -326,36 +225,24 @@ def _redact_all(obj: Any) -> Any:
 class AdminConfig(_Admin):
     """GET /admin/config: the composed config with every secret redacted."""
 
-    def __init__(self, appliance: Appliance) -> None:
-        super().__init__(appliance)
+    def __init__(self, engine: Engine, cfg: AppConfig) -> None:
+        super().__init__(engine, cfg)
         self._body: Optional[bytes] = None  # the config does not change while the process runs
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        _require_admin(req, self.a)
+        _require_admin(req, self.cfg.security)
         if self._body is None:
-            sec = self.a.cfg.security
+            sec = self.cfg.security
             secrets = [k for k in (*sec.admin_keys, *sec.api_keys) if k]
-            self._body = orjson.dumps(_scrub(redacted(self.a.cfg), secrets))
+            self._body = orjson.dumps(_scrub(redacted(self.cfg), secrets))
         resp.content_type = falcon.MEDIA_JSON
         resp.data = self._body
 
 
-def add_routes(app: falcon.asgi.App, appliance: Appliance) -> None:
+def add_routes(app: falcon.asgi.App, engine: Engine, health: Health, cfg: AppConfig) -> None:
     """Register every /admin route."""
-    app.add_route("/admin/models", AdminModels(appliance))
-    app.add_route("/admin/models/load", AdminLoad(appliance))
-    app.add_route("/admin/models/unload", AdminUnload(appliance))
-    app.add_route("/admin/health", AdminHealth(appliance))
-    app.add_route("/admin/config", AdminConfig(appliance))
-
-
-__all__ = [
-    "AdminConfig",
-    "AdminHealth",
-    "AdminLoad",
-    "AdminModels",
-    "AdminUnload",
-    "HealthContributor",
-    "HealthResult",
-    "add_routes",
-]
+    app.add_route("/admin/models", AdminModels(engine, cfg))
+    app.add_route("/admin/models/load", AdminLoad(engine, cfg))
+    app.add_route("/admin/models/unload", AdminUnload(engine, cfg))
+    app.add_route("/admin/health", AdminHealth(health, cfg.security))
+    app.add_route("/admin/config", AdminConfig(engine, cfg))

@@ -20,8 +20,9 @@ import orjson
 from ..engine import embed as emb
 from ..engine.service import Engine
 from ..errors import HelperUnavailable, InvalidRequest
-from ..helpers import Helpers
-from .openai import Gate, read_json
+from ..helper_nodes import HelperNodes
+from ..lifecycle import Lifecycle
+from .openai import read_json
 
 MAX_INPUTS = 2048
 MAX_DOCUMENTS = 1000
@@ -151,9 +152,9 @@ def _vectors_from(answer: Any) -> list[list[float]]:
 
 
 class _Base:
-    def __init__(self, engine: Engine, gate: Gate, helpers: Helpers, max_body_bytes: int) -> None:
+    def __init__(self, engine: Engine, lifecycle: Lifecycle, helpers: HelperNodes, max_body_bytes: int) -> None:
         self.engine = engine
-        self.gate = gate
+        self.lifecycle = lifecycle
         self.helpers = helpers
         self.max_body_bytes = max_body_bytes
 
@@ -194,7 +195,7 @@ class Embeddings(_Base):
     """POST /v1/embeddings."""
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        self.gate.check()
+        self.lifecycle.check()
         body = await read_json(req, self.max_body_bytes)
         parsed = parse_embeddings(body)
         if await self.relayed(req, resp, "embedding", "/v1/embeddings", parsed.model, body):
@@ -216,7 +217,7 @@ class Rerank(_Base):
     """POST /v1/rerank: {model, query, documents, top_n, return_documents} -> results by score."""
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        self.gate.check()
+        self.lifecycle.check()
         body = await read_json(req, self.max_body_bytes)
         parsed = parse_rerank(body)
         if await self.relayed(req, resp, "rerank", "/v1/rerank", parsed.model, body):

@@ -19,28 +19,12 @@ from ..engine.service import Engine
 from ..engine.text import TextStream
 from ..engine.types import Generation
 from ..errors import ApplianceError, BodyTooLarge, ClientGone, Forbidden, RequestTimeout
+from ..lifecycle import Lifecycle
 from ..logs import new_id
 from .errors import body_of
 from .parsing import Common, check_vocab, decode_json, parse_chat, parse_completion
 
 log = logging.getLogger("appliance.api")
-
-# While a stream waits (a long prefill), an SSE comment each engine tick (TICK_S) lets a gone
-# client be noticed.
-
-
-class Gate:
-    """Whether new inference is accepted (not draining); set by the lifecycle."""
-
-    def __init__(self) -> None:
-        self.draining = False
-
-    def check(self) -> None:
-        if self.draining:
-            from ..errors import Draining
-
-            raise Draining("the server is shutting down; retry on another instance", retry_after=5)
-
 
 async def read_json(req: falcon.asgi.Request, max_bytes: int) -> dict[str, Any]:
     """The body as a JSON object; 413 past max_bytes without reading the rest."""
@@ -88,9 +72,9 @@ class _Out:
 class Generate:
     """The shared path of /v1/chat/completions and /v1/completions."""
 
-    def __init__(self, engine: Engine, gate: Gate, max_body_bytes: int) -> None:
+    def __init__(self, engine: Engine, lifecycle: Lifecycle, max_body_bytes: int) -> None:
         self.engine = engine
-        self.gate = gate
+        self.lifecycle = lifecycle
         self.max_body_bytes = max_body_bytes
 
     async def begin(
@@ -116,7 +100,7 @@ class Generate:
         prompt_of: Callable[[Any], list[int]],
         raw_prompt: Any,
     ) -> tuple[Generation, Any]:
-        self.gate.check()
+        self.lifecycle.check()
         if common.high_priority and not getattr(req.context, "is_admin", False):
             raise Forbidden("priority 'high' needs the admin key", param="priority")
         name = self.engine.resolve_name(common.model)

@@ -578,7 +578,7 @@ ADMIN_HEALTH: Schema = {
 }
 ADMIN_CONFIG: Schema = {
     "type": "object",
-    "description": "The composed config, every key and secret redacted (see docs/profiles.md).",
+    "description": "The composed config, every key and secret redacted (see docs/configuration.md).",
     "required": ["server", "models", "limits", "security"],
     "properties": {
         "security": {

@@ -8,10 +8,10 @@ import orjson
 
 from ..engine.service import Engine
 from ..errors import Draining, NotReady
-from .openai import Gate
+from ..lifecycle import Lifecycle
 
 
-class Health:
+class Live:
     """GET /healthz: 200 while the process serves."""
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
@@ -22,12 +22,12 @@ class Health:
 class Ready:
     """GET /readyz: 200 when a model is loaded and work is accepted, else 503."""
 
-    def __init__(self, engine: Engine, gate: Gate) -> None:
+    def __init__(self, engine: Engine, lifecycle: Lifecycle) -> None:
         self.engine = engine
-        self.gate = gate
+        self.lifecycle = lifecycle
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        if self.gate.draining:
+        if self.lifecycle.draining:
             raise Draining("the server is draining", retry_after=5)
         if self.engine.reloading:
             names = ", ".join(sorted(self.engine.reloading))

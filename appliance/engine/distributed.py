@@ -18,7 +18,6 @@ log = logging.getLogger("appliance.distributed")
 
 RANK_ENV = "APPLIANCE_RANK"
 SIZE_ENV = "APPLIANCE_WORLD_SIZE"
-PEER_FAILED_EXIT = 3  # rank 0 exits with this when another rank died
 
 
 def world() -> tuple[int, int]:
@@ -116,7 +115,7 @@ def run_follower(models: Any) -> int:
     """The whole life of a rank other than 0: load its shard of models.default, then follow."""
     import asyncio
 
-    from .registry import resolve_path
+    from .paths import resolve_path
     from .worker import ModelWorker, batching
 
     grp = group()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import functools
 import time
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import psutil
+
+from .mlx_ext.cuda import on_cuda
 
 SYSTEM_TTL_S = 0.05  # one /proc/meminfo read serves every request within 50 ms
 _system: tuple[float, Any] = (0.0, None)
@@ -22,17 +25,6 @@ def system_memory() -> Any:
         value = psutil.virtual_memory()
         _system = (now, value)
     return value
-
-
-@functools.cache
-def on_cuda() -> bool:
-    """Whether MLX computes on an NVIDIA GPU here (read once)."""
-    try:
-        import mlx.core as mx
-
-        return bool(mx.default_device() == mx.gpu and mx.cuda.is_available())
-    except Exception:  # no MLX backend, or an MLX without the CUDA module
-        return False
 
 
 @functools.cache
@@ -101,3 +93,22 @@ def free_bytes() -> int:
     if total:
         return total - mlx_active()
     return int(system_memory().available)
+
+
+@dataclass(frozen=True)
+class MemoryStats:
+    """Memory at one moment: the process's RSS, MLX's active / peak / cache bytes (None where
+    there is no MLX) and the system's use in percent."""
+
+    rss: int
+    mlx_active: Optional[int]
+    mlx_peak: Optional[int]
+    mlx_cache: Optional[int]
+    system_percent: float
+
+
+def snapshot() -> MemoryStats:
+    mlx = mlx_memory()
+    active, peak, cache = mlx if mlx is not None else (None, None, None)
+    return MemoryStats(psutil.Process().memory_info().rss, active, peak, cache,
+                       float(psutil.virtual_memory().percent))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -14,62 +13,14 @@ from ..config import ModelsConfig, ModelSpec
 from ..errors import EngineFailure, InsufficientMemory, ModelLoadError, ModelNotFound
 from . import distributed
 from .memory import free_bytes, mlx_active
+from .paths import estimate_bytes, kv_bytes_per_token, resolve_path
 from .process import AnyWorker, ProcessWorker
 from .types import ModelInfo
 from .worker import ModelWorker, batching
 
 log = logging.getLogger("appliance.engine")
 
-DEMO_PREFIX = "builtin:"
 Listener = Callable[[str, str, dict[str, Any]], None]  # (event, model, details)
-
-
-def resolve_path(spec: ModelSpec, demo_base: Optional[str]) -> Path:
-    """A catalog path to a local folder: builds the demo model, finds cached hub ids.
-
-    Never downloads: a hub id missing from the local cache fails at once.
-    """
-    if spec.path.startswith(DEMO_PREFIX):
-        if spec.path != "builtin:demo":
-            raise ModelLoadError(f"unknown builtin model {spec.path!r}; allowed: builtin:demo")
-        from .demo import ensure_demo_model
-
-        return ensure_demo_model(demo_base, shape=spec.demo_shape)
-    local = Path(spec.path).expanduser()
-    if local.is_dir():
-        return local
-    if local.is_absolute() or spec.path.startswith(("~", ".")) or spec.path.count("/") != 1:
-        raise ModelLoadError(f"model folder {spec.path!r} does not exist")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(spec.path, local_files_only=True))
-    except Exception:
-        raise ModelLoadError(
-            f"{spec.path!r} is not a local folder and is not in the local Hugging Face cache; "
-            "the appliance does not download models: fetch it first or give a folder"
-        ) from None
-
-
-def estimate_bytes(path: Path, spec: ModelSpec) -> int:
-    """Weights on disk plus the KV cache of one full context, from config.json."""
-    weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    return weights + kv_bytes_per_token(path) * spec.context_length
-
-
-def kv_bytes_per_token(path: Path) -> int:
-    """KV cache bytes per token (2 * layers * kv_heads * head_dim * dtype), 0 when unknown."""
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-        text_cfg = cfg.get("text_config", cfg)
-        layers = int(text_cfg["num_hidden_layers"])
-        heads = int(text_cfg["num_attention_heads"])
-        kv_heads = int(text_cfg.get("num_key_value_heads", heads))
-        head_dim = int(text_cfg.get("head_dim") or text_cfg["hidden_size"] // heads)
-        dtype_bytes = 2 if str(text_cfg.get("torch_dtype", "bfloat16")) != "float32" else 4
-        return 2 * layers * kv_heads * head_dim * dtype_bytes
-    except (OSError, KeyError, ValueError, TypeError, ZeroDivisionError):
-        return 0
 
 
 class ModelRegistry:

@@ -14,7 +14,7 @@ from .arrivals import Arrivals
 from .memory import free_bytes, mlx_active
 from .process import AnyWorker
 from .registry import ModelRegistry
-from .types import Generation, SamplingParams
+from .types import EngineStats, Generation, SamplingParams
 
 log = logging.getLogger("appliance.engine")
 
@@ -45,6 +45,26 @@ class Engine:
         self._reloads: set[asyncio.Task[None]] = set()
         self.registry.on_death = self._on_death
         self.registry.memory_limit = limits.mlx_memory_limit_bytes
+
+    def stats(self) -> EngineStats:
+        """A snapshot of the engine's state (admission, loaded models, caches, joins)."""
+        reg, adm = self.registry, self.admission
+        caches: dict[str, int] = {}
+        joins: dict[str, tuple[int, int]] = {}
+        loaded = reg.loaded()
+        for name in loaded:
+            w = reg.worker(name)
+            if w is None:
+                continue
+            if w.prompt_cache is not None:
+                caches[name] = int(w.prompt_cache.nbytes)
+            joins[name] = (w.stats["joins"], w.stats["joined"])
+        return EngineStats(
+            running=adm.running, waiting=adm.waiting, max_running=adm.max_running,
+            max_queued=adm.max_queued, models_loaded=tuple(loaded),
+            threads_alive=reg.threads_alive(), reloading=tuple(sorted(self.reloading)),
+            prompt_cache_bytes=caches, batch_joins=joins,
+        )
 
     def observe(self, observer: RequestObserver) -> None:
         self._observers.append(observer)

@@ -49,6 +49,7 @@ class Generation:
     """
 
     __slots__ = (
+        "rid",
         "model",
         "prompt_tokens",
         "params",
@@ -74,6 +75,7 @@ class Generation:
     def __init__(
         self, model: str, prompt_tokens: list[int], params: SamplingParams
     ) -> None:
+        self.rid = 0  # set by the worker it is submitted to
         self.model = model
         self.prompt_tokens = prompt_tokens
         self.params = params
@@ -216,3 +218,19 @@ class ModelInfo:
     requests_served: int = 0
     error: Optional[str] = None
     extra: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What the engine is doing at one moment, for health, metrics and the admin API."""
+
+    running: int
+    waiting: int
+    max_running: int
+    max_queued: int
+    models_loaded: tuple[str, ...]
+    threads_alive: int
+    reloading: tuple[str, ...]
+    # Per loaded model: prompt cache bytes, and (joins, requests joined) of its batch.
+    prompt_cache_bytes: dict[str, int] = field(default_factory=dict)
+    batch_joins: dict[str, tuple[int, int]] = field(default_factory=dict)

@@ -2,14 +2,15 @@
 
 Everything MLX happens on this thread (streams belong to the thread that made them): load,
 prefill, decode, embeddings and memory estimates. Requests join the running batch between
-steps and leave it when finished or cancelled. Each decode step is handed to the event loop
-in one `call_soon_threadsafe`, not one per token per request.
+steps (when, `join.JoinPolicy` decides) and leave it when finished or cancelled. The thread
+reads `commands` from its inbox; each decode step is handed to the event loop in one
+`call_soon_threadsafe`, not one per token per request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
+import itertools
 import logging
 import queue
 import threading
@@ -19,62 +20,14 @@ from concurrent.futures import Future
 from typing import Any, Optional
 
 from ..errors import EngineFailure
-from . import cuda
+from .commands import Call, Cancel, Command, Fault, Stop, Submit
+from .join import JoinPolicy
 from .memory import on_cuda
+from .mlx_ext import cuda
+from .sampling import make_processors, make_sampler
 from .types import Generation, SamplingParams, TopLogprob
 
 log = logging.getLogger("appliance.engine")
-
-_STOP = object()
-# An ended sequence counts as a client about to come back (see the join window) this long.
-RETURN_S = 0.5
-# While the HTTP front holds requests on their way to the engine (arrivals.py), a waiting
-# request waits for them this long at most (join_window_s if longer), looking every POLL_S.
-ARRIVING_WAIT_S = 0.1
-POLL_S = 0.002
-# An idle engine that nobody is expected back to waits this long after the latest arrival for
-# another (up to ARRIVING_WAIT_S in all): a burst reaches the front over several loop turns, and
-# requests still in the sockets are in no count.
-SETTLE_S = 0.005
-
-
-def _make_sampler(p: SamplingParams) -> Optional[Callable[[Any], Any]]:
-    """None for greedy (the batch then shares one argmax), else mlx_lm's sampler chain."""
-    if p.greedy:
-        return None
-    import mlx.core as mx
-    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_sampler
-
-    if p.seed is None:
-        return make_sampler(temp=p.temperature, top_p=p.top_p, min_p=p.min_p, top_k=p.top_k)
-    # A seeded request draws from its own key, so its output repeats whatever else runs.
-    state = {"key": mx.random.key(p.seed)}
-
-    def seeded(logprobs: Any) -> Any:
-        if 0 < p.top_p < 1.0:
-            logprobs = apply_top_p(logprobs, p.top_p)
-        if p.min_p:
-            logprobs = apply_min_p(logprobs, p.min_p)
-        if p.top_k > 0:
-            logprobs = apply_top_k(logprobs, p.top_k)
-        key, sub = mx.random.split(state["key"])
-        state["key"] = key
-        return mx.random.categorical(logprobs * (1 / p.temperature), key=sub)
-
-    return seeded
-
-
-def _make_processors(p: SamplingParams) -> list[Any]:
-    if not (p.logit_bias or p.repetition_penalty or p.presence_penalty or p.frequency_penalty):
-        return []
-    from mlx_lm.sample_utils import make_logits_processors
-
-    return make_logits_processors(
-        logit_bias=dict(p.logit_bias) if p.logit_bias else None,
-        repetition_penalty=p.repetition_penalty,
-        presence_penalty=p.presence_penalty,
-        frequency_penalty=p.frequency_penalty,
-    )
 
 
 def batching(spec: Any) -> dict[str, Any]:
@@ -156,10 +109,11 @@ class ModelWorker(WorkerThread):
         self._on_death = on_death
         self._link = link  # distributed.Link on rank 0 of a group, else None
         self._arriving = arriving  # requests the HTTP front holds on their way here (arrivals.py)
-        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._active: dict[int, Generation] = {}
-        # Submitted, not in the batch yet (the join window), with the time each arrived.
-        self._waiting: list[tuple[Generation, float]] = []
+        self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        # Submitted and not finished, by request id (added on the loop, removed on this thread).
+        self._gens: dict[int, Generation] = {}
+        self._calls: dict[int, Future[Any]] = {}
+        self._ids = itertools.count(1)
         self._thread = threading.Thread(target=self._run, name=f"gen-{name}", daemon=True)
         self._loaded: Future[None] = Future()
         self.model: Any = None
@@ -172,29 +126,33 @@ class ModelWorker(WorkerThread):
     # -- lifecycle (called from the event loop)
     @property
     def active_count(self) -> int:
-        return len(self._active) + len(self._waiting)
+        return len(self._gens)
 
-    def submit(self, gen: Generation) -> None:
-        """Queue a generation to join the batch at the next step."""
+    def submit(self, gen: Generation, rid: Optional[int] = None) -> None:
+        """Queue a generation to join the batch at the next step (`rid`: the caller's id)."""
         if not self.alive:
             gen.fail(EngineFailure(f"model {self.name!r} is not running"))
             return
-        gen._cancel = lambda: self._inbox.put(("cancel", gen))
-        self._inbox.put(("submit", gen))
+        gen.rid = rid = next(self._ids) if rid is None else rid
+        self._gens[rid] = gen
+        gen._cancel = lambda: self._inbox.put(Cancel(rid))
+        self._inbox.put(Submit(rid, gen.prompt_tokens, gen.params))
 
     def call(self, fn: Callable[[Any, Any], Any]) -> Future[Any]:
         """Run fn(model, tokenizer) on the generation thread between steps (embeddings, ...)."""
         fut: Future[Any] = Future()
-        self._inbox.put(("call", fn, fut))
+        cid = next(self._ids)
+        self._calls[cid] = fut
+        self._inbox.put(Call(cid, fn))
         return fut
 
     def inject_fault(self, exc: BaseException) -> None:
         """Testing only (reached through APPLIANCE_FAULT_INJECTION=1, never by default): make the
-        generation thread raise `exc` between steps, as a real failure there would."""
-        self._inbox.put(("fault", exc))
+        generation thread raise between steps, as a real failure there would."""
+        self._inbox.put(Fault(str(exc)))
 
     def stop(self) -> None:
-        self._inbox.put(_STOP)
+        self._inbox.put(Stop())
 
     def join(self, timeout: Optional[float] = None) -> None:
         if self._thread.is_alive():
@@ -224,9 +182,8 @@ class ModelWorker(WorkerThread):
             log.exception("generation thread of %s died", self.name)
             self.dead = exc
             err = EngineFailure(f"the generation thread of model {self.name!r} failed: {exc}")
-            victims = [*self._active.values(), *(g for g, _ in self._waiting)]
-            self._active.clear()
-            self._waiting.clear()
+            victims = list(self._gens.values())
+            self._gens.clear()
             self._out_fail(victims, err)
             self._drain_after_death(err)
             self._out_death(exc)
@@ -238,47 +195,41 @@ class ModelWorker(WorkerThread):
             self.model = self.tokenizer = self.prompt_cache = None
 
     def _drain_after_death(self, err: BaseException) -> None:
+        """Answer the calls still queued after the thread died (their requests failed above)."""
         while True:
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if item is _STOP:
+            if isinstance(item, Stop):
                 return
-            if item[0] == "submit":
-                self._out_fail([item[1]], err)
-            elif item[0] == "call":
-                item[2].set_exception(err)
+            if isinstance(item, Call):
+                fut = self._calls.pop(item.cid, None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(err)
+
+    def _run_call(self, item: Call) -> None:
+        fut = self._calls.pop(item.cid, None)
+        if fut is not None and fut.set_running_or_notify_cancel():
+            try:
+                fut.set_result(item.fn(self.model, self.tokenizer))
+            except BaseException as exc:  # forwarded to the caller
+                fut.set_exception(exc)
 
     def _serve(self, gen: Any, mx: Any) -> None:
-        inbox = self._inbox
-        active = self._active
-        waiting = self._waiting
-        uid_of: dict[int, int] = {}  # id(Generation) -> uid
+        inbox, gens = self._inbox, self._gens
+        active: dict[int, int] = {}  # uid in the batch -> rid
+        uid_of: dict[int, int] = {}  # rid -> uid
+        waiting: list[tuple[Submit, float]] = []  # not in the batch yet, with arrival times
         link = self._link
         want_lp: set[int] = set()
-        window = self._join_window_s
-        longest = max(window, ARRIVING_WAIT_S)  # the wait for requests still in the front
-        # When each sequence ended whose client has not come back yet (closed-loop clients send
-        # their next request as soon as one ends): new arrivals wait, within the window, for as
-        # many as ended in the last RETURN_S; an end older than that no longer holds anyone.
-        ended: collections.deque[float] = collections.deque()
-        coming = 0  # requests on their way from the HTTP front, as last read
+        policy = JoinPolicy(self._join_window_s, self._prefill_batch_size,
+                            self._completion_batch_size)
         while True:
-            # Take every command waiting; block only when there is nothing to step, and then
-            # no longer than the oldest waiting request's join window (or the oldest end's
-            # RETURN_S, whichever comes first); while requests are still on their way from the
-            # front, look again every POLL_S (the count falls without a message here).
-            timeout: Optional[float] = None
-            if not active:
-                timeout = 0.5 if not waiting else waiting[0][1] + window - time.perf_counter()
-                if waiting and ended:  # or until the oldest end stops holding them
-                    timeout = min(timeout, ended[0] + RETURN_S - time.perf_counter())
-                if waiting and coming:
-                    timeout = min(POLL_S, waiting[0][1] + longest - time.perf_counter())
-                elif waiting and not ended:  # settling: until SETTLE_S after the latest arrival
-                    timeout = min(waiting[-1][1] + SETTLE_S, waiting[0][1] + longest) - time.perf_counter()
-            commands: list[Any] = []
+            # Take every command waiting; block only when there is nothing to step, and then no
+            # longer than the join policy allows.
+            timeout = policy.timeout(time.perf_counter(), len(active), [t for _, t in waiting])
+            commands: list[Command] = []
             while True:
                 try:
                     if timeout is not None and timeout > 0:
@@ -287,78 +238,56 @@ class ModelWorker(WorkerThread):
                         item = inbox.get_nowait()
                 except queue.Empty:
                     if timeout is not None and not waiting:
-                        ended.clear()  # idle for a while: nobody is coming back
+                        policy.idle()  # idle for a while: nobody is coming back
                         continue
                     break
                 timeout = None
-                if item is _STOP:
+                if isinstance(item, Stop):
                     commands.append(item)
                     break
-                kind = item[0]
-                if kind == "fault":  # testing only: see inject_fault
-                    raise item[1]
-                if kind == "call":
-                    fn, fut = item[1], item[2]
-                    if fut.set_running_or_notify_cancel():
-                        try:
-                            fut.set_result(fn(self.model, self.tokenizer))
-                        except BaseException as exc:  # forwarded to the caller
-                            fut.set_exception(exc)
-                    continue
-                if kind == "submit":
-                    if not item[1].done:
-                        waiting.append((item[1], time.perf_counter()))
-                    continue
-                if id(item[1]) in uid_of:  # cancel of a request in the batch
+                if isinstance(item, Fault):  # testing only: see inject_fault
+                    raise RuntimeError(item.message)
+                if isinstance(item, Call):
+                    self._run_call(item)
+                elif isinstance(item, Submit):
+                    g = gens.get(item.rid)
+                    if g is not None and not g.done:
+                        waiting.append((item, time.perf_counter()))
+                elif item.rid in uid_of:  # cancel of a request in the batch
                     commands.append(item)
-                elif waiting:  # cancel of one not in the batch yet (or already ended)
-                    waiting[:] = [w for w in waiting if w[0] is not item[1]]
-            # Join: requests that arrive together are prefilled together. Wait (at most the
-            # window) while fewer have arrived than just ended, and (at most `longest`) while
-            # more are on their way from the HTTP front and would fit, unless a prefill batch is
-            # full.
+                else:  # cancel of one not in the batch yet (or already ended)
+                    waiting[:] = [w for w in waiting if w[0].rid != item.rid]
+                    gens.pop(item.rid, None)
             now = time.perf_counter()
-            while ended and now - ended[0] > RETURN_S:
-                ended.popleft()
-            coming = settling = 0
-            if waiting and window > 0 and len(active) + len(waiting) < self._completion_batch_size:
-                coming = self._arriving()
-                settling = not active and not ended and now - waiting[-1][1] < SETTLE_S
-            if waiting and (
-                window <= 0
-                or len(waiting) >= self._prefill_batch_size
-                or now - waiting[0][1] >= (longest if coming or settling else window)
-                or (not coming and not settling and len(waiting) >= max(1, len(ended)))
-            ):
-                commands.extend(("submit", g) for g, _ in waiting if not g.done)
+            if policy.ready(now, len(active), [t for _, t in waiting], self._arriving):
+                commands.extend(w for w, _ in waiting if w.rid in gens)
                 self.stats["joins"] += 1
                 self.stats["joined"] += len(waiting)
-                for _ in range(min(len(waiting), len(ended))):
-                    ended.popleft()
+                policy.joined(len(waiting))
                 waiting.clear()
             if link is not None and (commands or active):
                 # The other ranks apply the same decisions to their batches, in this order.
-                link.share([_wire(c, uid_of) for c in commands] or None)
+                link.share(commands or None)
             for item in commands:
-                if item is _STOP:
-                    victims = [*active.values(), *(g for g, _ in waiting)]
-                    active.clear()
-                    waiting.clear()
+                if isinstance(item, Stop):
+                    victims = list(gens.values())
+                    gens.clear()
                     self._out_fail(victims, EngineFailure(f"model {self.name!r} was unloaded"))
                     return
-                g: Generation = item[1]
-                if item[0] == "submit":
-                    uid, g.cached_tokens = self._insert(gen, g.prompt_tokens, g.params)
-                    active[uid] = g
-                    uid_of[id(g)] = uid
-                    if g.params.logprobs:
+                if isinstance(item, Submit):
+                    uid, gens[item.rid].cached_tokens = self._insert(gen, item.prompt,
+                                                                     item.params)
+                    active[uid] = item.rid
+                    uid_of[item.rid] = uid
+                    if item.params.logprobs:
                         want_lp.add(uid)
-                else:  # cancel
-                    gone = uid_of.pop(id(g))
+                elif isinstance(item, Cancel):
+                    gone = uid_of.pop(item.rid)
                     active.pop(gone, None)
                     want_lp.discard(gone)
+                    gens.pop(item.rid, None)
                     gen.remove([gone])
-                    ended.append(time.perf_counter())
+                    policy.ended_at(time.perf_counter())
             if not active:
                 continue
             _, responses = gen.next()
@@ -367,8 +296,9 @@ class ModelWorker(WorkerThread):
             now = time.perf_counter()
             events = []
             for r in responses:
-                g2 = active.get(r.uid)
-                if g2 is None:
+                rid = active.get(r.uid)
+                g2 = gens.get(rid) if rid is not None else None
+                if rid is None or g2 is None:
                     continue
                 finish = r.finish_reason
                 token: Optional[int] = r.token
@@ -380,9 +310,10 @@ class ModelWorker(WorkerThread):
                 events.append((g2, token, finish, lp, top))
                 if finish is not None:
                     del active[r.uid]
-                    uid_of.pop(id(g2), 0)
+                    uid_of.pop(rid, None)
+                    gens.pop(rid, None)
                     want_lp.discard(r.uid)
-                    ended.append(now)
+                    policy.ended_at(now)
                     self._keep_cache(gen, r)
             self._out_step(events, now)
 
@@ -403,8 +334,8 @@ class ModelWorker(WorkerThread):
         from mlx_lm.generate import BatchGenerator
         from mlx_lm.models.cache import LRUPromptCache
 
-        from . import batching as fast
-        from . import fusion, prompt_cache
+        from .mlx_ext import batching as fast
+        from .mlx_ext import fusion, prompt_cache
 
         self.model, self.tokenizer = self._loader()
         fused = self._fuse()
@@ -454,7 +385,7 @@ class ModelWorker(WorkerThread):
         if self._link is not None:
             log.info("model %s: projections not fused (the model is split across ranks)", self.name)
             return 0
-        from . import fusion
+        from .mlx_ext import fusion
 
         t0 = time.perf_counter()
         n = fusion.fuse_projections(self.model)
@@ -485,24 +416,22 @@ class ModelWorker(WorkerThread):
         assert self._link is not None
         gen = self._load_and_make_generator()
         self._link.sync_seed()
-        active: set[int] = set()
+        uid_of: dict[int, int] = {}  # rank 0's request id -> uid in this rank's batch
         while True:
-            commands = self._link.share(None) or []
+            commands: list[Command] = self._link.share(None) or []
             for c in commands:
-                if c[0] == "x":
+                if isinstance(c, Stop):
                     return
-                if c[0] == "s":
-                    uid, _ = self._insert(gen, c[1], c[2])
-                    active.add(uid)
-                else:
-                    active.discard(c[1])
-                    gen.remove([c[1]])
-            if not active:
+                if isinstance(c, Submit):
+                    uid_of[c.rid], _ = self._insert(gen, c.prompt, c.params)
+                elif isinstance(c, Cancel) and c.rid in uid_of:
+                    gen.remove([uid_of.pop(c.rid)])
+            if not uid_of:
                 continue
             _, responses = gen.next()
             for r in responses:
                 if r.finish_reason is not None:
-                    active.discard(r.uid)
+                    uid_of = {k: u for k, u in uid_of.items() if u != r.uid}
                     self._keep_cache(gen, r)
 
     def _keep_cache(self, gen: Any, r: Any) -> None:
@@ -546,8 +475,8 @@ class ModelWorker(WorkerThread):
             max_tokens=[params.max_tokens],
             caches=[cache] if cache is not None else None,
             all_tokens=[prompt[:cached]],
-            samplers=[_make_sampler(params)],
-            logits_processors=[_make_processors(params)],
+            samplers=[make_sampler(params)],
+            logits_processors=[make_processors(params)],
         )
         return int(uid), cached
 
@@ -568,15 +497,6 @@ def _run_to_end(gen: Any, prompts: list[list[int]], max_tokens: list[int], **kw:
                     first = (r.prompt_cache, list(r.all_tokens))
     gen.remove(list(uids))
     return first
-
-
-def _wire(item: Any, uid_of: dict[int, int]) -> tuple[Any, ...]:
-    """A command as the other ranks receive it: no Python objects of this process."""
-    if item is _STOP:
-        return ("x",)
-    if item[0] == "submit":
-        return ("s", item[1].prompt_tokens, item[1].params)
-    return ("c", uid_of[id(item[1])])
 
 
 def _logprobs(

@@ -20,7 +20,7 @@ import psutil
 from ..config import AppConfig
 from ..engine.memory import mlx_active
 from ..engine.service import Engine
-from ..helpers import Helpers
+from ..helper_nodes import HelperNodes
 from ..state import StateStore
 
 log = logging.getLogger("appliance.tasks")
@@ -35,7 +35,7 @@ class TaskContext:
     cfg: AppConfig
     engine: Engine
     state: Optional[StateStore] = None
-    helpers: Optional[Helpers] = None
+    helpers: Optional[HelperNodes] = None
     degraded: dict[str, str] = field(default_factory=dict)
 
     def health(self) -> list[tuple[str, str]]:

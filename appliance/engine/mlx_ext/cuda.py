@@ -20,6 +20,7 @@ install. Only on CUDA; Metal and CPU are not patched.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any, Optional, cast
@@ -37,6 +38,17 @@ log = logging.getLogger(__name__)
 # ms in every process; over HTTP, servers in turn at 32 and 64 clients made 1.2-1.5x the tokens/s
 # with them off (BENCHMARKS.md). Set before MLX builds any cache; an operator's own value wins.
 MLX_ENV_DEFAULTS = {"MLX_ENABLE_CACHE_THRASHING_CHECK": "0", "MLX_USE_CUDA_GRAPHS": "0"}
+
+
+@functools.cache
+def on_cuda() -> bool:
+    """Whether MLX computes on an NVIDIA GPU here (read once)."""
+    try:
+        import mlx.core as mx
+
+        return bool(mx.default_device() == mx.gpu and mx.cuda.is_available())
+    except Exception:  # no MLX backend, or an MLX without the CUDA module
+        return False
 
 
 def mlx_env_defaults() -> None:
@@ -421,8 +433,6 @@ def install(max_elements: int, decode_kernel: bool = False) -> bool:
     kernel is checked once first (probe_decode_kernel); if it fails, a warning says why and
     decode attention stays MLX's. Returns whether either is in force (False off CUDA, or with
     max_elements 0 and no decode kernel); `decode_kernel_in_force()` tells which."""
-    from .memory import on_cuda
-
     _state["max_elements"] = max(0, max_elements)
     _state["decode_kernel"] = False
     if (max_elements <= 0 and not decode_kernel) or not on_cuda():

@@ -7,7 +7,6 @@ they come from a keys file the service reads at start (see recipes/README.md).
     python -m appliance.recipes launchd +profile=mono512            # a LaunchAgent plist
     python -m appliance.recipes systemd +profile=mono512            # a systemd unit
     python -m appliance.recipes render --out recipes                # the shipped examples
-    python -m appliance.recipes profiles-doc --out docs/profiles.md # the key reference
 """
 
 from __future__ import annotations
@@ -24,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import AppConfig, ConfigError, conf_dir, load
+from .. import exits
+from ..config import AppConfig, ConfigError, compose, load, shipped_profiles
 
 # The rendered examples in recipes/ use these, so they are the same on every machine.
 EXAMPLE_PYTHON = "/opt/appliance/.venv/bin/python"
@@ -38,7 +38,6 @@ LAUNCHD_NOFILE = 8192
 SYSTEMD_NOFILE = 65536
 # Seconds the supervisor waits past the drain timeout before it kills the process.
 STOP_MARGIN_S = 15
-CONFIG_ERROR_STATUS = 2
 
 # sh wrapper of the launchd job: export the keys file (when readable), hold a caffeinate
 # assertion tied to this PID (when asked), then exec the interpreter so that launchd's SIGTERM
@@ -90,8 +89,6 @@ def interpreter(path: Optional[str] = None) -> str:
 
 def target(overrides: Sequence[str], python: Optional[str] = None) -> Target:
     """Compose and validate like `python -m appliance` would; ConfigError when wrong."""
-    from .__main__ import compose
-
     for o in overrides:
         if o.startswith("-"):
             raise ConfigError(o, None, "key=value overrides and +profile=NAME only")
@@ -175,7 +172,7 @@ def render_systemd(t: Target, user: Optional[str] = None) -> str:
         "Restart=on-failure",
         f"RestartSec={t.cfg.service.throttle_interval_s}",
         "# A config error exits 2: restarting cannot fix it.",
-        f"RestartPreventExitStatus={CONFIG_ERROR_STATUS}",
+        f"RestartPreventExitStatus={exits.CONFIG_ERROR}",
         "# SIGTERM starts the drain; the appliance exits 0 within server.drain_timeout_s.",
         "KillSignal=SIGTERM",
         "KillMode=mixed",
@@ -195,13 +192,9 @@ def render_systemd(t: Target, user: Optional[str] = None) -> str:
 # -- the shipped examples
 
 
-def shipped_profiles() -> list[str]:
-    return sorted(p.stem for p in (conf_dir() / "profile").glob("*.yaml"))
-
-
 def rendered_examples() -> dict[str, str]:
     """Relative path under recipes/ -> text, for every shipped profile and the dashboard."""
-    from .dashboard import render_dashboard
+    from .grafana import render_dashboard
 
     out: dict[str, str] = {}
     for profile in shipped_profiles():
@@ -225,7 +218,7 @@ def write_examples(root: Path) -> list[Path]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m appliance.recipes",
-        description="Render service files and docs for a profile.",
+        description="Render service files for a profile.",
     )
     sub = p.add_subparsers(dest="command", required=True)
     ld = sub.add_parser("launchd", help="print a launchd plist (a LaunchAgent)")
@@ -236,8 +229,6 @@ def _parser() -> argparse.ArgumentParser:
     sd.add_argument("--user", help="the service's user (default: you)")
     rd = sub.add_parser("render", help="write the examples for every shipped profile")
     rd.add_argument("--out", default="recipes", help="the recipes folder (default: recipes)")
-    pd = sub.add_parser("profiles-doc", help="print (or write) docs/profiles.md")
-    pd.add_argument("--out", help="write here instead of printing")
     return p
 
 
@@ -253,22 +244,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 0
         if overrides:
             raise ConfigError(overrides[0], None, f"no overrides for `{args.command}`")
-        if args.command == "render":
-            for path in write_examples(Path(args.out)):
-                print(path)
-            return 0
-        from .docgen import render_profiles_doc
-
-        text = render_profiles_doc()
-        if args.out:
-            Path(args.out).write_text(text, encoding="utf-8")
-        else:
-            sys.stdout.write(text)
+        for path in write_examples(Path(args.out)):
+            print(path)
         return 0
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
-        return CONFIG_ERROR_STATUS
+        return exits.CONFIG_ERROR
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,5 @@
-"""Helper nodes: /v1/embeddings and /v1/rerank proxied to other appliances (or any server with
-the same API), with tenacity retries and a circuit breaker.
+"""Upstream helper nodes: /v1/embeddings and /v1/rerank proxied to other appliances (or any
+server with the same API), with tenacity retries and a circuit breaker.
 
 A request that still fails after `retries` retries (connection errors, timeouts, 502/503/504)
 counts one failure; `failure_threshold` failures in a row open the circuit: requests are then
@@ -94,7 +94,7 @@ class HelperResponse:
     content_type: str
 
 
-class Helper:
+class HelperClient:
     """One helper node: proxied POSTs with retries, a health probe and a circuit breaker."""
 
     def __init__(
@@ -223,7 +223,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-class Helpers:
+class HelperNodes:
     """The configured helper nodes by role (embedding, rerank)."""
 
     def __init__(
@@ -232,13 +232,13 @@ class Helpers:
         count: Optional[Callable[[str, str], None]] = None,
         transport: Optional[httpx.AsyncBaseTransport] = None,
     ) -> None:
-        self.nodes: dict[str, Helper] = {}
+        self.nodes: dict[str, HelperClient] = {}
         for role in ROLES:
             node = getattr(cfg, role)
             if node is not None and node.url:
-                self.nodes[role] = Helper(role, node, count, transport)
+                self.nodes[role] = HelperClient(role, node, count, transport)
 
-    def get(self, role: str) -> Optional[Helper]:
+    def get(self, role: str) -> Optional[HelperClient]:
         return self.nodes.get(role)
 
     def live(self) -> dict[str, dict[str, float]]:

@@ -1,35 +1,12 @@
-"""A model's generation thread in an engine process of its own (`engine_process: true`).
-
-The child runs the same `ModelWorker` loop; the server keeps the tokenizer, admission, HTTP and
-metrics. What it buys is isolation: a hard crash of MLX (an abort in a backend, a segfault, the
-kernel's out-of-memory kill) ends only the engine process, its requests get an engine_failure
-error, and the model is reloaded as after a dead generation thread, where in the server's own
-process the same crash would end the server. It was built to take the generation thread's
-Python off the event loop's GIL; on an H100 at 32 and 64 streaming clients, interleaved runs
-gave the same tokens/s either way (BENCHMARKS.md), so it is off by default. Not for a
-distributed group (rank 0 keeps its thread).
-
-The two talk over a socket pair with `multiprocessing.connection` framing (pickles):
-
-- server -> engine: ("submit", rid, prompt tokens, params), ("cancel", rid), ("call", cid, fn),
-  ("fault", message), ("stop",).
-- engine -> server: ("loaded", info) or ("load_failed", error) once; then ("step", events) once
-  per decode step, ("fail", rids, error), ("result", cid, ok, value), ("stats", ...) at most
-  every STATS_S, ("log", level, logger, message, exception) and ("died", reason).
-
-The child ignores SIGINT and SIGTERM (the server drains first, then sends "stop") and exits when
-the socket closes, so it never outlives the server.
-"""
+"""The server's side of a model in an engine process: the ModelWorker interface over a socket."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import logging
 import os
 import queue
-import signal
 import socket
 import subprocess
 import sys
@@ -41,10 +18,11 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Optional, Union, cast
 
-from ..errors import EngineFailure, ModelLoadError
-from . import memory
-from .types import Generation
-from .worker import ModelWorker, WorkerThread, _deliver, _fail_all, empty_stats
+from ...errors import EngineFailure, ModelLoadError
+from .. import memory
+from ..commands import Call, Cancel, Fault, Stop, Submit
+from ..types import Generation
+from ..worker import ModelWorker, WorkerThread, _deliver, _fail_all, empty_stats
 
 log = logging.getLogger("appliance.engine")
 
@@ -118,15 +96,15 @@ class ProcessWorker(WorkerThread):
         if not self.alive:
             gen.fail(EngineFailure(f"model {self.name!r} is not running"))
             return
-        rid = next(self._rids)
+        gen.rid = rid = next(self._rids)
         self._gens[rid] = gen
 
         def cancel() -> None:
             if self._gens.pop(rid, None) is not None:
-                self._outbox.put(("cancel", rid))
+                self._outbox.put(Cancel(rid))
 
         gen._cancel = cancel
-        self._outbox.put(("submit", rid, gen.prompt_tokens, gen.params))
+        self._outbox.put(Submit(rid, gen.prompt_tokens, gen.params))
         if self.dead is not None and self._gens.pop(rid, None) is not None:  # died meanwhile
             gen.fail(EngineFailure(f"model {self.name!r} is not running"))
 
@@ -139,16 +117,16 @@ class ProcessWorker(WorkerThread):
             return fut
         cid = next(self._rids)
         self._calls[cid] = fut
-        self._outbox.put(("call", cid, fn))
+        self._outbox.put(Call(cid, fn))
         return fut
 
     def inject_fault(self, exc: BaseException) -> None:
         """Testing only (APPLIANCE_FAULT_INJECTION=1): the engine's generation thread raises."""
-        self._outbox.put(("fault", str(exc)))
+        self._outbox.put(Fault(str(exc)))
 
     def stop(self) -> None:
         self._stopping = True
-        self._outbox.put(("stop",))
+        self._outbox.put(Stop())
 
     def join(self, timeout: Optional[float] = None) -> None:
         if self._thread.is_alive():
@@ -204,7 +182,7 @@ class ProcessWorker(WorkerThread):
     def _spawn(self) -> Connection:
         path = self._prepare()
         mine, theirs = socket.socketpair()
-        root = str(Path(__file__).resolve().parents[2])
+        root = str(Path(__file__).resolve().parents[3])
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         try:
@@ -312,12 +290,12 @@ class ProcessWorker(WorkerThread):
             except (OSError, EOFError):
                 pass  # the engine is gone; the reader ends the requests
             except Exception as exc:  # not picklable: only a call's fn can be
-                if item[0] == "call":
-                    fut = self._calls.pop(item[1], None)
+                if isinstance(item, Call):
+                    fut = self._calls.pop(item.cid, None)
                     if fut is not None and fut.set_running_or_notify_cancel():
                         fut.set_exception(exc)
                 else:
-                    log.exception("could not send %s to the engine process of %s", item[0], self.name)
+                    log.exception("could not send %s to the engine process of %s", item, self.name)
 
     def _reap(self) -> Optional[int]:
         proc = self.proc
@@ -331,161 +309,3 @@ class ProcessWorker(WorkerThread):
 
 
 AnyWorker = Union[ModelWorker, ProcessWorker]  # what the registry holds for a loaded model
-
-
-# -- the engine process
-
-
-class _EngineWorker(ModelWorker):
-    """ModelWorker whose results go down the socket instead of to an event loop."""
-
-    def __init__(self, conn: Connection, init: dict[str, Any]) -> None:
-        self._conn = conn
-        self._lock = threading.Lock()
-        self._rid: dict[int, int] = {}  # id(Generation) -> the server's request id
-        self.gens: dict[int, Generation] = {}
-        self._stats_at = 0.0
-        trust = bool(init["trust_remote_code"])
-        path = init["path"]
-
-        def loader() -> tuple[Any, Any]:
-            from mlx_lm import load
-
-            try:
-                model, tokenizer = load(path, tokenizer_config={"trust_remote_code": trust})[:2]
-            except Exception as exc:
-                raise ModelLoadError(f"model {init['name']!r} could not be loaded: {exc}") from None
-            return model, tokenizer
-
-        super().__init__(
-            init["name"],
-            path,
-            loader=loader,
-            loop=cast(asyncio.AbstractEventLoop, None),
-            **init["batching"],
-            prompt_cache_bytes=init["prompt_cache_bytes"],
-            prompt_cache_min_tokens=init["prompt_cache_min_tokens"],
-            unfused_attention_elements=init["unfused_attention_elements"],
-            decode_kernel=init["decode_kernel"],
-        )
-
-    def send(self, msg: tuple[Any, ...]) -> None:
-        with self._lock:
-            self._conn.send(msg)
-
-    def add(self, rid: int, gen: Generation) -> None:
-        self._rid[id(gen)] = rid
-        self.gens[rid] = gen
-        self.submit(gen)
-
-    def forget(self, gen: Generation) -> Optional[int]:
-        rid = self._rid.pop(id(gen), None)
-        if rid is not None:
-            self.gens.pop(rid, None)
-        return rid
-
-    def _out_step(self, events: list[tuple[Any, ...]], now: float) -> None:
-        wire = []
-        for g, token, finish, lp, top in events:
-            rid = self._rid.get(id(g))
-            if rid is None:
-                continue
-            if finish is not None:
-                self.forget(g)
-            wire.append((rid, token, finish, lp, top, g.cached_tokens))
-        self.send(("step", wire))
-        if now - self._stats_at >= STATS_S:
-            self._stats_at = now
-            self.report()
-
-    def _out_fail(self, victims: list[Generation], err: BaseException) -> None:
-        rids = [r for r in map(self.forget, victims) if r is not None]
-        self.send(("fail", rids, err))
-
-    def _out_death(self, exc: BaseException) -> None:
-        self.send(("died", f"{type(exc).__name__}: {exc}"))
-        os._exit(70)  # the server fails what remains and reloads the model
-
-    def report(self) -> None:
-        import mlx.core as mx
-
-        mem = (int(mx.get_active_memory()), int(mx.get_peak_memory()), int(mx.get_cache_memory()))
-        cache = self.prompt_cache.nbytes if self.prompt_cache is not None else 0
-        self.send(("stats", dict(self.stats), cache, mem))
-
-
-class _LogToServer(logging.Handler):
-    def __init__(self, worker: _EngineWorker) -> None:
-        super().__init__()
-        self.worker = worker
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            exc_text = logging.Formatter().formatException(record.exc_info) if record.exc_info else None
-            self.worker.send(("log", record.levelno, record.name, record.getMessage(), exc_text))
-        except Exception:  # the socket is gone: nobody to tell
-            pass
-
-
-def _result(worker: _EngineWorker, cid: int, fut: Future[Any]) -> None:
-    exc = fut.exception()
-    try:
-        worker.send(("result", cid, exc is None, fut.result() if exc is None else exc))
-    except Exception as err:  # an unpicklable result or error: say so instead
-        worker.send(("result", cid, False, EngineFailure(f"the engine could not return it: {err}")))
-
-
-def main() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from .. import startup
-    from .cuda import mlx_env_defaults
-
-    startup.install()
-    mlx_env_defaults()
-    conn = Connection(int(sys.argv[1]))
-    init = conn.recv()
-    worker = _EngineWorker(conn, init)
-    root = logging.getLogger()
-    root.handlers[:] = [_LogToServer(worker)]
-    root.setLevel(init["log_level"])
-    if init["memory_limit"] is not None:
-        import mlx.core as mx
-
-        mx.set_memory_limit(init["memory_limit"])
-    worker._thread.start()
-    try:
-        worker._loaded.result()
-    except BaseException as exc:
-        worker.send(("load_failed", exc if isinstance(exc, ModelLoadError) else ModelLoadError(str(exc))))
-        os._exit(1)
-    worker.report()
-    worker.send(("loaded", {"vocab_size": worker.vocab_size, "pid": os.getpid()}))
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):  # the server is gone
-            os._exit(0)
-        kind = msg[0]
-        if kind == "submit":
-            worker.add(msg[1], Generation(worker.name, msg[2], msg[3]))
-        elif kind == "cancel":
-            gen = worker.gens.get(msg[1])
-            if gen is not None:
-                gen.cancel()  # leaves the batch at the next step; the server forgot it already
-                worker.forget(gen)
-        elif kind == "call":
-            fut = worker.call(msg[2])
-            fut.add_done_callback(functools.partial(_result, worker, msg[1]))
-        elif kind == "fault":
-            worker.inject_fault(RuntimeError(msg[1]))
-        elif kind == "stop":
-            worker.stop()
-            worker.join(30)
-            conn.close()
-            # os._exit: MLX's CUDA backend can abort in its destructors at interpreter exit.
-            os._exit(0)
-
-
-if __name__ == "__main__":
-    main()

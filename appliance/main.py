@@ -1,0 +1,88 @@
+"""Run the appliance from a composed config: validate, record the start, build, serve, exit.
+
+A bad profile or override exits CONFIG_ERROR (2) with one line naming the key, the value and
+what is allowed, so a supervisor can tell a config error from a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import NoReturn, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from . import exits
+from .config import AppConfig, ConfigError, load, safe_mode_overlay
+from .state import StateStore
+
+log = logging.getLogger("appliance")
+
+
+def fail(exc: ConfigError) -> NoReturn:
+    print(str(exc), file=sys.stderr)
+    sys.exit(exits.CONFIG_ERROR)
+
+
+def prepare_process() -> None:
+    """What must happen before MLX or transformers are imported, once per process."""
+    from .engine.mlx_ext import cuda, transformers_imports
+
+    transformers_imports.install()  # transformers' import table, kept between starts
+    cuda.mlx_env_defaults()  # before MLX builds its CUDA caches
+
+
+def main(composed: DictConfig) -> NoReturn:
+    """Validate, apply safe mode after a crash loop, build, serve until drained, exit."""
+    prepare_process()
+    from . import logs
+
+    try:
+        typed = load(composed)
+    except ConfigError as exc:
+        fail(exc)
+    from .engine import distributed
+
+    rank, _ = distributed.world()
+    if rank > 0:
+        # Other ranks serve no HTTP and keep no state: they follow rank 0's batch.
+        typed.logging.file = "none"
+        logs.setup(typed.logging)
+        sys.exit(distributed.run_follower(typed.models))
+    logs.setup(typed.logging)
+    typed, state, reason = start_state(composed, typed)
+    from .builder import build
+    from .server import serve
+
+    code = exits.OK
+    try:
+        serve(build(typed, state=state, safe_mode_reason=reason))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else exits.ENGINE_GAVE_UP
+    # Leave without running native destructors: MLX's CUDA backend aborts in them at interpreter
+    # exit ("terminate called without an active exception"), which would turn a clean drain
+    # into exit 134. Everything worth keeping (state, logs) is written by now.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def start_state(composed: DictConfig, typed: AppConfig
+                ) -> tuple[AppConfig, StateStore, Optional[str]]:
+    """Record this start in the state file; after a crash loop, merge the safe-mode profile's
+    file over the composed config. Returns the config to run, the state and why safe mode."""
+    state = StateStore(typed.state)
+    boot = state.begin_run(typed.models.catalog)
+    if not boot.safe_mode_reason:
+        return typed, state, None
+    try:
+        merged = OmegaConf.merge(composed, safe_mode_overlay())
+        assert isinstance(merged, DictConfig)
+        safe = load(merged)
+    except ConfigError as exc:
+        fail(exc)
+    log.error("starting in safe mode (the safe-mode profile over the config: no auto-load, no "
+              "recovery, its limits): %s", boot.safe_mode_reason)
+    return safe, state, boot.safe_mode_reason
