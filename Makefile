@@ -10,7 +10,7 @@ EXTRAS := dev,cpu
 endif
 STAMP := $(VENV)/.installed-$(EXTRAS)
 
-.PHONY: run test lint bench clean
+.PHONY: run test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,14 +24,21 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The unit tests alone: no server, no model, seconds.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
+
 # The benchmark of issue 7: ceiling, mlx_lm.server and the appliance side by side; JSON and a
 # PNG in bench-results/. Options through BENCH_ARGS, e.g. BENCH_ARGS="--quick".
 bench: $(STAMP)
 	$(BIN)/python -m appliance.bench $(BENCH_ARGS)
 
+# ruff (line length enforced), mypy, and the import contracts of pyproject.toml (import-linter).
 lint: $(STAMP)
 	$(BIN)/ruff check appliance tests
+	$(BIN)/ruff format --check appliance tests
 	$(BIN)/mypy appliance
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -80,8 +80,11 @@ def build(
     engine.registry.subscribe(metrics.on_model)
 
     app = falcon.asgi.App(middleware=[], cors_enable=False)
-    stack: list[Any] = [lifecycle, RequestCounter(metrics, app),
-                        *middleware.stack(cfg, metrics.reject, memory.mlx_active)]
+    stack: list[Any] = [
+        lifecycle,
+        RequestCounter(metrics, app),
+        *middleware.stack(cfg, metrics.reject, memory.mlx_active),
+    ]
     for mw in stack:
         app.add_middleware(mw)
     api_errors.install(app)
@@ -100,12 +103,14 @@ def build(
     api_admin.add_routes(app, engine, health, cfg)
 
     helpers = HelperNodes(
-        cfg.helpers, lambda role, status: metrics.helper_requests.labels(role, status).inc())
+        cfg.helpers, lambda role, status: metrics.helper_requests.labels(role, status).inc()
+    )
     health.add_check(helpers.health)
     health.add_section("helpers", lambda: {r: n.status() for r, n in helpers.nodes.items()})
     health.add_gauges(helpers.live)
-    app.add_route("/v1/embeddings",
-                  Embeddings(engine, lifecycle, helpers, cfg.limits.max_body_bytes))
+    app.add_route(
+        "/v1/embeddings", Embeddings(engine, lifecycle, helpers, cfg.limits.max_body_bytes)
+    )
     app.add_route("/v1/rerank", Rerank(engine, lifecycle, helpers, cfg.limits.max_body_bytes))
     if state is not None:
         _state(state, engine, health, lifecycle, cfg.state.stable_after_s)
@@ -117,8 +122,9 @@ def build(
     lifecycle.on_shutdown(helpers.close)
     lifecycle.on_shutdown(engine.close)
     if api_faults.enabled():
-        log.warning("%s=1: fault injection is on at POST %s (tests only)", api_faults.ENV,
-                    api_faults.PATH)
+        log.warning(
+            "%s=1: fault injection is on at POST %s (tests only)", api_faults.ENV, api_faults.PATH
+        )
         app.add_route(api_faults.PATH, api_faults.Faults(engine, runner))
 
     group = None
@@ -126,14 +132,14 @@ def build(
         group = GroupStatus(cfg.distributed.backend)
         health.add_section("distributed", group.health)
         health.add_check(group.reasons)
-        health.add_gauges(lambda: {"group_size": group.size,
-                                   "group_healthy": group.healthy_ranks})
+        health.add_gauges(lambda: {"group_size": group.size, "group_healthy": group.healthy_ranks})
     _warn_exposure(cfg)
     return Service(cfg, app, engine, lifecycle, health, metrics, state, group)
 
 
-def _state(state: StateStore, engine: Engine, health: Health, lifecycle: Lifecycle,
-           stable_after_s: float) -> None:
+def _state(
+    state: StateStore, engine: Engine, health: Health, lifecycle: Lifecycle, stable_after_s: float
+) -> None:
     """The state file: what is loaded, recovery after an unclean exit, the stable-run mark."""
     state.attach(engine.registry.subscribe, engine.registry.loaded)
     if state.boot is not None:
@@ -153,11 +159,11 @@ def _state_reasons(state: StateStore) -> list[tuple[str, str]]:
     if not state.writable:
         out.append(("degraded", f"state file: {state.problem}"))
     if state.pending:
-        out.append(("degraded", "recovering models after an unclean shutdown: "
-                                f"{', '.join(state.pending)}"))
+        out.append(
+            ("degraded", f"recovering models after an unclean shutdown: {', '.join(state.pending)}")
+        )
     for name, err in state.recovery_failed.items():
-        out.append(("degraded", f"model {name} was not recovered after an unclean shutdown: "
-                                f"{err}"))
+        out.append(("degraded", f"model {name} was not recovered after an unclean shutdown: {err}"))
     return out
 
 

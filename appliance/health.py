@@ -95,9 +95,13 @@ class Health:
             extra.update(fn())
         lc = self.lifecycle
         return Vitals(
-            engine=self.engine.stats(), memory=memory.snapshot(), uptime_s=lc.uptime_s,
-            draining=lc.draining, safe_mode_reason=lc.safe_mode_reason,
-            shedding_memory_percent=self.shedding.memory_percent, backend=self._backend,
+            engine=self.engine.stats(),
+            memory=memory.snapshot(),
+            uptime_s=lc.uptime_s,
+            draining=lc.draining,
+            safe_mode_reason=lc.safe_mode_reason,
+            shedding_memory_percent=self.shedding.memory_percent,
+            backend=self._backend,
             extra=extra,
         )
 
@@ -121,13 +125,25 @@ class Health:
         shed = self.shedding
         percent = v.memory.system_percent
         if percent >= shed.memory_percent:
-            out.append(("degraded", f"shedding inference: system memory {percent:.0f}% >= "
-                                    f"{shed.memory_percent:g}%"))
+            out.append(
+                (
+                    "degraded",
+                    f"shedding inference: system memory {percent:.0f}% >= {shed.memory_percent:g}%",
+                )
+            )
         active = v.memory.mlx_active
-        if shed.mlx_active_bytes is not None and active is not None and (
-                active >= shed.mlx_active_bytes):
-            out.append(("degraded", f"shedding inference: MLX active memory {active} >= "
-                                    f"{shed.mlx_active_bytes} bytes"))
+        if (
+            shed.mlx_active_bytes is not None
+            and active is not None
+            and (active >= shed.mlx_active_bytes)
+        ):
+            out.append(
+                (
+                    "degraded",
+                    f"shedding inference: MLX active memory {active} >= "
+                    f"{shed.mlx_active_bytes} bytes",
+                )
+            )
         if v.engine.max_queued and v.engine.waiting >= v.engine.max_queued:
             out.append(("degraded", "the admission queue is full: new requests get 429"))
         for fn in self._checks:
@@ -135,8 +151,9 @@ class Health:
                 out.extend(_normalise(fn()))
             except Exception as exc:  # a broken check must not break the health report
                 log.exception("health check failed")
-                out.append(("degraded", f"health check {getattr(fn, '__name__', fn)!s} failed: "
-                                        f"{exc}"))
+                out.append(
+                    ("degraded", f"health check {getattr(fn, '__name__', fn)!s} failed: {exc}")
+                )
         return out
 
     def report(self) -> dict[str, Any]:
@@ -154,11 +171,19 @@ class Health:
             "status": STATUSES[worst],
             "reasons": [{"status": s, "reason": r} for s, r in checks if s != "ok"],
             "system_memory_percent": m.system_percent,
-            "memory_bytes": {"rss": m.rss, "mlx_active": m.mlx_active, "mlx_peak": m.mlx_peak,
-                             "mlx_cache": m.mlx_cache},
+            "memory_bytes": {
+                "rss": m.rss,
+                "mlx_active": m.mlx_active,
+                "mlx_peak": m.mlx_peak,
+                "mlx_cache": m.mlx_cache,
+            },
             "models_loaded": list(e.models_loaded),
-            "requests": {"running": e.running, "waiting": e.waiting,
-                         "max_running": e.max_running, "max_queued": e.max_queued},
+            "requests": {
+                "running": e.running,
+                "waiting": e.waiting,
+                "max_running": e.max_running,
+                "max_queued": e.max_queued,
+            },
             "generation_threads_alive": e.threads_alive,
             "helpers": sections.pop("helpers", {}),
             "uptime_s": round(v.uptime_s, 3),

@@ -80,7 +80,9 @@ class CircuitBreaker:
         """Record a failure; True when it opened the circuit."""
         self.trial = False
         self.failures += 1
-        if self.state == "half_open" or (self.state == "closed" and self.failures >= self.threshold):
+        if self.state == "half_open" or (
+            self.state == "closed" and self.failures >= self.threshold
+        ):
             self.state = "open"
             self.opened_at = self.clock()
             return True
@@ -120,7 +122,9 @@ class HelperClient:
         if self._client is None:
             headers = {"Authorization": f"Bearer {self.node.api_key}"} if self.node.api_key else {}
             self._client = httpx.AsyncClient(
-                base_url=self.url, timeout=self.node.timeout_s, headers=headers,
+                base_url=self.url,
+                timeout=self.node.timeout_s,
+                headers=headers,
                 transport=self._transport,
             )
         return self._client
@@ -135,7 +139,11 @@ class HelperClient:
         if self.breaker.failure():
             log.warning(
                 "helper %s (%s): circuit open for %g s after %d failure(s): %s",
-                self.role, self.url, self.node.reset_after_s, self.breaker.failures, why,
+                self.role,
+                self.url,
+                self.node.reset_after_s,
+                self.breaker.failures,
+                why,
             )
 
     async def post(self, path: str, body: dict[str, Any]) -> HelperResponse:
@@ -170,14 +178,18 @@ class HelperClient:
             raise HelperUnavailable(
                 f"the {self.role} helper at {self.url} failed after "
                 f"{self.node.retries + 1} attempt(s): {why}",
-                retry_after=math.ceil(self.breaker.retry_after()) if self.breaker.state == "open" else 1,
+                retry_after=math.ceil(self.breaker.retry_after())
+                if self.breaker.state == "open"
+                else 1,
             ) from None
         except BaseException:
             self.breaker.trial = False  # cancelled mid-trial: let another request try
             raise
         self._ok()
         self._count(self.role, str(r.status_code))
-        return HelperResponse(r.status_code, r.content, r.headers.get("content-type", "application/json"))
+        return HelperResponse(
+            r.status_code, r.content, r.headers.get("content-type", "application/json")
+        )
 
     async def probe(self) -> bool:
         """GET /healthz once; updates `up`, and closes a circuit whose pause has passed."""
@@ -205,7 +217,9 @@ class HelperClient:
             "up": self.up,
             "circuit": self.breaker.state,
             "failures": self.breaker.failures,
-            "retry_after_s": round(self.breaker.retry_after(), 1) if self.breaker.state == "open" else None,
+            "retry_after_s": round(self.breaker.retry_after(), 1)
+            if self.breaker.state == "open"
+            else None,
             "last_error": self.last_error,
             "last_ok_at": self.last_ok_at,
         }
@@ -246,7 +260,9 @@ class HelperNodes:
         up = {r: 1.0 if h.up else 0.0 for r, h in self.nodes.items() if h.up is not None}
         return {
             "helper_up": up,
-            "helper_open": {r: 0.0 if h.breaker.state == "closed" else 1.0 for r, h in self.nodes.items()},
+            "helper_open": {
+                r: 0.0 if h.breaker.state == "closed" else 1.0 for r, h in self.nodes.items()
+            },
         }
 
     def health(self) -> list[tuple[str, str]]:
@@ -254,7 +270,12 @@ class HelperNodes:
         out = []
         for role, h in self.nodes.items():
             if h.breaker.state != "closed":
-                out.append(("degraded", f"{role} helper {h.url}: circuit {h.breaker.state} ({h.last_error})"))
+                out.append(
+                    (
+                        "degraded",
+                        f"{role} helper {h.url}: circuit {h.breaker.state} ({h.last_error})",
+                    )
+                )
             elif h.up is False:
                 out.append(("degraded", f"{role} helper {h.url} is down: {h.last_error}"))
         return out

@@ -46,7 +46,11 @@ def ring_hostfile(hosts: list[str], folder: Path) -> Path:
     """MLX's ring hostfile: one list of ip:port per rank."""
     ports = _free_ports(len(hosts))
     path = folder / "hostfile.json"
-    path.write_text(json.dumps([[f"{'127.0.0.1' if h in LOCAL else h}:{p}"] for h, p in zip(hosts, ports, strict=True)]))
+    path.write_text(
+        json.dumps(
+            [[f"{'127.0.0.1' if h in LOCAL else h}:{p}"] for h, p in zip(hosts, ports, strict=True)]
+        )
+    )
     return path
 
 
@@ -62,8 +66,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         fail(exc)
     hosts = list(cfg.distributed.hosts)
     if len(hosts) < 2:
-        print("config error: distributed.hosts needs at least two hosts; allowed: a list such as "
-              "[127.0.0.1,127.0.0.1]", file=sys.stderr)
+        print(
+            "config error: distributed.hosts needs at least two hosts; allowed: a list such as "
+            "[127.0.0.1,127.0.0.1]",
+            file=sys.stderr,
+        )
         return 2
     if any(h not in LOCAL for h in hosts):
         return _remote(args, cfg.distributed.backend, hosts, cfg.distributed.hostfile)
@@ -94,8 +101,11 @@ def _local(args: list[str], hosts: list[str]) -> int:
             RANK_ENV: str(rank),
             SIZE_ENV: str(len(hosts)),
         }
-        procs.append(subprocess.Popen([sys.executable, "-m", "appliance", *args], env=env,
-                                      stdin=subprocess.DEVNULL))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "appliance", *args], env=env, stdin=subprocess.DEVNULL
+            )
+        )
     stopping = {"flag": False}
 
     def forward(sig: int, frame: object) -> None:
@@ -115,8 +125,10 @@ def _local(args: list[str], hosts: list[str]) -> int:
             # A rank that exits 0 was stopped by rank 0, which exits next.
             dead = [r for r, c in enumerate(codes) if c not in (None, 0)]
             if dead and not stopping["flag"]:
-                print(f"rank {dead[0]} exited with {codes[dead[0]]}: stopping the group",
-                      file=sys.stderr)
+                print(
+                    f"rank {dead[0]} exited with {codes[dead[0]]}: stopping the group",
+                    file=sys.stderr,
+                )
                 procs[0].send_signal(signal.SIGUSR1)
                 try:
                     procs[0].wait(15)

@@ -69,8 +69,9 @@ def main(composed: DictConfig) -> NoReturn:
     os._exit(code)
 
 
-def start_state(composed: DictConfig, typed: AppConfig
-                ) -> tuple[AppConfig, StateStore, Optional[str]]:
+def start_state(
+    composed: DictConfig, typed: AppConfig
+) -> tuple[AppConfig, StateStore, Optional[str]]:
     """Record this start in the state file; after a crash loop, merge the safe-mode profile's
     file over the composed config. Returns the config to run, the state and why safe mode."""
     state = StateStore(typed.state)
@@ -83,6 +84,9 @@ def start_state(composed: DictConfig, typed: AppConfig
         safe = load(merged)
     except ConfigError as exc:
         fail(exc)
-    log.error("starting in safe mode (the safe-mode profile over the config: no auto-load, no "
-              "recovery, its limits): %s", boot.safe_mode_reason)
+    log.error(
+        "starting in safe mode (the safe-mode profile over the config: no auto-load, no "
+        "recovery, its limits): %s",
+        boot.safe_mode_reason,
+    )
     return safe, state, boot.safe_mode_reason

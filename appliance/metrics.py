@@ -84,8 +84,9 @@ class _LiveCollector(Collector):
         yield g("queue_limit", "limits.max_queued in force.", e.max_queued)
         yield g("models_loaded", "Models loaded and running.", len(e.models_loaded))
         yield g("generation_threads_alive", "Generation threads alive.", e.threads_alive)
-        yield g("safe_mode", "1 while the appliance runs in safe mode.",
-                1 if v.safe_mode_reason else 0)
+        yield g(
+            "safe_mode", "1 while the appliance runs in safe mode.", 1 if v.safe_mode_reason else 0
+        )
         yield g("draining", "1 while the appliance drains before exit.", 1 if v.draining else 0)
         yield g("uptime_seconds", "Seconds since the process started.", v.uptime_s)
         mem = GaugeMetricFamily(p + "memory_bytes", "Memory in use by kind.", labels=["kind"])
@@ -95,10 +96,14 @@ class _LiveCollector(Collector):
                 mem.add_metric([kind], float(value))
         yield mem
         yield g("system_memory_percent", "System memory in use, percent.", m.system_percent)
-        yield g("shedding_memory_percent", "shedding.memory_percent in force.",
-                v.shedding_memory_percent)
-        pc = GaugeMetricFamily(p + "prompt_cache_bytes", "Bytes held by prompt caches.",
-                               labels=["model"])
+        yield g(
+            "shedding_memory_percent",
+            "shedding.memory_percent in force.",
+            v.shedding_memory_percent,
+        )
+        pc = GaugeMetricFamily(
+            p + "prompt_cache_bytes", "Bytes held by prompt caches.", labels=["model"]
+        )
         for model, nbytes in e.prompt_cache_bytes.items():
             pc.add_metric([model], float(nbytes))
         yield pc
@@ -117,8 +122,7 @@ class _LiveCollector(Collector):
         yield joined
         for name, doc, key in (
             ("helper_up", "1 when the helper node answers.", "helper_up"),
-            ("helper_circuit_open", "1 while the helper's circuit breaker is open.",
-             "helper_open"),
+            ("helper_circuit_open", "1 while the helper's circuit breaker is open.", "helper_open"),
         ):
             fam = GaugeMetricFamily(p + name, doc, labels=["helper"])
             for helper, value in x.get(key, {}).items():
@@ -126,8 +130,11 @@ class _LiveCollector(Collector):
             yield fam
         if "group_size" in x:
             yield g("distributed_group_size", "Ranks in the distributed group.", x["group_size"])
-            yield g("distributed_ranks_healthy", "Ranks of the group known to be alive.",
-                    x["group_healthy"])
+            yield g(
+                "distributed_ranks_healthy",
+                "Ranks of the group known to be alive.",
+                x["group_healthy"],
+            )
         info = InfoMetricFamily(p + "build", "Version and backend of this appliance.")
         info.add_metric([], {"version": v.version, "backend": v.backend})
         yield info
@@ -147,49 +154,86 @@ class Metrics:
         self.requests = Counter(
             p + "requests", "Finished requests.", ["model", "endpoint", "status"], registry=r
         )
-        self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
+        self.prompt_tokens = Counter(
+            p + "prompt_tokens", "Prompt tokens processed.", ["model"], registry=r
+        )
         self.generation_tokens = Counter(
             p + "generation_tokens", "Tokens generated.", ["model"], registry=r
         )
         self.ttft = Histogram(
-            p + "time_to_first_token_seconds", "Time to first token.", ["model"], buckets=_LATENCY, registry=r
-        )
-        self.itl = Histogram(
-            p + "inter_token_latency_seconds", "Time between tokens.", ["model"], buckets=_ITL, registry=r
-        )
-        self.e2e = Histogram(
-            p + "e2e_request_latency_seconds", "Request latency, admission to end.", ["model"],
-            buckets=_LATENCY, registry=r,
-        )
-        self.queue_time = Histogram(
-            p + "request_queue_time_seconds", "Time waiting for a slot.", ["model"], buckets=_LATENCY,
+            p + "time_to_first_token_seconds",
+            "Time to first token.",
+            ["model"],
+            buckets=_LATENCY,
             registry=r,
         )
-        self.rejected = Counter(p + "rejected_requests", "Requests refused, by reason.", ["reason"], registry=r)
+        self.itl = Histogram(
+            p + "inter_token_latency_seconds",
+            "Time between tokens.",
+            ["model"],
+            buckets=_ITL,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            p + "e2e_request_latency_seconds",
+            "Request latency, admission to end.",
+            ["model"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            p + "request_queue_time_seconds",
+            "Time waiting for a slot.",
+            ["model"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.rejected = Counter(
+            p + "rejected_requests", "Requests refused, by reason.", ["reason"], registry=r
+        )
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
-        self.cache_hits = Counter(p + "prompt_cache_hits", "Requests that reused a cached prefix.", ["model"], registry=r)
-        self.cache_misses = Counter(p + "prompt_cache_misses", "Requests with no cached prefix.", ["model"], registry=r)
-        self.model_load = Histogram(
-            p + "model_load_seconds", "Time to load a model.", ["model"],
-            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600), registry=r,
+        self.cache_hits = Counter(
+            p + "prompt_cache_hits", "Requests that reused a cached prefix.", ["model"], registry=r
         )
-        self.task_runs = Counter(p + "maintenance_task_runs", "Maintenance task runs.", ["task"], registry=r)
+        self.cache_misses = Counter(
+            p + "prompt_cache_misses", "Requests with no cached prefix.", ["model"], registry=r
+        )
+        self.model_load = Histogram(
+            p + "model_load_seconds",
+            "Time to load a model.",
+            ["model"],
+            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+            registry=r,
+        )
+        self.task_runs = Counter(
+            p + "maintenance_task_runs", "Maintenance task runs.", ["task"], registry=r
+        )
         self.task_failures = Counter(
-            p + "maintenance_task_failures", "Maintenance task runs that failed.", ["task"], registry=r
+            p + "maintenance_task_failures",
+            "Maintenance task runs that failed.",
+            ["task"],
+            registry=r,
         )
         self.task_duration = Histogram(
-            p + "maintenance_task_duration_seconds", "Maintenance task run time.", ["task"],
-            buckets=(0.001, 0.01, 0.1, 0.5, 1, 5, 30), registry=r,
+            p + "maintenance_task_duration_seconds",
+            "Maintenance task run time.",
+            ["task"],
+            buckets=(0.001, 0.01, 0.1, 0.5, 1, 5, 30),
+            registry=r,
         )
         self.loop_lag = Histogram(
             p + "event_loop_lag_seconds",
             f"How late the event loop ran a timer due every {LOOP_LAG_INTERVAL_S} s: its own busy "
             "stretches plus waits for the GIL the generation threads hold.",
-            buckets=_LOOP_LAG, registry=r,
+            buckets=_LOOP_LAG,
+            registry=r,
         )
         self.helper_requests = Counter(
-            p + "helper_requests", "Requests proxied to helper nodes.", ["helper", "status"], registry=r
+            p + "helper_requests",
+            "Requests proxied to helper nodes.",
+            ["helper", "status"],
+            registry=r,
         )
 
     async def watch_loop_lag(self, interval: float = LOOP_LAG_INTERVAL_S) -> None:
@@ -216,7 +260,11 @@ class Metrics:
         """
         ctx = req.context
         code = getattr(ctx, "error_code", None)
-        if code in CODE_REASONS and not getattr(ctx, "rejected", None) and req.path not in _NOT_COUNTED:
+        if (
+            code in CODE_REASONS
+            and not getattr(ctx, "rejected", None)
+            and req.path not in _NOT_COUNTED
+        ):
             ctx.rejected = CODE_REASONS[code]
             self.reject(CODE_REASONS[code])
         if req.path.startswith("/v1/"):

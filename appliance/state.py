@@ -160,7 +160,9 @@ class StateStore:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
                 with self._lock():
-                    fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=folder)
+                    fd, tmp = tempfile.mkstemp(
+                        prefix=f".{self.path.name}.", suffix=".tmp", dir=folder
+                    )
                     try:
                         with os.fdopen(fd, "w", encoding="utf-8") as f:
                             f.write(text)
@@ -254,8 +256,12 @@ class StateStore:
                 "safe_mode_reason": reason,
                 "starts": [
                     *starts,
-                    {"at": now, "clean": False, "after_unclean": not previous_clean,
-                     "safe_mode": reason is not None},
+                    {
+                        "at": now,
+                        "clean": False,
+                        "after_unclean": not previous_clean,
+                        "safe_mode": reason is not None,
+                    },
                 ],
             }
             self.pending = list(recover)
@@ -264,16 +270,22 @@ class StateStore:
         if not previous_clean:
             log.warning(
                 "the previous run did not shut down cleanly (%d start(s) in a row within %g s)",
-                streak, window,
+                streak,
+                window,
             )
         if reason:
             log.error("safe mode: %s", reason)
         elif recover:
-            log.warning("recovering models loaded before the unclean shutdown: %s", ", ".join(recover))
+            log.warning(
+                "recovering models loaded before the unclean shutdown: %s", ", ".join(recover)
+            )
         return self.boot
 
-    def attach(self, subscribe: Callable[[Callable[[str, str, dict[str, Any]], None]], None],
-               loaded: Callable[[], list[str]]) -> None:
+    def attach(
+        self,
+        subscribe: Callable[[Callable[[str, str, dict[str, Any]], None]], None],
+        loaded: Callable[[], list[str]],
+    ) -> None:
         """Follow the model registry: write the file on every load, unload and death."""
         self._loaded = loaded
         subscribe(self.on_model)
@@ -308,7 +320,8 @@ class StateStore:
         in_safe_mode = bool(self.boot and self.boot.safe_mode_reason)
         self._write_now()  # before saying so: a kill right after the line must find it on disk
         log.info(
-            "stable for %g s: start history cleared%s", self.cfg.stable_after_s,
+            "stable for %g s: start history cleared%s",
+            self.cfg.stable_after_s,
             "; safe mode ends at the next start" if in_safe_mode else "",
         )
 

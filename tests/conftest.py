@@ -23,6 +23,14 @@ ROOT = Path(__file__).resolve().parent.parent
 SIGTERM = signal.SIGTERM  # the Appliance.signal method shadows the module in its class body
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test by its folder: `unit` (no server, no model, seconds) or `integration`."""
+    for item in items:
+        kind = Path(str(item.fspath)).parent.name
+        if kind in ("unit", "integration"):
+            item.add_marker(getattr(pytest.mark, kind))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -35,7 +43,10 @@ def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = tmp_path_factory.mktemp("xdg-cache")
     env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
     subprocess.run(
-        [sys.executable, "-m", "appliance.engine.demo"], env=env, check=True, timeout=300,
+        [sys.executable, "-m", "appliance.engine.demo"],
+        env=env,
+        check=True,
+        timeout=300,
         capture_output=True,
     )
     return cache
@@ -138,8 +149,13 @@ def appliance_factory(tmp_path: Path, demo_cache: Path) -> Iterator[object]:
     """Start appliances with overrides; all are stopped at the end of the test."""
     started: list[Appliance] = []
 
-    def make(*overrides: str, env: Optional[dict[str, str]] = None, wait: str = "/readyz",
-             home: Optional[Path] = None, port: Optional[int] = None) -> Appliance:
+    def make(
+        *overrides: str,
+        env: Optional[dict[str, str]] = None,
+        wait: str = "/readyz",
+        home: Optional[Path] = None,
+        port: Optional[int] = None,
+    ) -> Appliance:
         a = Appliance(home or tmp_path / f"app{len(started)}", demo_cache, overrides, env, port)
         started.append(a)
         return a.start(wait=wait)
@@ -150,8 +166,9 @@ def appliance_factory(tmp_path: Path, demo_cache: Path) -> Iterator[object]:
 
 
 @pytest.fixture(scope="module")
-def module_appliance(tmp_path_factory: pytest.TempPathFactory, demo_cache: Path,
-                     request: pytest.FixtureRequest) -> Iterator[Appliance]:
+def module_appliance(
+    tmp_path_factory: pytest.TempPathFactory, demo_cache: Path, request: pytest.FixtureRequest
+) -> Iterator[Appliance]:
     """One appliance shared by a module; its overrides come from `APPLIANCE_OVERRIDES` and
     `APPLIANCE_ENV` in the module, if set."""
     overrides = tuple(getattr(request.module, "APPLIANCE_OVERRIDES", ()))
@@ -163,14 +180,16 @@ def module_appliance(tmp_path_factory: pytest.TempPathFactory, demo_cache: Path,
 
 
 @pytest.fixture(scope="module")
-def module_appliance_factory(tmp_path_factory: pytest.TempPathFactory,
-                             demo_cache: Path) -> Iterator[object]:
+def module_appliance_factory(
+    tmp_path_factory: pytest.TempPathFactory, demo_cache: Path
+) -> Iterator[object]:
     """Start appliances that live for the whole module (for a module that needs several
     configurations); all are stopped at the end of the module."""
     started: list[Appliance] = []
 
-    def make(*overrides: str, env: Optional[dict[str, str]] = None,
-             wait: str = "/readyz") -> Appliance:
+    def make(
+        *overrides: str, env: Optional[dict[str, str]] = None, wait: str = "/readyz"
+    ) -> Appliance:
         a = Appliance(tmp_path_factory.mktemp("module-app"), demo_cache, overrides, env)
         started.append(a)
         return a.start(wait=wait)

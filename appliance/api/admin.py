@@ -55,7 +55,9 @@ async def _read_object(req: falcon.asgi.Request, allowed: tuple[str, ...]) -> di
         chunks.append(chunk)
     raw = b"".join(chunks)
     if not raw.strip():
-        raise InvalidRequest('the body must be a JSON object such as {"model": "NAME"}', param="model")
+        raise InvalidRequest(
+            'the body must be a JSON object such as {"model": "NAME"}', param="model"
+        )
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -140,7 +142,9 @@ class AdminLoad(_Admin):
         await reg.load(name)
         seconds = round(time.perf_counter() - t0, 3)
         log.info("admin: model %s %s", name, "already loaded" if was_loaded else "loaded")
-        _json(resp, {"model": self.model_view(name), "already_loaded": was_loaded, "seconds": seconds})
+        _json(
+            resp, {"model": self.model_view(name), "already_loaded": was_loaded, "seconds": seconds}
+        )
 
 
 class AdminUnload(_Admin):

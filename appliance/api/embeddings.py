@@ -55,7 +55,11 @@ def _model(body: dict[str, Any]) -> Optional[str]:
 
 
 def _token_list(v: Any) -> bool:
-    return isinstance(v, list) and bool(v) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+    return (
+        isinstance(v, list)
+        and bool(v)
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+    )
 
 
 def parse_embeddings(body: dict[str, Any]) -> EmbeddingRequest:
@@ -103,14 +107,16 @@ def parse_rerank(body: dict[str, Any]) -> RerankRequest:
     if not isinstance(docs_raw, list) or not docs_raw:
         raise InvalidRequest("documents must be a non-empty list", param="documents")
     if len(docs_raw) > MAX_DOCUMENTS:
-        raise InvalidRequest(f"documents has {len(docs_raw)} items; at most {MAX_DOCUMENTS}", param="documents")
+        raise InvalidRequest(
+            f"documents has {len(docs_raw)} items; at most {MAX_DOCUMENTS}", param="documents"
+        )
     docs = []
     for d in docs_raw:
         if isinstance(d, dict) and isinstance(d.get("text"), str):
             d = d["text"]
         if not isinstance(d, str) or not d:
             raise InvalidRequest(
-                "each document must be a non-empty string or {\"text\": ...}", param="documents"
+                'each document must be a non-empty string or {"text": ...}', param="documents"
             )
         docs.append(d)
     top_n = body.get("top_n")
@@ -148,19 +154,28 @@ def _vectors_from(answer: Any) -> list[list[float]]:
         data = orjson.loads(answer.body)["data"]
         return [list(map(float, d["embedding"])) for d in sorted(data, key=lambda d: d["index"])]
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-        raise HelperUnavailable("the embedding helper answered something that is not an embeddings list") from None
+        raise HelperUnavailable(
+            "the embedding helper answered something that is not an embeddings list"
+        ) from None
 
 
 class _Base:
-    def __init__(self, engine: Engine, lifecycle: Lifecycle, helpers: HelperNodes, max_body_bytes: int) -> None:
+    def __init__(
+        self, engine: Engine, lifecycle: Lifecycle, helpers: HelperNodes, max_body_bytes: int
+    ) -> None:
         self.engine = engine
         self.lifecycle = lifecycle
         self.helpers = helpers
         self.max_body_bytes = max_body_bytes
 
     async def relayed(
-        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, role: str, path: str,
-        model: Optional[str], body: dict[str, Any],
+        self,
+        req: falcon.asgi.Request,
+        resp: falcon.asgi.Response,
+        role: str,
+        path: str,
+        model: Optional[str],
+        body: dict[str, Any],
     ) -> bool:
         """Pass the request to the helper node of `role` when one is set; True if it did."""
         helper = self.helpers.get(role)
@@ -176,8 +191,10 @@ class _Base:
         """Vectors from the embedding helper when one is set, else from a local model."""
         helper = self.helpers.get("embedding")
         if helper is not None:
-            body: dict[str, Any] = {"input": [i if isinstance(i, str) else list(i) for i in inputs],
-                                    "encoding_format": "float"}
+            body: dict[str, Any] = {
+                "input": [i if isinstance(i, str) else list(i) for i in inputs],
+                "encoding_format": "float",
+            }
             if model:
                 body["model"] = model
             answer = await helper.post("/v1/embeddings", body)
@@ -202,14 +219,21 @@ class Embeddings(_Base):
             return
         vecs, tokens, name = await self.vectors(req, parsed.model, parsed.inputs)
         data = [
-            {"object": "embedding", "index": i,
-             "embedding": _encode(_truncate(v, parsed.dimensions), parsed.encoding_format)}
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": _encode(_truncate(v, parsed.dimensions), parsed.encoding_format),
+            }
             for i, v in enumerate(vecs)
         ]
         resp.content_type = falcon.MEDIA_JSON
         resp.data = orjson.dumps(
-            {"object": "list", "data": data, "model": name,
-             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+            {
+                "object": "list",
+                "data": data,
+                "model": name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
         )
 
 
@@ -222,7 +246,9 @@ class Rerank(_Base):
         parsed = parse_rerank(body)
         if await self.relayed(req, resp, "rerank", "/v1/rerank", parsed.model, body):
             return
-        vecs, tokens, name = await self.vectors(req, parsed.model, (parsed.query, *parsed.documents))
+        vecs, tokens, name = await self.vectors(
+            req, parsed.model, (parsed.query, *parsed.documents)
+        )
         q, docs = vecs[0], vecs[1:]
         scored = sorted(
             ((i, emb.cosine(q, d)) for i, d in enumerate(docs)), key=lambda t: (-t[1], t[0])
@@ -237,6 +263,10 @@ class Rerank(_Base):
             results.append(item)
         resp.content_type = falcon.MEDIA_JSON
         resp.data = orjson.dumps(
-            {"object": "list", "model": name, "results": results,
-             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+            {
+                "object": "list",
+                "model": name,
+                "results": results,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
         )

@@ -101,7 +101,11 @@ async def handle_unexpected(
     req: falcon.asgi.Request, resp: falcon.asgi.Response, ex: Exception, params: Any
 ) -> None:
     log.exception("unhandled error on %s %s", req.method, req.path)
-    _write(resp, 500, error_body("internal error; see the server log", "server_error", None, "internal_error"))
+    _write(
+        resp,
+        500,
+        error_body("internal error; see the server log", "server_error", None, "internal_error"),
+    )
     req.context.error_code = "internal_error"
 
 

@@ -54,6 +54,6 @@ class Faults:
                 raise NotFound(f"model {body['kill_model']!r} is not loaded")
             worker.inject_fault(InjectedFault("injected fault (APPLIANCE_FAULT_INJECTION)"))
         else:
-            raise InvalidRequest("send {\"task\": NAME} or {\"kill_model\": NAME}")
+            raise InvalidRequest('send {"task": NAME} or {"kill_model": NAME}')
         resp.content_type = falcon.MEDIA_JSON
         resp.data = b'{"injected":true}'

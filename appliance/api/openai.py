@@ -26,6 +26,7 @@ from .parsing import Common, check_vocab, decode_json, parse_chat, parse_complet
 
 log = logging.getLogger("appliance.api")
 
+
 async def read_json(req: falcon.asgi.Request, max_bytes: int) -> dict[str, Any]:
     """The body as a JSON object; 413 past max_bytes without reading the rest."""
     length = req.content_length
@@ -118,19 +119,24 @@ class Generate:
         except Exception as exc:
             from ..errors import InvalidRequest
 
-            raise InvalidRequest(f"the prompt could not be built: {exc}", param="messages") from None
+            raise InvalidRequest(
+                f"the prompt could not be built: {exc}", param="messages"
+            ) from None
         # raw_prompt is the completions prompt; chat passes None.
         where = "messages" if raw_prompt is None else "prompt"
         self.engine.check_prompt(name, prompt, common.max_tokens or 1, param=where)
         max_tokens = self.engine.max_tokens_for(name, len(prompt), common.max_tokens)
         params = replace(common.params, max_tokens=max_tokens)
-        start = self.engine.start(worker, prompt, params, high_priority=common.high_priority,
-                                  scope=req.scope)
+        start = self.engine.start(
+            worker, prompt, params, high_priority=common.high_priority, scope=req.scope
+        )
         if not self.engine.admission.would_wait():
             return await start, tok
         return await _unless_client_leaves(req, start, self.engine), tok
 
-    async def collect(self, gen: Generation, out: _Out, req: Optional[falcon.asgi.Request] = None) -> str:
+    async def collect(
+        self, gen: Generation, out: _Out, req: Optional[falcon.asgi.Request] = None
+    ) -> str:
         """Run a request to the end; returns its text. A client that goes away meanwhile ends it
         (its slot is freed at once, not when the answer would have been complete)."""
         deadline = self.engine.deadline()
@@ -214,8 +220,14 @@ class Generate:
             log.exception("stream failed")
             yield SSEvent(
                 data=orjson.dumps(
-                    {"error": {"message": f"generation failed: {exc}", "type": "server_error",
-                               "param": None, "code": "engine_failure"}}
+                    {
+                        "error": {
+                            "message": f"generation failed: {exc}",
+                            "type": "server_error",
+                            "param": None,
+                            "code": "engine_failure",
+                        }
+                    }
                 )
             )
         finally:
@@ -295,14 +307,20 @@ def _chat_logprobs(tok: Any, gen: Generation, start: int, count: int) -> dict[st
         entry: dict[str, Any] = {"token": s, "logprob": gen.logprobs[i], "bytes": list(s.encode())}
         tops = gen.top_logprobs[i] if i < len(gen.top_logprobs) else []
         entry["top_logprobs"] = [
-            {"token": (ts := _token_text(tok, x.token)), "logprob": x.logprob, "bytes": list(ts.encode())}
+            {
+                "token": (ts := _token_text(tok, x.token)),
+                "logprob": x.logprob,
+                "bytes": list(ts.encode()),
+            }
             for x in tops
         ]
         content.append(entry)
     return {"content": content}
 
 
-def _completion_logprobs(tok: Any, gen: Generation, start: int, count: int, offset: int) -> dict[str, Any]:
+def _completion_logprobs(
+    tok: Any, gen: Generation, start: int, count: int, offset: int
+) -> dict[str, Any]:
     tokens, lps, tops, offsets = [], [], [], []
     pos = offset
     for i in range(start, min(start + count, len(gen.logprobs))):
@@ -342,16 +360,26 @@ class ChatCompletions:
             choice: dict[str, Any] = {
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
-                "logprobs": _chat_logprobs(tok, gen, 0, _answer_len(gen, out)) if common.params.logprobs else None,
+                "logprobs": _chat_logprobs(tok, gen, 0, _answer_len(gen, out))
+                if common.params.logprobs
+                else None,
                 "finish_reason": out.finish,
             }
             resp.content_type = falcon.MEDIA_JSON
             resp.data = orjson.dumps(
-                {"id": rid, "object": "chat.completion", "created": created, "model": model,
-                 "choices": [choice], "usage": _usage(gen, out)}
+                {
+                    "id": rid,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [choice],
+                    "usage": _usage(gen, out),
+                }
             )
             return
-        head = orjson.dumps({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model})[:-1]
+        head = orjson.dumps(
+            {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
+        )[:-1]
         # Built once per request: each token chunk is prefix + JSON string + suffix.
         prefix = head + b',"choices":[{"index":0,"delta":{"content":'
         suffix = b'},"logprobs":null,"finish_reason":null}]}'
@@ -360,17 +388,34 @@ class ChatCompletions:
         def piece(text: str, start: int, count: int) -> bytes:
             if want_lp:
                 lp = orjson.dumps(_chat_logprobs(tok, gen, start, count))
-                return prefix + orjson.dumps(text) + b'},"logprobs":' + lp + b',"finish_reason":null}]}'
+                return (
+                    prefix
+                    + orjson.dumps(text)
+                    + b'},"logprobs":'
+                    + lp
+                    + b',"finish_reason":null}]}'
+                )
             return prefix + orjson.dumps(text) + suffix
 
         def final(reason: str) -> bytes:
-            return head + b',"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":' + orjson.dumps(reason) + b"}]}"
+            return (
+                head
+                + b',"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":'
+                + orjson.dumps(reason)
+                + b"}]}"
+            )
 
         def usage() -> bytes:
             return head + b',"choices":[],"usage":' + orjson.dumps(_usage(gen, out)) + b"}"
 
-        first = head + b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}'
-        resp.sse = self.g.sse(gen, out, piece, final, usage if common.include_usage else None, first)
+        first = (
+            head
+            + b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},'
+            + b'"logprobs":null,"finish_reason":null}]}'
+        )
+        resp.sse = self.g.sse(
+            gen, out, piece, final, usage if common.include_usage else None, first
+        )
 
 
 class Completions:
@@ -404,14 +449,30 @@ class Completions:
             text = echo + await self.g.collect(gen, out, req)
             resp.content_type = falcon.MEDIA_JSON
             resp.data = orjson.dumps(
-                {"id": rid, "object": "text_completion", "created": created, "model": model,
-                 "choices": [{"index": 0, "text": text, "finish_reason": out.finish,
-                              "logprobs": _completion_logprobs(tok, gen, 0, _answer_len(gen, out), len(echo))
-                              if common.params.logprobs else None}],
-                 "usage": _usage(gen, out)}
+                {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "text": text,
+                            "finish_reason": out.finish,
+                            "logprobs": _completion_logprobs(
+                                tok, gen, 0, _answer_len(gen, out), len(echo)
+                            )
+                            if common.params.logprobs
+                            else None,
+                        }
+                    ],
+                    "usage": _usage(gen, out),
+                }
             )
             return
-        head = orjson.dumps({"id": rid, "object": "text_completion", "created": created, "model": model})[:-1]
+        head = orjson.dumps(
+            {"id": rid, "object": "text_completion", "created": created, "model": model}
+        )[:-1]
         prefix = head + b',"choices":[{"index":0,"text":'
         suffix = b',"logprobs":null,"finish_reason":null}]}'
         want_lp = common.params.logprobs
@@ -423,7 +484,9 @@ class Completions:
                 lp_obj = _completion_logprobs(tok, gen, start, count, at[0])
                 at[0] += sum(len(t) for t in lp_obj["tokens"])
                 lp = orjson.dumps(lp_obj)
-                return prefix + orjson.dumps(text) + b',"logprobs":' + lp + b',"finish_reason":null}]}'
+                return (
+                    prefix + orjson.dumps(text) + b',"logprobs":' + lp + b',"finish_reason":null}]}'
+                )
             return prefix + orjson.dumps(text) + suffix
 
         def final(reason: str) -> bytes:
@@ -433,7 +496,9 @@ class Completions:
             return head + b',"choices":[],"usage":' + orjson.dumps(_usage(gen, out)) + b"}"
 
         first = prefix + orjson.dumps(echo) + suffix if echo else None
-        resp.sse = self.g.sse(gen, out, piece, final, usage if common.include_usage else None, first)
+        resp.sse = self.g.sse(
+            gen, out, piece, final, usage if common.include_usage else None, first
+        )
 
 
 class Models:
@@ -446,8 +511,13 @@ class Models:
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         loaded = set(self.engine.registry.loaded())
         data = [
-            {"id": n, "object": "model", "created": self.created, "owned_by": "appliance",
-             "loaded": n in loaded}
+            {
+                "id": n,
+                "object": "model",
+                "created": self.created,
+                "owned_by": "appliance",
+                "loaded": n in loaded,
+            }
             for n in self.engine.registry.names
         ]
         resp.content_type = falcon.MEDIA_JSON

@@ -78,13 +78,21 @@ _CONTENT: Schema = {
 }
 
 _COMMON: dict[str, Schema] = {
-    "model": _opt({"type": "string", "minLength": 1, "maxLength": 256,
-                   "description": "A catalog model; absent: models.default."}),
+    "model": _opt(
+        {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 256,
+            "description": "A catalog model; absent: models.default.",
+        }
+    ),
     "stream": _opt({"type": "boolean"}),
-    "stream_options": _opt({
-        "type": "object",
-        "properties": {"include_usage": _opt({"type": "boolean"})},
-    }),
+    "stream_options": _opt(
+        {
+            "type": "object",
+            "properties": {"include_usage": _opt({"type": "boolean"})},
+        }
+    ),
     "max_tokens": _opt(_int(1, 1 << 20, "Capped by the model's max_tokens and context.")),
     "max_completion_tokens": _opt(_int(1, 1 << 20, "Takes precedence over max_tokens.")),
     "n": _opt(_int(1, 1, "Only 1: send several requests instead.")),
@@ -97,22 +105,31 @@ _COMMON: dict[str, Schema] = {
     "repetition_penalty": _opt(_num(0.01, 10)),
     "presence_penalty": _opt(_num(-2, 2)),
     "frequency_penalty": _opt(_num(-2, 2)),
-    "logit_bias": _opt({
-        "type": "object",
-        "maxProperties": 1024,
-        "propertyNames": {"pattern": "^-?[0-9]+$"},
-        "additionalProperties": _num(-100, 100),
-        "description": "Token id -> bias; ids outside the vocabulary are refused (400).",
-    }),
-    "stop": _opt({
-        "anyOf": [
-            {"type": "string", "minLength": 1, "maxLength": MAX_STOP_LEN},
-            {"type": "array", "maxItems": MAX_STOPS,
-             "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_LEN}},
-        ]
-    }),
-    "priority": {"enum": ["normal", "high", None],
-                 "description": "high needs the admin key (403 otherwise)."},
+    "logit_bias": _opt(
+        {
+            "type": "object",
+            "maxProperties": 1024,
+            "propertyNames": {"pattern": "^-?[0-9]+$"},
+            "additionalProperties": _num(-100, 100),
+            "description": "Token id -> bias; ids outside the vocabulary are refused (400).",
+        }
+    ),
+    "stop": _opt(
+        {
+            "anyOf": [
+                {"type": "string", "minLength": 1, "maxLength": MAX_STOP_LEN},
+                {
+                    "type": "array",
+                    "maxItems": MAX_STOPS,
+                    "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_LEN},
+                },
+            ]
+        }
+    ),
+    "priority": {
+        "enum": ["normal", "high", None],
+        "description": "high needs the admin key (403 otherwise).",
+    },
     "user": _opt({"type": "string", "maxLength": 256}),
 }
 
@@ -138,7 +155,12 @@ CHAT_REQUEST: Schema = {
     "type": "object",
     "required": ["messages"],
     "properties": {
-        "messages": {"type": "array", "minItems": 1, "maxItems": 4096, "items": _ref("ChatMessage")},
+        "messages": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 4096,
+            "items": _ref("ChatMessage"),
+        },
         **_COMMON,
         "logprobs": _opt({"type": "boolean"}),
         "top_logprobs": _opt(_int(0, 20, "Needs logprobs: true.")),
@@ -151,12 +173,17 @@ COMPLETION_REQUEST: Schema = {
     "required": ["prompt"],
     "properties": {
         "prompt": {
-            "description": "One prompt: text or token ids (a list holding one of them is accepted).",
+            "description": "One prompt: text or token ids (a list holding one of them is "
+            "accepted).",
             "anyOf": [
                 {"type": "string", "minLength": 1},
                 _TOKENS,
-                {"type": "array", "minItems": 1, "maxItems": 1,
-                 "items": {"type": "string", "minLength": 1}},
+                {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": 1,
+                    "items": {"type": "string", "minLength": 1},
+                },
                 {"type": "array", "minItems": 1, "maxItems": 1, "items": _TOKENS},
             ],
         },
@@ -167,8 +194,7 @@ COMPLETION_REQUEST: Schema = {
     },
 }
 
-_EMBED_TOKENS: Schema = {"type": "array", "minItems": 1,
-                         "items": {"type": "integer", "minimum": 0}}
+_EMBED_TOKENS: Schema = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
 EMBEDDINGS_REQUEST: Schema = {
     "type": "object",
     "required": ["input"],
@@ -179,13 +205,22 @@ EMBEDDINGS_REQUEST: Schema = {
             "anyOf": [
                 {"type": "string"},
                 _EMBED_TOKENS,
-                {"type": "array", "minItems": 1, "maxItems": 2048,
-                 "items": {"anyOf": [{"type": "string"}, _EMBED_TOKENS]}},
+                {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": 2048,
+                    "items": {"anyOf": [{"type": "string"}, _EMBED_TOKENS]},
+                },
             ],
         },
         "encoding_format": {"enum": ["float", "base64", None]},
-        "dimensions": _opt({"type": "integer", "minimum": 1,
-                            "description": "Truncate (and renormalise) to this many."}),
+        "dimensions": _opt(
+            {
+                "type": "integer",
+                "minimum": 1,
+                "description": "Truncate (and renormalise) to this many.",
+            }
+        ),
     },
 }
 
@@ -200,10 +235,12 @@ RERANK_REQUEST: Schema = {
             "type": "array",
             "minItems": 1,
             "maxItems": 1000,
-            "items": {"anyOf": [
-                _DOC_TEXT,
-                {"type": "object", "required": ["text"], "properties": {"text": _DOC_TEXT}},
-            ]},
+            "items": {
+                "anyOf": [
+                    _DOC_TEXT,
+                    {"type": "object", "required": ["text"], "properties": {"text": _DOC_TEXT}},
+                ]
+            },
         },
         "top_n": _opt({"type": "integer", "minimum": 1}),
         "return_documents": {"type": "boolean", "description": "Default true."},
@@ -223,8 +260,12 @@ ADMIN_UNLOAD_REQUEST: Schema = {
     "additionalProperties": False,
     "properties": {
         "model": _MODEL_NAME,
-        "timeout_s": {"type": "number", "minimum": 0, "maximum": 3600,
-                      "description": "Wait this long for in-flight requests (default 30)."},
+        "timeout_s": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 3600,
+            "description": "Wait this long for in-flight requests (default 30).",
+        },
     },
 }
 
@@ -276,12 +317,19 @@ CHAT_LOGPROBS: Schema = {
     "properties": {
         "content": {
             "type": "array",
-            "items": {**_TOP, "properties": {**_TOP["properties"],
-                                              "top_logprobs": {"type": "array", "items": _TOP}}},
+            "items": {
+                **_TOP,
+                "properties": {
+                    **_TOP["properties"],
+                    "top_logprobs": {"type": "array", "items": _TOP},
+                },
+            },
         }
     },
 }
 FINISH = {"enum": ["stop", "length"]}
+
+
 def _envelope(
     obj: str, choice: Schema, choice_required: list[str], usage: Schema, *, chunk: bool
 ) -> Schema:
@@ -487,8 +535,19 @@ READY: Schema = {
 _NULLABLE_BYTES = {"type": ["integer", "null"], "minimum": 0}
 ADMIN_MODEL: Schema = {
     "type": "object",
-    "required": ["name", "path", "state", "loaded", "default", "auto_load", "context_length",
-                 "max_tokens", "ttl_s", "requests_served", "in_flight"],
+    "required": [
+        "name",
+        "path",
+        "state",
+        "loaded",
+        "default",
+        "auto_load",
+        "context_length",
+        "max_tokens",
+        "ttl_s",
+        "requests_served",
+        "in_flight",
+    ],
     "properties": {
         "name": {"type": "string"},
         "path": {"type": "string"},
@@ -539,9 +598,20 @@ ADMIN_UNLOADED: Schema = {
 }
 ADMIN_HEALTH: Schema = {
     "type": "object",
-    "required": ["status", "reasons", "system_memory_percent", "memory_bytes", "models_loaded",
-                 "requests", "generation_threads_alive", "helpers", "uptime_s", "version",
-                 "safe_mode", "draining"],
+    "required": [
+        "status",
+        "reasons",
+        "system_memory_percent",
+        "memory_bytes",
+        "models_loaded",
+        "requests",
+        "generation_threads_alive",
+        "helpers",
+        "uptime_s",
+        "version",
+        "safe_mode",
+        "draining",
+    ],
     "properties": {
         "status": {"enum": ["ok", "degraded", "failing"]},
         "reasons": {
@@ -549,22 +619,28 @@ ADMIN_HEALTH: Schema = {
             "items": {
                 "type": "object",
                 "required": ["status", "reason"],
-                "properties": {"status": {"enum": ["ok", "degraded", "failing"]},
-                               "reason": {"type": "string"}},
+                "properties": {
+                    "status": {"enum": ["ok", "degraded", "failing"]},
+                    "reason": {"type": "string"},
+                },
             },
         },
         "system_memory_percent": {"type": "number", "minimum": 0, "maximum": 100},
         "memory_bytes": {
             "type": "object",
             "required": ["rss", "mlx_active", "mlx_peak", "mlx_cache"],
-            "properties": {k: _NULLABLE_BYTES for k in ("rss", "mlx_active", "mlx_peak", "mlx_cache")},
+            "properties": {
+                k: _NULLABLE_BYTES for k in ("rss", "mlx_active", "mlx_peak", "mlx_cache")
+            },
         },
         "models_loaded": {"type": "array", "items": {"type": "string"}},
         "requests": {
             "type": "object",
             "required": ["running", "waiting", "max_running", "max_queued"],
-            "properties": {k: {"type": "integer", "minimum": 0}
-                           for k in ("running", "waiting", "max_running", "max_queued")},
+            "properties": {
+                k: {"type": "integer", "minimum": 0}
+                for k in ("running", "waiting", "max_running", "max_queued")
+            },
         },
         "generation_threads_alive": {"type": "integer", "minimum": 0},
         "helpers": {"type": "object"},
@@ -578,7 +654,8 @@ ADMIN_HEALTH: Schema = {
 }
 ADMIN_CONFIG: Schema = {
     "type": "object",
-    "description": "The composed config, every key and secret redacted (see docs/configuration.md).",
+    "description": "The composed config, every key and secret redacted (see "
+    "docs/configuration.md).",
     "required": ["server", "models", "limits", "security"],
     "properties": {
         "security": {
@@ -597,13 +674,13 @@ _ERROR_TEXT = {
     "400": "Invalid request: the error's param names the field.",
     "401": "Missing or wrong key (code invalid_api_key).",
     "403": "Forbidden: a Host not allowed on a loopback-bound server (forbidden_host), the admin "
-           "API closed (admin_disabled), or priority high without the admin key.",
+    "API closed (admin_disabled), or priority high without the admin key.",
     "404": "Unknown model (model_not_found).",
     "413": "The body is over limits.max_body_bytes (request_too_large).",
     "429": "Rate limited (rate_limited) or every slot and queue place taken (server_busy).",
     "500": "Engine failure.",
     "503": "Shedding load (overloaded), draining (draining), not ready (not_ready), not enough "
-           "memory (insufficient_memory) or a helper down (helper_unavailable).",
+    "memory (insufficient_memory) or a helper down (helper_unavailable).",
     "504": "The request ran past limits.request_timeout_s (request_timeout).",
 }
 _RETRY = ("429", "503")
@@ -655,58 +732,167 @@ def spec(cfg: AppConfig) -> dict[str, Any]:
     guard = ("401", "403")  # a missing key where one is needed; a Host not allowed
     gen_errors = ("400", *guard, "404", "413", "429", "500", "503", "504")
     admin_post = ("400", *guard, "404", "413", "429", "500", "503")
+
     def generation(op_id: str, summary: str, req: str, resp: str, chunk: Schema) -> Schema:
-        op = _op(op_id, summary, "inference",
-                 _ok(_ref(resp), "The result; with stream: true, server-sent events, one chunk "
-                     "per event, ending with `data: [DONE]`."),
-                 gen_errors, v1, _ref(req))
+        op = _op(
+            op_id,
+            summary,
+            "inference",
+            _ok(
+                _ref(resp),
+                "The result; with stream: true, server-sent events, one chunk "
+                "per event, ending with `data: [DONE]`.",
+            ),
+            gen_errors,
+            v1,
+            _ref(req),
+        )
         op["responses"]["200"]["content"]["text/event-stream"] = {"schema": sse_event(chunk)}
         return op
 
     paths: dict[str, Any] = {
-        "/healthz": {"get": _op("healthz", "Liveness: 200 while the process serves.", "probes",
-                                _ok(_ref("Health"), "Alive."), guard, probes)},
-        "/readyz": {"get": _op("readyz", "Readiness: a model is loaded and work is accepted.",
-                               "probes", _ok(_ref("Ready"), "Ready."), (*guard, "503"), probes)},
-        cfg.metrics.path: {"get": _op(
-            "metrics", "Prometheus metrics.", "probes",
-            _ok({"type": "string"}, "Prometheus text format 0.0.4.", "text/plain"), guard, metrics,
-        )},
-        "/openapi.json": {"get": _op("openapi", "This document.", "meta",
-                                     _ok({"type": "object"}, "OpenAPI 3.1."), guard, v1)},
-        "/v1/models": {"get": _op("listModels", "Every catalog model.", "inference",
-                                  _ok(_ref("ModelList"), "The catalog."), guard, v1)},
-        "/v1/chat/completions": {"post": generation(
-            "createChatCompletion", "Chat completion.", "ChatCompletionRequest", "ChatCompletion",
-            CHAT_CHUNK)},
-        "/v1/completions": {"post": generation(
-            "createCompletion", "Text completion.", "CompletionRequest", "Completion",
-            COMPLETION_CHUNK)},
-        "/v1/embeddings": {"post": _op(
-            "createEmbedding", "Embeddings from a local model or the embedding helper.",
-            "inference", _ok(_ref("Embeddings"), "One embedding per input."), gen_errors, v1,
-            _ref("EmbeddingsRequest"),
-        )},
-        "/v1/rerank": {"post": _op(
-            "rerank", "Documents ranked by relevance to the query (local model or helper).",
-            "inference", _ok(_ref("Rerank"), "Ranked results."), gen_errors, v1,
-            _ref("RerankRequest"),
-        )},
-        "/admin/models": {"get": _op("adminModels", "Catalog and loaded models.", "admin",
-                                     _ok(_ref("AdminModels"), "Every model."), guard, keyed)},
-        "/admin/models/load": {"post": _op(
-            "adminLoad", "Load a catalog model (no-op when loaded).", "admin",
-            _ok(_ref("AdminLoaded"), "Loaded."), admin_post, keyed, _ref("AdminLoadRequest"))},
-        "/admin/models/unload": {"post": _op(
-            "adminUnload", "Unload a model, waiting for its in-flight requests up to timeout_s.",
-            "admin", _ok(_ref("AdminUnloaded"), "Unloaded."), admin_post, keyed,
-            _ref("AdminUnloadRequest"))},
-        "/admin/health": {"get": _op("adminHealth", "ok / degraded / failing with reasons.",
-                                     "admin", _ok(_ref("AdminHealth"), "The report."), guard,
-                                     keyed)},
-        "/admin/config": {"get": _op("adminConfig", "The composed config, secrets redacted.",
-                                     "admin", _ok(_ref("AdminConfig"), "The config."), guard,
-                                     keyed)},
+        "/healthz": {
+            "get": _op(
+                "healthz",
+                "Liveness: 200 while the process serves.",
+                "probes",
+                _ok(_ref("Health"), "Alive."),
+                guard,
+                probes,
+            )
+        },
+        "/readyz": {
+            "get": _op(
+                "readyz",
+                "Readiness: a model is loaded and work is accepted.",
+                "probes",
+                _ok(_ref("Ready"), "Ready."),
+                (*guard, "503"),
+                probes,
+            )
+        },
+        cfg.metrics.path: {
+            "get": _op(
+                "metrics",
+                "Prometheus metrics.",
+                "probes",
+                _ok({"type": "string"}, "Prometheus text format 0.0.4.", "text/plain"),
+                guard,
+                metrics,
+            )
+        },
+        "/openapi.json": {
+            "get": _op(
+                "openapi",
+                "This document.",
+                "meta",
+                _ok({"type": "object"}, "OpenAPI 3.1."),
+                guard,
+                v1,
+            )
+        },
+        "/v1/models": {
+            "get": _op(
+                "listModels",
+                "Every catalog model.",
+                "inference",
+                _ok(_ref("ModelList"), "The catalog."),
+                guard,
+                v1,
+            )
+        },
+        "/v1/chat/completions": {
+            "post": generation(
+                "createChatCompletion",
+                "Chat completion.",
+                "ChatCompletionRequest",
+                "ChatCompletion",
+                CHAT_CHUNK,
+            )
+        },
+        "/v1/completions": {
+            "post": generation(
+                "createCompletion",
+                "Text completion.",
+                "CompletionRequest",
+                "Completion",
+                COMPLETION_CHUNK,
+            )
+        },
+        "/v1/embeddings": {
+            "post": _op(
+                "createEmbedding",
+                "Embeddings from a local model or the embedding helper.",
+                "inference",
+                _ok(_ref("Embeddings"), "One embedding per input."),
+                gen_errors,
+                v1,
+                _ref("EmbeddingsRequest"),
+            )
+        },
+        "/v1/rerank": {
+            "post": _op(
+                "rerank",
+                "Documents ranked by relevance to the query (local model or helper).",
+                "inference",
+                _ok(_ref("Rerank"), "Ranked results."),
+                gen_errors,
+                v1,
+                _ref("RerankRequest"),
+            )
+        },
+        "/admin/models": {
+            "get": _op(
+                "adminModels",
+                "Catalog and loaded models.",
+                "admin",
+                _ok(_ref("AdminModels"), "Every model."),
+                guard,
+                keyed,
+            )
+        },
+        "/admin/models/load": {
+            "post": _op(
+                "adminLoad",
+                "Load a catalog model (no-op when loaded).",
+                "admin",
+                _ok(_ref("AdminLoaded"), "Loaded."),
+                admin_post,
+                keyed,
+                _ref("AdminLoadRequest"),
+            )
+        },
+        "/admin/models/unload": {
+            "post": _op(
+                "adminUnload",
+                "Unload a model, waiting for its in-flight requests up to timeout_s.",
+                "admin",
+                _ok(_ref("AdminUnloaded"), "Unloaded."),
+                admin_post,
+                keyed,
+                _ref("AdminUnloadRequest"),
+            )
+        },
+        "/admin/health": {
+            "get": _op(
+                "adminHealth",
+                "ok / degraded / failing with reasons.",
+                "admin",
+                _ok(_ref("AdminHealth"), "The report."),
+                guard,
+                keyed,
+            )
+        },
+        "/admin/config": {
+            "get": _op(
+                "adminConfig",
+                "The composed config, secrets redacted.",
+                "admin",
+                _ok(_ref("AdminConfig"), "The config."),
+                guard,
+                keyed,
+            )
+        },
     }
     schemas = {
         "Error": ERROR,
@@ -739,7 +925,7 @@ def spec(cfg: AppConfig) -> dict[str, Any]:
             "title": "The appliance",
             "version": __version__,
             "description": "OpenAI-compatible inference on MLX, an admin API and probes. Every "
-                           "non-2xx answer is an OpenAI error object.",
+            "non-2xx answer is an OpenAI error object.",
         },
         "servers": [{"url": "/"}],
         "tags": [{"name": n} for n in ("inference", "admin", "probes", "meta")],
@@ -748,12 +934,18 @@ def spec(cfg: AppConfig) -> dict[str, Any]:
             "schemas": copy.deepcopy(schemas),
             "responses": {f"E{s}": _error_response(s) for s in _ERROR_TEXT},
             "headers": {
-                "Retry-After": {"description": "Seconds to wait before retrying.",
-                                "required": True, "schema": {"type": "string", "pattern": "^[0-9]+$"}},
+                "Retry-After": {
+                    "description": "Seconds to wait before retrying.",
+                    "required": True,
+                    "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                },
             },
             "securitySchemes": {
-                "bearer": {"type": "http", "scheme": "bearer",
-                           "description": "Authorization: Bearer <key>"},
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "Authorization: Bearer <key>",
+                },
                 "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
             },
         },

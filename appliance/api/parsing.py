@@ -76,7 +76,11 @@ def _number(
     if v is None:
         return default
     kind = "an integer" if integer else "a number"
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
+    if (
+        isinstance(v, bool)
+        or not isinstance(v, (int, float))
+        or (integer and not isinstance(v, int))
+    ):
         raise InvalidRequest(f"{key} must be {kind}", param=key)
     if isinstance(v, float) and not math.isfinite(v):
         raise InvalidRequest(f"{key} must be finite", param=key)
@@ -124,11 +128,17 @@ def _logit_bias(body: dict[str, Any], vocab_size: int) -> Optional[tuple[tuple[i
         try:
             tok = int(k)
         except (TypeError, ValueError):
-            raise InvalidRequest(f"logit_bias key {k!r} is not a token id", param="logit_bias") from None
+            raise InvalidRequest(
+                f"logit_bias key {k!r} is not a token id", param="logit_bias"
+            ) from None
         if not 0 <= tok < vocab_size:
-            raise InvalidRequest(f"logit_bias token {tok} is outside the vocabulary", param="logit_bias")
+            raise InvalidRequest(
+                f"logit_bias token {tok} is outside the vocabulary", param="logit_bias"
+            )
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
-            raise InvalidRequest("logit_bias values must be numbers in [-100, 100]", param="logit_bias")
+            raise InvalidRequest(
+                "logit_bias values must be numbers in [-100, 100]", param="logit_bias"
+            )
         out.append((tok, float(b)))
     return tuple(out)
 
@@ -213,8 +223,10 @@ def _content(msg: dict[str, Any], i: int) -> str:
     if isinstance(c, list):
         parts = []
         for j, part in enumerate(c):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(
-                part.get("text"), str
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
             ):
                 raise InvalidRequest(
                     f"{param}[{j}] must be a text part {{'type': 'text', 'text': ...}}; "
@@ -256,7 +268,9 @@ def parse_completion(body: dict[str, Any], vocab_size: int = 1 << 31) -> Complet
         if not p:
             raise InvalidRequest("prompt must not be empty", param="prompt")
         prompt = p
-    elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+    elif (
+        isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+    ):
         if not all(0 <= t < vocab_size for t in p):
             raise InvalidRequest("prompt token ids must be in the vocabulary", param="prompt")
         prompt = tuple(p)
@@ -274,10 +288,14 @@ def parse_completion(body: dict[str, Any], vocab_size: int = 1 << 31) -> Complet
     )
 
 
-def check_vocab(params: SamplingParams, prompt: Union[str, tuple[int, ...], None], vocab: int) -> None:
+def check_vocab(
+    params: SamplingParams, prompt: Union[str, tuple[int, ...], None], vocab: int
+) -> None:
     """Token ids in logit_bias and a token prompt must exist in the model's vocabulary."""
     for tok, _ in params.logit_bias or ():
         if tok >= vocab:
-            raise InvalidRequest(f"logit_bias token {tok} is outside the vocabulary", param="logit_bias")
+            raise InvalidRequest(
+                f"logit_bias token {tok} is outside the vocabulary", param="logit_bias"
+            )
     if isinstance(prompt, tuple) and any(t >= vocab for t in prompt):
         raise InvalidRequest("prompt token ids must be in the vocabulary", param="prompt")

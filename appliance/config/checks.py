@@ -43,8 +43,10 @@ class Between(Check):
             if not self.lo_open and not self.hi_open:
                 text = f"{_num(lo)}..{_num(hi)}"
             else:
-                text = (f"{_num(lo)} {'<' if self.lo_open else '<='} value "
-                        f"{'<' if self.hi_open else '<='} {_num(hi)}")
+                text = (
+                    f"{_num(lo)} {'<' if self.lo_open else '<='} value "
+                    f"{'<' if self.hi_open else '<='} {_num(hi)}"
+                )
         elif lo is not None:
             text = f"{'>' if self.lo_open else '>='} {_num(lo)}"
         elif hi is not None:
@@ -60,7 +62,9 @@ class Between(Check):
             return False
         if self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo)):
             return False
-        return not (self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi)))
+        return not (
+            self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi))
+        )
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,21 @@ from .load import conf_dir
 from .schema import AppConfig
 
 # Hydra flags that take the next argument as their value.
-_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name",
-                     "-cn", "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"}
+_FLAGS_WITH_VALUE = {
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--info",
+    "-i",
+    "--experimental-rerun",
+}
 
 
 def overrides_of(argv: list[str]) -> Optional[list[str]]:

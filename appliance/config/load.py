@@ -119,8 +119,10 @@ def load(cfg: DictConfig | dict[str, Any]) -> AppConfig:
 
 def _apply_env_keys(sec: SecurityConfig) -> None:
     # Keys from the environment are added to any given in config (comma-separated lists).
-    for env_name, target in ((sec.admin_keys_env, sec.admin_keys),
-                             (sec.api_keys_env, sec.api_keys)):
+    for env_name, target in (
+        (sec.admin_keys_env, sec.admin_keys),
+        (sec.api_keys_env, sec.api_keys),
+    ):
         for k in os.environ.get(env_name, "").split(","):
             if k.strip() and k.strip() not in target:
                 target.append(k.strip())

@@ -126,15 +126,19 @@ def _scalar(value: Any) -> str:
 
 
 def _comment(text: str, indent: str) -> list[str]:
-    return textwrap.wrap(text, WIDTH - len(indent) - 2, initial_indent=f"{indent}# ",
-                         subsequent_indent=f"{indent}# ")
+    return textwrap.wrap(
+        text, WIDTH - len(indent) - 2, initial_indent=f"{indent}# ", subsequent_indent=f"{indent}# "
+    )
 
 
 def _sparse(entry: Any) -> dict[str, Any]:
     """A map entry as the fields that differ from its dataclass's defaults."""
     fresh = type(entry)()
-    return {f.name: getattr(entry, f.name) for f in dataclasses.fields(entry)
-            if f.name == "path" or getattr(entry, f.name) != getattr(fresh, f.name)}
+    return {
+        f.name: getattr(entry, f.name)
+        for f in dataclasses.fields(entry)
+        if f.name == "path" or getattr(entry, f.name) != getattr(fresh, f.name)
+    }
 
 
 def _yaml_section(obj: Any, indent: str) -> list[str]:
@@ -261,40 +265,65 @@ def _profiles() -> list[str]:
 
 
 def render_reference() -> str:
-    lines = [DOC_INTRO, *_profiles(), "## Every key", "",
-             "Defaults are the schema's, which `conf/config.yaml` holds too; keys inside a map "
-             "entry", "(a catalog model) take the default shown when left out.", ""]
+    lines = [
+        DOC_INTRO,
+        *_profiles(),
+        "## Every key",
+        "",
+        "Defaults are the schema's, which `conf/config.yaml` holds too; keys inside a map entry",
+        "(a catalog model) take the default shown when left out.",
+        "",
+    ]
     section: Optional[str] = None
     for k in keys():
         top = k.path.split(".")[0]
         if top != section:
             section = top
             help_ = next((x.help for x in keys() if x.path == top), "")
-            lines += ["", f"### {top}", "", help_, "",
-                      "| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+            lines += [
+                "",
+                f"### {top}",
+                "",
+                help_,
+                "",
+                "| key | type | default | allowed | meaning |",
+                "|---|---|---|---|---|",
+            ]
         if k.section:
             continue
-        lines.append(f"| `{k.path}` | {k.type} | {_cell(_fmt(k.default, k.path))} | "
-                     f"{_cell(k.allowed) or '-'} | {_cell(k.help)} |")
+        lines.append(
+            f"| `{k.path}` | {k.type} | {_cell(_fmt(k.default, k.path))} | "
+            f"{_cell(k.allowed) or '-'} | {_cell(k.help)} |"
+        )
     return "\n".join(lines).replace("\n\n\n", "\n\n").rstrip() + "\n"
 
 
 def outputs(root: Path) -> dict[Path, str]:
     """Each rendered file by its path under a checkout's root."""
-    return {root / "conf" / "config.yaml": render_base_yaml(),
-            root / "docs" / "configuration.md": render_reference()}
+    return {
+        root / "conf" / "config.yaml": render_base_yaml(),
+        root / "docs" / "configuration.md": render_reference(),
+    }
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m appliance.config.reference",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m appliance.config.reference", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--write", action="store_true", help="write the rendered files")
     parser.add_argument("--check", action="store_true", help="exit 1 when a file is stale")
-    parser.add_argument("--root", type=Path, default=conf_dir().parent,
-                        help="the checkout's root (default: %(default)s)")
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=conf_dir().parent,
+        help="the checkout's root (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
-    stale = [p for p, text in outputs(args.root).items()
-             if not p.is_file() or p.read_text(encoding="utf-8") != text]
+    stale = [
+        p
+        for p, text in outputs(args.root).items()
+        if not p.is_file() or p.read_text(encoding="utf-8") != text
+    ]
     if args.write:
         for path, text in outputs(args.root).items():
             path.write_text(text, encoding="utf-8")

@@ -28,8 +28,13 @@ MIDDLEWARE_NAMES = (
 TASK_NAMES = ("cache_trim", "idle_eviction", "memory_watchdog", "state_snapshot", "helper_probe")
 
 
-def key(default: Any = dataclasses.MISSING, help: str = "", *,
-        factory: Optional[Callable[[], Any]] = None, check: Optional[Check] = None) -> Any:
+def key(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    factory: Optional[Callable[[], Any]] = None,
+    check: Optional[Check] = None,
+) -> Any:
     """A config key: its default (or a factory for lists, maps and sections), help and check."""
     meta = {"help": help, "check": check}
     if factory is not None:
@@ -60,13 +65,19 @@ class TLSConfig:
 
 @dataclass
 class ServerConfig:
-    host: str = key("127.0.0.1", "Address to listen on; 0.0.0.0 serves the LAN, 127.0.0.1 this "
-                    "machine only.")
+    host: str = key(
+        "127.0.0.1", "Address to listen on; 0.0.0.0 serves the LAN, 127.0.0.1 this machine only."
+    )
     port: int = key(8080, "TCP port.", check=Between(1, 65535))
-    drain_timeout_s: float = key(30.0, "On SIGTERM, how long in-flight requests may run before "
-                                 "they are ended.", check=Between(0, unit="seconds"))
-    allowed_hosts: List[str] = key(help="Extra Host names accepted while bound to loopback "
-                                   "(DNS-rebinding guard).", factory=list)
+    drain_timeout_s: float = key(
+        30.0,
+        "On SIGTERM, how long in-flight requests may run before they are ended.",
+        check=Between(0, unit="seconds"),
+    )
+    allowed_hosts: List[str] = key(
+        help="Extra Host names accepted while bound to loopback (DNS-rebinding guard).",
+        factory=list,
+    )
     tls: TLSConfig = key(help="HTTPS: both files, or neither.", factory=TLSConfig)
 
 
@@ -74,36 +85,58 @@ class ServerConfig:
 class ModelSpec:
     """One catalog entry: where the model is and how it is served."""
 
-    path: str = key("builtin:demo", "A local model folder, a hub id in the local cache, or "
-                    "builtin:demo.", check=Holds(bool, "a model folder, hub id or builtin:demo"))
-    context_length: int = key(4096, "Prompt plus generated tokens, at most.",
-                              check=Between(16, unit="tokens"))
-    max_tokens: int = key(2048, "Most tokens generated for one request.",
-                          check=Between(1, unit="tokens"))
-    ttl_s: float = key(0.0, "Unload after this many idle seconds (0: never).",
-                       check=Between(0, unit="seconds (0 = never evicted)"))
-    prefill_step_size: int = key(512, "Prompt tokens processed per prefill step.",
-                                 check=Between(1))
+    path: str = key(
+        "builtin:demo",
+        "A local model folder, a hub id in the local cache, or builtin:demo.",
+        check=Holds(bool, "a model folder, hub id or builtin:demo"),
+    )
+    context_length: int = key(
+        4096, "Prompt plus generated tokens, at most.", check=Between(16, unit="tokens")
+    )
+    max_tokens: int = key(
+        2048, "Most tokens generated for one request.", check=Between(1, unit="tokens")
+    )
+    ttl_s: float = key(
+        0.0,
+        "Unload after this many idle seconds (0: never).",
+        check=Between(0, unit="seconds (0 = never evicted)"),
+    )
+    prefill_step_size: int = key(512, "Prompt tokens processed per prefill step.", check=Between(1))
     completion_batch_size: int = key(32, "Most sequences generating together.", check=Between(1))
-    prefill_batch_size: Optional[int] = key(None, "Most prompts prefilled together (null: "
-                                            "completion_batch_size).", check=Between(1))
+    prefill_batch_size: Optional[int] = key(
+        None, "Most prompts prefilled together (null: completion_batch_size).", check=Between(1)
+    )
     join_window_s: float = key(
-        0.02, "Longest a new request waits to be prefilled with those arriving beside it (0: next "
+        0.02,
+        "Longest a new request waits to be prefilled with those arriving beside it (0: next "
         "step); while the HTTP front still holds requests on their way, up to 0.1 s if that is "
-        "longer.", check=Between(0, 1, unit="seconds"))
-    fast_joins: bool = key(True, "Join and leave the running batch without mlx-lm's copies and "
-                           "extra forward pass, and decode a lone request without the batch's "
-                           "mask (false: mlx-lm's own path).")
-    fuse_projections: bool = key(True, "Fuse the q/k/v and the gate/up projections into one "
-                                 "matmul each after loading: fewer kernels a decode step (a model "
-                                 "split across ranks is not fused).")
-    engine_process: bool = key(False, "Run the model in a process of its own: an MLX crash there "
-                               "ends only it; the model reloads.")
-    max_kv_size: Optional[int] = key(None, "Rotating KV cache size (null: the whole context).",
-                                     check=Between(1))
+        "longer.",
+        check=Between(0, 1, unit="seconds"),
+    )
+    fast_joins: bool = key(
+        True,
+        "Join and leave the running batch without mlx-lm's copies and "
+        "extra forward pass, and decode a lone request without the batch's "
+        "mask (false: mlx-lm's own path).",
+    )
+    fuse_projections: bool = key(
+        True,
+        "Fuse the q/k/v and the gate/up projections into one "
+        "matmul each after loading: fewer kernels a decode step (a model "
+        "split across ranks is not fused).",
+    )
+    engine_process: bool = key(
+        False,
+        "Run the model in a process of its own: an MLX crash there "
+        "ends only it; the model reloads.",
+    )
+    max_kv_size: Optional[int] = key(
+        None, "Rotating KV cache size (null: the whole context).", check=Between(1)
+    )
     trust_remote_code: bool = key(False, "Let the tokenizer run code shipped with the model.")
-    demo_shape: str = key("demo", "Shape of the builtin demo model.",
-                          check=OneOf(("demo", "llama-1b")))
+    demo_shape: str = key(
+        "demo", "Shape of the builtin demo model.", check=OneOf(("demo", "llama-1b"))
+    )
 
 
 def _default_catalog() -> dict[str, ModelSpec]:
@@ -113,62 +146,96 @@ def _default_catalog() -> dict[str, ModelSpec]:
 @dataclass
 class ModelsConfig:
     default: str = key("demo", "The model of a request that names none (a catalog name).")
-    auto_load: List[str] = key(help="Models loaded at start (and pinned against idle eviction).",
-                               factory=lambda: ["demo"])
-    prompt_cache_bytes: int = key(256 * 1024 * 1024, "Bytes of KV cache kept for prompt-prefix "
-                                  "reuse, per model.", check=Between(0, unit="bytes"))
+    auto_load: List[str] = key(
+        help="Models loaded at start (and pinned against idle eviction).", factory=lambda: ["demo"]
+    )
+    prompt_cache_bytes: int = key(
+        256 * 1024 * 1024,
+        "Bytes of KV cache kept for prompt-prefix reuse, per model.",
+        check=Between(0, unit="bytes"),
+    )
     prompt_cache_min_tokens: Optional[int] = key(
-        None, "Shortest cached prefix reused; a shorter one is prefilled again (null: 32 on "
+        None,
+        "Shortest cached prefix reused; a shorter one is prefilled again (null: 32 on "
         "CUDA, where a kernel launch per cache array outweighs a short prefill; else 0).",
-        check=Between(0, unit="tokens"))
+        check=Between(0, unit="tokens"),
+    )
     cuda_unfused_attention_elements: int = key(
-        1 << 27, "CUDA: prefill attention up to this many scores (batch x heads x query x key "
+        1 << 27,
+        "CUDA: prefill attention up to this many scores (batch x heads x query x key "
         "length) runs as matmul + softmax instead of cuDNN, which builds a graph per new shape "
-        "(0: always cuDNN).", check=Between(0))
-    cuda_decode_kernel: bool = key(True, "CUDA: decode attention over padded batch rows in one "
-                                   "kernel, not MLX's four-op fallback.")
-    demo_dir: Optional[str] = key(None, "Where the embedded demo model is built (null: the user "
-                                  "cache folder).")
-    catalog: Dict[str, ModelSpec] = key(help="The models this appliance may serve, by name.",
-                                        factory=_default_catalog,
-                                        check=Holds(bool, "at least one model"))
+        "(0: always cuDNN).",
+        check=Between(0),
+    )
+    cuda_decode_kernel: bool = key(
+        True,
+        "CUDA: decode attention over padded batch rows in one kernel, not MLX's four-op fallback.",
+    )
+    demo_dir: Optional[str] = key(
+        None, "Where the embedded demo model is built (null: the user cache folder)."
+    )
+    catalog: Dict[str, ModelSpec] = key(
+        help="The models this appliance may serve, by name.",
+        factory=_default_catalog,
+        check=Holds(bool, "at least one model"),
+    )
 
 
 @dataclass
 class LimitsConfig:
     max_running: int = key(8, "Requests generating at once (batch slots).", check=Between(1))
-    max_queued: int = key(32, "Requests waiting for a slot; beyond it, 429 server_busy.",
-                          check=Between(0))
-    queue_timeout_s: float = key(10.0, "Longest wait for a slot before 429 server_busy.",
-                                 check=Between(0, unit="seconds"))
-    max_body_bytes: int = key(1024 * 1024, "Largest request body; larger gets 413.",
-                              check=Between(1024, unit="bytes"))
-    request_timeout_s: float = key(300.0, "Longest a request may run.",
-                                   check=Between(0, lo_open=True, unit="seconds"))
-    mlx_memory_limit_bytes: Optional[int] = key(None, "mx.set_memory_limit (null: MLX's "
-                                                "default).", check=Between(0, lo_open=True,
-                                                                           unit="bytes"))
-    engine_restarts: int = key(3, "Deaths of one model's generation thread before the process "
-                               "exits 3 (so launchd / systemd restarts it).", check=Between(0))
-    engine_restart_backoff_s: float = key(1.0, "First wait before reloading a dead model "
-                                          "(doubling).", check=Between(0, lo_open=True,
-                                                                       unit="seconds"))
+    max_queued: int = key(
+        32, "Requests waiting for a slot; beyond it, 429 server_busy.", check=Between(0)
+    )
+    queue_timeout_s: float = key(
+        10.0, "Longest wait for a slot before 429 server_busy.", check=Between(0, unit="seconds")
+    )
+    max_body_bytes: int = key(
+        1024 * 1024, "Largest request body; larger gets 413.", check=Between(1024, unit="bytes")
+    )
+    request_timeout_s: float = key(
+        300.0, "Longest a request may run.", check=Between(0, lo_open=True, unit="seconds")
+    )
+    mlx_memory_limit_bytes: Optional[int] = key(
+        None,
+        "mx.set_memory_limit (null: MLX's default).",
+        check=Between(0, lo_open=True, unit="bytes"),
+    )
+    engine_restarts: int = key(
+        3,
+        "Deaths of one model's generation thread before the process "
+        "exits 3 (so launchd / systemd restarts it).",
+        check=Between(0),
+    )
+    engine_restart_backoff_s: float = key(
+        1.0,
+        "First wait before reloading a dead model (doubling).",
+        check=Between(0, lo_open=True, unit="seconds"),
+    )
 
 
 @dataclass
 class SecurityConfig:
-    admin_keys: List[str] = key(help="Admin keys (prefer the environment: admin_keys_env).",
-                                factory=list)
-    api_keys: List[str] = key(help="Inference keys; /v1 is open when there are none.",
-                              factory=list)
-    admin_keys_env: str = key("LMX_ADMIN_KEY", "Environment variable holding admin keys "
-                              "(comma-separated).")
-    api_keys_env: str = key("LMX_API_KEYS", "Environment variable holding inference keys "
-                            "(comma-separated).")
-    cors_origins: List[str] = key(help="Browser origins allowed by CORS.", factory=list,
-                                  check=Each(Holds(_origin, "origins like https://host[:port]")))
-    exposure: str = key("lan", "public refuses to start without keys and TLS (or a TLS proxy).",
-                        check=OneOf(("lan", "public")))
+    admin_keys: List[str] = key(
+        help="Admin keys (prefer the environment: admin_keys_env).", factory=list
+    )
+    api_keys: List[str] = key(help="Inference keys; /v1 is open when there are none.", factory=list)
+    admin_keys_env: str = key(
+        "LMX_ADMIN_KEY", "Environment variable holding admin keys (comma-separated)."
+    )
+    api_keys_env: str = key(
+        "LMX_API_KEYS", "Environment variable holding inference keys (comma-separated)."
+    )
+    cors_origins: List[str] = key(
+        help="Browser origins allowed by CORS.",
+        factory=list,
+        check=Each(Holds(_origin, "origins like https://host[:port]")),
+    )
+    exposure: str = key(
+        "lan",
+        "public refuses to start without keys and TLS (or a TLS proxy).",
+        check=OneOf(("lan", "public")),
+    )
     behind_tls_proxy: bool = key(False, "TLS ends at a proxy in front (for exposure: public).")
     open_probes: bool = key(True, "/healthz and /readyz answer without a key.")
     open_metrics: bool = key(True, "The metrics path answers without a key.")
@@ -176,32 +243,44 @@ class SecurityConfig:
 
 @dataclass
 class RateLimitsConfig:
-    inference: Optional[str] = key(None, "Per-key limit on POSTs to the /v1 generation routes.",
-                                   check=Holds(_rate_limit, 'a limit such as "60/minute" or '
-                                               '"60/minute;1000/hour"'))
-    admin: Optional[str] = key(None, "Per-key limit on POSTs to /admin.",
-                               check=Holds(_rate_limit, 'a limit such as "10/minute"'))
-    storage: str = key("memory://", "Storage of the `limits` library (memory:// or "
-                       "redis://...).")
+    inference: Optional[str] = key(
+        None,
+        "Per-key limit on POSTs to the /v1 generation routes.",
+        check=Holds(_rate_limit, 'a limit such as "60/minute" or "60/minute;1000/hour"'),
+    )
+    admin: Optional[str] = key(
+        None,
+        "Per-key limit on POSTs to /admin.",
+        check=Holds(_rate_limit, 'a limit such as "10/minute"'),
+    )
+    storage: str = key("memory://", "Storage of the `limits` library (memory:// or redis://...).")
 
 
 @dataclass
 class SheddingConfig:
-    memory_percent: float = key(95.0, "Inference gets 503 while system memory use is at or above "
-                                "this.", check=Between(0, 100, lo_open=True, unit="percent"))
-    mlx_active_bytes: Optional[int] = key(None, "Inference gets 503 while MLX active memory is at "
-                                          "or above this.", check=Between(0, lo_open=True,
-                                                                          unit="bytes"))
-    retry_after_s: int = key(5, "Retry-After of a shed request.",
-                             check=Between(1, unit="seconds"))
+    memory_percent: float = key(
+        95.0,
+        "Inference gets 503 while system memory use is at or above this.",
+        check=Between(0, 100, lo_open=True, unit="percent"),
+    )
+    mlx_active_bytes: Optional[int] = key(
+        None,
+        "Inference gets 503 while MLX active memory is at or above this.",
+        check=Between(0, lo_open=True, unit="bytes"),
+    )
+    retry_after_s: int = key(5, "Retry-After of a shed request.", check=Between(1, unit="seconds"))
 
 
 @dataclass
 class MetricsConfig:
-    namespace: str = key("lmx", "Prefix of every metric name.",
-                         check=Matches(r"[A-Za-z0-9_]+", "letters, digits and _"))
-    path: str = key("/metrics", "Where Prometheus scrapes.",
-                    check=Matches(r"/.*", "a path starting with /"))
+    namespace: str = key(
+        "lmx",
+        "Prefix of every metric name.",
+        check=Matches(r"[A-Za-z0-9_]+", "letters, digits and _"),
+    )
+    path: str = key(
+        "/metrics", "Where Prometheus scrapes.", check=Matches(r"/.*", "a path starting with /")
+    )
 
 
 _ENABLED = "Run this task."
@@ -213,8 +292,11 @@ _POSITIVE_S = Between(0, lo_open=True, unit="seconds")
 class CacheTrimTask:
     enabled: bool = key(True, _ENABLED)
     interval_s: float = key(30.0, _INTERVAL, check=_POSITIVE_S)
-    max_cache_bytes: int = key(1024 * 1024 * 1024, "Clear the MLX buffer cache when it grows "
-                               "past this.", check=Between(0, unit="bytes"))
+    max_cache_bytes: int = key(
+        1024 * 1024 * 1024,
+        "Clear the MLX buffer cache when it grows past this.",
+        check=Between(0, unit="bytes"),
+    )
 
 
 @dataclass
@@ -228,8 +310,11 @@ class IdleEvictionTask:
 class MemoryWatchdogTask:
     enabled: bool = key(True, _ENABLED)
     interval_s: float = key(10.0, _INTERVAL, check=_POSITIVE_S)
-    warn_margin_percent: float = key(5.0, "Warn (health: degraded) this close to shedding.",
-                                     check=Between(0, 100, unit="percent"))
+    warn_margin_percent: float = key(
+        5.0,
+        "Warn (health: degraded) this close to shedding.",
+        check=Between(0, 100, unit="percent"),
+    )
 
 
 @dataclass
@@ -246,21 +331,24 @@ class HelperProbeTask:
 
 @dataclass
 class MaintenanceConfig:
-    cache_trim: CacheTrimTask = key(help="Clear MLX's buffer cache past a size.",
-                                    factory=CacheTrimTask)
-    idle_eviction: IdleEvictionTask = key(help="Unload models idle past their ttl_s.",
-                                          factory=IdleEvictionTask)
-    memory_watchdog: MemoryWatchdogTask = key(help="Warn before memory shedding starts.",
-                                              factory=MemoryWatchdogTask)
-    state_snapshot: StateSnapshotTask = key(help="Write the state file.",
-                                            factory=StateSnapshotTask)
+    cache_trim: CacheTrimTask = key(
+        help="Clear MLX's buffer cache past a size.", factory=CacheTrimTask
+    )
+    idle_eviction: IdleEvictionTask = key(
+        help="Unload models idle past their ttl_s.", factory=IdleEvictionTask
+    )
+    memory_watchdog: MemoryWatchdogTask = key(
+        help="Warn before memory shedding starts.", factory=MemoryWatchdogTask
+    )
+    state_snapshot: StateSnapshotTask = key(help="Write the state file.", factory=StateSnapshotTask)
     helper_probe: HelperProbeTask = key(help="Probe the helper nodes.", factory=HelperProbeTask)
 
 
 @dataclass
 class CrashLoopConfig:
-    starts: int = key(3, "Unclean starts within window_s that switch safe mode on.",
-                      check=Between(2))
+    starts: int = key(
+        3, "Unclean starts within window_s that switch safe mode on.", check=Between(2)
+    )
     window_s: float = key(60.0, "The crash-loop window.", check=_POSITIVE_S)
 
 
@@ -268,47 +356,61 @@ class CrashLoopConfig:
 class StateConfig:
     path: Optional[str] = key(None, "The runtime state file (null: the platform's state folder).")
     stable_after_s: float = key(300.0, "A run this long ends safe mode.", check=_POSITIVE_S)
-    crash_loop: CrashLoopConfig = key(help="When repeated crashes switch safe mode on.",
-                                      factory=CrashLoopConfig)
+    crash_loop: CrashLoopConfig = key(
+        help="When repeated crashes switch safe mode on.", factory=CrashLoopConfig
+    )
 
 
 @dataclass
 class RotationConfig:
-    max_bytes: int = key(10 * 1024 * 1024, "Rotate the log file at this size.",
-                         check=Between(0, unit="bytes"))
+    max_bytes: int = key(
+        10 * 1024 * 1024, "Rotate the log file at this size.", check=Between(0, unit="bytes")
+    )
     backups: int = key(5, "Rotated files kept.", check=Between(0))
 
 
 @dataclass
 class LoggingConfig:
-    level: str = key("INFO", "Log level.",
-                     check=OneOf(("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), upper=True))
-    file: Optional[str] = key(None, "Log file (null: the platform's log folder; none: stderr "
-                              "only).")
+    level: str = key(
+        "INFO",
+        "Log level.",
+        check=OneOf(("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), upper=True),
+    )
+    file: Optional[str] = key(
+        None, "Log file (null: the platform's log folder; none: stderr only)."
+    )
     format: str = key("json", "Line format.", check=OneOf(("json", "text")))
-    rotation: RotationConfig = key(help="Size-based rotation of the log file.",
-                                   factory=RotationConfig)
+    rotation: RotationConfig = key(
+        help="Size-based rotation of the log file.", factory=RotationConfig
+    )
 
 
 @dataclass
 class HelperNode:
-    url: str = key("", "Base URL of the helper (another appliance or the same API).",
-                   check=Holds(_url, "an http(s) URL"))
+    url: str = key(
+        "",
+        "Base URL of the helper (another appliance or the same API).",
+        check=Holds(_url, "an http(s) URL"),
+    )
     timeout_s: float = key(10.0, "Timeout of one call.", check=_POSITIVE_S)
     retries: int = key(2, "Retries with backoff before failing.", check=Between(0))
-    failure_threshold: int = key(3, "Failures in a row that open the circuit breaker.",
-                                 check=Between(1))
-    reset_after_s: float = key(10.0, "Seconds before an open circuit lets one call through.",
-                               check=_POSITIVE_S)
+    failure_threshold: int = key(
+        3, "Failures in a row that open the circuit breaker.", check=Between(1)
+    )
+    reset_after_s: float = key(
+        10.0, "Seconds before an open circuit lets one call through.", check=_POSITIVE_S
+    )
     model: Optional[str] = key(None, "Model name sent to the helper (null: the request's).")
-    api_key: Optional[str] = key(None, "Bearer key sent to the helper; `${oc.env:VAR}` keeps it "
-                                 "out of files.")
+    api_key: Optional[str] = key(
+        None, "Bearer key sent to the helper; `${oc.env:VAR}` keeps it out of files."
+    )
 
 
 @dataclass
 class HelpersConfig:
-    embedding: Optional[HelperNode] = key(None, "A helper node for /v1/embeddings (null: a local "
-                                          "model).")
+    embedding: Optional[HelperNode] = key(
+        None, "A helper node for /v1/embeddings (null: a local model)."
+    )
     rerank: Optional[HelperNode] = key(None, "A helper node for /v1/rerank (null: a local model).")
 
 
@@ -323,15 +425,22 @@ class DistributedConfig:
 class ServiceConfig:
     """How `python -m appliance.recipes` renders the launchd plist and systemd unit."""
 
-    caffeinate: bool = key(False, "launchd: hold caffeinate -i while the server runs (no idle "
-                           "sleep).")
-    label: Optional[str] = key(None, "launchd Label and systemd unit name (null: from the "
-                               "profile).", check=Matches(r"[A-Za-z0-9][A-Za-z0-9._-]*",
-                                                          "letters, digits, '.', '_' and '-'"))
-    working_directory: Optional[str] = key(None, "The service's working directory (null: the "
-                                           "user's home).")
-    throttle_interval_s: int = key(10, "Seconds between restarts (launchd ThrottleInterval, "
-                                   "systemd RestartSec).", check=Between(1, unit="seconds"))
+    caffeinate: bool = key(
+        False, "launchd: hold caffeinate -i while the server runs (no idle sleep)."
+    )
+    label: Optional[str] = key(
+        None,
+        "launchd Label and systemd unit name (null: from the profile).",
+        check=Matches(r"[A-Za-z0-9][A-Za-z0-9._-]*", "letters, digits, '.', '_' and '-'"),
+    )
+    working_directory: Optional[str] = key(
+        None, "The service's working directory (null: the user's home)."
+    )
+    throttle_interval_s: int = key(
+        10,
+        "Seconds between restarts (launchd ThrottleInterval, systemd RestartSec).",
+        check=Between(1, unit="seconds"),
+    )
 
 
 @dataclass
@@ -339,26 +448,34 @@ class AppConfig:
     """The whole typed config; each component receives only its own section."""
 
     server: ServerConfig = key(help="The HTTP listener.", factory=ServerConfig)
-    models: ModelsConfig = key(help="The model catalog and what is loaded.",
-                               factory=ModelsConfig)
+    models: ModelsConfig = key(help="The model catalog and what is loaded.", factory=ModelsConfig)
     limits: LimitsConfig = key(help="Admission, sizes and timeouts.", factory=LimitsConfig)
     security: SecurityConfig = key(help="Keys, CORS and exposure.", factory=SecurityConfig)
-    rate_limits: RateLimitsConfig = key(help="Per-key request rates (null: off).",
-                                        factory=RateLimitsConfig)
-    shedding: SheddingConfig = key(help="503 for inference under memory pressure.",
-                                   factory=SheddingConfig)
-    middleware: List[str] = key(help="The middleware stack, in the order requests meet it.",
-                                factory=lambda: list(MIDDLEWARE_NAMES),
-                                check=Each(OneOf(MIDDLEWARE_NAMES), unique=True))
+    rate_limits: RateLimitsConfig = key(
+        help="Per-key request rates (null: off).", factory=RateLimitsConfig
+    )
+    shedding: SheddingConfig = key(
+        help="503 for inference under memory pressure.", factory=SheddingConfig
+    )
+    middleware: List[str] = key(
+        help="The middleware stack, in the order requests meet it.",
+        factory=lambda: list(MIDDLEWARE_NAMES),
+        check=Each(OneOf(MIDDLEWARE_NAMES), unique=True),
+    )
     metrics: MetricsConfig = key(help="The Prometheus endpoint.", factory=MetricsConfig)
-    maintenance: MaintenanceConfig = key(help="Background tasks, each with its interval.",
-                                         factory=MaintenanceConfig)
-    state: StateConfig = key(help="The runtime state file and the crash-loop rule.",
-                             factory=StateConfig)
+    maintenance: MaintenanceConfig = key(
+        help="Background tasks, each with its interval.", factory=MaintenanceConfig
+    )
+    state: StateConfig = key(
+        help="The runtime state file and the crash-loop rule.", factory=StateConfig
+    )
     logging: LoggingConfig = key(help="Log lines and the log file.", factory=LoggingConfig)
-    helpers: HelpersConfig = key(help="Upstream helper nodes for embeddings and rerank.",
-                                 factory=HelpersConfig)
-    distributed: DistributedConfig = key(help="A model split across ranks.",
-                                         factory=DistributedConfig)
-    service: ServiceConfig = key(help="How the launchd / systemd service files are rendered.",
-                                 factory=ServiceConfig)
+    helpers: HelpersConfig = key(
+        help="Upstream helper nodes for embeddings and rerank.", factory=HelpersConfig
+    )
+    distributed: DistributedConfig = key(
+        help="A model split across ranks.", factory=DistributedConfig
+    )
+    service: ServiceConfig = key(
+        help="How the launchd / systemd service files are rendered.", factory=ServiceConfig
+    )

@@ -81,8 +81,9 @@ def _tls_files(c: AppConfig) -> Optional[tuple[str, Any]]:
     return None
 
 
-def _catalog_name(key: str, names: Callable[[AppConfig], list[str]]
-                  ) -> Callable[[AppConfig], Optional[tuple[str, Any]]]:
+def _catalog_name(
+    key: str, names: Callable[[AppConfig], list[str]]
+) -> Callable[[AppConfig], Optional[tuple[str, Any]]]:
     def find(c: AppConfig) -> Optional[tuple[str, Any]]:
         for i, name in enumerate(names(c)):
             if name not in c.models.catalog:
@@ -106,17 +107,33 @@ def _public_tls(c: AppConfig) -> Optional[tuple[str, Any]]:
 
 
 RULES: tuple[Rule, ...] = (
-    Rule(("server.tls.certfile", "server.tls.keyfile"), "both certfile and keyfile, or neither",
-         _tls_pair),
+    Rule(
+        ("server.tls.certfile", "server.tls.keyfile"),
+        "both certfile and keyfile, or neither",
+        _tls_pair,
+    ),
     Rule(("server.tls.certfile", "server.tls.keyfile"), "an existing file", _tls_files),
-    Rule(("models.default",), "a catalog name",
-         _catalog_name("models.default", lambda c: [c.models.default])),
-    Rule(("models.auto_load",), "catalog names",
-         _catalog_name("models.auto_load", lambda c: list(c.models.auto_load))),
-    Rule(("security.api_keys",), "at least one key when exposure is public", _public_keys,
-         lambda c: f"at least one key when exposure is public (set {c.security.api_keys_env})"),
-    Rule(("server.tls.certfile",), "a certificate and key when exposure is public, or "
-         "security.behind_tls_proxy=true", _public_tls),
+    Rule(
+        ("models.default",),
+        "a catalog name",
+        _catalog_name("models.default", lambda c: [c.models.default]),
+    ),
+    Rule(
+        ("models.auto_load",),
+        "catalog names",
+        _catalog_name("models.auto_load", lambda c: list(c.models.auto_load)),
+    ),
+    Rule(
+        ("security.api_keys",),
+        "at least one key when exposure is public",
+        _public_keys,
+        lambda c: f"at least one key when exposure is public (set {c.security.api_keys_env})",
+    ),
+    Rule(
+        ("server.tls.certfile",),
+        "a certificate and key when exposure is public, or security.behind_tls_proxy=true",
+        _public_tls,
+    ),
 )
 
 

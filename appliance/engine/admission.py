@@ -69,8 +69,7 @@ class Admission:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise QueueFull(
-                f"the server is busy: no slot freed within {self.queue_timeout_s:g} s; "
-                "retry later",
+                f"the server is busy: no slot freed within {self.queue_timeout_s:g} s; retry later",
                 retry_after=self.retry_after(),
             ) from None
         return loop.time() - start

@@ -38,13 +38,15 @@ def tokenize(tokenizer: Any, item: Input) -> list[int]:
     return list(item)
 
 
-def _call(model: Any, tokenizer: Any, *, part: Sequence[Input], max_len: int,
-          name: str) -> tuple[list[list[float]], int]:
+def _call(
+    model: Any, tokenizer: Any, *, part: Sequence[Input], max_len: int, name: str
+) -> tuple[list[list[float]], int]:
     return embed_batch(model, tokenizer, part, max_len, name)
 
 
-def embed_batch(model: Any, tokenizer: Any, items: Sequence[Input], max_len: int,
-                name: str) -> tuple[list[list[float]], int]:
+def embed_batch(
+    model: Any, tokenizer: Any, items: Sequence[Input], max_len: int, name: str
+) -> tuple[list[list[float]], int]:
     """Runs on the generation thread: one vector per input and the tokens read."""
     import mlx.core as mx
 
@@ -86,7 +88,7 @@ async def embed(engine: Engine, name: str, items: Sequence[Input]) -> tuple[list
         vectors: list[list[float]] = []
         tokens = 0
         for start in range(0, len(items), CHUNK):
-            part = items[start:start + CHUNK]
+            part = items[start : start + CHUNK]
             fut = worker.call(functools.partial(_call, part=part, max_len=max_len, name=name))
             try:
                 vecs, n = await asyncio.wait_for(

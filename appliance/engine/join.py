@@ -63,8 +63,9 @@ class JoinPolicy:
     def ended_at(self, t: float) -> None:
         self.ended.append(t)
 
-    def ready(self, now: float, active: int, waiting: Sequence[float],
-              arriving: Callable[[], int]) -> bool:
+    def ready(
+        self, now: float, active: int, waiting: Sequence[float], arriving: Callable[[], int]
+    ) -> bool:
         """Whether the waiting requests (their arrival times, oldest first) join now.
         `arriving()` counts requests the HTTP front holds on their way here."""
         while self.ended and now - self.ended[0] > RETURN_S:

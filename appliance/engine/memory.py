@@ -110,5 +110,10 @@ class MemoryStats:
 def snapshot() -> MemoryStats:
     mlx = mlx_memory()
     active, peak, cache = mlx if mlx is not None else (None, None, None)
-    return MemoryStats(psutil.Process().memory_info().rss, active, peak, cache,
-                       float(psutil.virtual_memory().percent))
+    return MemoryStats(
+        psutil.Process().memory_info().rss,
+        active,
+        peak,
+        cache,
+        float(psutil.virtual_memory().percent),
+    )

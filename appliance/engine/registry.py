@@ -143,7 +143,9 @@ class ModelRegistry:
                 from mlx_lm import load
 
                 try:
-                    model, tokenizer = load(str(path), tokenizer_config={"trust_remote_code": spec.trust_remote_code})[:2]
+                    model, tokenizer = load(
+                        str(path), tokenizer_config={"trust_remote_code": spec.trust_remote_code}
+                    )[:2]
                 except Exception as exc:
                     raise ModelLoadError(f"model {name!r} could not be loaded: {exc}") from None
                 return model, tokenizer

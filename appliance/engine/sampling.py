@@ -42,9 +42,11 @@ def make_processors(p: SamplingParams) -> list[Any]:
         return []
     from mlx_lm.sample_utils import make_logits_processors
 
-    return list(make_logits_processors(
-        logit_bias=dict(p.logit_bias) if p.logit_bias else None,
-        repetition_penalty=p.repetition_penalty,
-        presence_penalty=p.presence_penalty,
-        frequency_penalty=p.frequency_penalty,
-    ))
+    return list(
+        make_logits_processors(
+            logit_bias=dict(p.logit_bias) if p.logit_bias else None,
+            repetition_penalty=p.repetition_penalty,
+            presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty,
+        )
+    )

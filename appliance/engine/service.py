@@ -60,10 +60,15 @@ class Engine:
                 caches[name] = int(w.prompt_cache.nbytes)
             joins[name] = (w.stats["joins"], w.stats["joined"])
         return EngineStats(
-            running=adm.running, waiting=adm.waiting, max_running=adm.max_running,
-            max_queued=adm.max_queued, models_loaded=tuple(loaded),
-            threads_alive=reg.threads_alive(), reloading=tuple(sorted(self.reloading)),
-            prompt_cache_bytes=caches, batch_joins=joins,
+            running=adm.running,
+            waiting=adm.waiting,
+            max_running=adm.max_running,
+            max_queued=adm.max_queued,
+            models_loaded=tuple(loaded),
+            threads_alive=reg.threads_alive(),
+            reloading=tuple(sorted(self.reloading)),
+            prompt_cache_bytes=caches,
+            batch_joins=joins,
         )
 
     def observe(self, observer: RequestObserver) -> None:
@@ -124,7 +129,9 @@ class Engine:
         self._holding[id(gen)] = gen
         self.registry.touch(worker.name)
         self._emit("admitted", gen, queued_s=queued)
-        if scope is not None:  # right before the inbox: the thread neither waits for it nor misses it
+        if (
+            scope is not None
+        ):  # right before the inbox: the thread neither waits for it nor misses it
             self.arrivals.admitting(scope)
         worker.submit(gen)
         return gen
@@ -215,7 +222,9 @@ class Engine:
             )
             return
         self.reloading.add(name)
-        task = asyncio.get_running_loop().create_task(self._reload(name, deaths), name=f"reload-{name}")
+        task = asyncio.get_running_loop().create_task(
+            self._reload(name, deaths), name=f"reload-{name}"
+        )
         self._reloads.add(task)
         task.add_done_callback(self._reloads.discard)
 
@@ -225,7 +234,10 @@ class Engine:
         backoff = self.limits.engine_restart_backoff_s * 2 ** (deaths - 1)
         log.warning(
             "model %s: generation thread died (%d of %d restarts); reloading in %g s",
-            name, deaths, self.limits.engine_restarts, backoff,
+            name,
+            deaths,
+            self.limits.engine_restarts,
+            backoff,
         )
         try:
             await asyncio.sleep(backoff)
@@ -239,7 +251,9 @@ class Engine:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._fatal(f"model {name!r} could not be reloaded after its generation thread died: {exc}")
+            self._fatal(
+                f"model {name!r} could not be reloaded after its generation thread died: {exc}"
+            )
             return
         finally:
             self.reloading.discard(name)

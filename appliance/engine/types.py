@@ -72,9 +72,7 @@ class Generation:
         "done",
     )
 
-    def __init__(
-        self, model: str, prompt_tokens: list[int], params: SamplingParams
-    ) -> None:
+    def __init__(self, model: str, prompt_tokens: list[int], params: SamplingParams) -> None:
         self.rid = 0  # set by the worker it is submitted to
         self.model = model
         self.prompt_tokens = prompt_tokens
@@ -143,7 +141,9 @@ class Generation:
         # One timer per request, re-armed each TICK_S, wakes the reader for keep-alives and
         # deadlines: no timer is made or cancelled per token.
         self.ticks += 1
-        self._ticker = None if self.done else asyncio.get_running_loop().call_later(TICK_S, self._tick)
+        self._ticker = (
+            None if self.done else asyncio.get_running_loop().call_later(TICK_S, self._tick)
+        )
         w = self._event
         if w is not None and not w.done():
             w.set_result(False)
@@ -179,8 +179,10 @@ class Generation:
         new = self.tokens[start:]
         self._read = len(self.tokens)
         if not new and self.error is not None:
-            raise self.error if isinstance(self.error, ApplianceError) else RuntimeError(
-                str(self.error)
+            raise (
+                self.error
+                if isinstance(self.error, ApplianceError)
+                else RuntimeError(str(self.error))
             )
         return new, start
 

@@ -223,8 +223,9 @@ class ModelWorker(WorkerThread):
         waiting: list[tuple[Submit, float]] = []  # not in the batch yet, with arrival times
         link = self._link
         want_lp: set[int] = set()
-        policy = JoinPolicy(self._join_window_s, self._prefill_batch_size,
-                            self._completion_batch_size)
+        policy = JoinPolicy(
+            self._join_window_s, self._prefill_batch_size, self._completion_batch_size
+        )
         while True:
             # Take every command waiting; block only when there is nothing to step, and then no
             # longer than the join policy allows.
@@ -275,8 +276,7 @@ class ModelWorker(WorkerThread):
                     self._out_fail(victims, EngineFailure(f"model {self.name!r} was unloaded"))
                     return
                 if isinstance(item, Submit):
-                    uid, gens[item.rid].cached_tokens = self._insert(gen, item.prompt,
-                                                                     item.params)
+                    uid, gens[item.rid].cached_tokens = self._insert(gen, item.prompt, item.params)
                     active[uid] = item.rid
                     uid_of[item.rid] = uid
                     if item.params.logprobs:
@@ -344,7 +344,8 @@ class ModelWorker(WorkerThread):
                 "model %s: prefill attention %s; masked decode attention %s",
                 self.name,
                 f"up to {self._unfused_attention_elements} scores runs unfused (not through cuDNN)"
-                if self._unfused_attention_elements > 0 else "through cuDNN",
+                if self._unfused_attention_elements > 0
+                else "through cuDNN",
                 "in the appliance's kernel" if cuda.decode_kernel_in_force() else "as MLX runs it",
             )
         args = getattr(self.model, "args", None)
@@ -359,8 +360,11 @@ class ModelWorker(WorkerThread):
             if fast.usable():
                 cls = fast.BatchGenerator
             else:
-                log.warning("model %s: this mlx-lm's batching is not the one fast_joins extends; "
-                            "using mlx-lm's own", self.name)
+                log.warning(
+                    "model %s: this mlx-lm's batching is not the one fast_joins extends; "
+                    "using mlx-lm's own",
+                    self.name,
+                )
         gen = cls(
             self.model,
             stop_tokens=[[t] for t in sorted(self.tokenizer.eos_token_ids)],
@@ -372,9 +376,13 @@ class ModelWorker(WorkerThread):
         )
         self._warm_up(gen)
         if fused and (back := fusion.unfuse_wasteful(self.model)):
-            log.info("model %s: %d of %d fused groups put back as separate layers (in the warm-up "
-                     "the model did not use each of their projections once on one input)",
-                     self.name, back, fused)
+            log.info(
+                "model %s: %d of %d fused groups put back as separate layers (in the warm-up "
+                "the model did not use each of their projections once on one input)",
+                self.name,
+                back,
+                fused,
+            )
         return gen
 
     def _fuse(self) -> int:
@@ -387,11 +395,22 @@ class ModelWorker(WorkerThread):
             return 0
         from .mlx_ext import fusion
 
+        if not fusion.usable():
+            log.warning(
+                "model %s: this MLX's linear layers are not the ones fusion copies; "
+                "projections left unfused",
+                self.name,
+            )
+            return 0
         t0 = time.perf_counter()
         n = fusion.fuse_projections(self.model)
         if n:
-            log.info("model %s: fused q/k/v and gate/up projections in %d groups in %.2f s",
-                     self.name, n, time.perf_counter() - t0)
+            log.info(
+                "model %s: fused q/k/v and gate/up projections in %d groups in %.2f s",
+                self.name,
+                n,
+                time.perf_counter() - t0,
+            )
         else:
             log.info("model %s: no q/k/v or gate/up projections that fusion takes", self.name)
         return n
@@ -441,7 +460,8 @@ class ModelWorker(WorkerThread):
 
             # A finished row's cache is a lazy copy out of the batch's buffers, and until it is
             # evaluated it keeps all of them alive (the whole batch's keys and values, every
-            # layer): kept entries held 9x and more the bytes the cache counted (tests/test_prompt_cache.py).
+            # layer): kept entries held 9x and more the bytes the cache counted
+            # (tests/test_prompt_cache.py).
             # Copied now, on the stream, without waiting for it.
             leaves: Any = tree_flatten([c.state for c in r.prompt_cache])
             mx.async_eval([a for _, a in leaves if isinstance(a, mx.array)])
@@ -481,7 +501,9 @@ class ModelWorker(WorkerThread):
         return int(uid), cached
 
 
-def _run_to_end(gen: Any, prompts: list[list[int]], max_tokens: list[int], **kw: Any) -> tuple[Any, Any]:
+def _run_to_end(
+    gen: Any, prompts: list[list[int]], max_tokens: list[int], **kw: Any
+) -> tuple[Any, Any]:
     """Generate until these prompts end (at most 64 steps); the first one to end's prompt cache
     and tokens (the warm-up's cached prefix)."""
     uids = set(gen.insert(prompts, max_tokens=max_tokens, **kw))

@@ -40,6 +40,15 @@ def stack(cfg: AppConfig, reject: Reject, mlx_active: Callable[[], Optional[int]
 
 
 __all__ = [
-    "AccessLog", "Auth", "BodyLimit", "Cors", "HostGuard", "LoadShedding", "RateLimit",
-    "RequestId", "fingerprint", "is_loopback", "stack",
+    "AccessLog",
+    "Auth",
+    "BodyLimit",
+    "Cors",
+    "HostGuard",
+    "LoadShedding",
+    "RateLimit",
+    "RequestId",
+    "fingerprint",
+    "is_loopback",
+    "stack",
 ]

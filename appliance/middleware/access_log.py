@@ -10,6 +10,7 @@ from .common import Req, Resp
 
 log = logging.getLogger("appliance.access")
 
+
 class AccessLog:
     """One JSON line per request: method, path, status, latency, request id, model, key."""
 

@@ -19,8 +19,17 @@ class HostGuard:
 
     def _host_ok(self, host: str) -> bool:
         host = host.lower()
-        name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") and "]:" in host else host
-        if name.startswith("127.") or name in self.LOOPBACK or host in self.allowed or name in self.allowed:
+        name = (
+            host.rsplit(":", 1)[0]
+            if host.count(":") == 1 or host.startswith("[") and "]:" in host
+            else host
+        )
+        if (
+            name.startswith("127.")
+            or name in self.LOOPBACK
+            or host in self.allowed
+            or name in self.allowed
+        ):
             return True
         return name.endswith(".localhost")
 

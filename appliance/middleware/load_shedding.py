@@ -14,7 +14,9 @@ from .common import Reject, Req, Resp, is_inference, refuse
 class LoadShedding:
     """503 with Retry-After to inference when memory passes the thresholds."""
 
-    def __init__(self, cfg: SheddingConfig, reject: Reject, mlx_active: Callable[[], Optional[int]]) -> None:
+    def __init__(
+        self, cfg: SheddingConfig, reject: Reject, mlx_active: Callable[[], Optional[int]]
+    ) -> None:
         self.cfg = cfg
         self.reject = reject
         self.mlx_active = mlx_active
@@ -32,4 +34,6 @@ class LoadShedding:
                 why = f"MLX active memory is {active} bytes (limit {self.cfg.mlx_active_bytes})"
         if why:
             refuse(req, self.reject, "shed")
-            raise Shedding(f"the server is shedding load: {why}", retry_after=self.cfg.retry_after_s)
+            raise Shedding(
+                f"the server is shedding load: {why}", retry_after=self.cfg.retry_after_s
+            )

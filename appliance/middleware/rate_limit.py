@@ -45,7 +45,11 @@ class RateLimit:
                     retry_after=retry,
                 )
             stats = self.limiter.get_window_stats(item, scope, who)
-            req.context.ratelimit = (item, stats.remaining, max(0, int(stats.reset_time - time.time())))
+            req.context.ratelimit = (
+                item,
+                stats.remaining,
+                max(0, int(stats.reset_time - time.time())),
+            )
 
     async def process_response(self, req: Req, resp: Resp, resource: Any, ok: bool) -> None:
         rl = getattr(req.context, "ratelimit", None)

@@ -1,4 +1,5 @@
-"""Service files for a profile: `python -m appliance.recipes launchd|systemd +profile=NAME [k=v ...]`.
+"""Service files for a profile:
+`python -m appliance.recipes launchd|systemd +profile=NAME [k=v ...]`.
 
 The same composed, validated config as `python -m appliance` decides what is rendered, so a bad
 profile or override exits 2 with one line here too. Keys are never written into a service file:
@@ -154,7 +155,8 @@ def render_systemd(t: Target, user: Optional[str] = None) -> str:
     exec_start = " ".join(systemd_quote(a) for a in t.argv)
     lines = [
         f"# {name}.service: rendered by `python -m appliance.recipes systemd"
-        + "".join(f" {a}" for a in t.overrides) + "`.",
+        + "".join(f" {a}" for a in t.overrides)
+        + "`.",
         "# Change the profile or the overrides and render again rather than editing this file.",
         "[Unit]",
         f"Description=LLM serving appliance ({what})",
@@ -250,4 +252,3 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return exits.CONFIG_ERROR
-

@@ -23,8 +23,7 @@ def _target(expr: str, legend: str, ref: str) -> dict[str, Any]:
 def _quantiles(metric: str) -> list[tuple[str, str]]:
     return [
         (
-            f"histogram_quantile({q}, sum by (le) "
-            f"(rate(lmx_{metric}_bucket{{{MODEL}}}[{RATE}])))",
+            f"histogram_quantile({q}, sum by (le) (rate(lmx_{metric}_bucket{{{MODEL}}}[{RATE}])))",
             name,
         )
         for name, q in QUANTILES
@@ -52,8 +51,14 @@ class _Layout:
         if self.x:
             self.x, self.y, self.row_h = 0, self.y + self.row_h, 0
         self.panels.append(
-            {"id": len(self.panels) + 1, "type": "row", "title": title, "collapsed": False,
-             "gridPos": {"h": 1, "w": 24, "x": 0, "y": self.y}, "panels": []}
+            {
+                "id": len(self.panels) + 1,
+                "type": "row",
+                "title": title,
+                "collapsed": False,
+                "gridPos": {"h": 1, "w": 24, "x": 0, "y": self.y},
+                "panels": [],
+            }
         )
         self.y += 1
 
@@ -126,23 +131,28 @@ def dashboard() -> dict[str, Any]:
     lay = _Layout()
     lay.row("Traffic")
     lay.add(
-        "timeseries", "Request rate by status",
+        "timeseries",
+        "Request rate by status",
         [(f"sum by (status) (rate(lmx_requests_total{{{MODEL}}}[{RATE}]))", "{{status}}")],
-        unit="reqps", description="Finished /v1 requests per second, by HTTP status.",
+        unit="reqps",
+        description="Finished /v1 requests per second, by HTTP status.",
     )
     lay.add(
-        "timeseries", "Rejections by reason",
+        "timeseries",
+        "Rejections by reason",
         [(f"sum by (reason) (rate(lmx_rejected_requests_total{{{INST}}}[{RATE}]))", "{{reason}}")],
         unit="reqps",
         description="Requests refused before the engine: busy (429), shed / draining (503), ...",
     )
     lay.add(
-        "timeseries", "Tokens per second",
+        "timeseries",
+        "Tokens per second",
         [
             (f"sum(rate(lmx_generation_tokens_total{{{MODEL}}}[{RATE}]))", "generated"),
             (f"sum(rate(lmx_prompt_tokens_total{{{MODEL}}}[{RATE}]))", "prompt"),
         ],
-        unit="short", description="Generated and prompt tokens per second.",
+        unit="short",
+        description="Generated and prompt tokens per second.",
     )
     lay.row("Latency")
     for metric, title in (
@@ -152,121 +162,179 @@ def dashboard() -> dict[str, Any]:
     ):
         lay.add("timeseries", f"{title} p50 / p95 / p99", _quantiles(metric), unit="s")
     lay.add(
-        "timeseries", "Queue time p50 / p95 / p99", _quantiles("request_queue_time_seconds"),
-        unit="s", w=12, description="Time requests waited for a batch slot.",
+        "timeseries",
+        "Queue time p50 / p95 / p99",
+        _quantiles("request_queue_time_seconds"),
+        unit="s",
+        w=12,
+        description="Time requests waited for a batch slot.",
     )
     lay.add(
-        "timeseries", "Prompt cache hit ratio",
-        [(
-            f"sum(rate(lmx_prompt_cache_hits_total{{{MODEL}}}[{RATE}])) / "
-            f"(sum(rate(lmx_prompt_cache_hits_total{{{MODEL}}}[{RATE}])) + "
-            f"sum(rate(lmx_prompt_cache_misses_total{{{MODEL}}}[{RATE}])))",
-            "hit ratio",
-        )],
-        unit="percentunit", w=12,
+        "timeseries",
+        "Prompt cache hit ratio",
+        [
+            (
+                f"sum(rate(lmx_prompt_cache_hits_total{{{MODEL}}}[{RATE}])) / "
+                f"(sum(rate(lmx_prompt_cache_hits_total{{{MODEL}}}[{RATE}])) + "
+                f"sum(rate(lmx_prompt_cache_misses_total{{{MODEL}}}[{RATE}])))",
+                "hit ratio",
+            )
+        ],
+        unit="percentunit",
+        w=12,
     )
     lay.add(
-        "timeseries", "Requests prefilled together",
-        [(
-            f"sum(rate(lmx_batch_joined_requests_total{{{MODEL}}}[{RATE}])) / "
-            f"sum(rate(lmx_batch_joins_total{{{MODEL}}}[{RATE}]))",
-            "requests per join",
-        )],
-        w=12, description=(
+        "timeseries",
+        "Requests prefilled together",
+        [
+            (
+                f"sum(rate(lmx_batch_joined_requests_total{{{MODEL}}}[{RATE}])) / "
+                f"sum(rate(lmx_batch_joins_total{{{MODEL}}}[{RATE}]))",
+                "requests per join",
+            )
+        ],
+        w=12,
+        description=(
             "How many new requests join the running batch at once (one prefill call). Near 1 "
             "under load: each arrival costs a prefill of its own; see join_window_s."
         ),
     )
     lay.row("Capacity")
     lay.add(
-        "timeseries", "Running / waiting / limits",
+        "timeseries",
+        "Running / waiting / limits",
         [
             (f"sum(lmx_num_requests_running{{{INST}}})", "running"),
             (f"sum(lmx_num_requests_waiting{{{INST}}})", "waiting"),
             (f"sum(lmx_concurrent_limit{{{INST}}})", "running limit"),
             (f"sum(lmx_queue_limit{{{INST}}})", "queue limit"),
         ],
-        w=12, description="Batch slots in use and the admission queue, against their limits.",
+        w=12,
+        description="Batch slots in use and the admission queue, against their limits.",
     )
     lay.add(
-        "timeseries", "Memory",
+        "timeseries",
+        "Memory",
         [
             (f'lmx_memory_bytes{{{INST}, kind="rss"}}', "RSS {{instance}}"),
             (f'lmx_memory_bytes{{{INST}, kind="mlx_active"}}', "MLX active {{instance}}"),
             (f'lmx_memory_bytes{{{INST}, kind="mlx_cache"}}', "MLX cache {{instance}}"),
             (f"sum by (instance) (lmx_prompt_cache_bytes{{{INST}}})", "prompt caches {{instance}}"),
         ],
-        unit="bytes", w=12,
+        unit="bytes",
+        w=12,
     )
     lay.add(
-        "timeseries", "System memory in use",
+        "timeseries",
+        "System memory in use",
         [(f"lmx_system_memory_percent{{{INST}}}", "{{instance}}")],
-        unit="percent", w=12,
+        unit="percent",
+        w=12,
         description="Inference is shed (503) at shedding.memory_percent (95 base, 92 mono512).",
         thresholds=[(None, "green"), (85.0, "orange"), (92.0, "red")],
     )
-    up_down = [{"type": "value", "options": {
-        "0": {"text": "off", "color": "green"}, "1": {"text": "ON", "color": "red"}}}]
+    up_down = [
+        {
+            "type": "value",
+            "options": {
+                "0": {"text": "off", "color": "green"},
+                "1": {"text": "ON", "color": "red"},
+            },
+        }
+    ]
     lay.add(
-        "stat", "Models loaded", [(f"sum(lmx_models_loaded{{{INST}}})", "loaded")], w=4,
+        "stat",
+        "Models loaded",
+        [(f"sum(lmx_models_loaded{{{INST}}})", "loaded")],
+        w=4,
         thresholds=[(None, "red"), (1.0, "green")],
     )
     lay.add(
-        "stat", "Safe mode", [(f"max(lmx_safe_mode{{{INST}}})", "safe mode")], w=4,
-        mappings=up_down, thresholds=[(None, "green"), (1.0, "red")],
+        "stat",
+        "Safe mode",
+        [(f"max(lmx_safe_mode{{{INST}}})", "safe mode")],
+        w=4,
+        mappings=up_down,
+        thresholds=[(None, "green"), (1.0, "red")],
     )
     lay.add(
-        "stat", "Draining", [(f"max(lmx_draining{{{INST}}})", "draining")], w=4,
-        mappings=up_down, thresholds=[(None, "green"), (1.0, "orange")],
+        "stat",
+        "Draining",
+        [(f"max(lmx_draining{{{INST}}})", "draining")],
+        w=4,
+        mappings=up_down,
+        thresholds=[(None, "green"), (1.0, "orange")],
     )
     lay.add(
-        "stat", "Uptime", [(f"min(lmx_uptime_seconds{{{INST}}})", "uptime")], unit="s", w=4,
+        "stat",
+        "Uptime",
+        [(f"min(lmx_uptime_seconds{{{INST}}})", "uptime")],
+        unit="s",
+        w=4,
         thresholds=[(None, "orange"), (300.0, "green")],
     )
     lay.add(
-        "stat", "Generation threads alive",
-        [(f"sum(lmx_generation_threads_alive{{{INST}}})", "threads")], w=4,
+        "stat",
+        "Generation threads alive",
+        [(f"sum(lmx_generation_threads_alive{{{INST}}})", "threads")],
+        w=4,
     )
     lay.add(
-        "stat", "Helpers with circuit open",
-        [(f"sum(lmx_helper_circuit_open{{{INST}}}) or vector(0)", "open")], w=4,
+        "stat",
+        "Helpers with circuit open",
+        [(f"sum(lmx_helper_circuit_open{{{INST}}}) or vector(0)", "open")],
+        w=4,
         thresholds=[(None, "green"), (1.0, "red")],
     )
     lay.row("Health")
     lay.add(
-        "timeseries", "Maintenance task runs and failures",
+        "timeseries",
+        "Maintenance task runs and failures",
         [
-            (f"sum by (task) (rate(lmx_maintenance_task_runs_total{{{INST}}}[{RATE}]))",
-             "{{task}} runs"),
-            (f"sum by (task) (rate(lmx_maintenance_task_failures_total{{{INST}}}[{RATE}]))",
-             "{{task}} failures"),
+            (
+                f"sum by (task) (rate(lmx_maintenance_task_runs_total{{{INST}}}[{RATE}]))",
+                "{{task}} runs",
+            ),
+            (
+                f"sum by (task) (rate(lmx_maintenance_task_failures_total{{{INST}}}[{RATE}]))",
+                "{{task}} failures",
+            ),
         ],
         unit="ops",
     )
     lay.add(
-        "timeseries", "Maintenance task duration p95",
-        [(
-            f"histogram_quantile(0.95, sum by (le, task) "
-            f"(rate(lmx_maintenance_task_duration_seconds_bucket{{{INST}}}[{RATE}])))",
-            "{{task}}",
-        )],
+        "timeseries",
+        "Maintenance task duration p95",
+        [
+            (
+                f"histogram_quantile(0.95, sum by (le, task) "
+                f"(rate(lmx_maintenance_task_duration_seconds_bucket{{{INST}}}[{RATE}])))",
+                "{{task}}",
+            )
+        ],
         unit="s",
     )
     lay.add(
-        "timeseries", "Event loop lag p50 / p99",
+        "timeseries",
+        "Event loop lag p50 / p99",
         [
-            (f"histogram_quantile({q}, sum by (le) "
-             f"(rate(lmx_event_loop_lag_seconds_bucket{{{INST}}}[{RATE}])))", name)
+            (
+                f"histogram_quantile({q}, sum by (le) "
+                f"(rate(lmx_event_loop_lag_seconds_bucket{{{INST}}}[{RATE}])))",
+                name,
+            )
             for name, q in (("p50", 0.5), ("p99", 0.99))
         ],
-        unit="s", description=(
+        unit="s",
+        description=(
             "How late the server's event loop ran a timer due every 50 ms. Every stream chunk and "
             "request waits that long too; a p99 that climbs with load means the server's own "
             "Python (or the GIL its generation threads hold) delays the streams."
         ),
     )
     lay.add(
-        "timeseries", "Helpers",
+        "timeseries",
+        "Helpers",
         [
             (f"lmx_helper_up{{{INST}}}", "{{helper}} up"),
             (f"lmx_helper_circuit_open{{{INST}}}", "{{helper}} circuit open"),
@@ -297,7 +365,11 @@ def dashboard() -> dict[str, Any]:
                     "hide": 0,
                 },
                 _variable("instance", "Instance", "label_values(lmx_build_info, instance)"),
-                _variable("model", "Model", 'label_values(lmx_generation_tokens_total{instance=~"$instance"}, model)'),
+                _variable(
+                    "model",
+                    "Model",
+                    'label_values(lmx_generation_tokens_total{instance=~"$instance"}, model)',
+                ),
             ]
         },
         "panels": lay.panels,

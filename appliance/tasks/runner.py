@@ -120,7 +120,9 @@ class TaskRunner:
                 "runs": s.runs,
                 "failures": s.failures,
                 "last_run_at": s.last_run_at,
-                "last_duration_s": None if s.last_duration_s is None else round(s.last_duration_s, 4),
+                "last_duration_s": None
+                if s.last_duration_s is None
+                else round(s.last_duration_s, 4),
                 "last_error": s.last_error,
             }
             for name, s in self.stats.items()

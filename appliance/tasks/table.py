@@ -73,7 +73,9 @@ def cache_trim(ctx: TaskContext) -> Run:
             freed += await asyncio.wait_for(asyncio.wrap_future(fut), max(t.interval_s, 5.0))
         if freed:
             log.info(
-                "cache_trim: cleared %d bytes of MLX buffer cache (limit %d)", freed, t.max_cache_bytes
+                "cache_trim: cleared %d bytes of MLX buffer cache (limit %d)",
+                freed,
+                t.max_cache_bytes,
             )
 
     return run

@@ -39,8 +39,12 @@ import functools
 import importlib
 from typing import Any
 
-G: Any = importlib.import_module("mlx_lm.generate")  # the module (mlx_lm.generate is also a function)
+G: Any = importlib.import_module(
+    "mlx_lm.generate"
+)  # the module (mlx_lm.generate is also a function)
 _cache: Any = importlib.import_module("mlx_lm.models.cache")
+
+TARGETS = "mlx-lm 0.32 (generate.BatchGenerator, GenerationBatch, PromptProcessingBatch)"
 
 # What this module relies on in mlx-lm 0.32, checked by usable().
 _EXPECTED = {
@@ -82,7 +86,9 @@ def _homogeneous(caches: list[Any]) -> bool:
         return False
     first = caches[0]
     return all(
-        type(c) is _cache.BatchKVCache and c._idx == first._idx and (c.keys is None) == (first.keys is None)
+        type(c) is _cache.BatchKVCache
+        and c._idx == first._idx
+        and (c.keys is None) == (first.keys is None)
         for c in caches
     )
 
@@ -120,7 +126,9 @@ class GenerationBatch(G.GenerationBatch):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._solo = False
-        self._no_solo = False  # the lone row's caches can't go solo: not checked again until a change
+        self._no_solo = (
+            False  # the lone row's caches can't go solo: not checked again until a change
+        )
         super().__init__(*args, **kwargs)
         self._primed: list[bool] = [False] * len(self.uids)
 
@@ -140,7 +148,9 @@ class GenerationBatch(G.GenerationBatch):  # type: ignore[misc]
         solo = []
         for c in caches:
             k = _cache.KVCache()
-            k.keys, k.values = (c.keys[..., pad:, :], c.values[..., pad:, :]) if pad else (c.keys, c.values)
+            k.keys, k.values = (
+                (c.keys[..., pad:, :], c.values[..., pad:, :]) if pad else (c.keys, c.values)
+            )
             k.offset = c._idx - pad
             solo.append(k)
         self.prompt_cache = solo
@@ -181,7 +191,9 @@ class GenerationBatch(G.GenerationBatch):  # type: ignore[misc]
         if self._next_tokens is None or self._next_tokens.size == 0:
             self._next_tokens = last
         else:
-            self._next_tokens = mx.concatenate([self._next_tokens, last.astype(self._next_tokens.dtype)])
+            self._next_tokens = mx.concatenate(
+                [self._next_tokens, last.astype(self._next_tokens.dtype)]
+            )
         self._next_logprobs.extend([_no_logprobs()] * n)
         self._token_context.extend(G.TokenBuffer(t) for t in batch.tokens)
         self._num_tokens.extend([0] * n)
@@ -280,7 +292,8 @@ class BatchGenerator(G.BatchGenerator):  # type: ignore[misc]
         (a one-token prompt, a whole prompt found in the cache) as mlx-lm does, with a forward
         pass of its own now, so that its first token comes no later than there."""
         ready = [
-            i for i, seq in enumerate(self._currently_processing)
+            i
+            for i, seq in enumerate(self._currently_processing)
             if len(seq[0]) == 1 and len(seq[0][0]) == 1
         ]
         if not ready:
@@ -300,7 +313,9 @@ class BatchGenerator(G.BatchGenerator):  # type: ignore[misc]
                 s for i, s in enumerate(self._currently_processing) if i not in gone
             ]
         for uid, total in zip(batch.uids, totals, strict=True):
-            prompt_responses.append(G.PromptProcessingBatch.Response(uid, (total, total), True, True))
+            prompt_responses.append(
+                G.PromptProcessingBatch.Response(uid, (total, total), True, True)
+            )
         if prefilled:
             self._generation_batch.join(batch, last)
         else:

@@ -57,6 +57,19 @@ def mlx_env_defaults() -> None:
     for key, value in MLX_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
 
+
+TARGETS = "mlx 0.32 (mx.fast.scaled_dot_product_attention, mx.fast.cuda_kernel)"
+
+
+def usable() -> bool:
+    """Whether MLX has the attention function this module routes and the kernel API it uses."""
+    try:
+        import mlx.core as mx
+    except Exception:
+        return False
+    return hasattr(mx.fast, "scaled_dot_product_attention") and hasattr(mx.fast, "cuda_kernel")
+
+
 _state: dict[str, Any] = {"original": None, "max_elements": 0, "decode_kernel": False}
 
 
@@ -108,7 +121,9 @@ __device__ inline float appliance_to_float(__half x) { return __half2float(x); }
 __device__ inline float appliance_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 template <typename T> __device__ inline T appliance_from_float(float x);
 template <> __device__ inline float appliance_from_float<float>(float x) { return x; }
-template <> __device__ inline __half appliance_from_float<__half>(float x) { return __float2half(x); }
+template <> __device__ inline __half appliance_from_float<__half>(float x) {
+    return __float2half(x);
+}
 template <> __device__ inline __nv_bfloat16 appliance_from_float<__nv_bfloat16>(float x) {
     return __float2bfloat16(x);
 }
@@ -136,7 +151,8 @@ __device__ inline void appliance_load8(const T* p, int step, bool packed, float*
     }
 }
 // Merge the online-softmax state (m, l, o) of another part of the keys into this one.
-__device__ inline void appliance_merge(float& m, float& l, float* o, float m2, float l2, const float* o2) {
+__device__ inline void appliance_merge(float& m, float& l, float* o, float m2, float l2,
+                                       const float* o2) {
     const float top = fmaxf(m, m2);
     if (top == APPLIANCE_NEG_INF) {
         return;
@@ -290,7 +306,8 @@ _DECODE_SOURCE = """
                 acc += warp_out[w][g][e] * f;
             }
         }
-        out[(b * n_q + n_q_first + g) * D + e] = appliance_from_float<T>(total > 0.0f ? acc / total : 0.0f);
+        out[(b * n_q + n_q_first + g) * D + e] =
+            appliance_from_float<T>(total > 0.0f ? acc / total : 0.0f);
     }
 """
 _DECODE_HEAD_SIZES = (32, 64, 128, 256)  # D / 8 lanes a key must divide the warp's 32
@@ -345,8 +362,13 @@ def masked_decode_attention(q: Any, k: Any, v: Any, scale: float, mask: Any) -> 
     warps = _decode_warps(heads, d)
     return kernel(
         inputs=[q, k, v, mask, scale_array],
-        template=[("T", q.dtype), ("D", d), ("G", heads), ("WARPS", warps),
-                  ("UNROLL", _DECODE_UNROLL)],
+        template=[
+            ("T", q.dtype),
+            ("D", d),
+            ("G", heads),
+            ("WARPS", warps),
+            ("UNROLL", _DECODE_UNROLL),
+        ],
         grid=(32 * warps * (n_q // heads), b, 1),
         threadgroup=(32 * warps, 1, 1),
         output_shapes=[(b, n_q, 1, d)],
@@ -384,8 +406,16 @@ def decode_kernel_fits(q: Any, k: Any, v: Any, mask: Any) -> bool:
     )
 
 
-def _routed(q: Any, k: Any, v: Any, *args: Any, scale: float, mask: Any = None,
-            sinks: Optional[Any] = None, **kwargs: Any) -> Any:
+def _routed(
+    q: Any,
+    k: Any,
+    v: Any,
+    *args: Any,
+    scale: float,
+    mask: Any = None,
+    sinks: Optional[Any] = None,
+    **kwargs: Any,
+) -> Any:
     original = _state["original"]
     if sinks is None and not args and not kwargs:
         length = q.shape[-2]
@@ -416,10 +446,11 @@ def probe_decode_kernel() -> Optional[str]:
         mask = mx.expand_dims(mx.array([0, 33]), (1, 2, 3)) <= mx.arange(40)
         f32 = [x.astype(mx.float32) for x in (q, k, v)]
         want = (_state["original"] or mx.fast.scaled_dot_product_attention)(
-            *f32, scale=0.125, mask=mask)
+            *f32, scale=0.125, mask=mask
+        )
         got = masked_decode_attention(q, k, v, 0.125, mask).astype(mx.float32)
         off = float(cast(float, mx.max(mx.abs(got - want)).item()))
-        if not off <= 2.0 ** -6:
+        if not off <= 2.0**-6:
             reason = f"its output differs from MLX's attention by {off:.3g}"
     except Exception as exc:  # compile or launch failure: MLX's own path still works
         reason = f"{type(exc).__name__}: {str(exc)[:300]}"
@@ -435,7 +466,7 @@ def install(max_elements: int, decode_kernel: bool = False) -> bool:
     max_elements 0 and no decode kernel); `decode_kernel_in_force()` tells which."""
     _state["max_elements"] = max(0, max_elements)
     _state["decode_kernel"] = False
-    if (max_elements <= 0 and not decode_kernel) or not on_cuda():
+    if (max_elements <= 0 and not decode_kernel) or not on_cuda() or not usable():
         return False
     import mlx.core as mx
 
@@ -447,8 +478,9 @@ def install(max_elements: int, decode_kernel: bool = False) -> bool:
         if reason is None:
             _state["decode_kernel"] = True
         else:
-            log.warning("the CUDA decode attention kernel is off, MLX's attention runs instead: %s",
-                        reason)
+            log.warning(
+                "the CUDA decode attention kernel is off, MLX's attention runs instead: %s", reason
+            )
     return max_elements > 0 or _state["decode_kernel"]
 
 

@@ -27,12 +27,24 @@ from typing import Any, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-__all__ = ["GROUPS", "FusedHead", "FusedPart", "fuse_projections", "unfuse_wasteful", "wasted_parts"]
+__all__ = [
+    "GROUPS",
+    "FusedHead",
+    "FusedPart",
+    "fuse_projections",
+    "unfuse_wasteful",
+    "wasted_parts",
+]
+
+TARGETS = "mlx 0.32 (nn.Linear, nn.QuantizedLinear), mlx-lm 0.32 layer names"
 
 # The projections fused together, each tuple in the order of the fused layer's output.
 GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
-_KEYS: dict[type, set[str]] = {nn.Linear: {"weight", "bias"}, nn.QuantizedLinear: {"weight", "scales", "biases", "bias"}}
+_KEYS: dict[type, set[str]] = {
+    nn.Linear: {"weight", "bias"},
+    nn.QuantizedLinear: {"weight", "scales", "biases", "bias"},
+}
 _QUANT = ("group_size", "bits", "mode")
 
 
@@ -98,7 +110,8 @@ class FusedHead(nn.Module):
         return self._shared.run(x, 0)
 
     def _extra_repr(self) -> str:
-        return f"fused of {len(self._shared.bounds)}, outputs {[b - a for a, b in self._shared.bounds]}"
+        outputs = [b - a for a, b in self._shared.bounds]
+        return f"fused of {len(self._shared.bounds)}, outputs {outputs}"
 
 
 class FusedPart(nn.Module):
@@ -122,7 +135,9 @@ def _make(like: nn.Module, arrays: dict[str, mx.array]) -> nn.Module:
     layer: nn.Module
     if type(like) is nn.QuantizedLinear:  # a stub of one output whose arrays are replaced
         in_dims = like["weight"].shape[1] * 32 // like.bits
-        layer = nn.QuantizedLinear(in_dims, 1, "bias" in arrays, like.group_size, like.bits, mode=like.mode)
+        layer = nn.QuantizedLinear(
+            in_dims, 1, "bias" in arrays, like.group_size, like.bits, mode=like.mode
+        )
     else:
         layer = nn.Linear(1, 1, bias="bias" in arrays)
     for k, v in arrays.items():
@@ -160,6 +175,17 @@ def _fuse(layers: list[Any]) -> tuple[nn.Module, list[tuple[int, int]]]:
         bounds.append((at, at + n))
         at += n
     return _make(first, arrays), bounds
+
+
+def usable() -> bool:
+    """Whether MLX's linear layers hold what fusion copies (else the model stays unfused)."""
+    try:
+        q = nn.QuantizedLinear(64, 32, bias=False)
+    except Exception:
+        return False
+    return all(hasattr(q, a) for a in ("weight", "scales", *_QUANT)) and hasattr(
+        nn.Linear(4, 4), "weight"
+    )
 
 
 def fuse_projections(model: nn.Module) -> int:

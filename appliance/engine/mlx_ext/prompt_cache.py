@@ -26,6 +26,8 @@ from typing import Any, Optional
 
 from mlx_lm.models.cache import LRUPromptCache, PromptTrie, PromptTrieResult, can_trim_prompt_cache
 
+TARGETS = "mlx-lm 0.32 (models.cache.LRUPromptCache over a PromptTrie)"
+
 
 class Trie(PromptTrie):  # type: ignore[misc]
     """PromptTrie whose search walks the prompt, then one branch below it; `usable(value)` says
@@ -117,4 +119,6 @@ def usable() -> bool:
         c = LRUPromptCache(max_size=1)
     except Exception:
         return False
-    return type(getattr(c, "_trie", None)) is PromptTrie and isinstance(getattr(c._trie, "_trie", None), dict)
+    return type(getattr(c, "_trie", None)) is PromptTrie and isinstance(
+        getattr(c._trie, "_trie", None), dict
+    )

@@ -29,6 +29,18 @@ from typing import Any, Callable, Optional
 log = logging.getLogger("appliance.startup")
 
 _TARGET = "transformers.utils.import_utils"
+TARGETS = "transformers 5.x (utils.import_utils.define_import_structure)"
+
+
+def usable() -> bool:
+    """Whether the installed transformers is the major version this was written against
+    (read from its metadata, without importing it)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("transformers").split(".")[0] == "5"
+    except metadata.PackageNotFoundError:
+        return False
 
 
 def _cache_dir() -> Path:
@@ -39,7 +51,11 @@ def _cache_dir() -> Path:
 
 def _key(module: ModuleType, module_path: Any, prefix: Optional[str]) -> str:
     parts = [str(module_path), str(prefix), sys.version]
-    for p in (Path(module_path), Path(str(module.__file__)), Path(str(module.__file__)).parent.parent / "__init__.py"):
+    for p in (
+        Path(module_path),
+        Path(str(module.__file__)),
+        Path(str(module.__file__)).parent.parent / "__init__.py",
+    ):
         parts += [str(p), str(p.stat().st_mtime_ns)]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
@@ -98,5 +114,7 @@ class _Finder(importlib.abc.MetaPathFinder):
 def install() -> None:
     """Hook transformers' import table (no-op once transformers is imported)."""
     if _TARGET in sys.modules or any(isinstance(f, _Finder) for f in sys.meta_path):
+        return
+    if not usable():
         return
     sys.meta_path.insert(0, _Finder())

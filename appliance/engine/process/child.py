@@ -89,7 +89,9 @@ class _LogToServer(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            exc_text = logging.Formatter().formatException(record.exc_info) if record.exc_info else None
+            exc_text = (
+                logging.Formatter().formatException(record.exc_info) if record.exc_info else None
+            )
             self.worker.send(("log", record.levelno, record.name, record.getMessage(), exc_text))
         except Exception:  # the socket is gone: nobody to tell
             pass
@@ -124,7 +126,9 @@ def main() -> None:
     try:
         worker._loaded.result()
     except BaseException as exc:
-        worker.send(("load_failed", exc if isinstance(exc, ModelLoadError) else ModelLoadError(str(exc))))
+        worker.send(
+            ("load_failed", exc if isinstance(exc, ModelLoadError) else ModelLoadError(str(exc)))
+        )
         os._exit(1)
     worker.report()
     worker.send(("loaded", {"vocab_size": worker.vocab_size, "pid": os.getpid()}))
@@ -150,4 +154,3 @@ def main() -> None:
             conn.close()
             # os._exit: MLX's CUDA backend can abort in its destructors at interpreter exit.
             os._exit(0)
-

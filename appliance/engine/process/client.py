@@ -257,7 +257,9 @@ class ProcessWorker(WorkerThread):
     def _handle(self, msg: tuple[Any, ...]) -> None:
         kind = msg[0]
         if kind == "fail":
-            victims = [g for g in map(self._gens.pop, msg[1], itertools.repeat(None)) if g is not None]
+            victims = [
+                g for g in map(self._gens.pop, msg[1], itertools.repeat(None)) if g is not None
+            ]
             if victims:
                 self._loop.call_soon_threadsafe(_fail_all, victims, msg[2])
         elif kind == "result":
