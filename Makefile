@@ -24,13 +24,13 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The benchmark of issue 7: ceiling, mlx_lm.server and the appliance side by side; JSON and a
-# PNG in bench-results/. Options through BENCH_ARGS, e.g. BENCH_ARGS="--quick".
+# The benchmark (benchmarks/, not installed): the ceiling, mlx_lm.server and the appliance side by
+# side; JSON and a PNG in bench-results/. Options through BENCH_ARGS, e.g. BENCH_ARGS="--quick".
 bench: $(STAMP)
-	$(BIN)/python -m appliance.bench $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check appliance tests
+	$(BIN)/ruff check appliance benchmarks tests
 	$(BIN)/mypy appliance
 
 clean:

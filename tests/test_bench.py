@@ -16,9 +16,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from appliance.bench import percentile, tables
+from benchmarks.bench import percentile, tables
 
 ROOT = Path(__file__).resolve().parent.parent
+# benchmarks/ is not installed: the processes run from other folders find it through PYTHONPATH.
+PYTHONPATH = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
 
 def test_percentile() -> None:
@@ -39,11 +41,11 @@ def test_bench_end_to_end(tmp_path: Path, demo_cache: Path) -> None:
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     env = {**os.environ, "XDG_CACHE_HOME": str(demo_cache), "PYTHONUNBUFFERED": "1",
-           "TMPDIR": str(scratch)}
+           "TMPDIR": str(scratch), "PYTHONPATH": PYTHONPATH}
     for key in ("LMX_ADMIN_KEY", "LMX_API_KEYS"):
         env.pop(key, None)
     proc = subprocess.run(
-        [sys.executable, "-m", "appliance.bench", "--concurrency", "1,2", "--max-tokens", "4",
+        [sys.executable, "-m", "benchmarks", "--concurrency", "1,2", "--max-tokens", "4",
          "--requests-per-client", "2", "--min-requests", "3", "--repeat", "1", "--metrics-requests", "50",
          "--busy-requests", "5", "--cold-starts", "1", "--out", str(out),
          # 2 clients in 2 client processes; 1 client in this one.
@@ -140,9 +142,9 @@ def _running_under(folder: Path) -> list[int]:
 
 def test_steptrace_reports_the_engines_steps(tmp_path: Path, demo_cache: Path) -> None:
     """The engine-only trace: 2 clients x 2 requests of 4 tokens, after a warm-up request each."""
-    env = {**os.environ, "XDG_CACHE_HOME": str(demo_cache)}
+    env = {**os.environ, "XDG_CACHE_HOME": str(demo_cache), "PYTHONPATH": PYTHONPATH}
     proc = subprocess.run(
-        [sys.executable, "-m", "appliance.steptrace", "--clients", "2", "--requests", "2",
+        [sys.executable, "-m", "benchmarks.steptrace", "--clients", "2", "--requests", "2",
          "--max-tokens", "4", "--return-delay-ms", "5", "models.prompt_cache_min_tokens=0"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )

@@ -1,6 +1,6 @@
 """The HTTP front's own CPU per request and per streamed token, read from /proc.
 
-    python3 scripts/accelerator/front_cost.py URL PID [REQUESTS] [CONCURRENCY]
+    python3 -m benchmarks.accelerator.front_cost URL PID [REQUESTS] [CONCURRENCY]
 
 Sends REQUESTS streaming chat completions (default 200, CONCURRENCY at a time, default 1) with
 max_tokens 1 and then 33, and prints the CPU time the threads of process PID used per request

@@ -1,6 +1,6 @@
 """Where a single stream's decode step goes, and what it could be (BENCHMARKS.md).
 
-    python3 scripts/accelerator/step_cost.py MODEL_DIR [STEPS]
+    python3 -m benchmarks.accelerator.step_cost MODEL_DIR [STEPS]
 
 Llama-family models. For each variant, a pipelined greedy decode loop (the next step's graph is
 built and launched before the previous token is read, as mlx-lm's generate_step does), and per

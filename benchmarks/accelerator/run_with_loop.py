@@ -1,4 +1,4 @@
-"""`python3 scripts/accelerator/run_with_loop.py asyncio [appliance args...]`: the appliance on
+"""`python3 -m benchmarks.accelerator.run_with_loop asyncio [appliance args...]`: the appliance on
 asyncio's own event loop instead of uvloop (which takes the GIL back for every libuv callback),
 for server_ab.sh's variants."""
 

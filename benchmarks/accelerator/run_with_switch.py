@@ -1,4 +1,4 @@
-"""`python3 scripts/accelerator/run_with_switch.py SECONDS [appliance args...]`: the appliance with
+"""`python3 -m benchmarks.accelerator.run_with_switch SECONDS [appliance args...]`: the appliance with
 sys.setswitchinterval(SECONDS) (Python's default is 0.005), for server_ab.sh's GIL variants."""
 
 import runpy

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The engine alone (appliance.steptrace) at 1 client and at 64 clients coming back spread 0-60 ms,
+# The engine alone (benchmarks.steptrace) at 1 client and at 64 clients coming back spread 0-60 ms,
 # under MLX CUDA settings given one per argument ("-" for MLX's defaults), each run twice in
 # turn (forward, then backward order).
 #
-#   bash scripts/accelerator/mlx_env_ab.sh MODEL_DIR OUT_DIR "-" "MLX_MAX_OPS_PER_BUFFER=100" ...
+#   bash benchmarks/accelerator/mlx_env_ab.sh MODEL_DIR OUT_DIR "-" "MLX_MAX_OPS_PER_BUFFER=100" ...
 #
 # Appends "# SETTINGS" and then steptrace's lines to OUT_DIR/env_ab.txt as each process ends.
 set -u
@@ -16,7 +16,7 @@ run() {
   [ "$settings" != "-" ] && read -r -a envs <<< "$settings"
   for c in 1 64; do
     echo "# $settings c=$c" >> "$O/env_ab.txt"
-    env "${envs[@]}" python3 -m appliance.steptrace --model-path "$M" --clients "$c" --requests 3 \
+    env "${envs[@]}" python3 -m benchmarks.steptrace --model-path "$M" --clients "$c" --requests 3 \
       --max-tokens 128 --return-delay-ms 60 --rounds 2 >> "$O/env_ab.txt" 2>> "$O/env_ab.err"
   done
 }

@@ -1,6 +1,6 @@
 """A lone stream's decode step with the appliance's solo path on and off, in one process.
 
-    python3 scripts/accelerator/solo_ab.py MODEL_DIR [ROUNDS] [STEPS]
+    python3 -m benchmarks.accelerator.solo_ab MODEL_DIR [ROUNDS] [STEPS]
 
 The appliance's BatchGenerator (appliance/engine/batching.py) with one request, solo on then
 off, ROUNDS times (so a drift of the machine hits both alike): prints each round's median step
@@ -11,7 +11,7 @@ import statistics
 import sys
 
 from mlx_lm import load
-from steps import median_step_ms
+from benchmarks.accelerator.steps import median_step_ms
 
 from appliance.engine import batching
 

@@ -1,7 +1,7 @@
 """Time to /readyz 200 and the first requests' latency of a fresh server, with MLX's kernel
 cache (MLX_PTX_CACHE_DIR) empty, as on a machine that never ran MLX.
 
-    python3 scripts/accelerator/cold_first_request.py MODEL_DIR [ROUNDS]
+    python3 -m benchmarks.accelerator.cold_first_request MODEL_DIR [ROUNDS]
 
 Prints, per round: seconds to /readyz 200, then the seconds of three short completions.
 """

@@ -1,6 +1,6 @@
 """Where the time of a join into a running batch goes, on this MLX backend.
 
-    python3 scripts/accelerator/join_anatomy.py MODEL_DIR [--out FILE]
+    python3 -m benchmarks.accelerator.join_anatomy MODEL_DIR [--out FILE]
 
 Three parts, each printed as it finishes (and appended to --out):
 

@@ -1,8 +1,8 @@
-"""`python -m appliance.steptrace`: the engine alone, in-process, under closed-loop clients,
+"""`python -m benchmarks.steptrace`: the engine alone, in-process, under closed-loop clients,
 with a trace of what BatchGenerator does per step. No HTTP: it tells the engine's share of a
 server-side gap from the HTTP front's.
 
-    python -m appliance.steptrace --model-path DIR --clients 32 --requests 3 --max-tokens 128 \
+    python -m benchmarks.steptrace --model-path DIR --clients 32 --requests 3 --max-tokens 128 \
         [--return-delay-ms D] [KEY=VALUE ...]   # overrides, e.g. models.prompt_cache_min_tokens=0
 
 `--return-delay-ms D` makes each client wait a random 0..D ms before each next request, as
@@ -12,7 +12,7 @@ Prints one line per round (`--rounds`): tokens/s, decode steps and their time, m
 tokens they took), new-batch calls (with fast_joins: joins into the running batch), the time in decode, prefill and new batches,
 TTFT and end-to-end p50/p99, TTFT split into the wait before joining the batch (the join window)
 and the rest (prefill and the steps to the first token), and the joins. It wraps mlx-lm's BatchGenerator internals to count them, so it
-measures mlx-lm 0.32's structure; a diagnostic, not a benchmark (see `appliance.bench`).
+measures mlx-lm 0.32's structure; a diagnostic, not a benchmark (see `benchmarks.bench`).
 """
 
 from __future__ import annotations
@@ -77,11 +77,11 @@ def _q(values: list[float], p: float) -> float:
 
 
 async def _run(args: argparse.Namespace, trace: Trace) -> str:
-    from .__main__ import compose
-    from .config import load
-    from .engine.service import Engine
-    from .engine.types import SamplingParams
-    from .engine.worker import ModelWorker
+    from appliance.__main__ import compose
+    from appliance.config import load
+    from appliance.engine.service import Engine
+    from appliance.engine.types import SamplingParams
+    from appliance.engine.worker import ModelWorker
 
     c = args.clients
     overrides = [
@@ -171,7 +171,7 @@ def _line(args: argparse.Namespace, trace: Trace, rate: float, wall: float, ttft
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m appliance.steptrace", description=(__doc__ or "").split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.steptrace", description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--model-path", help="a model folder (default: the demo model)")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=3, help="requests per client, after a warm-up one")
@@ -187,7 +187,7 @@ def main(argv: list[str]) -> int:
     trace.wrap(g.PromptProcessingBatch, "prompt", "prefill")
     trace.wrap(g.PromptProcessingBatch, "generate", "newbatch")
     trace.wrap(g.GenerationBatch, "next", "decode")
-    from .engine import batching  # models.catalog.NAME.fast_joins: its subclasses
+    from appliance.engine import batching  # models.catalog.NAME.fast_joins: its subclasses
 
     trace.wrap(batching.BatchGenerator, "_next", "step", step=True)
     trace.wrap(batching.GenerationBatch, "next", "decode")

@@ -1,6 +1,6 @@
 """How much the first call of each new attention shape costs on this MLX backend.
 
-    python3 scripts/accelerator/attention_shapes.py
+    python3 -m benchmarks.accelerator.attention_shapes
 
 For prefill-shaped attention (several queries per sequence) of a few (batch, length) shapes,
 then decode-shaped (one query), prints the first and the second call of

@@ -1,6 +1,6 @@
 """The benchmark harness: the appliance side by side with mlx_lm.server and the bare engine.
 
-    python -m appliance.bench [--shape demo|llama-1b | --model-path DIR] [--concurrency 1,4,8]
+    python -m benchmarks [--shape demo|llama-1b | --model-path DIR] [--concurrency 1,4,8]
                               [--max-tokens N] [--requests-per-client N] [--repeat 3]
                               [--out bench-results] [--skip-costs] [--no-chart] [--quick]
 
@@ -95,6 +95,17 @@ METRICS_SCRAPE_S = 0.020
 COLD_START_S = 3.0
 
 _T0 = time.monotonic()
+
+# benchmarks/ is not installed: the processes the bench starts (the ceiling worker, the appliance)
+# find it, and this checkout's appliance, through the repository root on PYTHONPATH.
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def child_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """This process's environment with the repository root first on PYTHONPATH."""
+    env = {**os.environ, **(extra or {})}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
 
 
 def say(msg: str) -> None:
@@ -354,7 +365,7 @@ def mlx_server_argv(plan: Plan, port: int) -> list[str]:
 
 
 def ceiling_worker(model_path: str, concurrency: list[int], max_tokens: int) -> None:
-    """`python -m appliance.bench --ceiling-worker`: BatchGenerator alone, driven over stdin.
+    """`python -m benchmarks --ceiling-worker`: BatchGenerator alone, driven over stdin.
 
     Loads the model, warms up, prints {"ready": ..., "device": ...}; then for each line "c" on
     stdin runs one batch of c prompts and prints its result as one JSON line; "quit" ends it.
@@ -423,13 +434,13 @@ class Ceiling:
 
     def __init__(self, plan: Plan, procs: Procs, work: Path, mlx_env: str = "mlx defaults",
                  env: Optional[dict[str, str]] = None) -> None:
-        argv = [sys.executable, "-m", "appliance.bench", "--ceiling-worker",
+        argv = [sys.executable, "-m", "benchmarks", "--ceiling-worker",
                 "--model-path", str(plan.model_path),
                 "--concurrency", ",".join(map(str, plan.concurrency)),
                 "--max-tokens", str(plan.max_tokens)]
         self.mlx_env = mlx_env
         self.log_path = work / f"ceiling-{len(list(work.glob('ceiling*.log')))}.log"
-        self.proc = Proc("ceiling", argv, {**os.environ, **(env or {})}, work, self.log_path)
+        self.proc = Proc("ceiling", argv, child_env(env), work, self.log_path)
         self.timeout = plan.timeout_s
         with open(self.log_path, "wb") as err:
             self.proc.started = time.perf_counter()
@@ -678,9 +689,9 @@ class ClientPool:
             from concurrent.futures import ProcessPoolExecutor
 
             self.close()
-            # By the module's own name, not __main__ (`python -m appliance.bench`): the workers
+            # By the module's own name, not __main__ (`python -m benchmarks`): the workers
             # import it as such.
-            from appliance import bench as named
+            from benchmarks import bench as named
 
             self._pool = ProcessPoolExecutor(
                 n, mp_context=multiprocessing.get_context("spawn"),
@@ -737,7 +748,7 @@ async def closed_loop(base_url: str, c: int, plan: Plan, probe_paths: Sequence[s
         cpu_fraction = cpu_total = (time.process_time() - cpu0) / wall if wall > 0 else 0.0
         late = 0.0
     else:
-        from appliance import bench as named
+        from benchmarks import bench as named
 
         loop = asyncio.get_running_loop()
         start_at = time.monotonic() + 0.2
@@ -1254,7 +1265,7 @@ def _start_appliance(plan: Plan, procs: Procs, work: Path, name: str, **kw: Any)
     port = free_port()
     home = work / name
     home.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "XDG_STATE_HOME": str(home / "state"), "PYTHONUNBUFFERED": "1"}
+    env = child_env({"XDG_STATE_HOME": str(home / "state"), "PYTHONUNBUFFERED": "1"})
     for key in ("LMX_ADMIN_KEY", "LMX_API_KEYS"):
         env.pop(key, None)
     proc = procs.add(Proc(name, appliance_argv(plan, port, **kw), env, home, home / "server.log"))
@@ -1286,7 +1297,7 @@ def run(plan: Plan, procs: Procs, work: Path) -> dict[str, Any]:
     res: dict[str, Any] = {"plan": {k: (str(v) if isinstance(v, Path) else v)
                                     for k, v in asdict(plan).items()},
                            "machine": machine_info(),
-                           "command": "python -m appliance.bench " + " ".join(sys.argv[1:]),
+                           "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
                            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     say(f"model {plan.model_label} at {plan.model_path}")
     say(f"machine: {res['machine']['cpu']}, {res['machine']['cores']} cores, "
@@ -1298,7 +1309,7 @@ def run(plan: Plan, procs: Procs, work: Path) -> dict[str, Any]:
         "accelerator" if "gpu" in ceiling.device.lower() else "cpu")
     say(f"ceiling ready on {ceiling.device}")
     ceilings = [ceiling]
-    from .engine.cuda import MLX_ENV_DEFAULTS
+    from appliance.engine.cuda import MLX_ENV_DEFAULTS
 
     # As the appliance sets them: where the environment already sets one, that value.
     own = {k: os.environ.get(k, v) for k, v in MLX_ENV_DEFAULTS.items()}
@@ -1453,7 +1464,7 @@ def _ints(text: str) -> list[int]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m appliance.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=("demo", "llama-1b"), default="demo",
                    help="demo model shape, built on first use (default demo)")
     p.add_argument("--model-path", type=Path, help="any local model folder instead of the demo model")
@@ -1499,7 +1510,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
             raise SystemExit(f"--model-path {path}: no config.json there")
         label = path.name
     else:
-        from .engine.demo import ensure_demo_model
+        from appliance.engine.demo import ensure_demo_model
 
         say(f"demo model ({args.shape}): building it if missing")
         path = ensure_demo_model(shape=args.shape, progress=say)

@@ -1,7 +1,6 @@
 """The masked decode kernel (appliance/engine/cuda.py) against MLX's attention, on CUDA.
 
-    PYTHONPATH=$PYTHONPATH:scripts/accelerator \
-        python3 scripts/accelerator/decode_kernel_tune.py
+    python3 -m benchmarks.accelerator.decode_kernel_tune
 
 Llama 3.2 1B's heads (32 query, 8 KV, size 64), bf16, q a transposed view and k, v views into
 longer cache buffers, rows padded by 0-6 keys. Each figure is ms for 16 calls in a chain (each
@@ -14,7 +13,7 @@ batch with no padding runs). Then the microseconds of Python and graph building 
 import time
 
 import mlx.core as mx
-from steps import per_call_ms
+from benchmarks.accelerator.steps import per_call_ms
 
 from appliance.engine import cuda
 

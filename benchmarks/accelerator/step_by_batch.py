@@ -1,6 +1,6 @@
 """Decode step time by batch size, mlx-lm's BatchGenerator and the appliance's, in one process.
 
-    python3 scripts/accelerator/step_by_batch.py MODEL_DIR [STEPS]
+    python3 -m benchmarks.accelerator.step_by_batch MODEL_DIR [STEPS]
 
 Same-length prompts (no padding), warmed, then STEPS timed next() calls per batch size; prints
 the median step in ms and tokens/s for each class and size, in interleaved order.
@@ -10,7 +10,7 @@ import sys
 
 from mlx_lm import load
 from mlx_lm.generate import BatchGenerator
-from steps import median_step_ms
+from benchmarks.accelerator.steps import median_step_ms
 
 from appliance.engine import batching
 

@@ -2,7 +2,7 @@
 # Interleaved A/B of models.catalog.NAME.engine_process on one machine (BENCHMARKS.md, "The engine
 # in a process of its own"): six servers in turn, engine process on / off, each loaded by
 # load_metrics.py at the given concurrencies. Usage, on the accelerator machine after the recipe:
-#   bash scripts/accelerator/engine_process_ab.sh "32 64" 3 > ab.txt
+#   bash benchmarks/accelerator/engine_process_ab.sh "32 64" 3 > ab.txt
 # KEY=fast_joins (any boolean catalog key) turns that key on and off instead.
 set -u
 KEY=${KEY:-engine_process}
@@ -10,7 +10,7 @@ CONCURRENCY=${1:-"32 64"}
 REQUESTS=${2:-3}
 M=${M:-$HOME/.cache/appliance/models/demo-llama-1b-v1}
 [ -d "$M" ] || python3 -m appliance.engine.demo --shape llama-1b > /dev/null 2>&1
-L="scripts/accelerator/load_metrics.py http://127.0.0.1:18500"
+L="-m benchmarks.accelerator.load_metrics http://127.0.0.1:18500"
 for MODE in true false true false true false; do
   python3 -m appliance ++server.port=18500 ++logging.file=none ++limits.max_running=64 \
     ++limits.max_queued=256 "++models.catalog.demo.path=$M" ++models.catalog.demo.max_tokens=512 \

@@ -1,7 +1,6 @@
 """The masked decode attention kernel (appliance/engine/cuda.py) against MLX's own path, on CUDA.
 
-    PYTHONPATH=$PYTHONPATH:scripts/accelerator \
-        python3 scripts/accelerator/decode_attention.py MODEL_DIR [STEPS]
+    python3 -m benchmarks.accelerator.decode_attention MODEL_DIR [STEPS]
 
 1. Correctness: random bf16 inputs laid out as a batch's decode step has them (q a transposed
    view, k and v views into longer cache buffers, a left-padding mask), several head layouts,
@@ -20,7 +19,7 @@ import time
 import mlx.core as mx
 from mlx_lm import load
 from mlx_lm.generate import BatchGenerator
-from steps import median_step_ms, per_call_ms
+from benchmarks.accelerator.steps import median_step_ms, per_call_ms
 
 from appliance.engine import batching, cuda
 

@@ -1,8 +1,7 @@
 """What the batched decode's attention mask and per-row positions cost (BENCHMARKS.md: on an H100
 one row decoded solo took 2.3 ms a step, two rows in mlx-lm's batched path 5-6 ms).
 
-    PYTHONPATH=$PYTHONPATH:scripts/accelerator \
-        python3 scripts/accelerator/mask_cost.py MODEL_DIR [STEPS]
+    python3 -m benchmarks.accelerator.mask_cost MODEL_DIR [STEPS]
 
 1. Attention alone, one query per row, the model's heads and head size, bf16, B rows x S keys:
    ms per call (each call evaluated) with no mask, the boolean mask mlx-lm's BatchKVCache makes,
@@ -23,7 +22,7 @@ import mlx.core as mx
 from mlx_lm import load
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models import cache as C
-from steps import median_step_ms, per_call_ms
+from benchmarks.accelerator.steps import median_step_ms, per_call_ms
 
 model, _ = load(sys.argv[1])
 steps = int(sys.argv[2]) if len(sys.argv) > 2 else 100

@@ -1,6 +1,6 @@
 """One process's decode step time, to study the per-process "mode" (BENCHMARKS.md).
 
-    python3 scripts/accelerator/decode_modes.py MODEL_DIR [LABEL]
+    python3 -m benchmarks.accelerator.decode_modes MODEL_DIR [LABEL]
 
 BatchGenerator alone: a batch of 1 then a batch of 64 (same-length prompts, no new shapes),
 warmed, then 150 timed next() calls each. Prints one line: label, the CPUs the process may use and

@@ -1,6 +1,6 @@
 """Closed-loop streaming chat clients against a running appliance, with the server's own view.
 
-    python3 scripts/accelerator/load_metrics.py http://127.0.0.1:18500 CLIENTS REQUESTS_EACH
+    python3 -m benchmarks.accelerator.load_metrics http://127.0.0.1:18500 CLIENTS REQUESTS_EACH
 
 Prints one line: tokens/s, the joins the engine made (lmx_batch_joins_total and the requests per
 join), the client's CPU share and TTFT, and the server's means over the run from /metrics
