@@ -245,7 +245,7 @@ def test_a_burst_of_requests_is_prefilled_together(module_appliance: Any) -> Non
     from urllib.parse import urlsplit
 
     from appliance.engine.worker import RETURN_S
-    from benchmarks.bench import batch_joins
+    from benchmarks.costs import batch_joins
 
     base = module_appliance.url
     where = urlsplit(base)
