@@ -31,7 +31,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check appliance benchmarks tests
-	$(BIN)/mypy appliance
+	$(BIN)/mypy appliance benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -8,10 +8,11 @@ server-side gap from the HTTP front's.
 `--return-delay-ms D` makes each client wait a random 0..D ms before each next request, as
 clients over HTTP come back spread out (the front parses, templates and admits one at a time).
 
-Prints one line per round (`--rounds`): tokens/s, decode steps and their time, mean batch size, prefill calls (and the
-tokens they took), new-batch calls (with fast_joins: joins into the running batch), the time in decode, prefill and new batches,
-TTFT and end-to-end p50/p99, TTFT split into the wait before joining the batch (the join window)
-and the rest (prefill and the steps to the first token), and the joins. It wraps mlx-lm's BatchGenerator internals to count them, so it
+Prints one line per round (`--rounds`): tokens/s, decode steps and their time, mean batch size,
+prefill calls (and the tokens they took), new-batch calls (with fast_joins: joins into the running
+batch), the time in decode, prefill and new batches, TTFT and end-to-end p50/p99, TTFT split into
+the wait before joining the batch (the join window) and the rest (prefill and the steps to the
+first token), and the joins. It wraps mlx-lm's BatchGenerator internals to count them, so it
 measures mlx-lm 0.32's structure; a diagnostic, not a benchmark (see `benchmarks.bench`).
 """
 
@@ -95,7 +96,8 @@ async def _run(args: argparse.Namespace, trace: Trace) -> str:
     engine = Engine(cfg.models, cfg.limits)
     worker = await engine.model("demo")
     if not isinstance(worker, ModelWorker):
-        raise SystemExit("steptrace traces the generation thread in this process: engine_process=false")
+        raise SystemExit(
+            "steptrace traces the generation thread in this process: engine_process=false")
     tok = worker.tokenizer
     total = 0
     ttft: list[float] = []
@@ -116,7 +118,8 @@ async def _run(args: argparse.Namespace, trace: Trace) -> str:
         for j in range(n):
             if j and args.return_delay_ms > 0:
                 await asyncio.sleep(rng.uniform(0, args.return_delay_ms) / 1000)
-            prompt = list(tok.encode(f"Request {round_}-{i * 1000 + j}. Tell me about the sea and the boats"))
+            text = f"Request {round_}-{i * 1000 + j}. Tell me about the sea and the boats"
+            prompt = list(tok.encode(text))
             t0 = time.perf_counter()
             gen = await engine.start(worker, prompt, SamplingParams(max_tokens=args.max_tokens))
             deadline, first = engine.deadline(), None
@@ -163,7 +166,8 @@ def _line(args: argparse.Namespace, trace: Trace, rate: float, wall: float, ttft
         f"next() p50 {_q(n, .5) * ms:.2f} ms p99 {_q(n, .99) * ms:.2f} ms, {sum(n):.2f} s of "
         f"{wall:.2f} s; mean batch {statistics.mean(trace.batch or [0]):.1f}; "
         f"prefill calls {k.get('prefill', 0)} ({k.get('prefill_tokens', 0)} tokens) "
-        f"{s.get('prefill', 0):.2f} s; new batches {k.get('newbatch', 0)} {s.get('newbatch', 0):.2f} s; "
+        f"{s.get('prefill', 0):.2f} s; new batches {k.get('newbatch', 0)} "
+        f"{s.get('newbatch', 0):.2f} s; "
         f"decode {s.get('decode', 0):.2f} s; TTFT p50 {_q(ttft, .5) * ms:.0f} ms p99 "
         f"{_q(ttft, .99) * ms:.0f} ms (waiting to join p50 {_q(joined_wait, .5) * ms:.0f} ms, then "
         f"p50 {_q(after_join, .5) * ms:.0f} ms); joins {joins}; e2e p50 {_q(e2e, .5) * ms:.0f} ms"
@@ -171,10 +175,12 @@ def _line(args: argparse.Namespace, trace: Trace, rate: float, wall: float, ttft
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.steptrace", description=(__doc__ or "").split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.steptrace",
+                                 description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--model-path", help="a model folder (default: the demo model)")
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--requests", type=int, default=3, help="requests per client, after a warm-up one")
+    ap.add_argument("--requests", type=int, default=3,
+                    help="requests per client, after a warm-up one")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=1, help="measured rounds, one line each")
     ap.add_argument("--return-delay-ms", type=float, default=0.0,

@@ -19,9 +19,9 @@ import time
 import mlx.core as mx
 from mlx_lm import load
 from mlx_lm.generate import BatchGenerator
-from benchmarks.accelerator.steps import median_step_ms, per_call_ms
 
 from appliance.engine import batching, cuda
+from benchmarks.accelerator.steps import median_step_ms, per_call_ms
 
 model, _ = load(sys.argv[1])
 steps = int(sys.argv[2]) if len(sys.argv) > 2 else 100
@@ -41,7 +41,8 @@ def inputs(b, hq, hkv, s, d, seed=0):
 
 
 t = time.perf_counter()
-mx.eval(cuda.masked_decode_attention(*inputs(2, 32, 8, 16, 64)[:3], 0.125, inputs(2, 32, 8, 16, 64)[3]))
+q0, k0, v0, m0 = inputs(2, 32, 8, 16, 64)
+mx.eval(cuda.masked_decode_attention(q0, k0, v0, 0.125, m0))
 print(f"first call (kernel compiled): {1000 * (time.perf_counter() - t):.0f} ms", flush=True)
 
 print("correctness, max |difference| from MLX in float32 (kernel / MLX's own bf16):", flush=True)
@@ -60,8 +61,8 @@ for hq, hkv, d in ((32, 8, 64), (32, 8, 128), (8, 8, 128), (16, 2, 256), (4, 4, 
             e_mlx = mx.max(mx.abs(mlx - want)).item()
             worst = max(worst, e_got / max(e_mlx, 1e-3))
             flag = "" if e_got <= 2 * e_mlx + 1e-2 else "  <-- off"
-            print(f"  Hq={hq:>2} Hkv={hkv} D={d:>3} B={b:>2} S={s:>3}: {e_got:.4f} / {e_mlx:.4f}{flag}",
-                  flush=True)
+            print(f"  Hq={hq:>2} Hkv={hkv} D={d:>3} B={b:>2} S={s:>3}: "
+                  f"{e_got:.4f} / {e_mlx:.4f}{flag}", flush=True)
 print(f"worst ratio kernel/MLX error: {worst:.2f}", flush=True)
 
 print("attention alone, ms per call (32 query heads, 8 KV heads, head size 64, bf16):", flush=True)
@@ -70,11 +71,12 @@ for b in (2, 8, 64):
         q, k, v, mask = inputs(b, 32, 8, s, 64)
         res = [
             per_call_ms(lambda q=q, k=k, v=v, m=mask: original(q, k, v, scale=0.125, mask=m)),
-            per_call_ms(lambda q=q, k=k, v=v, m=mask: cuda.masked_decode_attention(q, k, v, 0.125, m)),
+            per_call_ms(
+                lambda q=q, k=k, v=v, m=mask: cuda.masked_decode_attention(q, k, v, 0.125, m)),
             per_call_ms(lambda q=q, k=k, v=v: original(q, k, v, scale=0.125, mask=None)),
         ]
-        print(f"  B={b:>2} S={s:>3}: MLX masked {res[0]:.3f}, kernel {res[1]:.3f}, MLX unmasked {res[2]:.3f}",
-              flush=True)
+        print(f"  B={b:>2} S={s:>3}: MLX masked {res[0]:.3f}, kernel {res[1]:.3f}, "
+              f"MLX unmasked {res[2]:.3f}", flush=True)
 
 
 def run(cls, b: int, kernel: bool) -> tuple[float, list[int]]:

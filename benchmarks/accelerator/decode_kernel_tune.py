@@ -13,9 +13,9 @@ batch with no padding runs). Then the microseconds of Python and graph building 
 import time
 
 import mlx.core as mx
-from benchmarks.accelerator.steps import per_call_ms
 
 from appliance.engine import cuda
+from benchmarks.accelerator.steps import per_call_ms
 
 assert cuda.install(0, decode_kernel=True), cuda._decode.get("probe") or "not on CUDA"
 original = cuda._state["original"]
@@ -56,7 +56,8 @@ for b in (1, 2, 4, 8, 16, 32, 64):
         res = {n: per_call_ms(lambda f=f, q=q, k=k, v=v, m=mask: chain(lambda x: f(x, k, v, m), q),
                               n=50, warm=5)
                for n, f in VARIANTS.items()}
-        print(f"  B={b:>2} S={s:>4}: " + ", ".join(f"{n} {ms:.3f}" for n, ms in res.items()), flush=True)
+        shown = ", ".join(f"{n} {ms:.3f}" for n, ms in res.items())
+        print(f"  B={b:>2} S={s:>4}: {shown}", flush=True)
 cuda._DECODE_LAYOUT = "auto"
 
 

@@ -7,8 +7,8 @@ Three parts, each printed as it finishes (and appended to --out):
 A. The model's forward pass for prefill shapes (batch x tokens), each shape twice with a fresh
    cache: what a shape costs the first time against the second.
 B. The same for one matmul with inputs already evaluated (the 1B shape's MLP up projection).
-C. mlx-lm's BatchGenerator with 40 sequences decoding and 16 to 20 new prompts joining, several times:
-   the wall time of every next() call around the join, then the same joins again with the
+C. mlx-lm's BatchGenerator with 40 sequences decoding and 16 to 20 new prompts joining, several
+   times: the wall time of every next() call around the join, then the same joins again with the
    phases timed apart (a synchronize around the prefill, the split, the new batch's first
    forward and the merge). "same" joins repeat one shape; "new" joins bring a new one each time.
 """
@@ -173,7 +173,8 @@ def part_c(model: Any, tok: Any, out: str | None, phases: Phases) -> None:
             times, total = join(b, t)
             after = steady(5)
             say(
-                f"C [{mode}] join {kind} B_new={b} T={t}: next() ms {' '.join(f'{x:.1f}' for x in times)}"
+                f"C [{mode}] join {kind} B_new={b} T={t}: "
+                f"next() ms {' '.join(f'{x:.1f}' for x in times)}"
                 f" (to first token {total:.1f}); after: {' '.join(f'{x:.1f}' for x in after)}",
                 out,
             )

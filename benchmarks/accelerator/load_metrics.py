@@ -6,7 +6,8 @@ Prints one line: tokens/s, the joins the engine made (lmx_batch_joins_total and 
 join), the client's CPU share and TTFT, and the server's means over the run from /metrics
 (time to first token from admission, inter-token latency, end-to-end, queue time), so a
 client-side delay can be told from the server's. The clients run in processes of at most 16 each
-(one process at 64 clients ran at 82-90 % of a core on an H100 machine). Used for BENCHMARKS.md's A/Bs.
+(one process at 64 clients ran at 82-90 % of a core on an H100 machine). server_ab.sh and
+profile_server.sh drive it.
 """
 
 import asyncio
@@ -74,7 +75,8 @@ async def client(c: httpx.AsyncClient, i: int, ttfts: list[float]) -> int:
 
 async def clients(ids: list[int], start_at: float) -> tuple[int, list[float], float, float, float]:
     ttfts: list[float] = []
-    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=len(ids) + 4)) as c:
+    limits = httpx.Limits(max_connections=len(ids) + 4)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as c:
         await asyncio.sleep(max(0.0, start_at - time.time()))
         t0, cpu0 = time.time(), time.process_time()
         ns = await asyncio.gather(*(client(c, i, ttfts) for i in ids))
@@ -110,7 +112,8 @@ def main() -> None:
     per_join = d.get("lmx_batch_joined_requests_total", 0) / joins if joins else 0
     print(
         f"c={C} N={N}: joins {joins:.0f}, {per_join:.1f} per join, {tokens / wall:.0f} tok/s, "
-        f"client cpu {cpu:.2f} (busiest of {PROCS}), client TTFT p50 {1000 * statistics.median(ttfts):.0f} ms "
+        f"client cpu {cpu:.2f} (busiest of {PROCS}), "
+        f"client TTFT p50 {1000 * statistics.median(ttfts):.0f} ms "
         f"mean {1000 * statistics.mean(ttfts):.0f}; loop lag p90 <= {lag_p90} s; server means ms "
         f"{server}"
     )

@@ -10,9 +10,9 @@ import sys
 
 from mlx_lm import load
 from mlx_lm.generate import BatchGenerator
-from benchmarks.accelerator.steps import median_step_ms
 
 from appliance.engine import batching
+from benchmarks.accelerator.steps import median_step_ms
 
 model, _ = load(sys.argv[1])
 steps = int(sys.argv[2]) if len(sys.argv) > 2 else 100

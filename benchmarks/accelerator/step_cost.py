@@ -69,7 +69,11 @@ def plain(model, n, name="plain"):
     cache = make_prompt_cache(model)
     y = mx.argmax(model(mx.array([PROMPT]), cache=cache)[:, -1, :], axis=-1)
     mx.eval(y)
-    return pipelined(name, lambda y: mx.argmax(model(y[:, None], cache=cache)[:, -1, :], axis=-1), y, n)
+
+    def step(y: mx.array) -> mx.array:
+        return mx.argmax(model(y[:, None], cache=cache)[:, -1, :], axis=-1)
+
+    return pipelined(name, step, y, n)
 
 
 def compiled(model, n, size=1024):
@@ -96,12 +100,14 @@ def compiled(model, n, size=1024):
             h = h + layer.mlp(layer.post_attention_layernorm(h))
             new += [kb, vb]
         h = inner.norm(h)
-        logits = inner.embed_tokens.as_linear(h) if model.args.tie_word_embeddings else model.lm_head(h)
+        tied = model.args.tie_word_embeddings
+        logits = inner.embed_tokens.as_linear(h) if tied else model.lm_head(h)
         return (mx.argmax(logits[:, -1, :], axis=-1), *new)
 
     cstep = mx.compile(step)
     dtype = model.layers[0].self_attn.o_proj.weight.dtype
-    state = {"kv": [mx.zeros((1, KV, size, hd), dtype) for _ in range(2 * len(model.layers))], "pos": 0}
+    kv = [mx.zeros((1, KV, size, hd), dtype) for _ in range(2 * len(model.layers))]
+    state = {"kv": kv, "pos": 0}
     mx.eval(state["kv"])
 
     def one(tok):
@@ -131,7 +137,8 @@ def batchgen(model, name, b, n, cls=BatchGenerator):
         cpus.append(1000 * (time.thread_time() - c))
     g.close()
     m = statistics.median
-    print(f"{name + ' b' + str(b):<22} step {m(walls):6.3f} ms (p90 {sorted(walls)[int(.9 * len(walls))]:6.3f})"
+    p90 = sorted(walls)[int(.9 * len(walls))]
+    print(f"{name + ' b' + str(b):<22} step {m(walls):6.3f} ms (p90 {p90:6.3f})"
           f"  cpu {m(cpus):6.3f}  -> {b * 1000 / m(walls):7.1f} tokens/s", flush=True)
 
 
@@ -142,7 +149,7 @@ if __name__ == "__main__":
     plain(model, 20)
     ref = plain(model, n)
     got = compiled(model, n)
-    same = sum(a == b for a, b in zip(ref, got))
+    same = sum(a == b for a, b in zip(ref, got, strict=False))
     print(f"compiled tokens equal to plain's: {same} of {len(ref)}", flush=True)
     batchgen(model, "batchgen", 1, n)
     batchgen(model, "batchgen", 64, n)
@@ -150,6 +157,7 @@ if __name__ == "__main__":
     batchgen(model, "appliance", 64, n, batching.BatchGenerator)
     fuse_projections(model)  # appliance/engine/fusion.py, as the appliance loads a model
     fz = plain(model, n, "fused")
-    print(f"fused tokens equal to plain's: {sum(a == b for a, b in zip(ref, fz))} of {len(ref)}", flush=True)
+    same = sum(a == b for a, b in zip(ref, fz, strict=False))
+    print(f"fused tokens equal to plain's: {same} of {len(ref)}", flush=True)
     batchgen(model, "batchgen fused", 1, n)
     batchgen(model, "batchgen fused", 64, n)
