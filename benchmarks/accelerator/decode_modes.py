@@ -1,4 +1,4 @@
-"""One process's decode step time, to study the per-process "mode" (BENCHMARKS.md).
+"""One process's decode step time, to study the per-process "mode" (docs/performance.md).
 
     python3 -m benchmarks.accelerator.decode_modes MODEL_DIR [LABEL]
 

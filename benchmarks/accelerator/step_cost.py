@@ -1,4 +1,4 @@
-"""Where a single stream's decode step goes, and what it could be (BENCHMARKS.md).
+"""Where a single stream's decode step goes, and what it could be (docs/performance.md).
 
     python3 -m benchmarks.accelerator.step_cost MODEL_DIR [STEPS]
 
