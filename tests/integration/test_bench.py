@@ -41,7 +41,8 @@ def test_bench_end_to_end(tmp_path: Path, demo_cache: Path) -> None:
         env.pop(key, None)
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--concurrency", "1,2", "--max-tokens", "4",
-         "--requests-per-client", "2", "--min-requests", "3", "--repeat", "1", "--metrics-requests", "50",
+         "--requests-per-client", "2", "--min-requests", "3", "--repeat", "1",
+         "--metrics-requests", "50",
          "--busy-requests", "5", "--cold-starts", "1", "--out", str(out),
          # 2 clients in 2 client processes; 1 client in this one.
          "--clients-per-process", "1"],
@@ -55,7 +56,8 @@ def test_bench_end_to_end(tmp_path: Path, demo_cache: Path) -> None:
 
     (json_path,) = out.glob("bench-*.json")
     res = json.loads(json_path.read_text())
-    assert res["chart"] and Path(res["chart"]).is_file() and Path(res["chart"]).stat().st_size > 1000
+    assert res["chart"] and Path(res["chart"]).is_file()
+    assert Path(res["chart"]).stat().st_size > 1000
     # The chart re-rendered from the JSON is the bench's own, pixel for pixel.
     again = tmp_path / "again.png"
     assert chart_main([str(json_path), str(again)]) == 0
@@ -75,9 +77,11 @@ def test_bench_end_to_end(tmp_path: Path, demo_cache: Path) -> None:
         env = res["ceiling"]["best"][c]["mlx_env"]
         warm = [r["tokens_per_s"] for r in runs if r["warm"] and r["mlx_env"] == env]
         assert median == pytest.approx(sum(warm) / 2)
-        assert median <= max(r["tokens_per_s"] for r in runs) == res["ceiling"]["best"][c]["tokens_per_s"]
+        best_batch = max(r["tokens_per_s"] for r in runs)
+        assert median <= best_batch == res["ceiling"]["best"][c]["tokens_per_s"]
         assert res["ratios"][c]["vs_ceiling_median"] >= res["ratios"][c]["vs_ceiling"]
-        assert f"| {median:.1f} | {res['ratios'][c]['vs_ceiling_median']:.2f}x |" in res["table_markdown"]
+        shown = f"| {median:.1f} | {res['ratios'][c]['vs_ceiling_median']:.2f}x |"
+        assert shown in res["table_markdown"]
         for server in ("mlx_lm.server", "appliance"):
             best = res["servers"][server][c]
             # 2 a client, but a run sends at least 3: one client sends 3, two send 2 each.
@@ -91,12 +95,14 @@ def test_bench_end_to_end(tmp_path: Path, demo_cache: Path) -> None:
             assert run["tokens"] > 0
             assert run["client_processes"] == int(c)
             assert run["client_cpu_total"] >= run["client_cpu_fraction"] > 0
-            if server == "appliance":  # read from its /metrics around the run: each request joined once
+            # The appliance's joins, from its /metrics around the run: each request joined once.
+            if server == "appliance":
                 assert run["joined"] == run["requests"] and 1 <= run["joins"] <= run["requests"]
                 assert f"c={c} {run['joined']}/{run['joins']}" in res["table_markdown"]
             else:
                 assert "joins" not in run
-        for key in ("vs_mlx", "vs_ceiling", "vs_ceiling_median", "ttft_p99_vs_mlx", "cpu_per_token_vs_mlx"):
+        for key in ("vs_mlx", "vs_ceiling", "vs_ceiling_median", "ttft_p99_vs_mlx",
+                    "cpu_per_token_vs_mlx"):
             assert _number(res["ratios"][c][key])
 
     costs = res["costs"]
