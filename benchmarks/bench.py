@@ -47,9 +47,10 @@ from benchmarks.load import CLIENT_POOL, TokenCounter, best_of, closed_loop, war
 from benchmarks.peers import Ceiling, ceiling_worker, start_appliance, start_mlx_server
 from benchmarks.procs import Proc, Procs
 from benchmarks.report import ceiling_median, evaluate, fmt_ms, machine_info, tables
-from benchmarks.scenarios import APPLIANCE, CEILING_TRIES, MLX_SERVER, SERVERS, Plan
+from benchmarks.scenarios import APPLIANCE, CEILING_TRIES, MLX_SERVER, PROMPTS, SERVERS, Plan
 
-__all__ = ["main", "parser", "plan_from", "run"]
+# PROMPTS and percentile as appliance.bench had them, for other benchmarks to share.
+__all__ = ["PROMPTS", "main", "parser", "percentile", "plan_from", "run"]
 
 
 def _load_average() -> Optional[float]:
