@@ -28,16 +28,16 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
 
-# The benchmark of issue 7: ceiling, mlx_lm.server and the appliance side by side; JSON and a
-# PNG in bench-results/. Options through BENCH_ARGS, e.g. BENCH_ARGS="--quick".
+# The benchmark (benchmarks/, not installed): the ceiling, mlx_lm.server and the appliance side by
+# side; JSON and a PNG in bench-results/. Options through BENCH_ARGS, e.g. BENCH_ARGS="--quick".
 bench: $(STAMP)
-	$(BIN)/python -m appliance.bench $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 # ruff (line length enforced), mypy, and the import contracts of pyproject.toml (import-linter).
 lint: $(STAMP)
-	$(BIN)/ruff check appliance tests
-	$(BIN)/ruff format --check appliance tests
-	$(BIN)/mypy appliance
+	$(BIN)/ruff check appliance benchmarks tests
+	$(BIN)/ruff format --check appliance benchmarks tests
+	$(BIN)/mypy appliance benchmarks
 	$(BIN)/lint-imports
 
 clean:

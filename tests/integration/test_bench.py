@@ -1,4 +1,4 @@
-"""The benchmark harness runs end to end on a tiny setting and writes its JSON and chart.
+"""The benchmark runs end to end on a tiny setting and writes its JSON and chart.
 
 No timing assertions: only that every section is there and holds numbers. The real
 mlx_lm.server and appliance processes run on loopback ports; the demo model comes from the
@@ -15,17 +15,14 @@ from pathlib import Path
 
 import psutil
 import pytest
+from matplotlib.image import imread
 
-from appliance.bench import percentile, tables
+from benchmarks.chart import main as chart_main
+from benchmarks.report import tables
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def test_percentile() -> None:
-    assert percentile([], 50) is None
-    assert percentile([3.0], 99) == 3.0
-    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 50) == 3.0
-    assert percentile([0.0, 10.0], 90) == pytest.approx(9.0)
+# benchmarks/ is not installed: the processes run from other folders find it through PYTHONPATH.
+PYTHONPATH = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
 
 def _number(v: object) -> bool:
@@ -38,17 +35,47 @@ def test_bench_end_to_end(tmp_path: Path, demo_cache: Path) -> None:
     # Every process the bench starts runs in its temporary folder, here under tmp_path.
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    env = {**os.environ, "XDG_CACHE_HOME": str(demo_cache), "PYTHONUNBUFFERED": "1",
-           "TMPDIR": str(scratch)}
+    env = {
+        **os.environ,
+        "XDG_CACHE_HOME": str(demo_cache),
+        "PYTHONUNBUFFERED": "1",
+        "TMPDIR": str(scratch),
+        "PYTHONPATH": PYTHONPATH,
+    }
     for key in ("LMX_ADMIN_KEY", "LMX_API_KEYS"):
         env.pop(key, None)
     proc = subprocess.run(
-        [sys.executable, "-m", "appliance.bench", "--concurrency", "1,2", "--max-tokens", "4",
-         "--requests-per-client", "2", "--min-requests", "3", "--repeat", "1", "--metrics-requests", "50",
-         "--busy-requests", "5", "--cold-starts", "1", "--out", str(out),
-         # 2 clients in 2 client processes; 1 client in this one.
-         "--clients-per-process", "1"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=170,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--concurrency",
+            "1,2",
+            "--max-tokens",
+            "4",
+            "--requests-per-client",
+            "2",
+            "--min-requests",
+            "3",
+            "--repeat",
+            "1",
+            "--metrics-requests",
+            "50",
+            "--busy-requests",
+            "5",
+            "--cold-starts",
+            "1",
+            "--out",
+            str(out),
+            # 2 clients in 2 client processes; 1 client in this one.
+            "--clients-per-process",
+            "1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=170,
     )
     assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
     # Progress on stderr, tables on stdout.
@@ -58,9 +85,25 @@ def test_bench_end_to_end(tmp_path: Path, demo_cache: Path) -> None:
 
     (json_path,) = out.glob("bench-*.json")
     res = json.loads(json_path.read_text())
-    assert res["chart"] and Path(res["chart"]).is_file() and Path(res["chart"]).stat().st_size > 1000
-    for key in ("plan", "machine", "command", "ceiling", "runs", "servers", "ratios", "costs",
-                "targets", "targets_kind", "table_markdown"):
+    assert res["chart"] and Path(res["chart"]).is_file()
+    assert Path(res["chart"]).stat().st_size > 1000
+    # The chart re-rendered from the JSON is the bench's own, pixel for pixel.
+    again = tmp_path / "again.png"
+    assert chart_main([str(json_path), str(again)]) == 0
+    assert (imread(again) == imread(res["chart"])).all()
+    for key in (
+        "plan",
+        "machine",
+        "command",
+        "ceiling",
+        "runs",
+        "servers",
+        "ratios",
+        "costs",
+        "targets",
+        "targets_kind",
+        "table_markdown",
+    ):
         assert key in res, key
     assert res["machine"]["cores"] >= 1 and res["machine"]["versions"]["mlx"]
     for c in ("1", "2"):
@@ -74,28 +117,45 @@ def test_bench_end_to_end(tmp_path: Path, demo_cache: Path) -> None:
         env = res["ceiling"]["best"][c]["mlx_env"]
         warm = [r["tokens_per_s"] for r in runs if r["warm"] and r["mlx_env"] == env]
         assert median == pytest.approx(sum(warm) / 2)
-        assert median <= max(r["tokens_per_s"] for r in runs) == res["ceiling"]["best"][c]["tokens_per_s"]
+        best_batch = max(r["tokens_per_s"] for r in runs)
+        assert median <= best_batch == res["ceiling"]["best"][c]["tokens_per_s"]
         assert res["ratios"][c]["vs_ceiling_median"] >= res["ratios"][c]["vs_ceiling"]
-        assert f"| {median:.1f} | {res['ratios'][c]['vs_ceiling_median']:.2f}x |" in res["table_markdown"]
+        shown = f"| {median:.1f} | {res['ratios'][c]['vs_ceiling_median']:.2f}x |"
+        assert shown in res["table_markdown"]
         for server in ("mlx_lm.server", "appliance"):
             best = res["servers"][server][c]
             # 2 a client, but a run sends at least 3: one client sends 3, two send 2 each.
             assert best["requests"] == {"1": 3, "2": 4}[c]
             assert best["errors"] == 0, res["runs"][server][c]
             assert best["tokens_counted_by"] == "usage"
-            for key in ("tokens_per_s", "ttft_s_p50", "ttft_s_p99", "itl_s_p50", "itl_s_p99",
-                        "e2e_s_p50", "e2e_s_p99", "cpu_ms_per_token"):
+            for key in (
+                "tokens_per_s",
+                "ttft_s_p50",
+                "ttft_s_p99",
+                "itl_s_p50",
+                "itl_s_p99",
+                "e2e_s_p50",
+                "e2e_s_p99",
+                "cpu_ms_per_token",
+            ):
                 assert _number(best[key]), (server, c, key, best[key])
             (run,) = res["runs"][server][c]
             assert run["tokens"] > 0
             assert run["client_processes"] == int(c)
             assert run["client_cpu_total"] >= run["client_cpu_fraction"] > 0
-            if server == "appliance":  # read from its /metrics around the run: each request joined once
+            # The appliance's joins, from its /metrics around the run: each request joined once.
+            if server == "appliance":
                 assert run["joined"] == run["requests"] and 1 <= run["joins"] <= run["requests"]
                 assert f"c={c} {run['joined']}/{run['joins']}" in res["table_markdown"]
             else:
                 assert "joins" not in run
-        for key in ("vs_mlx", "vs_ceiling", "vs_ceiling_median", "ttft_p99_vs_mlx", "cpu_per_token_vs_mlx"):
+        for key in (
+            "vs_mlx",
+            "vs_ceiling",
+            "vs_ceiling_median",
+            "ttft_p99_vs_mlx",
+            "cpu_per_token_vs_mlx",
+        ):
             assert _number(res["ratios"][c][key])
 
     costs = res["costs"]
@@ -116,10 +176,14 @@ def test_bench_end_to_end(tmp_path: Path, demo_cache: Path) -> None:
         assert res["ceiling"]["best"]["1"]["mlx_env"] == "mlx defaults"
         assert "ran under" not in res["table_markdown"]
     two = {**res, "ceiling": {**res["ceiling"], "mlx_envs": ["mlx defaults", "other settings"]}}
-    two["ceiling"]["best"] = {**res["ceiling"]["best"],
-                              "2": {**res["ceiling"]["best"]["2"], "mlx_env": "other settings"}}
-    assert ("ran under mlx defaults and under other settings; the faster counts: "
-            "c=1 mlx defaults, c=2 other settings.") in tables(two)
+    two["ceiling"]["best"] = {
+        **res["ceiling"]["best"],
+        "2": {**res["ceiling"]["best"]["2"], "mlx_env": "other settings"},
+    }
+    assert (
+        "ran under mlx defaults and under other settings; the faster counts: "
+        "c=1 mlx defaults, c=2 other settings."
+    ) in tables(two)
 
     names = {t["name"] for t in res["targets"]}
     assert any("ceiling" in n for n in names) and any("cold start" in n for n in names)
@@ -140,11 +204,27 @@ def _running_under(folder: Path) -> list[int]:
 
 def test_steptrace_reports_the_engines_steps(tmp_path: Path, demo_cache: Path) -> None:
     """The engine-only trace: 2 clients x 2 requests of 4 tokens, after a warm-up request each."""
-    env = {**os.environ, "XDG_CACHE_HOME": str(demo_cache)}
+    env = {**os.environ, "XDG_CACHE_HOME": str(demo_cache), "PYTHONPATH": PYTHONPATH}
     proc = subprocess.run(
-        [sys.executable, "-m", "appliance.steptrace", "--clients", "2", "--requests", "2",
-         "--max-tokens", "4", "--return-delay-ms", "5", "models.prompt_cache_min_tokens=0"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.steptrace",
+            "--clients",
+            "2",
+            "--requests",
+            "2",
+            "--max-tokens",
+            "4",
+            "--return-delay-ms",
+            "5",
+            "models.prompt_cache_min_tokens=0",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = proc.stdout.strip().splitlines()[-1]

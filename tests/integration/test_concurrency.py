@@ -282,8 +282,8 @@ def test_a_burst_of_requests_is_prefilled_together(module_appliance: Any) -> Non
     import socket
     from urllib.parse import urlsplit
 
-    from appliance.bench import batch_joins
     from appliance.engine.join import RETURN_S
+    from benchmarks.costs import batch_joins
 
     base = module_appliance.url
     where = urlsplit(base)

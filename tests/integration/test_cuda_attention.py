@@ -2,7 +2,7 @@
 of cuDNN's per-shape graphs (the same numbers as MLX's fused attention, checked here on the CPU
 backend, and routing by size), the masked decode kernel's routing (here with the unfused
 attention standing in for the kernel, which needs CUDA; its numbers are checked against MLX on a
-card by scripts/accelerator/decode_attention.py and by the CUDA-only test below), and MLX's
+card by benchmarks/accelerator/decode_attention.py and by the CUDA-only test below), and MLX's
 cache-thrashing check turned off in the server."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Continuous batching changes the running batch whenever requests join or leave, and on a fast
 accelerator each change used to cost more than the work it added. Measured on an H200 with the
-1B Llama shape (`scripts/accelerator/join_anatomy.py`, 40 sequences decoding, 16 joining, each
+1B Llama shape (`benchmarks/accelerator/join_anatomy.py`, 40 sequences decoding, 16 joining, each
 phase synchronized apart; a decode step of the batch takes 7-8 ms):
 
 - split: 7-9 ms. The prompts that finished prefilling are split off the prompt batch with a deep
@@ -22,7 +22,7 @@ same call that prefilled them, so the first token comes no later than before.
 A row alone in the batch decodes through plain KVCaches over the same buffers (no attention mask,
 a scalar position), as mlx-lm's single-stream generate_step does, and goes back to BatchKVCaches
 without a copy when the batch changes: on an H100 1.4-1.8 ms a step less than the batched path
-at batch 1 (`scripts/accelerator/solo_ab.py`, `step_by_batch.py`).
+at batch 1 (`benchmarks/accelerator/solo_ab.py`, `step_by_batch.py`).
 
 The results are those of mlx-lm's own path, in the same next() calls, with the same admissions
 (tests/test_batching.py compares the two on the demo model and on random schedules of joins,

@@ -34,9 +34,10 @@ log = logging.getLogger(__name__)
 # working with the check off.
 # CUDA graphs (MLX's default: on) off: a decode step replayed through MLX's CUDA graphs took 3.0
 # or 4.8-5.2 ms at batch 1 and 5.1-7.9 ms at batch 64 depending on the process (an H100, 13
-# processes, scripts/accelerator/decode_modes.py), launched kernel by kernel 3.3-3.5 and 4.4-4.9
+# processes, benchmarks/accelerator/decode_modes.py), launched kernel by kernel 3.3-3.5 and 4.4-4.9
 # ms in every process; over HTTP, servers in turn at 32 and 64 clients made 1.2-1.5x the tokens/s
-# with them off (BENCHMARKS.md). Set before MLX builds any cache; an operator's own value wins.
+# with them off (benchmarks/accelerator/server_ab.sh). Set before MLX builds any cache; an
+# operator's own value wins.
 MLX_ENV_DEFAULTS = {"MLX_ENABLE_CACHE_THRASHING_CHECK": "0", "MLX_USE_CUDA_GRAPHS": "0"}
 
 

@@ -1,7 +1,7 @@
 """Fuse a loaded model's q/k/v projections, and its gate/up projections, into one matmul each.
 
 One stream's decode step on a GPU is host-bound (MLX launching a few hundred kernels a step), and
-fewer, wider matmuls cut it (BENCHMARKS.md, `scripts/accelerator/step_cost.py`). This works
+fewer, wider matmuls cut it (`benchmarks/accelerator/step_cost.py`). This works
 without rewriting a model's forward: the projections are replaced by stand-ins that share one fused
 layer. Whichever stand-in is called first with an input array runs the fused layer on it, returns
 its own part and keeps the others; a stand-in called with that very array (mlx-lm's models call q,

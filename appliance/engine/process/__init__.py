@@ -6,8 +6,8 @@ kernel's out-of-memory kill) ends only the engine process, its requests get an e
 error, and the model is reloaded as after a dead generation thread, where in the server's own
 process the same crash would end the server. It was built to take the generation thread's
 Python off the event loop's GIL; on an H100 at 32 and 64 streaming clients, interleaved runs
-gave the same tokens/s either way (BENCHMARKS.md), so it is off by default. Not for a
-distributed group (rank 0 keeps its thread).
+gave the same tokens/s either way (benchmarks/accelerator/server_ab.sh), so it is off by
+default. Not for a distributed group (rank 0 keeps its thread).
 
 The two talk over a socket pair with `multiprocessing.connection` framing (pickles):
 

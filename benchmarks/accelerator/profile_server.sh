@@ -2,7 +2,7 @@
 # py-spy on a running appliance while closed-loop streaming clients load it (the device has no
 # other profiler): per-thread samples, then GIL-holding samples, as raw collapsed stacks.
 #
-#   bash scripts/accelerator/profile_server.sh MODEL_DIR OUT_DIR [CLIENTS] [SECONDS]
+#   bash benchmarks/accelerator/profile_server.sh MODEL_DIR OUT_DIR [CLIENTS] [SECONDS]
 set -u
 M=$1
 O=$2
@@ -18,8 +18,8 @@ for _ in $(seq 1 240); do
   [ "$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:$PORT/readyz)" = 200 ] && break
   sleep 0.5
 done
-python3 scripts/accelerator/load_metrics.py http://127.0.0.1:$PORT "$C" 1 > /dev/null 2>&1  # warm-up
-python3 scripts/accelerator/load_metrics.py http://127.0.0.1:$PORT "$C" 40 > "$O/load.txt" 2>&1 &
+python3 -m benchmarks.accelerator.load_metrics http://127.0.0.1:$PORT "$C" 1 > /dev/null 2>&1  # warm-up
+python3 -m benchmarks.accelerator.load_metrics http://127.0.0.1:$PORT "$C" 40 > "$O/load.txt" 2>&1 &
 LP=$!
 sleep 3
 py-spy record -p $SP -o "$O/threads.txt" -f raw -d "$S" -r 200 --threads > "$O/pyspy.log" 2>&1

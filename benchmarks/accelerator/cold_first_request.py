@@ -1,7 +1,7 @@
 """Time to /readyz 200 and the first requests' latency of a fresh server, with MLX's kernel
 cache (MLX_PTX_CACHE_DIR) empty, as on a machine that never ran MLX.
 
-    python3 scripts/accelerator/cold_first_request.py MODEL_DIR [ROUNDS]
+    python3 -m benchmarks.accelerator.cold_first_request MODEL_DIR [ROUNDS]
 
 Prints, per round: seconds to /readyz 200, then the seconds of three short completions.
 """
@@ -29,8 +29,9 @@ def get(path: str) -> int:
 
 def complete() -> float:
     body = json.dumps({"model": "demo", "prompt": "Hello there", "max_tokens": 8}).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{PORT}/v1/completions", body,
-                                 {"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{PORT}/v1/completions", body, {"Content-Type": "application/json"}
+    )
     t0 = time.perf_counter()
     with urllib.request.urlopen(req, timeout=120) as r:
         r.read()
@@ -41,9 +42,19 @@ for _ in range(ROUNDS):
     env = {**os.environ, "MLX_PTX_CACHE_DIR": tempfile.mkdtemp(prefix="ptx-")}
     t0 = time.perf_counter()
     server = subprocess.Popen(
-        [sys.executable, "-m", "appliance", f"++server.port={PORT}", "++server.host=127.0.0.1",
-         f"++models.catalog.demo.path={MODEL}", "++models.auto_load=[demo]", "++logging.file=none"],
-        env=env, stdout=subprocess.DEVNULL, stderr=open("/tmp/cold_server.log", "a"),
+        [
+            sys.executable,
+            "-m",
+            "appliance",
+            f"++server.port={PORT}",
+            "++server.host=127.0.0.1",
+            f"++models.catalog.demo.path={MODEL}",
+            "++models.auto_load=[demo]",
+            "++logging.file=none",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open("/tmp/cold_server.log", "a"),
     )
     try:
         while get("/readyz") != 200:

@@ -1,12 +1,13 @@
 """Closed-loop streaming chat clients against a running appliance, with the server's own view.
 
-    python3 scripts/accelerator/load_metrics.py http://127.0.0.1:18500 CLIENTS REQUESTS_EACH
+    python3 -m benchmarks.accelerator.load_metrics http://127.0.0.1:18500 CLIENTS REQUESTS_EACH
 
 Prints one line: tokens/s, the joins the engine made (lmx_batch_joins_total and the requests per
 join), the client's CPU share and TTFT, and the server's means over the run from /metrics
 (time to first token from admission, inter-token latency, end-to-end, queue time), so a
 client-side delay can be told from the server's. The clients run in processes of at most 16 each
-(one process at 64 clients ran at 82-90 % of a core on an H100 machine). Used for BENCHMARKS.md's A/Bs.
+(one process at 64 clients ran at 82-90 % of a core on an H100 machine). server_ab.sh and
+profile_server.sh drive it.
 """
 
 import asyncio
@@ -37,7 +38,9 @@ def scrape() -> dict[str, float]:
     out: dict[str, float] = {}
     for line in httpx.get(URL + "/metrics").text.splitlines():
         if line.startswith(LAG_BUCKET):
-            out["lag_le_" + line[len(LAG_BUCKET):].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
+            out["lag_le_" + line[len(LAG_BUCKET) :].split('"', 1)[0]] = float(
+                line.rsplit(" ", 1)[1]
+            )
         for name in COUNTERS:
             if line.startswith(name + "{"):
                 out[name] = out.get(name, 0) + float(line.rsplit(" ", 1)[1])
@@ -57,7 +60,9 @@ async def client(c: httpx.AsyncClient, i: int, ttfts: list[float]) -> int:
     for j in range(N):
         body = {
             "messages": [{"role": "user", "content": f"{i} {j} hello there"}],
-            "max_tokens": 128, "stream": True, "stream_options": {"include_usage": True},
+            "max_tokens": 128,
+            "stream": True,
+            "stream_options": {"include_usage": True},
         }
         t0 = time.perf_counter()
         first = None
@@ -74,7 +79,8 @@ async def client(c: httpx.AsyncClient, i: int, ttfts: list[float]) -> int:
 
 async def clients(ids: list[int], start_at: float) -> tuple[int, list[float], float, float, float]:
     ttfts: list[float] = []
-    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=len(ids) + 4)) as c:
+    limits = httpx.Limits(max_connections=len(ids) + 4)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as c:
         await asyncio.sleep(max(0.0, start_at - time.time()))
         t0, cpu0 = time.time(), time.process_time()
         ns = await asyncio.gather(*(client(c, i, ttfts) for i in ids))
@@ -102,7 +108,8 @@ def main() -> None:
     d = {k: after[k] - before.get(k, 0) for k in after}
     server = {
         k[4:-4]: round(1000 * d[k] / d[k[:-4] + "_count"], 1)
-        for k in d if k.endswith("_sum") and d.get(k[:-4] + "_count")
+        for k in d
+        if k.endswith("_sum") and d.get(k[:-4] + "_count")
     }
     lag = sorted((float(k[7:]), v) for k, v in d.items() if k.startswith("lag_le_"))
     lag_p90 = next((le for le, v in lag if lag and v >= 0.9 * lag[-1][1]), None)
@@ -110,7 +117,8 @@ def main() -> None:
     per_join = d.get("lmx_batch_joined_requests_total", 0) / joins if joins else 0
     print(
         f"c={C} N={N}: joins {joins:.0f}, {per_join:.1f} per join, {tokens / wall:.0f} tok/s, "
-        f"client cpu {cpu:.2f} (busiest of {PROCS}), client TTFT p50 {1000 * statistics.median(ttfts):.0f} ms "
+        f"client cpu {cpu:.2f} (busiest of {PROCS}), "
+        f"client TTFT p50 {1000 * statistics.median(ttfts):.0f} ms "
         f"mean {1000 * statistics.mean(ttfts):.0f}; loop lag p90 <= {lag_p90} s; server means ms "
         f"{server}"
     )

@@ -20,15 +20,26 @@ def per_call_ms(fn: Callable[[], Any], n: int = 100, warm: int = 10) -> float:
     return 1000 * (time.perf_counter() - t) / n
 
 
-def median_step_ms(model: Any, cls: Any, batch: int, steps: int, warm: int = 20,
-                   check: Optional[Callable[[Any], None]] = None,
-                   prompts: Optional[list[list[int]]] = None,
-                   warm_tokens: Optional[list[int]] = None) -> float:
+def median_step_ms(
+    model: Any,
+    cls: Any,
+    batch: int,
+    steps: int,
+    warm: int = 20,
+    check: Optional[Callable[[Any], None]] = None,
+    prompts: Optional[list[list[int]]] = None,
+    warm_tokens: Optional[list[int]] = None,
+) -> float:
     """`batch` same-length prompts (or `prompts`) in a fresh `cls`, `warm` untimed next() calls
     (their tokens, in uid order per call, appended to `warm_tokens`), `check(gen)`, then the median
     of `steps` timed ones, in ms."""
-    g = cls(model, stop_tokens=[[10**9]], completion_batch_size=64, prefill_batch_size=64,
-            stream=mx.default_stream(mx.default_device()))
+    g = cls(
+        model,
+        stop_tokens=[[10**9]],
+        completion_batch_size=64,
+        prefill_batch_size=64,
+        stream=mx.default_stream(mx.default_device()),
+    )
     prompts = prompts or [PROMPT] * batch
     g.insert(prompts, max_tokens=[steps + 100] * len(prompts))
     for _ in range(warm):

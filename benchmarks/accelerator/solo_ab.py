@@ -1,6 +1,6 @@
 """A lone stream's decode step with the appliance's solo path on and off, in one process.
 
-    python3 scripts/accelerator/solo_ab.py MODEL_DIR [ROUNDS] [STEPS]
+    python3 -m benchmarks.accelerator.solo_ab MODEL_DIR [ROUNDS] [STEPS]
 
 The appliance's BatchGenerator (appliance/engine/batching.py) with one request, solo on then
 off, ROUNDS times (so a drift of the machine hits both alike): prints each round's median step
@@ -11,9 +11,9 @@ import statistics
 import sys
 
 from mlx_lm import load
-from steps import median_step_ms
 
-from appliance.engine import batching
+from appliance.engine.mlx_ext import batching
+from benchmarks.accelerator.steps import median_step_ms
 
 model, _ = load(sys.argv[1])
 rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 6
@@ -35,5 +35,8 @@ for r in range(rounds):
     for solo in (True, False) if r % 2 == 0 else (False, True):
         res[solo].append(run(solo))
     print(f"round {r}: solo {res[True][-1]:.3f} ms, batched {res[False][-1]:.3f} ms", flush=True)
-print(f"median step: solo {statistics.median(res[True]):.3f} ms, batched {statistics.median(res[False]):.3f} ms",
-      flush=True)
+print(
+    f"median step: solo {statistics.median(res[True]):.3f} ms, "
+    f"batched {statistics.median(res[False]):.3f} ms",
+    flush=True,
+)

@@ -2,17 +2,17 @@
 # Servers in turn on one machine, each loaded by load_metrics.py at the given concurrencies, the
 # variants interleaved for ROUNDS rounds; a ceiling worker (BatchGenerator alone) before and
 # after. Usage, on the accelerator machine after the recipe:
-#   bash scripts/accelerator/server_ab.sh OUT.txt "1 32 64" 3 ROUNDS "LABEL|LAUNCH|OVERRIDES" ...
+#   bash benchmarks/accelerator/server_ab.sh OUT.txt "1 32 64" 3 ROUNDS "LABEL|LAUNCH|OVERRIDES" ...
 # LAUNCH is the command that starts the appliance ("-" for python3 -m appliance), OVERRIDES
 # extra Hydra overrides (may be empty). Lines are appended to OUT.txt as each run ends.
 set -u
 OUTF=$1; CONCURRENCY=$2; REQUESTS=$3; ROUNDS=$4; shift 4
 M=${M:-$HOME/.cache/appliance/models/demo-llama-1b-v1}
 [ -d "$M" ] || python3 -m appliance.engine.demo --shape llama-1b > /dev/null 2>&1
-L="scripts/accelerator/load_metrics.py http://127.0.0.1:18500"
+L="-m benchmarks.accelerator.load_metrics http://127.0.0.1:18500"
 ceiling() {
   local cs; cs=$(echo "$CONCURRENCY" | tr ' ' ',')
-  (echo "$CONCURRENCY" | tr ' ' '\n'; echo quit) | timeout 200 python3 -m appliance.bench \
+  (echo "$CONCURRENCY" | tr ' ' '\n'; echo quit) | timeout 200 python3 -m benchmarks \
     --ceiling-worker --model-path "$M" --concurrency "$cs" --max-tokens 128 2>/dev/null \
     | python3 -c 'import sys,json
 for l in sys.stdin:

@@ -1,7 +1,6 @@
 """The masked decode kernel (appliance/engine/cuda.py) against MLX's attention, on CUDA.
 
-    PYTHONPATH=$PYTHONPATH:scripts/accelerator \
-        python3 scripts/accelerator/decode_kernel_tune.py
+    python3 -m benchmarks.accelerator.decode_kernel_tune
 
 Llama 3.2 1B's heads (32 query, 8 KV, size 64), bf16, q a transposed view and k, v views into
 longer cache buffers, rows padded by 0-6 keys. Each figure is ms for 16 calls in a chain (each
@@ -14,9 +13,9 @@ batch with no padding runs). Then the microseconds of Python and graph building 
 import time
 
 import mlx.core as mx
-from steps import per_call_ms
 
-from appliance.engine import cuda
+from appliance.engine.mlx_ext import cuda
+from benchmarks.accelerator.steps import per_call_ms
 
 assert cuda.install(0, decode_kernel=True), cuda._decode.get("probe") or "not on CUDA"
 original = cuda._state["original"]
@@ -41,6 +40,7 @@ def kernel(layout):
     def step(q, k, v, m):
         cuda._DECODE_LAYOUT = layout
         return cuda.masked_decode_attention(q, k, v, 0.125, m)
+
     return step
 
 
@@ -54,10 +54,14 @@ print("ms for 16 chained calls:", flush=True)
 for b in (1, 2, 4, 8, 16, 32, 64):
     for s in (128, 512, 2048):
         q, k, v, mask = inputs(b, s)
-        res = {n: per_call_ms(lambda f=f, q=q, k=k, v=v, m=mask: chain(lambda x: f(x, k, v, m), q),
-                              n=50, warm=5)
-               for n, f in VARIANTS.items()}
-        print(f"  B={b:>2} S={s:>4}: " + ", ".join(f"{n} {ms:.3f}" for n, ms in res.items()), flush=True)
+        res = {
+            n: per_call_ms(
+                lambda f=f, q=q, k=k, v=v, m=mask: chain(lambda x: f(x, k, v, m), q), n=50, warm=5
+            )
+            for n, f in VARIANTS.items()
+        }
+        shown = ", ".join(f"{n} {ms:.3f}" for n, ms in res.items())
+        print(f"  B={b:>2} S={s:>4}: {shown}", flush=True)
 cuda._DECODE_LAYOUT = "auto"
 
 
@@ -70,7 +74,10 @@ def build_us(fn, n=2000) -> float:
 
 
 q, k, v, mask = inputs(8, 128)
-print("microseconds to build one call, not evaluated: "
-      f"kernel {build_us(lambda: cuda.masked_decode_attention(q, k, v, 0.125, mask)):.1f}, "
-      f"MLX masked {build_us(lambda: original(q, k, v, scale=0.125, mask=mask)):.1f}, "
-      f"MLX unmasked {build_us(lambda: original(q, k, v, scale=0.125, mask=None)):.1f}", flush=True)
+print(
+    "microseconds to build one call, not evaluated: "
+    f"kernel {build_us(lambda: cuda.masked_decode_attention(q, k, v, 0.125, mask)):.1f}, "
+    f"MLX masked {build_us(lambda: original(q, k, v, scale=0.125, mask=mask)):.1f}, "
+    f"MLX unmasked {build_us(lambda: original(q, k, v, scale=0.125, mask=None)):.1f}",
+    flush=True,
+)

@@ -1,14 +1,14 @@
 """Where the time of a join into a running batch goes, on this MLX backend.
 
-    python3 scripts/accelerator/join_anatomy.py MODEL_DIR [--out FILE]
+    python3 -m benchmarks.accelerator.join_anatomy MODEL_DIR [--out FILE]
 
 Three parts, each printed as it finishes (and appended to --out):
 
 A. The model's forward pass for prefill shapes (batch x tokens), each shape twice with a fresh
    cache: what a shape costs the first time against the second.
 B. The same for one matmul with inputs already evaluated (the 1B shape's MLP up projection).
-C. mlx-lm's BatchGenerator with 40 sequences decoding and 16 to 20 new prompts joining, several times:
-   the wall time of every next() call around the join, then the same joins again with the
+C. mlx-lm's BatchGenerator with 40 sequences decoding and 16 to 20 new prompts joining, several
+   times: the wall time of every next() call around the join, then the same joins again with the
    phases timed apart (a synchronize around the prefill, the split, the new batch's first
    forward and the merge). "same" joins repeat one shape; "new" joins bring a new one each time.
 """
@@ -129,8 +129,11 @@ def part_c(model: Any, tok: Any, out: str | None, phases: Phases) -> None:
         return [rng.randrange(1, VOCAB) for _ in range(n)]
 
     gen = G.BatchGenerator(
-        model, stop_tokens=None, completion_batch_size=64,  # nobody stops early
-        prefill_batch_size=64, prefill_step_size=2048,
+        model,
+        stop_tokens=None,
+        completion_batch_size=64,  # nobody stops early
+        prefill_batch_size=64,
+        prefill_step_size=2048,
     )
     base = gen.insert([prompt(60) for _ in range(RUN)], max_tokens=[100000] * RUN)
     while len(gen._generation_batch) < RUN:
@@ -173,7 +176,8 @@ def part_c(model: Any, tok: Any, out: str | None, phases: Phases) -> None:
             times, total = join(b, t)
             after = steady(5)
             say(
-                f"C [{mode}] join {kind} B_new={b} T={t}: next() ms {' '.join(f'{x:.1f}' for x in times)}"
+                f"C [{mode}] join {kind} B_new={b} T={t}: "
+                f"next() ms {' '.join(f'{x:.1f}' for x in times)}"
                 f" (to first token {total:.1f}); after: {' '.join(f'{x:.1f}' for x in after)}",
                 out,
             )
@@ -196,7 +200,7 @@ def main() -> None:
     ap.add_argument("--parts", default="abc")
     ap.add_argument("--unfused", type=int, default=2**27)
     args = ap.parse_args()
-    from appliance.engine import cuda
+    from appliance.engine.mlx_ext import cuda
 
     model, tok = load(args.model)
     global VOCAB

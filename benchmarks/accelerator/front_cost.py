@@ -1,6 +1,6 @@
 """The HTTP front's own CPU per request and per streamed token, read from /proc.
 
-    python3 scripts/accelerator/front_cost.py URL PID [REQUESTS] [CONCURRENCY]
+    python3 -m benchmarks.accelerator.front_cost URL PID [REQUESTS] [CONCURRENCY]
 
 Sends REQUESTS streaming chat completions (default 200, CONCURRENCY at a time, default 1) with
 max_tokens 1 and then 33, and prints the CPU time the threads of process PID used per request
@@ -42,13 +42,30 @@ async def run(max_tokens: int) -> float:
         async def one() -> None:
             while left[0] > 0:
                 left[0] -= 1
-                body = orjson.dumps({
-                    "messages": [{"role": "user", "content": f"Request {left[0]}-{max_tokens}. "
-                                  "Explain in a few sentences how a hash table handles collisions."}],
-                    "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
-                    "stream_options": {"include_usage": True}})
-                async with client.stream("POST", URL + "/v1/chat/completions", content=body,
-                                         headers={"content-type": "application/json"}) as r:
+                body = orjson.dumps(
+                    {
+                        "messages": [
+                            {
+                                "role": "user",
+                                "content": (
+                                    f"Request {left[0]}-{max_tokens}. "
+                                    "Explain in a few sentences how a hash table handles "
+                                    "collisions."
+                                ),
+                            }
+                        ],
+                        "max_tokens": max_tokens,
+                        "temperature": 0.0,
+                        "stream": True,
+                        "stream_options": {"include_usage": True},
+                    }
+                )
+                async with client.stream(
+                    "POST",
+                    URL + "/v1/chat/completions",
+                    content=body,
+                    headers={"content-type": "application/json"},
+                ) as r:
                     async for _ in r.aiter_lines():
                         pass
 
@@ -67,10 +84,16 @@ def main() -> None:
         d = {t: after[t] - before.get(t, 0.0) for t in after}
         total, top = sum(d.values()), max(d.values())
         per[mt] = (total, top)
-        print(f"max_tokens {mt}: {N} requests at {C} in {wall:.2f} s; CPU ms a request: all threads "
-              f"{1000 * total / N:.3f}, busiest thread {1000 * top / N:.3f}", flush=True)
+        print(
+            f"max_tokens {mt}: {N} requests at {C} in {wall:.2f} s; CPU ms a request: "
+            f"all threads {1000 * total / N:.3f}, busiest thread {1000 * top / N:.3f}",
+            flush=True,
+        )
     tok = (per[33][1] - per[1][1]) / (32 * N)
-    print(f"busiest thread: {1000 * per[1][1] / N:.3f} ms a request, {1e6 * tok:.1f} us a further token")
+    print(
+        f"busiest thread: {1000 * per[1][1] / N:.3f} ms a request, "
+        f"{1e6 * tok:.1f} us a further token"
+    )
 
 
 main()

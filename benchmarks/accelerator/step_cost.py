@@ -1,6 +1,6 @@
-"""Where a single stream's decode step goes, and what it could be (BENCHMARKS.md).
+"""Where a single stream's decode step goes, and what it could be (docs/performance.md).
 
-    python3 scripts/accelerator/step_cost.py MODEL_DIR [STEPS]
+    python3 -m benchmarks.accelerator.step_cost MODEL_DIR [STEPS]
 
 Llama-family models. For each variant, a pipelined greedy decode loop (the next step's graph is
 built and launched before the previous token is read, as mlx-lm's generate_step does), and per
@@ -27,17 +27,20 @@ from mlx_lm import load
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import make_prompt_cache
 
-from appliance.engine import batching
-from appliance.engine.fusion import fuse_projections
+from appliance.engine.mlx_ext import batching
+from appliance.engine.mlx_ext.fusion import fuse_projections
 
 PROMPT = [1, 2, 3, 4, 5, 6, 7, 8]
 
 
 def stats(name, walls, builds, calls, cpus):
     m = statistics.median
-    print(f"{name:<22} step {m(walls):6.3f} ms (p90 {sorted(walls)[int(.9 * len(walls))]:6.3f})"
-          f"  build {m(builds):6.3f}  launch {m(calls):6.3f}  cpu {m(cpus):6.3f}"
-          f"  -> {1000 / m(walls):7.1f} tokens/s", flush=True)
+    print(
+        f"{name:<22} step {m(walls):6.3f} ms (p90 {sorted(walls)[int(0.9 * len(walls))]:6.3f})"
+        f"  build {m(builds):6.3f}  launch {m(calls):6.3f}  cpu {m(cpus):6.3f}"
+        f"  -> {1000 / m(walls):7.1f} tokens/s",
+        flush=True,
+    )
 
 
 def pipelined(name, step, first, n):
@@ -69,7 +72,11 @@ def plain(model, n, name="plain"):
     cache = make_prompt_cache(model)
     y = mx.argmax(model(mx.array([PROMPT]), cache=cache)[:, -1, :], axis=-1)
     mx.eval(y)
-    return pipelined(name, lambda y: mx.argmax(model(y[:, None], cache=cache)[:, -1, :], axis=-1), y, n)
+
+    def step(y: mx.array) -> mx.array:
+        return mx.argmax(model(y[:, None], cache=cache)[:, -1, :], axis=-1)
+
+    return pipelined(name, step, y, n)
 
 
 def compiled(model, n, size=1024):
@@ -96,12 +103,14 @@ def compiled(model, n, size=1024):
             h = h + layer.mlp(layer.post_attention_layernorm(h))
             new += [kb, vb]
         h = inner.norm(h)
-        logits = inner.embed_tokens.as_linear(h) if model.args.tie_word_embeddings else model.lm_head(h)
+        tied = model.args.tie_word_embeddings
+        logits = inner.embed_tokens.as_linear(h) if tied else model.lm_head(h)
         return (mx.argmax(logits[:, -1, :], axis=-1), *new)
 
     cstep = mx.compile(step)
     dtype = model.layers[0].self_attn.o_proj.weight.dtype
-    state = {"kv": [mx.zeros((1, KV, size, hd), dtype) for _ in range(2 * len(model.layers))], "pos": 0}
+    kv = [mx.zeros((1, KV, size, hd), dtype) for _ in range(2 * len(model.layers))]
+    state = {"kv": kv, "pos": 0}
     mx.eval(state["kv"])
 
     def one(tok):
@@ -118,8 +127,13 @@ def compiled(model, n, size=1024):
 
 
 def batchgen(model, name, b, n, cls=BatchGenerator):
-    g = cls(model, stop_tokens=[[10**9]], completion_batch_size=64, prefill_batch_size=64,
-                       stream=mx.default_stream(mx.default_device()))
+    g = cls(
+        model,
+        stop_tokens=[[10**9]],
+        completion_batch_size=64,
+        prefill_batch_size=64,
+        stream=mx.default_stream(mx.default_device()),
+    )
     g.insert([PROMPT] * b, max_tokens=[n + 100] * b)
     for _ in range(30):
         g.next()
@@ -131,8 +145,12 @@ def batchgen(model, name, b, n, cls=BatchGenerator):
         cpus.append(1000 * (time.thread_time() - c))
     g.close()
     m = statistics.median
-    print(f"{name + ' b' + str(b):<22} step {m(walls):6.3f} ms (p90 {sorted(walls)[int(.9 * len(walls))]:6.3f})"
-          f"  cpu {m(cpus):6.3f}  -> {b * 1000 / m(walls):7.1f} tokens/s", flush=True)
+    p90 = sorted(walls)[int(0.9 * len(walls))]
+    print(
+        f"{name + ' b' + str(b):<22} step {m(walls):6.3f} ms (p90 {p90:6.3f})"
+        f"  cpu {m(cpus):6.3f}  -> {b * 1000 / m(walls):7.1f} tokens/s",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
@@ -142,7 +160,7 @@ if __name__ == "__main__":
     plain(model, 20)
     ref = plain(model, n)
     got = compiled(model, n)
-    same = sum(a == b for a, b in zip(ref, got))
+    same = sum(a == b for a, b in zip(ref, got, strict=False))
     print(f"compiled tokens equal to plain's: {same} of {len(ref)}", flush=True)
     batchgen(model, "batchgen", 1, n)
     batchgen(model, "batchgen", 64, n)
@@ -150,6 +168,7 @@ if __name__ == "__main__":
     batchgen(model, "appliance", 64, n, batching.BatchGenerator)
     fuse_projections(model)  # appliance/engine/fusion.py, as the appliance loads a model
     fz = plain(model, n, "fused")
-    print(f"fused tokens equal to plain's: {sum(a == b for a, b in zip(ref, fz))} of {len(ref)}", flush=True)
+    same = sum(a == b for a, b in zip(ref, fz, strict=False))
+    print(f"fused tokens equal to plain's: {same} of {len(ref)}", flush=True)
     batchgen(model, "batchgen fused", 1, n)
     batchgen(model, "batchgen fused", 64, n)

@@ -1,0 +1,119 @@
+"""The bench's chart: tokens/s for the three, TTFT p99 and CPU per token for the servers.
+
+    python -m benchmarks.chart RESULT.json OUT.png
+
+re-renders it from a bench result (the JSON `python -m benchmarks` writes) or from a file of
+figures with the same keys, where a figure may be missing: plan.concurrency, plan.repeat,
+plan.max_tokens, plan.model_label, machine (cpu, cores, gpus), ceiling.best[c].tokens_per_s,
+servers[name][c] (tokens_per_s, ttft_s_p99, cpu_ms_per_token), and an optional chart_note.
+A panel with no figure is left out; a missing figure is left blank, never drawn as zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from benchmarks.scenarios import APPLIANCE, MLX_SERVER
+
+_SERVERS = ((MLX_SERVER, "tab:blue"), (APPLIANCE, "tab:orange"))
+
+
+def _series(res: dict[str, Any], name: str, key: str) -> list[Optional[float]]:
+    src = res["ceiling"]["best"] if name == "ceiling" else res["servers"].get(name, {})
+    return [src.get(str(c), {}).get(key) for c in res["plan"]["concurrency"]]
+
+
+def _bars(
+    ax: Any, res: dict[str, Any], named: list[tuple[str, str]], key: str, scale: float
+) -> None:
+    conc = res["plan"]["concurrency"]
+    width = 0.76 / len(named)
+    for k, (name, color) in enumerate(named):
+        offset = (k - (len(named) - 1) / 2) * width
+        pts = [
+            (x + offset, y * scale) for x, y in enumerate(_series(res, name, key)) if y is not None
+        ]
+        ax.bar([p[0] for p in pts], [p[1] for p in pts], width, label=name, color=color)
+    ax.set_xticks(range(len(conc)), [str(c) for c in conc])
+    ax.set_xlabel("concurrent streaming clients")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+
+
+def _has(res: dict[str, Any], names: list[str], key: str) -> bool:
+    return any(y is not None for n in names for y in _series(res, n, key))
+
+
+def chart(res: dict[str, Any], path: Path) -> None:
+    """Tokens/s per concurrency for the three, TTFT p99 and CPU per token for the servers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conc = res["plan"]["concurrency"]
+    servers = [n for n, _ in _SERVERS]
+    panels = ["throughput"]
+    if _has(res, servers, "ttft_s_p99"):
+        panels.append("ttft")
+    if _has(res, ["ceiling", *servers], "cpu_ms_per_token"):
+        panels.append("cpu")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        if panel == "throughput":
+            xs = list(range(len(conc)))
+            for name, style in (("ceiling", "k--"), (MLX_SERVER, "o-"), (APPLIANCE, "s-")):
+                ys = [
+                    y if y is not None else float("nan") for y in _series(res, name, "tokens_per_s")
+                ]
+                ax.plot(
+                    xs, ys, style, label="ceiling (BatchGenerator)" if name == "ceiling" else name
+                )
+            ax.set_xticks(xs, [str(c) for c in conc])
+            ax.set_xlabel("concurrent streaming clients")
+            ax.set_ylabel("generated tokens / s")
+            ax.set_title(f"Aggregate throughput (best of {res['plan']['repeat']})")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        elif panel == "ttft":
+            _bars(ax, res, list(_SERVERS), "ttft_s_p99", 1000.0)
+            ax.set_ylabel("ms")
+            ax.set_title("Time to first token, p99")
+        else:
+            _bars(ax, res, [("ceiling", "0.4"), *_SERVERS], "cpu_ms_per_token", 1.0)
+            ax.set_ylabel("CPU ms per generated token")
+            ax.set_title("Process CPU per token (lower is better)")
+    mach = res.get("machine", {})
+    where = (
+        mach["gpus"][0]
+        if mach.get("gpus")
+        else f"{mach.get('cpu', '?')} ({mach.get('cores', '?')} cores)"
+    )
+    title = f"{res['plan']['model_label']}, max_tokens {res['plan']['max_tokens']} — {where}"
+    if res.get("chart_note"):
+        title += "\n" + res["chart_note"]
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.chart",
+        description="Re-render the bench's chart from a result file.",
+    )
+    p.add_argument("result", type=Path, help="a bench JSON, or a file of figures with its keys")
+    p.add_argument("png", type=Path, help="where to write the chart")
+    args = p.parse_args(argv)
+    chart(json.loads(args.result.read_text()), args.png)
+    print(args.png)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
