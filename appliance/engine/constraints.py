@@ -253,8 +253,11 @@ class TokenizerBridge:
         model's logits width when it is not the tokenizer's (padded embeddings)."""
         hf = getattr(tokenizer, "_tokenizer", tokenizer)
         n = int(vocab_size or len(hf))
-        with _bridges_lock:
-            found = _bridges.get(tokenizer, {}).get(n)
+        try:
+            with _bridges_lock:
+                found = _bridges.get(tokenizer, {}).get(n)
+        except TypeError:  # not weakly referenceable: built every time
+            return cls._build(tokenizer, hf, n)
         if found is not None:
             return found
         bridge = cls._build(tokenizer, hf, n)
@@ -276,6 +279,7 @@ class TokenizerBridge:
         # every end token the batch stops on counts as the end of the grammar's text
         eos = [int(primary)] + sorted(int(t) for t in eos_ids if int(t) != int(primary))
         t0 = time.perf_counter()
+        # Raises ValueError for a tokenizer that is not a fast (Rust) one.
         ll = llguidance.hf.from_tokenizer(hf, n_vocab=max(n, len(hf)), eos_token=eos)
         return cls(ll, vocab_size=n, eos_token=int(primary), build_s=time.perf_counter() - t0)
 
@@ -307,7 +311,11 @@ def make_processor(
     """The logits processor of one constrained sequence, for BatchGenerator.insert(...,
     logits_processors=[[..., proc]]) (last, so nothing after it lifts the mask). Raises
     InvalidRequest naming the constraint's field if the grammar can't run on this model."""
-    return GrammarProcessor(constraint, TokenizerBridge.for_tokenizer(tokenizer, vocab_size=vocab_size))
+    try:
+        bridge = TokenizerBridge.for_tokenizer(tokenizer, vocab_size=vocab_size)
+    except ValueError as exc:  # a slow tokenizer, no end token: the model can't do it
+        raise _invalid(constraint.param, "can't be used with this model", str(exc)) from None
+    return GrammarProcessor(constraint, bridge)
 
 
 class GrammarProcessor:
