@@ -28,7 +28,7 @@ os.register_at_fork(after_in_child=_ids.seed)
 def new_id() -> str:
     """32 random hex digits, for request and completion ids. From Python's generator, not
     uuid4's os.urandom: that system call gives up the GIL, and on a busy server the event loop
-    then waited 0.4-0.5 ms to get it back (2-core machine, engine in a thread or a process).
+    then waited 0.4-0.5 ms to get it back (a 2-core x86 CPU, engine in a thread or a process).
     The ids are not secrets (headers and bodies echo them, and clients may choose their own)."""
     return f"{_ids.getrandbits(128):032x}"
 

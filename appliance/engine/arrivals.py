@@ -2,14 +2,14 @@
 
 When a wave of clients sends requests together (agents fanning out, or closed-loop clients
 whose streams ended in the same step), the front parses, templates and admits them one after
-another on the event loop: on one H200 host about a millisecond each, so 64 reach the
+another on the event loop: on an H200 host about a millisecond each, so 64 reach the
 generation thread over some 60 ms. A generation thread that prefilled whatever had reached it
 took such a wave in 3-4 prefill calls, each a stall for every running stream, and the groups
-then ended in different steps and came back apart again: 10 joins for 3 waves of 64 in
-`make bench` (H200, 12:53 UTC on 2026-11-27). Knowing that more requests are in the front, the
-generation thread waits for them (worker.py, up to ARRIVING_WAIT_S) and prefills them together.
-Requests still in the sockets are in no count: an idle engine that nobody is expected back to
-also waits SETTLE_S after each arrival for the next (worker.py).
+then ended in different steps and came back apart again (10 joins for 3 waves of 64 in
+`make bench` on an H200). Knowing that more requests are in the front, the generation thread
+waits for them (join.py, up to ARRIVING_WAIT_S) and prefills them together. Requests still in
+the sockets are in no count: an idle engine that nobody is expected back to also waits
+SETTLE_S after each arrival for the next (join.py).
 
 Counted: HTTP requests uvicorn has accepted whose handler has not started yet (any path: they
 start within a loop iteration), plus inference requests whose body has been read and parsed and

@@ -17,7 +17,7 @@ _system: tuple[float, Any] = (0.0, None)
 
 def system_memory() -> Any:
     """psutil.virtual_memory(), read at most every SYSTEM_TTL_S: the load-shedding check and the
-    memory guard each wanted a read per request (~50-100 us each on the 2-core machine)."""
+    memory guard each wanted a read per request (~50-100 us each on a 2-core x86 CPU)."""
     global _system
     now = time.monotonic()
     at, value = _system

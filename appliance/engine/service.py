@@ -36,8 +36,8 @@ class Engine:
         self.registry.arriving = self.arrivals
         self._observers: list[RequestObserver] = []
         self._holding: dict[int, Generation] = {}  # generations holding a slot, by id()
-        # Resilience (issue 5): models to recover after an unclean exit, reloads after a
-        # generation thread died, and the hook that ends the process when reloads give out.
+        # Models to recover after an unclean exit, reloads after a generation thread died,
+        # and the hook that ends the process when reloads give out.
         self.recover: list[str] = []
         self.reloading: set[str] = set()
         self.on_fatal: Optional[Callable[[str], None]] = None

@@ -5,7 +5,7 @@ none of them is a prefix of it (another user's conversation after the same syste
 looks for the shortest cached sequence under the shared prefix with a depth-first walk that
 visits every cached token below it and copies the growing path at each step: quadratic in the
 cached sequences' length, on the generation thread, holding the GIL, once per request. With 64
-cached sequences after a 500-token shared prefix, measured on the 2-core CPU machine: 4.5 ms a
+cached sequences after a 500-token shared prefix, on a 2-core x86 CPU: 4.5 ms a
 lookup at 150 tokens each, 87 ms at 1,000, 329 ms at 2,000; every running stream waits that
 long. (mlx-lm's pull request #1607 removes the path copies; the walk over every cached token
 stays.)

@@ -2,7 +2,7 @@
 
 `import transformers` (5.x) builds the table of what each of its model modules exports by reading
 the source of every one of them, some 3,300 files: about 1 s of a 2.5 s cold start on a 2-core
-machine, paid again at every start although it only changes when transformers is reinstalled.
+x86 CPU, paid again at every start although it only changes when transformers is reinstalled.
 `install()` (called before anything imports transformers) wraps that one function so its result
 is kept in the user cache folder, keyed by the files it depends on (the models folder and the two
 modules that build the table, by path and mtime), and read back at the next start.
