@@ -188,7 +188,7 @@ class JsonScan:
                 self.after_colon = False
                 return CONT
             if ch == "}" or ch == "]":
-                return self._close(top, ch)
+                return self._close("o" if ch == "}" else "a", ch)
             return ERR
         return ERR
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from .events import (
@@ -67,6 +68,7 @@ TOOL_CALLS = "[TOOL_CALLS]"
 _LLAMA_ENDS = ("<|eom_id|>", "<|eot_id|>")
 _WS = " \t\n\r"
 _MAX_NAME = 256  # longest function or parameter name read before giving up on a call
+_NAME = re.compile(r"[\w$][\w.\-:/$]*")  # a function name in the XML-style forms
 
 
 def tool_schemas(tools: Iterable[Any]) -> dict[str, dict[str, Any]]:
@@ -980,14 +982,13 @@ class _XmlCall(_XmlValues):
         p = self.p
         st = self.state
         if st == "name" or st == "pname":
+            # The same checks on a partial name as on a whole one: chunking must not matter.
             at = p.buf.find(">")
-            if at == -1:
-                if len(p.buf) > _MAX_NAME or "\n" in p.buf.strip(_WS) or "<" in p.buf:
-                    self.fail(TOOL_CALL_END)
-                    return True
+            word = (p.buf if at == -1 else p.buf[:at]).strip(_WS)
+            bad = len(word) > _MAX_NAME or any(c in word for c in "<\n")
+            if at == -1 and not bad:
                 return False
-            word = p.buf[:at].strip()
-            if not word or any(c in word for c in "<\n "):
+            if bad or not (_NAME.fullmatch(word) if st == "name" else word):
                 self.fail(TOOL_CALL_END)
                 return True
             self.consume(at + 1)
@@ -1074,6 +1075,7 @@ class _GlmCall(_XmlValues):
         self.state = "name"
         self.key = ""
         self.scan: Optional[JsonScan] = None
+        self.opened = False  # the arguments' "{" was sent
 
     def convert(self, text: str) -> Any:
         return _deserialize(text)
@@ -1086,12 +1088,12 @@ class _GlmCall(_XmlValues):
             stop = min((i for i in (buf.find("\n"), buf.find("<"), buf.find("{")) if i != -1),
                        default=-1)
             if stop == -1:
-                if final or len(buf) > _MAX_NAME:
+                if final or len(buf.strip(_WS)) > _MAX_NAME:
                     self.fail(TOOL_CALL_END)  # a name never ended: not a call
                     return True
                 return False
             word = buf[:stop].strip()
-            if not word or any(c in word for c in _WS) or '"' in word:
+            if len(word) > _MAX_NAME or not _NAME.fullmatch(word):
                 self.fail(TOOL_CALL_END)
                 return True
             self.consume(stop)
@@ -1122,7 +1124,7 @@ class _GlmCall(_XmlValues):
             if not self.skip_ws():
                 return False
             buf = p.buf
-            if st == "args" and self.nparams == 0 and buf[0] == "{" and not self.in_string:
+            if st == "args" and not self.opened and buf[0] == "{":
                 self.scan = JsonScan(top="{")
                 self.state = "json"
                 return True
@@ -1130,8 +1132,9 @@ class _GlmCall(_XmlValues):
             if buf.startswith(want[0]):
                 self.consume(len(want[0]))
                 if st == "args":
-                    if self.nparams == 0:
+                    if not self.opened:
                         p.args("{")
+                        self.opened = True
                     self.state = "key"
                 else:
                     self.ptype = "string" if self._is_string(self.key) else ""
@@ -1140,7 +1143,7 @@ class _GlmCall(_XmlValues):
                 return True
             if st == "args" and buf.startswith(TOOL_CALL_END):
                 self.consume(len(TOOL_CALL_END))
-                p.args("{}" if self.nparams == 0 else "}")
+                p.args("}" if self.opened else "{}")
                 p.end_call()
                 p.to_text()
                 return True
@@ -1151,8 +1154,8 @@ class _GlmCall(_XmlValues):
             return True
         if st == "key":
             at = p.buf.find(self.KEY_END)
-            if at == -1:
-                if len(p.buf) > _MAX_NAME:
+            if at == -1 or at > _MAX_NAME:
+                if len(p.buf) > _MAX_NAME + len(self.KEY_END):
                     self.fail(TOOL_CALL_END)
                     return True
                 return False
@@ -1194,17 +1197,14 @@ class _GlmCall(_XmlValues):
         else:
             if self.state == "value":
                 self.read_value(True, (self.VALUE_END, self.KEY, TOOL_CALL_END), _WS)
-            if self.nparams == 0 and not self.in_string:
-                p.args("{}")
-            else:
-                self.close_args()
+            self.close_args()
         p.end_call()
 
     def close_args(self) -> None:
         if self.state == "json" and self.scan is not None:
             self.scan.finish()
             self.p.args(self.scan.take_closed())
-        elif self.nparams == 0 and not self.in_string:
+        elif not self.opened:
             self.p.args("{}")
         else:
             super().close_args()
@@ -1259,8 +1259,8 @@ class _Mistral(_Handler):
             return True
         if st == "callid":
             at = p.buf.find(self.ARGS)
-            if at == -1:
-                if len(p.buf) > _MAX_NAME:
+            if at == -1 or at > _MAX_NAME:
+                if len(p.buf) > _MAX_NAME + len(self.ARGS):
                     self._not_a_call()
                     return True
                 return False
