@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import random
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import pytest
@@ -27,7 +27,8 @@ from appliance.engine.output.grammar import grammar, special_tokens
 
 from ._output_util import calls_only, feed, hf_tokenizer, summary
 
-llguidance = pytest.importorskip("llguidance")
+pytest.importorskip("llguidance")
+import llguidance  # noqa: E402
 import llguidance.hf  # noqa: E402
 
 WEATHER = ToolSpec(
@@ -63,18 +64,30 @@ MARKERS: dict[str, tuple[list[str], list[str]]] = {
     # family: (special tokens, added non-special tokens) as the real vocabularies have them
     "hermes": ([], ["<tool_call>", "</tool_call>", "<think>", "</think>"]),
     "qwen3_coder": ([], ["<tool_call>", "</tool_call>", "<think>", "</think>"]),
-    "glm": ([], ["<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>",
-                 "</arg_value>"]),
+    "glm": (
+        [],
+        ["<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"],
+    ),
     "llama3": (["<|python_tag|>", "<|eom_id|>"], []),
     "mistral": (["[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"], []),
     "mistral_v3": (["[TOOL_CALLS]"], []),
-    "harmony": (["<|channel|>", "<|message|>", "<|constrain|>", "<|call|>", "<|start|>",
-                 "<|end|>", "<|return|>"], []),
+    "harmony": (
+        [
+            "<|channel|>",
+            "<|message|>",
+            "<|constrain|>",
+            "<|call|>",
+            "<|start|>",
+            "<|end|>",
+            "<|return|>",
+        ],
+        [],
+    ),
     "plain": ([], []),
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tok(kind: str) -> tuple[Any, Any]:
     special, added = MARKERS[kind]
     hf = hf_tokenizer(special=special, added=added)
@@ -98,15 +111,24 @@ def _accepts(kind: str, text: str, sample: str) -> bool:
 
 
 CASES = [
-    (HERMES, "hermes",
-     '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>'),
+    (
+        HERMES,
+        "hermes",
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>',
+    ),
     (HERMES, "plain", '<tool_call>\n{"name":"get_time","arguments":{"unit":"ms"}}\n</tool_call>'),
-    (QWEN3_CODER, "qwen3_coder",
-     "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
-     "<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>"),
-    (GLM, "glm",
-     "<tool_call>get_time\n<arg_key>unit</arg_key>\n<arg_value>ms</arg_value>\n"
-     "<arg_key>utc</arg_key>\n<arg_value>true</arg_value>\n</tool_call>"),
+    (
+        QWEN3_CODER,
+        "qwen3_coder",
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+        "<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>",
+    ),
+    (
+        GLM,
+        "glm",
+        "<tool_call>get_time\n<arg_key>unit</arg_key>\n<arg_value>ms</arg_value>\n"
+        "<arg_key>utc</arg_key>\n<arg_value>true</arg_value>\n</tool_call>",
+    ),
     (LLAMA3, "llama3", '{"name": "get_weather", "parameters": {"city": "Lima"}}'),
     (MISTRAL, "mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Nice", "days": 2}'),
     (MISTRAL, "mistral_v3", '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Nice"}}]'),
@@ -150,12 +172,12 @@ def test_special_markers_must_be_the_tokens() -> None:
 def test_parallel_calls() -> None:
     two = {
         "hermes": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "A"}}\n</tool_call>\n'
-                  '<tool_call>\n{"name": "get_time", "arguments": {"unit": "s"}}\n</tool_call>',
+        '<tool_call>\n{"name": "get_time", "arguments": {"unit": "s"}}\n</tool_call>',
         "llama3": '{"name": "get_weather", "parameters": {"city": "A"}}; '
-                  '{"name": "get_time", "parameters": {"unit": "s"}}',
+        '{"name": "get_time", "parameters": {"unit": "s"}}',
         "mistral": '[TOOL_CALLS]get_weather[ARGS]{"city": "A"}[TOOL_CALLS]get_time[ARGS]{"unit": "s"}',
         "mistral_v3": '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "A"}}, '
-                      '{"name": "get_time", "arguments": {"unit": "s"}}]',
+        '{"name": "get_time", "arguments": {"unit": "s"}}]',
     }
     fams = {"hermes": HERMES, "llama3": LLAMA3, "mistral": MISTRAL, "mistral_v3": MISTRAL}
     for kind, sample in two.items():
@@ -174,7 +196,9 @@ def test_thinking_before_the_call() -> None:
     text = grammar(HERMES, TOOLS, special=special_tokens(hf), reasoning=ReasoningMode())
     assert _accepts("hermes", text, "<think>\nWhich unit? s.\n</think>\n\n" + call)
     assert _accepts("hermes", text, call)
-    opened = grammar(HERMES, TOOLS, special=special_tokens(hf), reasoning=ReasoningMode(started=True))
+    opened = grammar(
+        HERMES, TOOLS, special=special_tokens(hf), reasoning=ReasoningMode(started=True)
+    )
     assert _accepts("hermes", opened, "Which unit? s.\n</think>\n\n" + call)
     assert not _accepts("hermes", opened, call)
 
@@ -185,7 +209,9 @@ def test_harmony_grammar() -> None:
     call = '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Oslo"}<|call|>'
     assert _accepts("harmony", text, call)
     assert _accepts(
-        "harmony", text, "<|channel|>analysis<|message|>Need weather.<|end|><|start|>assistant" + call
+        "harmony",
+        text,
+        "<|channel|>analysis<|message|>Need weather.<|end|><|start|>assistant" + call,
     )
     assert not _accepts("harmony", text, "<|channel|>final<|message|>Hello<|return|>")
 
@@ -224,8 +250,15 @@ WALK_TOOLS = [TIME]  # no free-text values: every walk ends
 
 @pytest.mark.parametrize(
     "family,kind",
-    [(HERMES, "hermes"), (HERMES, "plain"), (QWEN3_CODER, "qwen3_coder"), (GLM, "glm"),
-     (LLAMA3, "llama3"), (MISTRAL, "mistral"), (MISTRAL, "mistral_v3")],
+    [
+        (HERMES, "hermes"),
+        (HERMES, "plain"),
+        (QWEN3_CODER, "qwen3_coder"),
+        (GLM, "glm"),
+        (LLAMA3, "llama3"),
+        (MISTRAL, "mistral"),
+        (MISTRAL, "mistral_v3"),
+    ],
 )
 def test_whatever_the_grammar_allows_parses_back(family: Family, kind: str) -> None:
     import jsonschema

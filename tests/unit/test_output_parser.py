@@ -40,13 +40,16 @@ WEATHER = ToolSpec(
         "required": ["city"],
     },
 )
-TIME = ToolSpec("get_time", "The time in a zone.", {"type": "object", "properties": {"tz": {"type": "string"}}})
+TIME = ToolSpec(
+    "get_time", "The time in a zone.", {"type": "object", "properties": {"tz": {"type": "string"}}}
+)
 TOOLS = [WEATHER, TIME]
 THINK = ReasoningMode()
 THINK_OPEN = ReasoningMode(started=True)
 
 
 # -- hermes / Qwen2.5: <tool_call>{json}</tool_call>
+
 
 def test_hermes_text_then_call() -> None:
     out = parse_all(
@@ -159,10 +162,11 @@ def test_empty_block_and_name_only() -> None:
 
 # -- thinking
 
+
 def test_thinking_before_a_call() -> None:
     out = parse_all(
         HERMES,
-        '<think>\nThe user wants weather. <tool_call> here is not a call.\n</think>\n\n'
+        "<think>\nThe user wants weather. <tool_call> here is not a call.\n</think>\n\n"
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>',
         reasoning=THINK,
     )
@@ -209,7 +213,13 @@ def test_qwen3_coder_values_typed_by_schema() -> None:
         (
             "call",
             "get_weather",
-            {"city": "Paris", "days": 3, "metric": True, "options": {"detail": "high"}, "ratio": 0.5},
+            {
+                "city": "Paris",
+                "days": 3,
+                "metric": True,
+                "options": {"detail": "high"},
+                "ratio": 0.5,
+            },
         ),
     ]
 
@@ -248,6 +258,7 @@ def test_qwen3_coder_streams_string_values() -> None:
 
 # -- GLM 4.5 / 4.7
 
+
 @pytest.mark.parametrize(
     "call",
     [
@@ -278,6 +289,7 @@ def test_glm_no_arguments_and_cut() -> None:
 
 # -- Llama 3.x JSON
 
+
 def test_llama_bare_json_answer_is_a_call() -> None:
     out = parse_all(LLAMA3, '{"name": "get_weather", "parameters": {"city": "Lima"}}')
     assert out == [("call", "get_weather", {"city": "Lima"})]
@@ -303,6 +315,7 @@ def test_llama_json_that_is_not_a_call_is_text() -> None:
 
 
 # -- Mistral
+
 
 def test_mistral_json_list() -> None:
     out = parse_all(
@@ -341,6 +354,7 @@ def test_mistral_cut_and_broken() -> None:
 
 # -- another mlx-lm format, parsed whole by mlx-lm
 
+
 def test_generic_mlx_lm_family() -> None:
     fam = Family("mlx_lm:pythonic", mlx_parser="pythonic")
     out = parse_all(
@@ -356,6 +370,7 @@ def test_generic_mlx_lm_family() -> None:
 
 
 # -- against mlx-lm's own (whole-text) parsers
+
 
 def _mlx(module: str, body: str, tools: list[ToolSpec]) -> list[tuple[str, dict]]:
     import importlib
@@ -383,7 +398,9 @@ def test_agrees_with_mlx_lm_parsers() -> None:
         (lambda d: (d["name"], d["arguments"]))(_json(hermes))
     ]
     mistral = 'get_weather[ARGS]{"city": "Nice"}get_time[ARGS]{"tz": "CET"}'
-    assert calls_only(parse_all(MISTRAL, "[TOOL_CALLS]" + mistral)) == _mlx("mistral", mistral, TOOLS)
+    assert calls_only(parse_all(MISTRAL, "[TOOL_CALLS]" + mistral)) == _mlx(
+        "mistral", mistral, TOOLS
+    )
 
 
 def _json(s: str) -> dict:
@@ -392,13 +409,16 @@ def _json(s: str) -> dict:
 
 # -- the parser as a whole
 
+
 def test_ids_come_from_the_factory_and_close_is_final() -> None:
     ids = iter(["toolu_1", "toolu_2"])
     p = OutputParser(HERMES, tools_enabled=True, reasoning=None, id_factory=lambda: next(ids))
     events = feed(
         p,
-        ['<tool_call>{"name": "a", "arguments": {}}</tool_call>',
-         '<tool_call>{"name": "b", "arguments": {}}</tool_call>'],
+        [
+            '<tool_call>{"name": "a", "arguments": {}}</tool_call>',
+            '<tool_call>{"name": "b", "arguments": {}}</tool_call>',
+        ],
     )
     assert [e.id for e in events if isinstance(e, ToolCallStart)] == ["toolu_1", "toolu_2"]
     assert p.calls == 2
@@ -420,14 +440,71 @@ def test_plain_text_streams_without_delay() -> None:
     assert p.close() == [Text("\n")]
 
 
-def test_random_text_never_crashes_and_keeps_every_character() -> None:
+def test_random_markup_never_crashes_and_agrees_across_chunkings() -> None:
     import random
 
     rng = random.Random(7)
-    alphabet = ['<tool_call>', '</tool_call>', '{', '}', '"', ':', ',', "name", "arguments",
-                "[TOOL_CALLS]", "[ARGS]", "<think>", "</think>", "<function=", ">", "a", " ", "\n",
-                "<parameter=", "</parameter>", "<arg_key>", "<arg_value>", "\\", "[", "]"]
+    alphabet = [
+        "<tool_call>",
+        "</tool_call>",
+        "{",
+        "}",
+        '"',
+        ":",
+        ",",
+        "name",
+        "arguments",
+        "[TOOL_CALLS]",
+        "[ARGS]",
+        "<think>",
+        "</think>",
+        "<function=",
+        ">",
+        "a",
+        " ",
+        "\n",
+        "<parameter=",
+        "</parameter>",
+        "<arg_key>",
+        "<arg_value>",
+        "\\",
+        "[",
+        "]",
+    ]
     for fam in (HERMES, QWEN3_CODER, GLM, LLAMA3, MISTRAL):
         for _ in range(150):
             text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
             parse_all(fam, text, tools=TOOLS, reasoning=THINK, seed=rng.randint(0, 99))
+
+
+PREFIX_SAMPLES = [
+    (
+        HERMES,
+        'Hi.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa\\"ris", "tags": '
+        '["a", 1.5e3, true, null, {"x": []}]}}\n</tool_call>\nok',
+    ),
+    (QWEN3_CODER, "<think>x</think>" + QWEN3_CALL + "\nbye"),
+    (
+        GLM,
+        "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Beijing</arg_value>\n"
+        "<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>",
+    ),
+    (LLAMA3, '{"name": "get_weather", "parameters": {"city": "Lima", "days": -12}}; {"name": "x"}'),
+    (MISTRAL, '[TOOL_CALLS]get_weather[CALL_ID]a1[ARGS]{"city": "Nice"}get_time[ARGS]{"tz": "C"}'),
+]
+
+
+@pytest.mark.parametrize("family,text", PREFIX_SAMPLES, ids=[f.name for f, _ in PREFIX_SAMPLES])
+def test_every_cut_and_many_typos_still_parse(family: Family, text: str) -> None:
+    # Every prefix (a cut at any point) and single-character damage: never an exception,
+    # every call well formed, the same events whatever the chunking.
+    import random
+
+    rng = random.Random(family.name)
+    variants = [text[:i] for i in range(len(text) + 1)]
+    for _ in range(60):
+        i = rng.randrange(len(text))
+        variants.append(text[:i] + rng.choice('{}[]",:\\ a<>\n') + text[i + 1 :])
+        variants.append(text[:i] + text[i + 1 :])
+    for v in variants:
+        parse_all(family, v, tools=TOOLS, reasoning=THINK, seed=rng.randint(0, 99))

@@ -128,7 +128,10 @@ def test_demo_template_has_no_tools_so_the_fallback_is_used(demo_tok) -> None:
     text = render_text(demo_tok, CONVERSATION, tools=[WEATHER])
     section = fallback_system_prompt([WEATHER])
     assert f"You are terse.\n\n{section}<|eot_id|>" in text
-    assert '{"name": "get_weather", "description": "Current weather in a city.", "parameters": ' in text
+    assert (
+        '{"name": "get_weather", "description": "Current weather in a city.", "parameters": '
+        in text
+    )
     # Earlier calls as <tool_call> blocks in the assistant text, results in one user turn.
     assert (
         "<|start_header_id|>assistant<|end_header_id|>\n\nChecking.\n<tool_call>\n"

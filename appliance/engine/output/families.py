@@ -208,7 +208,9 @@ def _mlx_inferred(tokenizer: Any, src: str) -> Optional[Family]:
     return None
 
 
-def reasoning_mode(tokenizer: Any, prompt: Optional[Sequence[int]] = None) -> Optional[ReasoningMode]:
+def reasoning_mode(
+    tokenizer: Any, prompt: Optional[Sequence[int]] = None
+) -> Optional[ReasoningMode]:
     """The thinking markers of a model (None if it has none), and whether `prompt` (the rendered
     prompt's token ids) leaves thinking open, so the output starts inside it."""
     start = end = None

@@ -220,7 +220,7 @@ def _qwen3_coder(g: _G, tools: Sequence[ToolSpec]) -> str:
         items = []
         for key, spec, req in _props(t):
             value = _typed_value(g, spec, "\n</parameter>\n")
-            p = g.rule(f"{g.lit(f'<parameter={key}>')} \"\\n\" {value}")
+            p = g.rule(f'{g.lit(f"<parameter={key}>")} "\\n" {value}')
             items.append(p if req else f"{p}?")
         head = g.lit(f"<tool_call>\n<function={t.name}>\n")
         tail = g.lit("</function>\n</tool_call>")
@@ -234,8 +234,9 @@ def _glm(g: _G, tools: Sequence[ToolSpec]) -> str:
         items = []
         for key, spec, req in _props(t):
             value = _typed_value(g, spec, "</arg_value>")
-            p = g.rule(f'{g.lit(f"<arg_key>{key}</arg_key>")} "\\n" {g.lit("<arg_value>")} '
-                       f'{value} "\\n"')
+            p = g.rule(
+                f'{g.lit(f"<arg_key>{key}</arg_key>")} "\\n" {g.lit("<arg_value>")} {value} "\\n"'
+            )
             items.append(p if req else f"{p}?")
         head = f'{g.lit("<tool_call>")} {json.dumps(t.name)} "\\n"'
         alts.append(g.rule(" ".join([head, *items, g.lit("</tool_call>")])))
@@ -248,7 +249,7 @@ def _mistral(g: _G, tools: Sequence[ToolSpec], parallel: bool) -> tuple[str, Opt
     if "[ARGS]" in g.special:
         # The newer form: [TOOL_CALLS]NAME[ARGS]{...}, one marker per call.
         alts = [
-            g.rule(f'{calls} {json.dumps(t.name)} {g.lit("[ARGS]")} {g.json(_params(t))}')
+            g.rule(f"{calls} {json.dumps(t.name)} {g.lit('[ARGS]')} {g.json(_params(t))}")
             for t in tools
         ]
         return g.rule(" | ".join(alts)), ""
@@ -266,7 +267,7 @@ def _harmony(g: _G, tools: Sequence[ToolSpec]) -> str:
     )
     alts = [
         g.rule(
-            f'{ch} {json.dumps(f"commentary to=functions.{t.name} ")} '
+            f"{ch} {json.dumps(f'commentary to=functions.{t.name} ')} "
             f'{g.lit("<|constrain|>")} "json" {msg} {g.json(_params(t))} {g.lit("<|call|>")}'
         )
         for t in tools

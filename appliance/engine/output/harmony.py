@@ -59,7 +59,7 @@ def _byte_decoder() -> dict[str, int]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
 
 
 def write_vocab_file(tokenizer: Any, folder: Path) -> Path:
@@ -85,7 +85,7 @@ def write_vocab_file(tokenizer: Any, folder: Path) -> Path:
         raise ModelLoadError("the tokenizer's vocabulary is not o200k: harmony cannot use it")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / O200K_FILE
-    tmp = path.with_suffix(".tmp%d" % os.getpid())
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_bytes(data)
     tmp.replace(path)
     return path

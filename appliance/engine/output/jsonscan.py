@@ -263,7 +263,7 @@ class JsonScan:
             return self._value_end()
         if ch < " ":
             # A raw control character is not JSON: write its escape instead.
-            rep = _ESC.get(ch) or "\\u%04x" % ord(ch)
+            rep = _ESC.get(ch) or f"\\u{ord(ch):04x}"
             self.out.append(rep)
             if is_key:
                 self.key.append(rep)

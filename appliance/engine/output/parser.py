@@ -57,7 +57,7 @@ from .events import (
     new_call_id,
 )
 from .families import HARMONY, LLAMA3, MISTRAL, Family, ReasoningMode
-from .jsonscan import CONT, DONE, END, ERR, JsonScan
+from .jsonscan import CONT, DONE, ERR, JsonScan
 
 __all__ = ["OutputParser", "tool_schemas"]
 
@@ -895,7 +895,7 @@ class _XmlValues(_Handler):
         self.vstate = 0
         self.tail = ""
         if streamed:
-            self.p.args(f"{sep}{json.dumps(key, ensure_ascii=False)}: \"")
+            self.p.args(f'{sep}{json.dumps(key, ensure_ascii=False)}: "')
             self.in_string = True
         else:
             self.pending_key = sep + json.dumps(key, ensure_ascii=False) + ": "
@@ -949,7 +949,11 @@ class _XmlValues(_Handler):
         piece = self.tail + buf[: len(buf) - keep]
         p.buf = buf[len(buf) - keep :]
         # Hold what could be stripped before the end marker.
-        core = piece.rstrip(strip) if strip != "\n" else (piece[:-1] if piece.endswith("\n") else piece)
+        core = (
+            piece.rstrip(strip)
+            if strip != "\n"
+            else (piece[:-1] if piece.endswith("\n") else piece)
+        )
         self.tail = piece[len(core) :]
         self._value_piece(core)
         return None
@@ -1085,8 +1089,9 @@ class _GlmCall(_XmlValues):
         st = self.state
         if st == "name":
             buf = p.buf
-            stop = min((i for i in (buf.find("\n"), buf.find("<"), buf.find("{")) if i != -1),
-                       default=-1)
+            stop = min(
+                (i for i in (buf.find("\n"), buf.find("<"), buf.find("{")) if i != -1), default=-1
+            )
             if stop == -1:
                 if final or len(buf.strip(_WS)) > _MAX_NAME:
                     self.fail(TOOL_CALL_END)  # a name never ended: not a call

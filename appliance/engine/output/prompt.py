@@ -162,7 +162,7 @@ def _apply(
     return str(text)
 
 
-_supports: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+_supports: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 _PROBE_TOOL = ToolSpec(
     "probe_function_x7",
     "A probe.",
