@@ -508,3 +508,34 @@ def test_every_cut_and_many_typos_still_parse(family: Family, text: str) -> None
         variants.append(text[:i] + text[i + 1 :])
     for v in variants:
         parse_all(family, v, tools=TOOLS, reasoning=THINK, seed=rng.randint(0, 99))
+
+
+def test_pieces_from_mlx_lm_detokenizer() -> None:
+    # The pieces the engine feeds: mlx-lm's streaming detokenizer over a tokenizer that has
+    # the Qwen markers as added tokens (multi-byte characters arrive whole).
+    from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
+
+    from ._output_util import hf_tokenizer
+
+    hf = hf_tokenizer(added=["<tool_call>", "</tool_call>", "<think>", "</think>"])
+    detok = TokenizerWrapper(hf, BPEStreamingDetokenizer).detokenizer
+    text = (
+        "<think>\nShould call.\n</think>\n\nOk.\n<tool_call>\n"
+        '{"name": "get_weather", "arguments": {"city": "Zürich"}}\n</tool_call>'
+    )
+    detok.reset()
+    pieces = []
+    for t in hf.encode(text, add_special_tokens=False):
+        detok.add_token(t)
+        pieces.append(detok.last_segment)
+    detok.finalize()
+    pieces.append(detok.last_segment)
+    assert "<tool_call>" in pieces
+    p = OutputParser(HERMES, tools_enabled=True, reasoning=THINK)
+    from ._output_util import summary
+
+    assert summary(feed(p, pieces)) == [
+        ("reasoning", "Should call."),
+        ("text", "Ok."),
+        ("call", "get_weather", {"city": "Zürich"}),
+    ]

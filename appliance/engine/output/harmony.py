@@ -189,17 +189,13 @@ class HarmonyOutput:
         return self._take()
 
     def _take(self) -> list[Event]:
+        from .parser import merge
+
         out, self.out = self.out, []
-        return out
+        return merge(out)
 
     def _emit(self, ev: Event) -> None:
-        out = self.out
-        if out and type(out[-1]) is type(ev) and isinstance(ev, (Text, Reasoning)):
-            out[-1] = type(ev)(out[-1].text + ev.text)  # type: ignore[union-attr]
-        elif out and isinstance(ev, ToolCallArgs) and isinstance(out[-1], ToolCallArgs):
-            out[-1] = ToolCallArgs(ev.index, out[-1].delta + ev.delta)
-        else:
-            out.append(ev)
+        self.out.append(ev)
 
     def _content(self, channel: Optional[str], recipient: Optional[str], delta: str) -> None:
         if recipient and self.tools:

@@ -59,7 +59,7 @@ from .events import (
 from .families import HARMONY, LLAMA3, MISTRAL, Family, ReasoningMode
 from .jsonscan import CONT, DONE, ERR, JsonScan
 
-__all__ = ["OutputParser", "tool_schemas"]
+__all__ = ["OutputParser", "merge", "tool_schemas"]
 
 TOOL_CALL = "<tool_call>"
 TOOL_CALL_END = "</tool_call>"
@@ -83,6 +83,34 @@ def tool_schemas(tools: Iterable[Any]) -> dict[str, dict[str, Any]]:
         if isinstance(name, str):
             out[name] = dict(params) if isinstance(params, Mapping) else {}
     return out
+
+
+def merge(events: list[Event]) -> list[Event]:
+    """Adjacent text, thinking and argument pieces of one call joined: fewer, larger events."""
+    out: list[Event] = []
+    run: list[str] = []
+    for ev in events:
+        last = out[-1] if out else None
+        if type(ev) is type(last) and (
+            isinstance(ev, (Text, Reasoning))
+            or (isinstance(ev, ToolCallArgs) and ev.index == last.index)  # type: ignore[union-attr]
+        ):
+            run.append(ev.delta if isinstance(ev, ToolCallArgs) else ev.text)  # type: ignore[union-attr]
+            continue
+        if len(run) > 1:
+            out[-1] = _joined(out[-1], run)
+        out.append(ev)
+        run = [ev.delta if isinstance(ev, ToolCallArgs) else getattr(ev, "text", "")]
+    if len(run) > 1:
+        out[-1] = _joined(out[-1], run)
+    return out
+
+
+def _joined(ev: Event, parts: list[str]) -> Event:
+    s = "".join(parts)
+    if isinstance(ev, ToolCallArgs):
+        return ToolCallArgs(ev.index, s)
+    return Reasoning(s) if isinstance(ev, Reasoning) else Text(s)
 
 
 def _held(buf: str, markers: Iterable[str]) -> int:
@@ -243,22 +271,10 @@ class _TextOutput:
 
     def _take(self) -> list[Event]:
         out, self.out = self.out, []
-        return out
+        return merge(out)
 
     def _emit(self, ev: Event) -> None:
-        # Merge text into the previous event of the same kind: fewer, larger events.
-        out = self.out
-        if out and type(out[-1]) is type(ev):
-            if isinstance(ev, Text):
-                out[-1] = Text(out[-1].text + ev.text)  # type: ignore[union-attr]
-                return
-            if isinstance(ev, Reasoning):
-                out[-1] = Reasoning(out[-1].text + ev.text)  # type: ignore[union-attr]
-                return
-            if isinstance(ev, ToolCallArgs) and ev.index == out[-1].index:  # type: ignore[union-attr]
-                out[-1] = ToolCallArgs(ev.index, out[-1].delta + ev.delta)  # type: ignore[union-attr]
-                return
-        out.append(ev)
+        self.out.append(ev)
 
     # -- what handlers call
     def text(self, s: str) -> None:
@@ -623,6 +639,17 @@ class _CallObject:
             self.p.args("{}")
 
 
+def _push_all(scan: JsonScan, buf: str) -> tuple[int, int]:
+    """Feeds `buf` to `scan` until the value ends or breaks: (last result, characters used)."""
+    for i, ch in enumerate(buf):
+        r = scan.push(ch)
+        if r == ERR:
+            return r, i
+        if r == DONE:
+            return r, i + 1
+    return CONT, len(buf)
+
+
 def _object_text(s: Any) -> str:
     """The JSON object text held in a string value of "arguments", else {}."""
     if isinstance(s, str):
@@ -654,62 +681,74 @@ class _JsonCalls(_Handler):
         p = self.p
         if self.state == "tail":
             return self._tail(final)
-        progressed = False
-        while p.buf:
-            ch = p.buf[0]
+        buf = p.buf
+        n = len(buf)
+        i = 0  # characters consumed
+        mark = 0  # buf[mark:i]: consumed, not yet in `raw`; all before or all after a start
+
+        def sync() -> None:
+            # Hand the consumed text back to the parser (one slice per step, not per char).
+            if p.index is None:
+                self.raw += buf[mark:i]
+            p.buf = buf[i:]
+
+        while i < n:
+            ch = buf[i]
             st = self.state
             if st == "obj":
                 assert self.obj is not None
+                was_started = self.obj.started
                 r = self.obj.push(ch)
                 if r == ERR:
+                    sync()
                     self.fail(self.end)
                     return True
-                self.consume(1)
-                progressed = True
+                i += 1
                 if r == DONE:
                     self.raw = ""
+                    mark = i
                     self.obj = None
                     self.state = "listafter" if self.in_list else "between"
+                elif not was_started and self.obj.started:
+                    mark = i  # the call's own text: not raw any more
                 continue
             if ch in _WS:
-                self.consume(1)
-                progressed = True
+                i += 1
                 continue
             if st in ("lead", "next"):
                 if ch == "[" and st == "lead" and not self.llama:
                     self.in_list = True
-                    self.consume(1)
+                    i += 1
                     self.state = "next"
-                    progressed = True
                     continue
                 if ch == "{":
                     self.obj = _CallObject(p, strict=self.strict)
                     self.state = "obj"
                     continue
+                sync()
                 self.fail(self.end)
                 return True
             if st == "listafter":
                 if ch == ",":
-                    self.consume(1)
+                    i += 1
                     self.state = "next"
-                    progressed = True
                     continue
                 if ch == "]":
-                    self.consume(1)
+                    i += 1
                     self.in_list = False
-                    self.state = "tail"
-                    return True
                 self.state = "tail"
+                sync()
                 return True
             if st == "between":
                 if self.llama and ch == ";":
-                    self.consume(1)
+                    i += 1
                     self.state = "next"
-                    progressed = True
                     continue
                 self.state = "tail"
+                sync()
                 return True
-        return progressed
+        sync()
+        return i > 0
 
     def _tail(self, final: bool) -> bool:
         # After the calls: the block's end marker (or Llama's end tokens); anything else is text.
@@ -1110,21 +1149,17 @@ class _GlmCall(_XmlValues):
             return True
         if st == "json":
             assert self.scan is not None
-            progressed = False
-            while p.buf:
-                r = self.scan.push(p.buf[0])
-                if r == ERR:
-                    self.fail(TOOL_CALL_END)
-                    return True
-                p.buf = p.buf[1:]
-                progressed = True
-                if r == DONE:
-                    p.args(self.scan.take())
-                    p.end_call()
-                    p.handler = _Skip(p, TOOL_CALL_END, keep_marker=False)
-                    return True
+            r, used = _push_all(self.scan, p.buf)
+            p.buf = p.buf[used:]
             p.args(self.scan.take())
-            return progressed
+            if r == ERR:
+                self.fail(TOOL_CALL_END)
+                return True
+            if r == DONE:
+                p.end_call()
+                p.handler = _Skip(p, TOOL_CALL_END, keep_marker=False)
+                return True
+            return used > 0
         if st in ("args", "key_ws"):
             if not self.skip_ws():
                 return False
@@ -1274,21 +1309,17 @@ class _Mistral(_Handler):
             return True
         if st == "args":
             assert self.scan is not None
-            progressed = False
-            while p.buf:
-                r = self.scan.push(p.buf[0])
-                if r == ERR:
-                    self.fail(None)
-                    return True
-                p.buf = p.buf[1:]
-                progressed = True
-                if r == DONE:
-                    p.args(self.scan.take())
-                    p.end_call()
-                    p.handler = _Mistral(p, "", again=True)
-                    return True
+            r, used = _push_all(self.scan, p.buf)
+            p.buf = p.buf[used:]
             p.args(self.scan.take())
-            return progressed
+            if r == ERR:
+                self.fail(None)
+                return True
+            if r == DONE:
+                p.end_call()
+                p.handler = _Mistral(p, "", again=True)
+                return True
+            return used > 0
         return False
 
     def _begin(self) -> None:
