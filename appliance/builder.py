@@ -20,7 +20,8 @@ from .api import admin as api_admin
 from .api import errors as api_errors
 from .api import faults as api_faults
 from .api.embeddings import Embeddings, Rerank
-from .api.openai import ChatCompletions, Completions, Generate, Models
+from .api.generation import Generate
+from .api.openai import ChatCompletions, Completions, Models
 from .api.openapi import OpenAPI
 from .api.probes import Live, Ready
 from .config import AppConfig

@@ -22,7 +22,7 @@ from ..engine.service import Engine
 from ..errors import HelperUnavailable, InvalidRequest
 from ..helper_nodes import HelperNodes
 from ..lifecycle import Lifecycle
-from .openai import read_json
+from .generation import read_json
 
 MAX_INPUTS = 2048
 MAX_DOCUMENTS = 1000

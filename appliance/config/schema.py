@@ -134,6 +134,11 @@ class ModelSpec:
         None, "Rotating KV cache size (null: the whole context).", check=Between(1)
     )
     trust_remote_code: bool = key(False, "Let the tokenizer run code shipped with the model.")
+    tool_parser: Optional[str] = key(
+        None,
+        "The model's tool-call format (hermes, qwen3_coder, llama3, mistral, glm, harmony, "
+        "an mlx-lm parser name, or none); null: detected from the chat template and tokens.",
+    )
     demo_shape: str = key(
         "demo", "Shape of the builtin demo model.", check=OneOf(("demo", "llama-1b"))
     )

@@ -92,7 +92,7 @@ def json_schema(
     compiler does not support. `tokenizer` (optional) checks against the model's tokens too."""
     doc = _schema_doc(schema, param)
     if strict:
-        _close_objects(doc)
+        close_objects(doc)
     from llguidance import LLMatcher
 
     try:
@@ -146,7 +146,7 @@ def json_fragment(schema: Any, *, strict: bool, param: Optional[str] = None) -> 
     json_schema(schema, strict=strict, param=param)  # the same checks, on its own
     doc = _schema_doc(schema, param)
     if strict:
-        _close_objects(doc)
+        close_objects(doc)
     doc["x-guidance"] = dict(JSON_OPTIONS)
     return "%json " + json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
 
@@ -190,7 +190,7 @@ _OPEN_KEYS = (
 )
 
 
-def _close_objects(s: Any, here: bool = True) -> None:
+def close_objects(s: Any, here: bool = True) -> None:
     """Set `additionalProperties: false` on every schema that lists `properties` and leaves
     others open. Not on allOf members (each would forbid the others' properties) nor where
     composition or a $ref could bring properties in; their nested schemas are closed."""
@@ -202,18 +202,18 @@ def _close_objects(s: Any, here: bool = True) -> None:
         sub = s.get(k)
         if isinstance(sub, dict):
             for v in sub.values():
-                _close_objects(v)
+                close_objects(v)
     for k in _SCHEMA_ONE:
-        _close_objects(s.get(k))
+        close_objects(s.get(k))
     for k in _SCHEMA_LISTS:
         sub = s.get(k)
         if isinstance(sub, list):
             for v in sub:
-                _close_objects(v)
+                close_objects(v)
     members = s.get("allOf")
     if isinstance(members, list):
         for v in members:
-            _close_objects(v, here=False)
+            close_objects(v, here=False)
 
 
 def _validate(

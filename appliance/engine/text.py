@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 
 class TextStream:
@@ -14,7 +14,7 @@ class TextStream:
     `flush()` returns what was held back at the end.
     """
 
-    __slots__ = ("_detok", "_stops", "_hold", "_pending", "stopped", "text_len", "used")
+    __slots__ = ("_detok", "_stops", "_hold", "_pending", "stopped", "stop_hit", "text_len", "used")
 
     def __init__(self, tokenizer: Any, stops: tuple[str, ...] = ()) -> None:
         self._detok = tokenizer.detokenizer
@@ -22,6 +22,7 @@ class TextStream:
         self._hold = max((len(s) for s in self._stops), default=1) - 1
         self._pending = ""
         self.stopped = False
+        self.stop_hit: Optional[str] = None  # the stop string that ended the text
         self.text_len = 0
         self.used = 0
 
@@ -52,7 +53,7 @@ class TextStream:
         for s in self._stops:
             i = buf.find(s)
             if i != -1 and (cut == -1 or i < cut):
-                cut = i
+                cut, self.stop_hit = i, s
         if cut != -1:
             self.stopped = True
             self._pending = ""

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..errors import ApplianceError, RequestTimeout
+from .constraints import Constraint
 
 TICK_S = 1.0  # a waiting reader wakes at least this often (keep-alives, deadlines)
 
@@ -29,6 +30,8 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     stop: tuple[str, ...] = ()
+    # A grammar the output must follow (a forced tool call, a JSON schema): constraints.py.
+    constraint: Optional[Constraint] = None
 
     @property
     def greedy(self) -> bool:

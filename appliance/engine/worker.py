@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Optional
 
-from ..errors import EngineFailure
+from ..errors import EngineFailure, InvalidRequest
 from .commands import Call, Cancel, Command, Fault, Stop, Submit
 from .join import JoinPolicy
 from .memory import on_cuda
@@ -223,6 +223,7 @@ class ModelWorker(WorkerThread):
         waiting: list[tuple[Submit, float]] = []  # not in the batch yet, with arrival times
         link = self._link
         want_lp: set[int] = set()
+        grammars: dict[int, Any] = {}  # uid -> its grammar processor (constrained rows)
         policy = JoinPolicy(
             self._join_window_s, self._prefill_batch_size, self._completion_batch_size
         )
@@ -276,7 +277,15 @@ class ModelWorker(WorkerThread):
                     self._out_fail(victims, EngineFailure(f"model {self.name!r} was unloaded"))
                     return
                 if isinstance(item, Submit):
-                    uid, gens[item.rid].cached_tokens = self._insert(gen, item.prompt, item.params)
+                    try:
+                        uid, gens[item.rid].cached_tokens, grammar = self._insert(
+                            gen, item.prompt, item.params
+                        )
+                    except InvalidRequest as exc:  # its grammar can't run on this model
+                        self._out_fail([gens.pop(item.rid)], exc)
+                        continue
+                    if grammar is not None:
+                        grammars[uid] = grammar
                     active[uid] = item.rid
                     uid_of[item.rid] = uid
                     if item.params.logprobs:
@@ -284,6 +293,7 @@ class ModelWorker(WorkerThread):
                 elif isinstance(item, Cancel):
                     gone = uid_of.pop(item.rid)
                     active.pop(gone, None)
+                    grammars.pop(gone, None)
                     want_lp.discard(gone)
                     gens.pop(item.rid, None)
                     gen.remove([gone])
@@ -295,6 +305,7 @@ class ModelWorker(WorkerThread):
                 continue
             now = time.perf_counter()
             events = []
+            failed: list[tuple[Generation, BaseException]] = []
             for r in responses:
                 rid = active.get(r.uid)
                 g2 = gens.get(rid) if rid is not None else None
@@ -307,7 +318,12 @@ class ModelWorker(WorkerThread):
                 lp = top = None
                 if r.uid in want_lp and token is not None:
                     lp, top = _logprobs(mx, r.logprobs, token, g2.params.top_logprobs)
-                events.append((g2, token, finish, lp, top))
+                grammar = grammars.pop(r.uid, None) if finish is not None else None
+                error = grammar.exception() if grammar is not None else None
+                if error is not None:  # the grammar failed: an error, not a finished answer
+                    failed.append((g2, error))
+                else:
+                    events.append((g2, token, finish, lp, top))
                 if finish is not None:
                     del active[r.uid]
                     uid_of.pop(rid, None)
@@ -316,6 +332,8 @@ class ModelWorker(WorkerThread):
                     policy.ended_at(now)
                     self._keep_cache(gen, r)
             self._out_step(events, now)
+            for g3, error in failed:
+                self._out_fail([g3], error)
 
     # -- where the thread's results go: the event loop here; the pipe in an engine process
     def _out_step(self, events: list[tuple[Any, ...]], now: float) -> None:
@@ -375,6 +393,7 @@ class ModelWorker(WorkerThread):
             stream=mx.default_stream(mx.default_device()),
         )
         self._warm_up(gen)
+        self._grammar_bridge()
         if fused and (back := fusion.unfuse_wasteful(self.model)):
             log.info(
                 "model %s: %d of %d fused groups put back as separate layers (in the warm-up "
@@ -384,6 +403,17 @@ class ModelWorker(WorkerThread):
                 fused,
             )
         return gen
+
+    def _grammar_bridge(self) -> None:
+        """Build llguidance's view of the tokenizer now (0.3-0.5 s at a 49k vocabulary), not in
+        the first constrained request."""
+        from .constraints import TokenizerBridge
+
+        try:
+            b = TokenizerBridge.for_tokenizer(self.tokenizer, vocab_size=self.vocab_size)
+            log.info("model %s: grammar tokenizer ready in %.2f s", self.name, b.build_s)
+        except Exception as exc:  # constrained requests to this model will say why
+            log.warning("model %s: constrained output is not available: %s", self.name, exc)
 
     def _fuse(self) -> int:
         """Fuse the loaded model's q/k/v and gate/up projections (fusion.py), unless switched off
@@ -442,7 +472,10 @@ class ModelWorker(WorkerThread):
                 if isinstance(c, Stop):
                     return
                 if isinstance(c, Submit):
-                    uid_of[c.rid], _ = self._insert(gen, c.prompt, c.params)
+                    try:
+                        uid_of[c.rid], _, _ = self._insert(gen, c.prompt, c.params)
+                    except InvalidRequest:  # rank 0 skipped it as well
+                        continue
                 elif isinstance(c, Cancel) and c.rid in uid_of:
                     gen.remove([uid_of.pop(c.rid)])
             if not uid_of:
@@ -470,7 +503,16 @@ class ModelWorker(WorkerThread):
             )
             self.prompt_cache.trim_to(n_bytes=self._prompt_cache_bytes - gen.prompt_cache_nbytes)
 
-    def _insert(self, gen: Any, prompt: list[int], params: SamplingParams) -> tuple[int, int]:
+    def _insert(self, gen: Any, prompt: list[int], params: SamplingParams) -> tuple[int, int, Any]:
+        """Put a prompt in the batch (with its cached prefix); (uid, cached tokens, grammar
+        processor or None). Raises InvalidRequest when its grammar can't run on this model."""
+        processors = make_processors(params)
+        grammar = None
+        if params.constraint is not None:
+            from .constraints import make_processor
+
+            grammar = make_processor(params.constraint, self.tokenizer, vocab_size=self.vocab_size)
+            processors.append(grammar)  # last: nothing after it lifts the mask
         cache = None
         rest = prompt
         if self._prompt_cache_bytes > 0:
@@ -496,9 +538,9 @@ class ModelWorker(WorkerThread):
             caches=[cache] if cache is not None else None,
             all_tokens=[prompt[:cached]],
             samplers=[make_sampler(params)],
-            logits_processors=[make_processors(params)],
+            logits_processors=[processors],
         )
-        return int(uid), cached
+        return int(uid), cached, grammar
 
 
 def _run_to_end(

@@ -29,7 +29,7 @@ from typing import Any, Mapping, Optional, Sequence
 from .families import GLM, HARMONY, HERMES, LLAMA3, MISTRAL, QWEN3_CODER, Family, ReasoningMode
 from .prompt import ToolSpec
 
-__all__ = ["JSON_OPTIONS", "grammar", "special_tokens"]
+__all__ = ["JSON_OPTIONS", "grammar", "special_tokens", "with_thinking"]
 
 JSON_OPTIONS: dict[str, Any] = {
     "whitespace_flexible": False,
@@ -176,6 +176,18 @@ def grammar(
         block = g.rule(f'{think}{g.until(reasoning.end)} ("\\n" | "\\n\\n")?')
         calls = f"{block} {calls}" if reasoning.started else f"{block}? {calls}"
     return g.text(calls)
+
+
+def with_thinking(
+    body: str, *, reasoning: ReasoningMode, special: Optional[Mapping[str, int]] = None
+) -> str:
+    """A Lark grammar of `body` (a grammar item such as `%json {...}`) after the model's
+    thinking: required when the prompt opened it, optional otherwise."""
+    g = _G(special or {})
+    think = g.lit(reasoning.start) + " " if not reasoning.started else ""
+    block = g.rule(f'{think}{g.until(reasoning.end)} ("\\n" | "\\n\\n")?')
+    item = g.rule(body)
+    return g.text(f"{block} {item}" if reasoning.started else f"{block}? {item}")
 
 
 def _hermes(g: _G, tools: Sequence[ToolSpec]) -> str:

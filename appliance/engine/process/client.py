@@ -209,6 +209,12 @@ class ProcessWorker(WorkerThread):
             )
         except Exception as exc:
             raise ModelLoadError(f"model {self.name!r} could not be loaded: {exc}") from None
+        try:  # grammars are compiled here, against the server's copy of the tokenizer
+            from ..constraints import TokenizerBridge
+
+            TokenizerBridge.for_tokenizer(self.tokenizer)
+        except Exception as exc:  # constrained requests to this model will say why
+            log.warning("model %s: constrained output is not available: %s", self.name, exc)
         return conn
 
     def _await_load(self, conn: Connection) -> dict[str, Any]:
