@@ -102,6 +102,8 @@ def _problem(header: GGUFHeader) -> Optional[str]:
     if scaling not in (None, "none", "linear", "yarn"):
         return f"RoPE scaling {scaling!r} is not supported"
     kind = header.metadata.get("tokenizer.ggml.model")
+    if kind is None:
+        return "the file carries no tokenizer (tokenizer.ggml.model)"
     if kind != "gpt2":
         return f"tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2' is)"
     return None
@@ -161,6 +163,7 @@ def model_config(header: GGUFHeader) -> dict[str, Any]:
     if key_length:
         config["head_dim"] = int(key_length)
     config.setdefault("num_key_value_heads", config.get("num_attention_heads"))
+    config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
     config.setdefault("vocab_size", len(header.metadata.get("tokenizer.ggml.tokens") or []))
     config["tie_word_embeddings"] = "output.weight" not in names
     if arch == "llama":

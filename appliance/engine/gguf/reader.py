@@ -160,6 +160,13 @@ def _parse(buf: Any, path: Path, size: int) -> GGUFHeader:
         raw.append((name, type_id, tuple(reversed(dims)), offset))
     alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
     data_start = (cur.pos + alignment - 1) // alignment * alignment
+    # The padding before the data is zeros; anything else means the table ended early
+    # (the header counts fewer tensors than the file lists).
+    if any(buf[cur.pos : min(data_start, size)]):
+        raise ModelLoadError(
+            f"{path}: the tensor table does not end where the data begins: the header's "
+            f"tensor count ({tensor_count}) does not match the tensors in the file"
+        )
     tensors = []
     names: set[str] = set()
     for name, type_id, shape, offset in raw:
@@ -174,6 +181,12 @@ def _parse(buf: Any, path: Path, size: int) -> GGUFHeader:
             raise ModelLoadError(f"{path}: tensor {name} is listed twice")
         names.add(name)
         tensors.append(TensorInfo(name, type_id, shape, start, n_bytes))
+    data_end = max((t.offset + t.n_bytes for t in tensors), default=data_start)
+    if size - data_end >= alignment:
+        raise ModelLoadError(
+            f"{path}: {size - data_end} bytes follow the last tensor the header lists: the "
+            f"header's tensor count ({tensor_count}) does not match the tensors in the file"
+        )
     return GGUFHeader(path, version, tensor_count, metadata, tuple(tensors), size)
 
 
