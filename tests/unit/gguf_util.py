@@ -90,6 +90,7 @@ def write_tiny(
     tied: bool = False,
     seed: int = 0,
     extra_tensors: Optional[dict[str, tuple[np.ndarray, Optional[GGMLQuantizationType]]]] = None,
+    eot: Optional[int] = None,
 ) -> Path:
     """A tiny random model in GGUF, every matrix in `weight_type`, norms in F32."""
     rng = np.random.default_rng(seed)
@@ -116,6 +117,8 @@ def write_tiny(
     w.add_token_merges(merges)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
+    if eot is not None:
+        w.add_eot_token_id(eot)
     w.add_add_bos_token(False)
     w.add_chat_template(CHAT_TEMPLATE)
 
@@ -170,11 +173,13 @@ def _rms(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
 
 
-def _rope(x: np.ndarray, base: float, interleaved: bool) -> np.ndarray:
+def _rope(x: np.ndarray, base: float, interleaved: bool, factors: Optional[np.ndarray]) -> np.ndarray:
     """x: (T, heads, d). llama.cpp's 'normal' RoPE rotates adjacent pairs (2i, 2i+1); NeoX
-    style (Qwen) rotates (i, i + d/2)."""
+    style (Qwen) rotates (i, i + d/2). `factors` divide each frequency (rope_freqs)."""
     t, _, d = x.shape
     theta = base ** (-np.arange(0, d, 2) / d)
+    if factors is not None:
+        theta = theta / factors
     ang = np.arange(t)[:, None, None] * theta[None, None, :]
     cos, sin = np.cos(ang), np.sin(ang)
     if interleaved:
@@ -208,7 +213,8 @@ def reference_logits(
         if p + "attn_q_norm.weight" in w:
             q = _rms(q, w[p + "attn_q_norm.weight"], eps)
             k = _rms(k, w[p + "attn_k_norm.weight"], eps)
-        q, k = _rope(q, base, interleaved), _rope(k, base, interleaved)
+        factors = w.get("rope_freqs.weight")
+        q, k = _rope(q, base, interleaved, factors), _rope(k, base, interleaved, factors)
         rep = heads // kv_heads
         k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
         s = np.einsum("thd,shd->hts", q, k) / np.sqrt(d) + mask
@@ -224,3 +230,19 @@ def reference_logits(
     out = w.get("output.weight", w["token_embd.weight"])
     assert x.shape[-1] == hidden
     return x @ out.T
+
+
+def llama3_rope_factors(dims: int, base: float, factor: float, original: int = 8192) -> np.ndarray:
+    """The rope_freqs.weight values llama.cpp's converter writes for Llama 3.1-style scaling."""
+    low, high = 1.0, 4.0
+    out = []
+    for freq in 1.0 / base ** (np.arange(0, dims, 2) / dims):
+        wavelen = 2 * np.pi / freq
+        if wavelen < original / high:
+            out.append(1.0)
+        elif wavelen > original / low:
+            out.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)

@@ -16,7 +16,13 @@ from mlx.utils import tree_flatten
 from appliance.engine.gguf import cache_folder, convert, inspect, load
 from appliance.errors import ModelLoadError
 
-from .gguf_util import encode_tensor, gguf_tensors, reference_logits, write_tiny
+from .gguf_util import (
+    encode_tensor,
+    gguf_tensors,
+    llama3_rope_factors,
+    reference_logits,
+    write_tiny,
+)
 
 HEADS, KV_HEADS, LAYERS = 4, 2, 2
 HF_NAMES = {
@@ -254,3 +260,40 @@ def test_tokenizer_and_chat_template(files: Path, tmp_path: Path) -> None:
         detok.add_token(i)
     detok.finalize()
     assert detok.text == "the theatre"
+
+
+def test_llama3_rope_factors_become_rope_scaling(files: Path, tmp_path: Path) -> None:
+    """Llama 3.1-style files store RoPE scaling as rope_freqs.weight; it becomes mlx-lm's
+    llama3 rope_scaling, checked equal, and the forward matches llama.cpp's use of it."""
+    factors = llama3_rope_factors(64, 10000.0, factor=8.0)
+    assert len(set(factors.round(4))) > 3  # all three regions of the curve are exercised
+    path = write_tiny(
+        files / "llama3.gguf", "Q8_0", seed=13, eot=3,
+        extra_tensors={"rope_freqs.weight": (factors, None)},
+    )
+    model, tok = load(path, cache_dir=tmp_path, dtype=mx.float32)
+    config = json.loads((cache_folder(path, tmp_path, 8) / "config.json").read_text())
+    assert config["rope_scaling"]["rope_type"] == "llama3"
+    assert tok.eos_token_ids == {2, 3}
+    periods = 10000.0 ** (np.arange(0, 64, 2) / 64) * factors
+    np.testing.assert_allclose(np.array(model.model.layers[0].self_attn.rope._freqs), periods, rtol=1e-5)
+    ids = list(range(10, 40))
+    got = np.array(model(mx.array([ids]))[0].astype(mx.float32))
+    want = reference_logits(
+        gguf_tensors(path), ids, heads=HEADS, kv_heads=KV_HEADS, n_layers=LAYERS, base=10000.0, eps=1e-5
+    )
+    assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()
+
+    odd = write_tiny(
+        files / "odd-rope.gguf", "Q8_0", extra_tensors={"rope_freqs.weight": (factors[::-1].copy(), None)}
+    )
+    with pytest.raises(ModelLoadError, match="rope_freqs"):
+        load(odd, cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("wtype", ["Q4_K", "Q6_K", "F16"])
+def test_memory_estimate_matches_the_loaded_model(files: Path, tmp_path: Path, wtype: str) -> None:
+    path = write_tiny(files / f"mem-{wtype}.gguf", wtype, tied=True)
+    model, _ = load(path, cache_dir=tmp_path, dtype=mx.float32)
+    loaded = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    assert inspect(path).memory_bytes(float_bytes=4) == loaded

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -74,10 +74,28 @@ class GGUFInfo:
     weight_bytes: int  # tensor data as stored in the file
     file_bytes: int
     problem: Optional[str]  # why it cannot be loaded, or None
+    # (GGML type name, element count) of every tensor, for memory_bytes
+    tensor_sizes: tuple[tuple[str, int], ...] = field(default=(), repr=False)
 
     @property
     def loadable(self) -> bool:
         return self.problem is None
+
+    def memory_bytes(
+        self, float_bytes: int = 4, requantize_bits: Optional[int] = DEFAULT_REQUANTIZE_BITS
+    ) -> int:
+        """Bytes of the loaded weights: packed integers stay packed, everything float takes
+        `float_bytes` (4 for float32 on CPU, 2 for float16/bfloat16)."""
+        total = 0
+        for type_name, n in self.tensor_sizes:
+            bits = quant.EXACT[type_name][0] if type_name in quant.EXACT else None
+            if bits is None and type_name not in quant.DENSE and requantize_bits:
+                bits = requantize_bits
+            if bits is None or n % quant.GROUP:
+                total += n * float_bytes
+            else:  # packed integers plus a scale and a bias per group of 32
+                total += n * bits // 8 + 2 * (n // quant.GROUP) * float_bytes
+        return total
 
 
 def _meta(header: GGUFHeader, key: str, default: Any = None) -> Any:
@@ -96,8 +114,9 @@ def _problem(header: GGUFHeader) -> Optional[str]:
     for t in header.tensors:
         if not quant.supported(t.type_name):
             return f"tensor {t.name} is of GGML type {t.type_name}, which cannot be read"
-    if any(t.name == "rope_freqs.weight" for t in header.tensors):
-        return "per-frequency RoPE factors (rope_freqs.weight, Llama 3.1-style) are not supported"
+    _, rope_problem = _rope_freqs_scaling(header)
+    if rope_problem:
+        return rope_problem
     scaling = _meta(header, "rope.scaling.type")
     if scaling not in (None, "none", "linear", "yarn"):
         return f"RoPE scaling {scaling!r} is not supported"
@@ -139,7 +158,43 @@ def inspect(path: str | Path) -> GGUFInfo:
         weight_bytes=sum(t.n_bytes for t in header.tensors),
         file_bytes=header.file_bytes,
         problem=_problem(header),
+        tensor_sizes=tuple((t.type_name, int(np.prod(t.shape))) for t in header.tensors),
     )
+
+
+ROPE_FREQS = "rope_freqs.weight"
+
+
+def _rope_freqs_scaling(header: GGUFHeader) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+    """Llama 3.1-style RoPE scaling, which llama.cpp stores as per-frequency factors in a
+    `rope_freqs.weight` tensor instead of metadata: recover mlx-lm's `llama3` rope_scaling
+    whose factors equal the stored ones, or name the problem."""
+    info = next((t for t in header.tensors if t.name == ROPE_FREQS), None)
+    if info is None:
+        return None, None
+    if info.type_name != "F32":
+        return None, f"{ROPE_FREQS} of type {info.type_name} is not supported"
+    stored = np.asarray(tensor_bytes(header.path, info)).view("<f4").reshape(-1).astype(np.float64)
+    base = float(_meta(header, "rope.freq_base", 10000.0))
+    dims = 2 * stored.size
+    wavelen = 2 * np.pi * base ** (np.arange(0, dims, 2) / dims)
+    factor = float(stored.max())
+    originals = [_meta(header, "rope.scaling.original_context_length"), 8192]
+    for original in [int(o) for o in originals if o]:
+        low, high = 1.0, 4.0  # the values every Llama 3.x release uses
+        smooth = (original / wavelen - low) / (high - low)
+        expected = np.where(
+            wavelen < original / high,
+            1.0,
+            np.where(wavelen > original / low, factor, 1 / ((1 - smooth) / factor + smooth)),
+        )
+        if np.allclose(expected, stored, rtol=1e-5, atol=0):
+            scaling = {
+                "rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                "high_freq_factor": high, "original_max_position_embeddings": original,
+            }
+            return scaling, None
+    return None, f"{ROPE_FREQS} holds RoPE factors that match no Llama 3 scaling"
 
 
 def model_config(header: GGUFHeader) -> dict[str, Any]:
@@ -176,10 +231,18 @@ def model_config(header: GGUFHeader) -> dict[str, Any]:
         if original:
             rope["original_max_position_embeddings"] = int(original)
         config["rope_scaling"] = rope
-    for key in ("bos_token_id", "eos_token_id", "padding_token_id"):
+    llama3, _ = _rope_freqs_scaling(header)
+    if llama3:
+        config["rope_scaling"] = llama3
+    for key in ("bos_token_id", "padding_token_id"):
         value = header.metadata.get(f"tokenizer.ggml.{key}")
         if value is not None:
             config[key.replace("padding", "pad")] = int(value)
+    # Generation stops at end of sequence, end of turn (Llama 3's <|eot_id|>) or end of message.
+    stops = [header.metadata.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    stop_ids = sorted({int(v) for v in stops if v is not None})
+    if stop_ids:
+        config["eos_token_id"] = stop_ids[0] if len(stop_ids) == 1 else stop_ids
     return config
 
 
@@ -300,6 +363,8 @@ def _convert_into(
 
     for i, t in enumerate(header.tensors):
         base, _, suffix = t.name.rpartition(".")
+        if t.name == ROPE_FREQS:  # carried by config["rope_scaling"], checked equal
+            continue
         target = names.get(base)
         if target is None or suffix not in ("weight", "bias"):
             raise ModelLoadError(
