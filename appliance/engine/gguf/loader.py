@@ -27,7 +27,10 @@ from ...errors import ModelLoadError
 from . import quant
 from .reader import GGUFHeader, read_header, tensor_bytes
 
-__all__ = ["ARCHITECTURES", "GGUFInfo", "convert", "default_dtype", "inspect", "load"]
+__all__ = [
+    "ARCHITECTURES", "GGUFInfo", "cache_folder", "convert", "default_cache_dir", "default_dtype",
+    "inspect", "load",
+]
 
 log = logging.getLogger("appliance.gguf")
 
@@ -272,6 +275,16 @@ def _name_map(header: GGUFHeader, config: dict[str, Any], model: Any) -> dict[st
         if gguf_name is not None:
             mapping[gguf_name] = base
     return mapping
+
+
+def default_cache_dir(models_dir: Optional[str | Path] = None) -> Path:
+    """Where converted GGUF files go: `models_dir`/gguf, else the user cache's models/gguf
+    (the base folder of the demo and SmolLM2 models)."""
+    if models_dir is not None:
+        return Path(models_dir).expanduser() / "gguf"
+    import platformdirs
+
+    return Path(platformdirs.user_cache_path("appliance")) / "models" / "gguf"
 
 
 def _identity(path: Path, requantize_bits: Optional[int]) -> str:
