@@ -246,3 +246,59 @@ def llama3_rope_factors(dims: int, base: float, factor: float, original: int = 8
             smooth = (original / wavelen - low) / (high - low)
             out.append(1 / ((1 - smooth) / factor + smooth))
     return np.array(out, dtype=np.float32)
+
+
+SPM_PIECES = [  # (piece, score): a small SentencePiece BPE vocabulary
+    ("▁", -1.0), ("t", -2.0), ("h", -2.1), ("e", -2.2), ("a", -2.3), ("c", -2.4), ("s", -2.5),
+    ("o", -2.6), ("n", -2.7), ("é", -2.8), ("1", -2.9), ("2", -3.0), ("▁t", -3.1), ("he", -3.2),
+    ("▁the", -3.3), ("▁c", -3.4), ("at", -3.5), ("▁cat", -3.6), ("on", -3.7), ("▁on", -3.8),
+    ("▁s", -3.9), ("at▁", -9.0), ("▁▁", -4.0), ("▁1", -4.1),
+]
+
+
+def spm_vocab() -> tuple[list[str], list[int], list[float]]:
+    """<unk>, <s>, </s>, the 256 byte-fallback tokens, then scored pieces."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [2, 3, 3] + [6] * 256
+    scores = [0.0] * len(tokens)
+    for piece, score in SPM_PIECES:
+        tokens.append(piece)
+        types.append(1)
+        scores.append(score)
+    return tokens, types, scores
+
+
+def write_tiny_spm(path: Path, seed: int = 0) -> Path:
+    """A tiny Llama with a SentencePiece vocabulary (tokenizer.ggml.model = 'llama')."""
+    tokens, types, scores = spm_vocab()
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(256)
+    w.add_embedding_length(64)
+    w.add_block_count(1)
+    w.add_feed_forward_length(128)
+    w.add_head_count(2)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(32)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_scores(scores)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    for name, shape in [
+        ("token_embd.weight", (len(tokens), 64)), ("blk.0.attn_q.weight", (64, 64)),
+        ("blk.0.attn_k.weight", (64, 64)), ("blk.0.attn_v.weight", (64, 64)),
+        ("blk.0.attn_output.weight", (64, 64)), ("blk.0.ffn_gate.weight", (128, 64)),
+        ("blk.0.ffn_up.weight", (128, 64)), ("blk.0.ffn_down.weight", (64, 128)),
+    ]:
+        w.add_tensor(name, (rng.standard_normal(shape) * 0.1).astype(np.float16))
+    for name in ("blk.0.attn_norm.weight", "blk.0.ffn_norm.weight", "output_norm.weight"):
+        w.add_tensor(name, np.ones(64, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

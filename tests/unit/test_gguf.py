@@ -297,3 +297,40 @@ def test_memory_estimate_matches_the_loaded_model(files: Path, tmp_path: Path, w
     model, _ = load(path, cache_dir=tmp_path, dtype=mx.float32)
     loaded = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     assert inspect(path).memory_bytes(float_bytes=4) == loaded
+
+
+def test_sentencepiece_vocabulary_matches_transformers(files: Path, tmp_path: Path) -> None:
+    """SentencePiece files (Llama 2, Mistral): ids equal transformers' own GGUF conversion,
+    with BOS added, byte fallback for what no piece covers, and exact round trips."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+
+    from .gguf_util import spm_vocab, write_tiny_spm
+
+    path = write_tiny_spm(files / "spm.gguf")
+    model, tok = load(path, cache_dir=tmp_path)
+    tokens, types, scores = spm_vocab()
+    reference, _ = convert_gguf_tokenizer(
+        "llama",
+        {"tokenizer_type": "llama", "tokens": tokens, "token_type": types, "scores": scores,
+         "bos_token_id": 1, "eos_token_id": 2, "unk_token_id": 0},
+    )
+    for text in ["the cat sat on the mat", "the  cat 12 café", "über 😀 猫", "a  b\n c"]:
+        ours = tok.encode(text, add_special_tokens=False)
+        assert ours == reference.encode(text, add_special_tokens=False).ids, text
+        assert tok.decode(ours) == text
+    # Text that starts with a space: llama.cpp (and sentencepiece) still prefix one, giving
+    # "▁▁the"; transformers' Metaspace skips the prefix there. We follow llama.cpp.
+    ours = tok.encode(" the", add_special_tokens=False)
+    assert [tokens[i] for i in ours] == ["▁", "▁the"]
+    assert [tokens[i] for i in reference.encode(" the", add_special_tokens=False).ids] == ["▁the"]
+    assert tok.decode(ours) == " the"
+    ids = tok.encode("the cat")
+    assert ids[0] == 1 and tokens[ids[1]] == "▁the" and tokens[ids[2]] == "▁cat"
+    assert tokens[tok.encode("😀", add_special_tokens=False)[1]] == "<0xF0>"  # byte fallback
+    assert model(mx.array([ids])).shape == (1, len(ids), len(tokens))
+    detok = tok.detokenizer
+    detok.reset()
+    for i in tok.encode("the cat on", add_special_tokens=False):
+        detok.add_token(i)
+    detok.finalize()
+    assert detok.text == "the cat on"

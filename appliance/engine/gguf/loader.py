@@ -126,8 +126,8 @@ def _problem(header: GGUFHeader) -> Optional[str]:
     kind = header.metadata.get("tokenizer.ggml.model")
     if kind is None:
         return "the file carries no tokenizer (tokenizer.ggml.model)"
-    if kind != "gpt2":
-        return f"tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2' is)"
+    if kind not in ("gpt2", "llama"):
+        return f"tokenizer model {kind!r} is not supported ('gpt2' and 'llama' are)"
     return None
 
 

@@ -2,8 +2,9 @@
 
 Byte-level BPE (`tokenizer.ggml.model == "gpt2"`: Llama 3, Qwen, SmolLM, ...): the vocabulary
 and merges from the file, the pre-tokenizer chosen by `tokenizer.ggml.pre` the way llama.cpp
-chooses its split expressions, control tokens as special tokens, BOS/EOS/UNK/PAD and the chat
-template from the metadata. SentencePiece vocabularies (`"llama"`) are refused for now.
+chooses its split expressions. SentencePiece BPE (`"llama"`: Llama 2, Mistral, TinyLlama):
+pieces, scores and byte-fallback tokens. Both: control tokens as special tokens,
+BOS/EOS/UNK/PAD and the chat template from the metadata.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
 # Pre-tokenizers for which llama.cpp takes a word found whole in the vocabulary as it is.
 _IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe", "dbrx", "smaug-bpe", "falcon3"}
 
-CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
+NORMAL, CONTROL, USER_DEFINED = 1, 3, 4  # tokenizer.ggml.token_type values
+SPACE = "\u2581"  # SentencePiece's visible space
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -67,55 +69,31 @@ def _as_list(value: Any) -> list[Any]:
 
 def build_tokenizer(metadata: dict[str, Any], source: str) -> Any:
     """A transformers PreTrainedTokenizerFast for the file's vocabulary (not yet wrapped)."""
-    from tokenizers import (
-        AddedToken,
-        Regex,
-        Tokenizer,
-        decoders,
-        models,
-        pre_tokenizers,
-        processors,
-    )
+    from tokenizers import AddedToken, Tokenizer, processors
     from transformers import PreTrainedTokenizerFast
 
     kind = metadata.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ModelLoadError(
-            f"{source}: tokenizer model {kind!r} is not supported; byte-level BPE ('gpt2', as "
-            "in Llama 3, Qwen and SmolLM files) is"
-        )
-    pre = str(metadata.get("tokenizer.ggml.pre", "default"))
-    if pre not in PRE_TOKENIZERS:
-        raise ModelLoadError(f"{source}: pre-tokenizer {pre!r} is not supported")
-    tokens: list[str] = list(metadata["tokenizer.ggml.tokens"])
+    tokens: list[str] = list(metadata.get("tokenizer.ggml.tokens") or [])
+    if not tokens:
+        raise ModelLoadError(f"{source}: the file carries no vocabulary (tokenizer.ggml.tokens)")
     types = _as_list(metadata.get("tokenizer.ggml.token_type", [1] * len(tokens)))
-    merges_raw = metadata.get("tokenizer.ggml.merges")
-    if merges_raw is None:
-        raise ModelLoadError(f"{source}: byte-level BPE vocabulary without merges")
-
-    alphabet = _byte_alphabet()
-    spelled = set(alphabet.values())
-    vocab: dict[str, int] = {}
-    for index, token in enumerate(tokens):
-        # Some converters store added tokens as plain text rather than in the byte alphabet.
-        if not set(token) <= spelled:
-            token = "".join(alphabet[b] for b in token.encode("utf-8"))
-        vocab.setdefault(token, index)
-    merges = [tuple(m.split(" ", 1)) for m in merges_raw]
-    bpe = models.BPE(vocab=vocab, merges=merges, ignore_merges=pre in _IGNORE_MERGES)
-    tok = Tokenizer(bpe)
-    splits = [
-        pre_tokenizers.Split(Regex(expr), behavior="isolated") for expr in PRE_TOKENIZERS[pre]
-    ]
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
-    tok.decoder = decoders.ByteLevel()
+    if kind == "gpt2":
+        tok, vocab, spelled = _byte_level(metadata, tokens, source)
+        add_bos_default = False
+    elif kind == "llama":
+        tok, vocab = _sentencepiece(metadata, tokens, types)
+        spelled = None
+        add_bos_default = True  # llama.cpp's default for SentencePiece vocabularies
+    else:
+        raise ModelLoadError(
+            f"{source}: tokenizer model {kind!r} is not supported; byte-level BPE ('gpt2': "
+            "Llama 3, Qwen, SmolLM) and SentencePiece BPE ('llama': Llama 2, Mistral) are"
+        )
 
     special = [
         AddedToken(t, special=True, normalized=False)
         for t, kind_ in zip(tokens, types, strict=False)
-        if kind_ == CONTROL and set(t) <= spelled
+        if kind_ == CONTROL and (spelled is None or set(t) <= spelled)
     ]
     tok.add_special_tokens(special)
     user = [
@@ -131,7 +109,7 @@ def build_tokenizer(metadata: dict[str, Any], source: str) -> Any:
         return tokens[int(index)] if index is not None and 0 <= int(index) < len(tokens) else None
 
     bos, eos = token_of("bos_token_id"), token_of("eos_token_id")
-    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
+    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos_default))
     add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
     if (add_bos and bos) or (add_eos and eos):
         first = [bos] if add_bos and bos else []
@@ -142,7 +120,7 @@ def build_tokenizer(metadata: dict[str, Any], source: str) -> Any:
         tok.post_processor = processors.TemplateProcessing(
             single=single, pair=pair, special_tokens=list(ids.items())
         )
-    else:
+    elif kind == "gpt2":
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
 
     kwargs: dict[str, Any] = {
@@ -158,9 +136,80 @@ def build_tokenizer(metadata: dict[str, Any], source: str) -> Any:
     context = metadata.get(f"{metadata.get('general.architecture')}.context_length")
     if context:
         kwargs["model_max_length"] = int(context)
+    assert isinstance(tok, Tokenizer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, **{k: v for k, v in kwargs.items() if v is not None}
     )
+
+
+def _byte_level(metadata: dict[str, Any], tokens: list[str], source: str) -> tuple[Any, dict[str, int], set[str]]:
+    """Byte-level BPE: the file's vocabulary and merges, split the way `pre` names."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    pre = str(metadata.get("tokenizer.ggml.pre", "default"))
+    if pre not in PRE_TOKENIZERS:
+        raise ModelLoadError(f"{source}: pre-tokenizer {pre!r} is not supported")
+    merges_raw = metadata.get("tokenizer.ggml.merges")
+    if merges_raw is None:
+        raise ModelLoadError(f"{source}: byte-level BPE vocabulary without merges")
+    alphabet = _byte_alphabet()
+    spelled = set(alphabet.values())
+    vocab: dict[str, int] = {}
+    for index, token in enumerate(tokens):
+        # Some converters store added tokens as plain text rather than in the byte alphabet.
+        if not set(token) <= spelled:
+            token = "".join(alphabet[b] for b in token.encode("utf-8"))
+        vocab.setdefault(token, index)
+    merges = [tuple(m.split(" ", 1)) for m in merges_raw]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre in _IGNORE_MERGES))
+    splits = [
+        pre_tokenizers.Split(Regex(expr), behavior="isolated") for expr in PRE_TOKENIZERS[pre]
+    ]
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    return tok, vocab, spelled
+
+
+def _sentencepiece(metadata: dict[str, Any], tokens: list[str], types: list[int]) -> tuple[Any, dict[str, int]]:
+    """SentencePiece BPE as llama.cpp runs it: spaces become '▁' (one prefixed to the text and
+    after each special token), adjacent pieces merge best score first, and what no piece
+    covers falls back to <0xXX> byte tokens."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    scores = _as_list(metadata.get("tokenizer.ggml.scores", [0.0] * len(tokens)))
+    vocab: dict[str, int] = {}
+    for index, token in enumerate(tokens):
+        vocab.setdefault(token, index)
+    # Merging the pair whose result scores best is BPE with merges ranked by that score.
+    merges: list[tuple[str, str, float]] = []
+    for token, kind, score in zip(tokens, types, scores, strict=False):
+        if kind != NORMAL:
+            continue
+        for i in range(1, len(token)):
+            left, right = token[:i], token[i:]
+            if left in vocab and right in vocab:
+                merges.append((left, right, float(score)))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[int(unk_id)] if unk_id is not None else None
+    tok = Tokenizer(
+        models.BPE(
+            vocab=vocab, merges=[(a, b) for a, b, _ in merges], unk_token=unk,
+            fuse_unk=True, byte_fallback=True,
+        )
+    )
+    prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+    steps = [normalizers.Replace(" ", SPACE)]
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.Prepend(SPACE), *steps] if prefix else steps
+    )
+    parts = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prefix:
+        parts.append(decoders.Strip(" ", 1, 0))
+    tok.decoder = decoders.Sequence(parts)
+    return tok, vocab
 
 
 def _byte_alphabet() -> dict[int, str]:
