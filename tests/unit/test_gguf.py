@@ -334,3 +334,16 @@ def test_sentencepiece_vocabulary_matches_transformers(files: Path, tmp_path: Pa
         detok.add_token(i)
     detok.finalize()
     assert detok.text == "the cat on"
+
+
+def test_dequantized_load_gives_the_same_model(files: Path, tmp_path: Path) -> None:
+    path = write_tiny(files / "deq.gguf", "Q4_K", seed=17)
+    quantized, tok = load(path, cache_dir=tmp_path, dtype=mx.float32)
+    dense, _ = load(path, cache_dir=tmp_path, dtype=mx.float32, dequantize=True)
+    assert not any(hasattr(m, "bits") for _, m in dense.named_modules())
+    params = dict(tree_flatten(dense.parameters()))
+    assert params["model.layers.0.mlp.up_proj.weight"].dtype == mx.float32
+    assert sum(v.nbytes for v in params.values()) == inspect(path).memory_bytes(4, dequantize=True)
+    ids = mx.array([tok.encode("the theatre on the")])
+    a, b = np.array(quantized(ids)), np.array(dense(ids))
+    assert np.abs(a - b).max() < 1e-4 * np.abs(a).max()

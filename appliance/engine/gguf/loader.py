@@ -85,10 +85,15 @@ class GGUFInfo:
         return self.problem is None
 
     def memory_bytes(
-        self, float_bytes: int = 4, requantize_bits: Optional[int] = DEFAULT_REQUANTIZE_BITS
+        self,
+        float_bytes: int = 4,
+        requantize_bits: Optional[int] = DEFAULT_REQUANTIZE_BITS,
+        dequantize: bool = False,
     ) -> int:
-        """Bytes of the loaded weights: packed integers stay packed, everything float takes
-        `float_bytes` (4 for float32 on CPU, 2 for float16/bfloat16)."""
+        """Bytes of the loaded weights: packed integers stay packed (unless `dequantize`),
+        everything float takes `float_bytes` (4 for float32 on CPU, 2 for float16/bfloat16)."""
+        if dequantize:
+            return sum(n for _, n in self.tensor_sizes) * float_bytes
         total = 0
         for type_name, n in self.tensor_sizes:
             bits = quant.EXACT[type_name][0] if type_name in quant.EXACT else None
@@ -461,13 +466,16 @@ def load(
     cache_dir: str | Path,
     dtype: Any = None,
     requantize_bits: Optional[int] = DEFAULT_REQUANTIZE_BITS,
+    dequantize: bool = False,
     progress: Optional[Callable[[str], None]] = None,
 ) -> tuple[Any, Any]:
     """Load the GGUF file at `path` as `(model, tokenizer)`: an mlx-lm model and mlx-lm's
     TokenizerWrapper. Converts into `cache_dir` on first use (see `convert`).
 
     `dtype`: the dtype of every float tensor (dense weights, norms, quantization scales and
-    biases); None picks `default_dtype()` for the current device. Packed weights stay packed.
+    biases); None picks `default_dtype()` for the current device. Packed weights stay packed
+    unless `dequantize`: then every layer becomes dense in `dtype` (several times the memory;
+    on CPU with an optimized BLAS, dense float32 prefill is far faster than quantized).
     Must run on the thread that will use the model (MLX streams belong to their thread).
     """
     import mlx.core as mx
@@ -481,6 +489,10 @@ def load(
         model, tokenizer = mlx_load(str(folder))[:2]
     except (ValueError, FileNotFoundError, OSError) as e:
         raise ModelLoadError(f"{path}: converted model in {folder} does not load: {e}") from e
+    if dequantize:
+        from mlx_lm.utils import dequantize_model
+
+        model = dequantize_model(model)
     model.set_dtype(dtype)
     mx.eval(model.parameters())
     return model, tokenizer
