@@ -27,8 +27,12 @@ def test_usage_stops_at_the_token_that_completed_the_stop_string(demo_model_dir:
         gen = Generation("demo", [1, 2, 3], params)
         for t in ids[:6]:  # six tokens came in before the reader looked
             gen.push(t, None, None, None, 0.0)
-        run = Run(gen, tok, Prepared([1, 2, 3], params, None, None, (), False),
-                  deadline=asyncio.get_running_loop().time() + 30)
+        run = Run(
+            gen,
+            tok,
+            Prepared([1, 2, 3], params, None, None, (), False),
+            deadline=asyncio.get_running_loop().time() + 30,
+        )
         text = ""
         async for step in run.steps():
             assert step is not None
