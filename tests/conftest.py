@@ -37,9 +37,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# Test appliances serve the demo model unless a test says otherwise (the base config's default,
+# SmolLM2, is for answers; the demo model is for speed).
+DEMO = ("models.default=demo", "models.auto_load=[demo]")
+
+
+def with_demo(overrides: tuple[str, ...] | list[str]) -> list[str]:
+    """`overrides`, plus the demo model as default and auto-load where they don't say."""
+    said = {o.lstrip("+").split("=", 1)[0] for o in overrides}
+    return [*(d for d in DEMO if d.split("=", 1)[0] not in said), *overrides]
+
+
 @pytest.fixture(scope="session")
 def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An XDG cache folder holding the demo model, built once for the whole session."""
+    """An XDG cache folder holding the demo model, built once for the whole session, and the
+    SmolLM2 file (linked from the user's model cache, where `make test` fetched it)."""
+    from appliance.engine.builtin import SMOLLM2_FILE, smollm2_dir
+
     cache = tmp_path_factory.mktemp("xdg-cache")
     env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
     subprocess.run(
@@ -49,6 +63,11 @@ def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         timeout=300,
         capture_output=True,
     )
+    real = smollm2_dir() / SMOLLM2_FILE
+    if real.is_file():
+        target = cache / "appliance" / "models" / "smollm2"
+        target.mkdir(parents=True, exist_ok=True)
+        (target / SMOLLM2_FILE).symlink_to(real)
     return cache
 
 
@@ -95,7 +114,13 @@ class Appliance:
         home.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "appliance", f"server.port={self.port}", *self.overrides],
+            [
+                sys.executable,
+                "-m",
+                "appliance",
+                f"server.port={self.port}",
+                *with_demo(self.overrides),
+            ],
             cwd=home,
             env=self.env,
             stdout=self._log,

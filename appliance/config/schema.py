@@ -87,8 +87,9 @@ class ModelSpec:
 
     path: str = key(
         "builtin:demo",
-        "A local model folder, a hub id in the local cache, or builtin:demo.",
-        check=Holds(bool, "a model folder, hub id or builtin:demo"),
+        "A local model folder (MLX or Hugging Face layout), a .gguf file, a hub id in the local "
+        "cache, builtin:smollm2 (a real instruct model) or builtin:demo (tiny, meaningless).",
+        check=Holds(bool, "a model folder, .gguf file, hub id, builtin:smollm2 or builtin:demo"),
     )
     context_length: int = key(
         4096, "Prompt plus generated tokens, at most.", check=Between(16, unit="tokens")
@@ -145,14 +146,20 @@ class ModelSpec:
 
 
 def _default_catalog() -> dict[str, ModelSpec]:
-    return {"demo": ModelSpec(path="builtin:demo", context_length=2048, max_tokens=512)}
+    return {
+        # SmolLM2-135M-Instruct (Apache-2.0): answers real questions; fetched by `make run`.
+        "smollm2": ModelSpec(path="builtin:smollm2", context_length=8192, max_tokens=2048),
+        # Tiny and meaningless, built on first use: for tests and benchmarks.
+        "demo": ModelSpec(path="builtin:demo", context_length=2048, max_tokens=512),
+    }
 
 
 @dataclass
 class ModelsConfig:
-    default: str = key("demo", "The model of a request that names none (a catalog name).")
+    default: str = key("smollm2", "The model of a request that names none (a catalog name).")
     auto_load: List[str] = key(
-        help="Models loaded at start (and pinned against idle eviction).", factory=lambda: ["demo"]
+        help="Models loaded at start (and pinned against idle eviction).",
+        factory=lambda: ["smollm2"],
     )
     prompt_cache_bytes: int = key(
         256 * 1024 * 1024,
@@ -176,8 +183,10 @@ class ModelsConfig:
         True,
         "CUDA: decode attention over padded batch rows in one kernel, not MLX's four-op fallback.",
     )
-    demo_dir: Optional[str] = key(
-        None, "Where the embedded demo model is built (null: the user cache folder)."
+    builtin_dir: Optional[str] = key(
+        None,
+        "Where the built-in models live (the demo model is built there, SmolLM2 fetched "
+        "there) and GGUF files are converted to (null: the user cache folder's models/).",
     )
     catalog: Dict[str, ModelSpec] = key(
         help="The models this appliance may serve, by name.",

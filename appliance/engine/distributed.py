@@ -115,13 +115,14 @@ def run_follower(models: Any) -> int:
     """The whole life of a rank other than 0: load its shard of models.default, then follow."""
     import asyncio
 
+    from .loading import as_folder
     from .paths import resolve_path
     from .worker import ModelWorker, batching
 
     grp = group()
     name = models.default
     spec = models.catalog[name]
-    path = str(resolve_path(spec, models.demo_dir))
+    path = str(as_folder(resolve_path(spec, models.builtin_dir), models.builtin_dir))
     worker = ModelWorker(
         name,
         spec.path,

@@ -16,20 +16,36 @@ from ..errors import ModelLoadError
 DEMO_PREFIX = "builtin:"
 
 
-def resolve_path(spec: ModelSpec, demo_base: Optional[str]) -> Path:
-    """A catalog path to a local folder: builds the demo model, finds cached hub ids.
+BUILTINS = ("builtin:demo", "builtin:smollm2")
+
+
+def is_gguf(path: Path) -> bool:
+    return path.suffix.lower() == ".gguf" and path.is_file()
+
+
+def resolve_path(spec: ModelSpec, builtin_dir: Optional[str]) -> Path:
+    """A catalog path to a local model: a folder (MLX or Hugging Face layout) or a .gguf file.
+    Builds the demo model, finds SmolLM2's file and cached hub ids.
 
     Never downloads: a hub id missing from the local cache fails at once.
     """
     if spec.path.startswith(DEMO_PREFIX):
+        if spec.path == "builtin:smollm2":
+            from .builtin import smollm2_path
+
+            return smollm2_path(builtin_dir)
         if spec.path != "builtin:demo":
-            raise ModelLoadError(f"unknown builtin model {spec.path!r}; allowed: builtin:demo")
+            raise ModelLoadError(
+                f"unknown builtin model {spec.path!r}; allowed: {', '.join(BUILTINS)}"
+            )
         from .demo import ensure_demo_model
 
-        return ensure_demo_model(demo_base, shape=spec.demo_shape)
+        return ensure_demo_model(builtin_dir, shape=spec.demo_shape)
     local = Path(spec.path).expanduser()
-    if local.is_dir():
+    if local.is_dir() or is_gguf(local):
         return local
+    if local.suffix.lower() == ".gguf":
+        raise ModelLoadError(f"model file {spec.path!r} does not exist")
     if local.is_absolute() or spec.path.startswith(("~", ".")) or spec.path.count("/") != 1:
         raise ModelLoadError(f"model folder {spec.path!r} does not exist")
     try:
@@ -44,13 +60,27 @@ def resolve_path(spec: ModelSpec, demo_base: Optional[str]) -> Path:
 
 
 def estimate_bytes(path: Path, spec: ModelSpec) -> int:
-    """Weights on disk plus the KV cache of one full context, from config.json."""
-    weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    """Weights as loaded plus the KV cache of one full context."""
+    if is_gguf(path):
+        from . import gguf
+        from .mlx_ext.cuda import on_cuda
+
+        info = gguf.inspect(path)
+        if info.problem:
+            raise ModelLoadError(f"{path}: {info.problem}")
+        float_bytes = 2 if on_cuda() else 4  # float32 compute on the CPU (gguf.default_dtype)
+        weights = info.memory_bytes(float_bytes=float_bytes)
+    else:
+        weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     return weights + kv_bytes_per_token(path) * spec.context_length
 
 
 def kv_bytes_per_token(path: Path) -> int:
     """KV cache bytes per token (2 * layers * kv_heads * head_dim * dtype), 0 when unknown."""
+    if is_gguf(path):
+        from . import gguf
+
+        return int(gguf.inspect(path).kv_bytes_per_token)
     try:
         cfg = json.loads((path / "config.json").read_text())
         text_cfg = cfg.get("text_config", cfg)

@@ -13,6 +13,7 @@ from ..config import ModelsConfig, ModelSpec
 from ..errors import EngineFailure, InsufficientMemory, ModelLoadError, ModelNotFound
 from . import distributed
 from .memory import free_bytes, mlx_active
+from .loading import as_folder, load_model
 from .paths import estimate_bytes, kv_bytes_per_token, resolve_path
 from .process import AnyWorker, ProcessWorker
 from .types import ModelInfo
@@ -120,7 +121,7 @@ class ModelRegistry:
 
             def prepare() -> Path:
                 # On the model's own thread: resolve the folder, check the memory it needs.
-                path = resolve_path(spec, self.cfg.demo_dir)
+                path = resolve_path(spec, self.cfg.builtin_dir)
                 need = estimate_bytes(path, spec)
                 info.memory_estimate_bytes = need
                 info.extra["kv_bytes_per_token"] = kv_bytes_per_token(path)
@@ -139,23 +140,20 @@ class ModelRegistry:
             def loader() -> tuple[Any, Any]:
                 path = prepare()
                 if grp is not None:
-                    return distributed.load_sharded(str(path))
-                from mlx_lm import load
-
-                try:
-                    model, tokenizer = load(
-                        str(path), tokenizer_config={"trust_remote_code": spec.trust_remote_code}
-                    )[:2]
-                except Exception as exc:
-                    raise ModelLoadError(f"model {name!r} could not be loaded: {exc}") from None
-                return model, tokenizer
+                    return distributed.load_sharded(str(as_folder(path, self.cfg.builtin_dir)))
+                return load_model(
+                    name,
+                    path,
+                    builtin_dir=self.cfg.builtin_dir,
+                    trust_remote_code=spec.trust_remote_code,
+                )
 
             worker: AnyWorker
             if spec.engine_process and grp is None:
                 worker = ProcessWorker(
                     name,
                     spec.path,
-                    prepare=prepare,
+                    prepare=lambda: as_folder(prepare(), self.cfg.builtin_dir),
                     loop=loop,
                     batching=batching(spec),
                     prompt_cache_bytes=self.cfg.prompt_cache_bytes,

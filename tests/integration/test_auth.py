@@ -121,7 +121,7 @@ def test_openai_client(module_appliance: Any) -> None:
         model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=2
     )
     assert out.usage is not None and out.usage.completion_tokens >= 1
-    assert [m.id for m in ok.models.list()] == ["demo"]
+    assert [m.id for m in ok.models.list()] == ["smollm2", "demo"]
     wrong = openai.OpenAI(base_url=base, api_key="sk-not-a-key", max_retries=0)
     # The client insists on a key; `omit` on the request sends none at all.
     for bad, extra in ((wrong, {}), (ok, {"Authorization": openai.omit})):

@@ -15,7 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from ..conftest import Appliance, free_port
+from ..conftest import Appliance, free_port, with_demo
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -47,7 +47,7 @@ class Group:
                 "distributed.hosts=[127.0.0.1,127.0.0.1]",
                 f"server.port={self.port}",
                 "logging.file=none",
-                *overrides,
+                *with_demo(list(overrides)),
             ],
             cwd=home,
             env=env,

@@ -19,6 +19,8 @@ from falcon.testing import ASGIConductor
 from appliance.builder import build
 from appliance.config import compose, load
 
+from ..conftest import with_demo
+
 pytestmark = pytest.mark.timeout(90)
 
 # The host guard admits only loopback names while the server is bound to loopback.
@@ -67,7 +69,7 @@ def test_readyz_turns_200_once_auto_load_is_done(
     demo_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(demo_cache))
-    appliance = build(load(compose(["logging.file=none"])))
+    appliance = build(load(compose(with_demo(["logging.file=none"]))))
 
     async def scenario() -> None:
         async with ASGIConductor(appliance.app) as conductor:

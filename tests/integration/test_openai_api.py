@@ -53,7 +53,7 @@ def sse_chunks(http: httpx.Client, path: str, body: dict[str, Any]) -> list[Any]
 def test_models_list(client: openai.OpenAI) -> None:
     models = client.models.list()
     ids = [m.id for m in models.data]
-    assert ids == ["demo"]
+    assert ids == ["smollm2", "demo"]
     assert all(m.object == "model" for m in models.data)
 
 

@@ -11,6 +11,8 @@ from appliance.config import compose, load
 from appliance.engine.service import Engine
 from appliance.engine.types import SamplingParams
 
+from ..conftest import with_demo
+
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -28,7 +30,7 @@ def test_an_exact_hit_reuses_all_but_the_last_prompt_token(
     demo_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(demo_cache))
-    cfg = load(compose(["logging.file=none", "models.prompt_cache_min_tokens=0"]))
+    cfg = load(compose(with_demo(["logging.file=none", "models.prompt_cache_min_tokens=0"])))
 
     async def scenario() -> None:
         engine = Engine(cfg.models, cfg.limits)
@@ -61,7 +63,11 @@ def test_a_cached_prefix_shorter_than_the_minimum_is_prefilled_again(
     monkeypatch.setenv("XDG_CACHE_HOME", str(demo_cache))
 
     async def reused(min_tokens: int) -> tuple[int, int]:
-        cfg = load(compose(["logging.file=none", f"models.prompt_cache_min_tokens={min_tokens}"]))
+        cfg = load(
+            compose(
+                with_demo(["logging.file=none", f"models.prompt_cache_min_tokens={min_tokens}"])
+            )
+        )
         engine = Engine(cfg.models, cfg.limits)
         try:
             tok = (await engine.model("demo")).tokenizer
@@ -89,7 +95,7 @@ def test_a_shared_prefix_is_reused_through_the_appliances_lookup_and_changes_not
     monkeypatch.setenv("XDG_CACHE_HOME", str(demo_cache))
 
     async def scenario() -> None:
-        cfg = load(compose(["logging.file=none", "models.prompt_cache_min_tokens=0"]))
+        cfg = load(compose(with_demo(["logging.file=none", "models.prompt_cache_min_tokens=0"])))
         engine = Engine(cfg.models, cfg.limits)
         fresh = Engine(cfg.models, cfg.limits)
         try:
@@ -215,7 +221,7 @@ def test_kept_caches_hold_no_more_memory_than_the_cache_counts(
     monkeypatch.setenv("XDG_CACHE_HOME", str(demo_cache))
 
     async def scenario() -> tuple[int, int, int]:
-        cfg = load(compose(["logging.file=none"]))
+        cfg = load(compose(with_demo(["logging.file=none"])))
         engine = Engine(cfg.models, cfg.limits)
         try:
             worker = await engine.model("demo")

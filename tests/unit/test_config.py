@@ -21,10 +21,11 @@ def test_there_are_profiles() -> None:
     assert {"mono512", "safe-mode"} <= set(PROFILES)
 
 
-def test_base_config_is_loopback_with_the_demo_model() -> None:
+def test_base_config_is_loopback_with_smollm2() -> None:
     cfg = load(compose([]))
     assert cfg.server.host == "127.0.0.1"
-    assert cfg.models.catalog[cfg.models.default].path == "builtin:demo"
+    assert cfg.models.catalog[cfg.models.default].path == "builtin:smollm2"
+    assert cfg.models.catalog["demo"].path == "builtin:demo"
     assert cfg.models.default in cfg.models.auto_load
     assert cfg.rate_limits.inference is None and cfg.rate_limits.admin is None
 
