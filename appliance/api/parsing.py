@@ -490,7 +490,9 @@ def parse_chat(body: dict[str, Any], vocab_size: int = 1 << 31) -> OpenAIChat:
         messages=messages,
         tools=_tools(body),
         tool_choice=_tool_choice(body),
-        parallel_tool_calls=boolean(body, "parallel_tool_calls", True),
+        parallel_tool_calls=body.get("parallel_tool_calls")
+        if boolean(body, "parallel_tool_calls") or body.get("parallel_tool_calls") is False
+        else None,
         response_format=_response_format(body),
         reasoning=think,
         template_kwargs=kwargs,

@@ -73,7 +73,9 @@ class ChatRequest:
     prompt: Union[None, str, tuple[int, ...]] = None  # a raw completion prompt: no template
     tools: tuple[Tool, ...] = ()
     tool_choice: ToolChoice = ToolChoice()
-    parallel_tool_calls: bool = True
+    # Several calls in one answer: None (not asked) lets a free answer make several and a
+    # forced one make exactly one; True lets a forced answer make several too.
+    parallel_tool_calls: Optional[bool] = None
     response_format: Optional[ResponseFormat] = None
     reasoning: Optional[bool] = None  # the template's thinking switch; None: its default
     template_kwargs: Mapping[str, Any] = field(default_factory=dict)
@@ -210,7 +212,7 @@ def _grammar(
             text = tool_grammar.grammar(
                 family,
                 tools,
-                parallel=request.parallel_tool_calls and choice.mode == "required",
+                parallel=request.parallel_tool_calls is True and choice.mode == "required",
                 force=choice.name if choice.mode == "named" else None,
                 special=fmt.special,
                 reasoning=thinking,
