@@ -90,7 +90,9 @@ class Generate:
         arrivals = self.engine.arrivals
         arrivals.on_the_way(req.scope)
         try:
-            return await self._begin(req, common, prompt_of, raw_prompt)
+            gen, tok = await self._begin(req, common, prompt_of, raw_prompt)
+            req.context.generation = gen  # the access log's token counts
+            return gen, tok
         finally:
             arrivals.admitting(req.scope)  # normally done already, just before the submit
 

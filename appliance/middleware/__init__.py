@@ -27,7 +27,7 @@ def stack(cfg: AppConfig, reject: Reject, mlx_active: Callable[[], Optional[int]
     reads MLX's active bytes (load shedding)."""
     table: dict[str, Callable[[], Any]] = {
         "request_id": RequestId,
-        "access_log": AccessLog,
+        "access_log": lambda: AccessLog(cfg.metrics.path),
         "host_guard": lambda: HostGuard(cfg.server, reject),
         "body_limit": lambda: BodyLimit(cfg.limits, reject),
         "cors": lambda: Cors(cfg.security),

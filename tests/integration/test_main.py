@@ -125,6 +125,10 @@ def test_real_start_and_clean_stop(demo_cache: Path, tmp_path: Path, sig: int) -
     log_file = state / "appliance" / "log" / "appliance.log"
     lines = [json.loads(line) for line in log_file.read_text().splitlines()]
     assert lines and all({"time", "level", "event"} <= set(rec) for rec in lines)
+    assert not any("color_message" in rec for rec in lines)
+    # stderr is not a terminal (as under launchd or systemd): the lines went to the file only,
+    # and stderr says where, once.
+    assert output.strip().splitlines() == [f"logging to {log_file}"], output
     # The port is free again: the process really stopped serving.
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
