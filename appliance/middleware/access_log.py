@@ -40,22 +40,29 @@ class AccessLog:
 
     async def process_response(self, req: Req, resp: Resp, resource: Any, ok: bool) -> None:
         if resp.sse is not None:
-            resp.sse = self._logged_stream(resp.sse, req, resp)
+            resp.sse = self._logged_stream(resp.sse, req, resp.status_code)
             return
-        self.write(req, resp, stream=False)
+        self.write(req, resp.status_code, stream=False)
 
     async def _logged_stream(
-        self, events: AsyncIterator[Any], req: Req, resp: Resp
+        self, events: AsyncIterator[Any], req: Req, status: int
     ) -> AsyncIterator[Any]:
-        # Falcon drops a stream whose client left without closing it: the line is then
-        # written when the generator is finalised.
+        # Falcon drops a stream whose client left without closing it: this generator is then
+        # finalised at once (it holds no reference back to the response, so no cycle delays
+        # it), closes the inner one (which frees the batch slot) and writes the line.
         try:
             async for event in events:
                 yield event
         finally:
-            self.write(req, resp, stream=True)
+            aclose = getattr(events, "aclose", None)
+            if aclose is not None:
+                try:
+                    await aclose()
+                except Exception:  # the stream's own end already went wrong; log the line
+                    pass
+            self.write(req, status, stream=True)
 
-    def write(self, req: Req, resp: Resp, *, stream: bool) -> None:
+    def write(self, req: Req, status: int, *, stream: bool) -> None:
         ctx = req.context
         t0 = getattr(ctx, "t_start", None)
         gen = getattr(ctx, "generation", None)
@@ -67,13 +74,13 @@ class AccessLog:
             "%s %s %s",
             req.method,
             req.path,
-            resp.status_code,
+            status,
             extra={
                 "request_id": getattr(ctx, "request_id", None),
                 "api": api_of(req.path, self.metrics_path),
                 "method": req.method,
                 "path": req.path,
-                "status": resp.status_code,
+                "status": status,
                 "model": getattr(ctx, "model", None),
                 "prompt_tokens": prompt,
                 "completion_tokens": completion,
