@@ -192,6 +192,7 @@ class ModelRegistry:
             self._workers[name] = worker
             info.state = "loaded"
             info.loaded_at = time.time()
+            info.load_seconds = round(seconds, 3)
             info.last_used = info.last_used or info.loaded_at
             log.info("model %s loaded in %.2f s", name, seconds)
             self._emit("loaded", name, seconds=seconds)
