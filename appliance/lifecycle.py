@@ -41,7 +41,7 @@ class Lifecycle:
         self.safe_mode_exit: Optional[dict[str, Any]] = None
         self._normal_since = None if safe_mode_reason else self.started_at
         self._on_exit: list[Callable[[str], Any]] = []
-        self._exited = asyncio.Event()
+        self._exited: Optional[asyncio.Event] = None  # made on the loop that waits for it
         self._startup: list[Callable[[], Any]] = []
         self._shutdown: list[Callable[[], Any]] = []
         self._tasks: list[asyncio.Task[Any]] = []
@@ -92,7 +92,8 @@ class Lifecycle:
         now = time.time()
         self._normal_since = now
         self.safe_mode_exit = {"at": now, "by": how, "reason": reason}
-        self._exited.set()
+        if self._exited is not None:
+            self._exited.set()
         log.warning(
             "safe mode ended (%s) after %.0f s: normal limits and loads from now on",
             "by an admin" if how == "admin" else "stable running",
@@ -110,8 +111,9 @@ class Lifecycle:
         of normal running, call mark_stable (the crash-loop history is cleared). A run that
         ends safe mode and then crashes still counts as a crash."""
         if self.safe_mode:
+            self._exited = asyncio.Event()
             try:
-                await asyncio.wait_for(self._exited.wait(), self.stable_after_s)
+                await asyncio.wait_for(self._exited.wait(), self.safe_mode_ends_in_s() or 0.0)
             except asyncio.TimeoutError:
                 self.exit_safe_mode("stable")
         since = self._normal_since if self._normal_since is not None else time.time()
