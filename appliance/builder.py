@@ -24,9 +24,10 @@ from .api.generation import Generate
 from .api.openai import ChatCompletions, Completions, Models
 from .api.openapi import OpenAPI
 from .api.probes import Live, Ready
-from .config import AppConfig
+from .config import AppConfig, safe_mode_overlay
 from .engine import memory
 from .engine.distributed import GroupStatus, world
+from .engine.limits import Limits, LimitsInForce
 from .engine.service import Engine
 from .health import Health
 from .helper_nodes import HelperNodes
@@ -70,12 +71,27 @@ def build(
     registry: Optional[CollectorRegistry] = None,
     state: Optional[StateStore] = None,
     safe_mode_reason: Optional[str] = None,
+    safe: Optional[AppConfig] = None,
 ) -> Service:
-    """Assemble the appliance from the typed config; nothing starts until the lifespan runs."""
-    engine = engine or Engine(cfg.models, cfg.limits)
-    lifecycle = Lifecycle(safe_mode_reason)
+    """Assemble the appliance from the typed config; nothing starts until the lifespan runs.
+
+    `safe_mode_reason`: start in safe mode (a crash loop); `safe`: the safe-mode profile merged
+    over the config, whose limits are in force until safe mode ends (default: the config with
+    the safe-mode profile's file merged over it)."""
+    if safe_mode_reason is not None and safe is None:
+        safe = safe_mode_config(cfg)
+    in_force = LimitsInForce(
+        Limits.of(cfg.limits, cfg.shedding),
+        Limits.of(safe.limits, safe.shedding) if safe is not None else None,
+        safe_mode=safe_mode_reason is not None,
+    )
+    engine = engine or Engine(cfg.models, cfg.limits, in_force)
+    if engine.limits_in_force is not in_force:  # an engine made by the caller (tests)
+        in_force = engine.limits_in_force
+    lifecycle = Lifecycle(safe_mode_reason, cfg.state.stable_after_s)
+    _safe_mode(lifecycle, engine, in_force, state)
     metrics = Metrics(cfg.metrics, registry)
-    health = Health(engine, lifecycle, cfg.shedding)
+    health = Health(engine, lifecycle)
     metrics.watch(health.vitals)
     engine.observe(metrics.on_request)
     engine.registry.subscribe(metrics.on_model)
@@ -84,14 +100,14 @@ def build(
     stack: list[Any] = [
         lifecycle,
         RequestCounter(metrics, app),
-        *middleware.stack(cfg, metrics.reject, memory.mlx_active),
+        *middleware.stack(cfg, metrics.reject, memory.mlx_active, in_force),
     ]
     for mw in stack:
         app.add_middleware(mw)
     api_errors.install(app)
     app.req_options.strip_url_path_trailing_slash = True
 
-    lifecycle.spawn(engine.start_up, "auto-load")
+    lifecycle.spawn(lambda: engine.start_up(load_models=not lifecycle.safe_mode), "auto-load")
     lifecycle.spawn(metrics.watch_loop_lag, "loop-lag")
     gen = Generate(engine, lifecycle, cfg.limits.max_body_bytes)
     app.add_route("/healthz", Live())
@@ -101,7 +117,7 @@ def build(
     app.add_route("/v1/models", Models(engine))
     app.add_route("/v1/chat/completions", ChatCompletions(gen))
     app.add_route("/v1/completions", Completions(gen))
-    api_admin.add_routes(app, engine, health, cfg)
+    api_admin.add_routes(app, engine, health, cfg, lifecycle)
 
     helpers = HelperNodes(
         cfg.helpers, lambda role, status: metrics.helper_requests.labels(role, status).inc()
@@ -114,7 +130,13 @@ def build(
     )
     app.add_route("/v1/rerank", Rerank(engine, lifecycle, helpers, cfg.limits.max_body_bytes))
     if state is not None:
-        _state(state, engine, health, lifecycle, cfg.state.stable_after_s)
+        _state(state, engine, health)
+    lifecycle.spawn(
+        lambda: lifecycle.watch_stable(
+            (lambda: asyncio.to_thread(state.mark_stable)) if state is not None else _nothing
+        ),
+        "stable",
+    )
     runner = TaskRunner(cfg.maintenance, TaskContext(cfg, engine, state, helpers), metrics)
     health.add_check(runner.ctx.health)
     health.add_section("maintenance", runner.status)
@@ -138,21 +160,44 @@ def build(
     return Service(cfg, app, engine, lifecycle, health, metrics, state, group)
 
 
-def _state(
-    state: StateStore, engine: Engine, health: Health, lifecycle: Lifecycle, stable_after_s: float
+def _safe_mode(
+    lifecycle: Lifecycle, engine: Engine, in_force: LimitsInForce, state: Optional[StateStore]
 ) -> None:
-    """The state file: what is loaded, recovery after an unclean exit, the stable-run mark."""
+    """Safe mode holds loads nobody asked for and keeps its limits until it ends; then the
+    normal limits come into force and the auto_load models load, without a restart."""
+    engine.load_guard = lifecycle.guard_load
+
+    def ended(how: str) -> None:
+        in_force.use(safe_mode=False)
+        if state is not None:
+            lifecycle.adopt(asyncio.ensure_future(asyncio.to_thread(state.safe_mode_ended, how)))
+        lifecycle.adopt(asyncio.ensure_future(engine.load_auto()), "auto-load")
+
+    lifecycle.on_safe_mode_exit(ended)
+
+
+def _nothing() -> None:
+    return None
+
+
+def safe_mode_config(cfg: AppConfig) -> AppConfig:
+    """The safe-mode profile's file merged over a typed config."""
+    from omegaconf import OmegaConf
+
+    merged = OmegaConf.merge(OmegaConf.structured(cfg), safe_mode_overlay())
+    safe = OmegaConf.to_object(merged)
+    assert isinstance(safe, AppConfig)
+    return safe
+
+
+def _state(state: StateStore, engine: Engine, health: Health) -> None:
+    """The state file: what is loaded, recovery after an unclean exit, lifetime counters."""
     state.attach(engine.registry.subscribe, engine.registry.loaded)
     if state.boot is not None:
         engine.recover = list(state.boot.recover)
     health.add_check(lambda: _state_reasons(state))
     health.add_section("state", state.health)
-
-    async def stable() -> None:
-        await asyncio.sleep(stable_after_s)
-        await asyncio.to_thread(state.mark_stable)
-
-    lifecycle.spawn(stable, "stable")
+    health.add_gauges(state.lifetime)
 
 
 def _state_reasons(state: StateStore) -> list[tuple[str, str]]:

@@ -36,6 +36,7 @@ REJECT_REASONS = (
     "too_large",
     "draining",
     "insufficient_memory",
+    "safe_mode",
 )
 
 # Error codes (errors.py) of refusals raised outside the middleware (admission, the drain gate,
@@ -50,6 +51,7 @@ CODE_REASONS = {
     "forbidden_host": "forbidden_host",
     "request_too_large": "too_large",
     "insufficient_memory": "insufficient_memory",
+    "safe_mode": "safe_mode",
 }
 # Probes answer 503 while draining or loading: that is their job, not a refused request.
 _NOT_COUNTED = ("/healthz", "/readyz")
@@ -80,6 +82,11 @@ class _LiveCollector(Collector):
 
         yield g("num_requests_running", "Requests in the generation batches.", e.running)
         yield g("num_requests_waiting", "Requests waiting in the admission queue.", e.waiting)
+        yield g(
+            "queued_requests",
+            "Requests waiting in the admission queue (num_requests_waiting, by another name).",
+            e.waiting,
+        )
         yield g("concurrent_limit", "limits.max_running in force.", e.max_running)
         yield g("queue_limit", "limits.max_queued in force.", e.max_queued)
         yield g("models_loaded", "Models loaded and running.", len(e.models_loaded))
@@ -89,6 +96,19 @@ class _LiveCollector(Collector):
         )
         yield g("draining", "1 while the appliance drains before exit.", 1 if v.draining else 0)
         yield g("uptime_seconds", "Seconds since the process started.", v.uptime_s)
+        for name, doc, key in (
+            ("process_starts", "Process starts over the state file's life.", "process_starts"),
+            (
+                "unclean_starts",
+                "Starts that followed an unclean exit (a crash or a kill), over the state "
+                "file's life.",
+                "unclean_starts",
+            ),
+        ):
+            if key in x:
+                starts = CounterMetricFamily(p + name, doc)
+                starts.add_metric([], float(x[key]))
+                yield starts
         mem = GaugeMetricFamily(p + "memory_bytes", "Memory in use by kind.", labels=["kind"])
         for kind in ("rss", "mlx_active", "mlx_peak", "mlx_cache"):
             value = getattr(m, kind)

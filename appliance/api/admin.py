@@ -1,4 +1,4 @@
-"""The admin API (admin key): models, load / unload, health and the redacted config.
+"""The admin API (admin key): models, load / unload, health, the redacted config, safe-mode exit.
 
 The auth middleware refuses /admin without the admin key. The resources check again
 (`req.context.is_admin`), so a `middleware:` list without `auth` leaves the admin API closed,
@@ -20,6 +20,7 @@ from ..config import AppConfig, SecurityConfig, redacted
 from ..engine.service import Engine
 from ..errors import AdminClosed, InvalidRequest
 from ..health import Health
+from ..lifecycle import Lifecycle
 
 log = logging.getLogger("appliance.admin")
 
@@ -104,6 +105,7 @@ class _Admin:
             "ttl_s": spec.ttl_s,
             "memory_estimate_bytes": info.memory_estimate_bytes,
             "loaded_at": info.loaded_at,
+            "last_load_seconds": info.load_seconds,
             "last_used": info.last_used,
             "requests_served": info.requests_served,
             "in_flight": worker.active_count if worker is not None else 0,
@@ -196,6 +198,41 @@ class AdminHealth:
         _json(resp, self.health.report())
 
 
+class AdminSafeModeExit(_Admin):
+    """POST /admin/safe-mode/exit: end safe mode now. The normal limits come into force and the
+    auto_load models load, without a restart. Answers 200 whether or not it was on."""
+
+    def __init__(self, engine: Engine, cfg: AppConfig, lifecycle: Lifecycle) -> None:
+        super().__init__(engine, cfg)
+        self.lifecycle = lifecycle
+
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        _require_admin(req, self.cfg.security)
+        chunks, size = [], 0
+        async for chunk in req.stream:
+            size += len(chunk)
+            if size > ADMIN_BODY_MAX:
+                raise InvalidRequest(f"the body is over {ADMIN_BODY_MAX} bytes")
+            chunks.append(chunk)
+        raw = b"".join(chunks).strip()
+        if raw and raw.replace(b" ", b"") != b"{}":
+            raise InvalidRequest("this route takes no body (or an empty JSON object)")
+        reason = self.lifecycle.safe_mode_reason
+        was_on = self.lifecycle.exit_safe_mode("admin")
+        if was_on:
+            log.warning("admin: safe mode ended by POST /admin/safe-mode/exit")
+        _json(
+            resp,
+            {
+                "safe_mode": self.lifecycle.safe_mode,
+                "was_on": was_on,
+                "reason": reason,
+                "limits": self.engine.limits_in_force.now.as_dict(),
+                "auto_load": list(self.cfg.models.auto_load) if was_on else [],
+            },
+        )
+
+
 _URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 # Field names that hold secrets wherever they appear (helpers' api_key, a token, a password).
 _SECRET_NAME = re.compile(r"(?:^|_)(?:key|keys|token|secret|secrets|password|passwd)$")
@@ -243,10 +280,13 @@ class AdminConfig(_Admin):
         resp.data = self._body
 
 
-def add_routes(app: falcon.asgi.App, engine: Engine, health: Health, cfg: AppConfig) -> None:
+def add_routes(
+    app: falcon.asgi.App, engine: Engine, health: Health, cfg: AppConfig, lifecycle: Lifecycle
+) -> None:
     """Register every /admin route."""
     app.add_route("/admin/models", AdminModels(engine, cfg))
     app.add_route("/admin/models/load", AdminLoad(engine, cfg))
     app.add_route("/admin/models/unload", AdminUnload(engine, cfg))
     app.add_route("/admin/health", AdminHealth(health, cfg.security))
     app.add_route("/admin/config", AdminConfig(engine, cfg))
+    app.add_route("/admin/safe-mode/exit", AdminSafeModeExit(engine, cfg, lifecycle))

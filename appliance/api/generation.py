@@ -68,7 +68,9 @@ class Generate:
         arrivals = self.engine.arrivals
         arrivals.on_the_way(req.scope)
         try:
-            return await self._start(req, request, id_factory)
+            run = await self._start(req, request, id_factory)
+            req.context.generation = run.gen  # the access log's token counts
+            return run
         finally:
             arrivals.admitting(req.scope)  # normally done already, just before the submit
 

@@ -560,6 +560,11 @@ ADMIN_MODEL: Schema = {
         "ttl_s": {"type": "number"},
         "memory_estimate_bytes": _NULLABLE_BYTES,
         "loaded_at": NULLABLE_NUM,
+        "last_load_seconds": {
+            "type": ["number", "null"],
+            "minimum": 0,
+            "description": "Seconds the last successful load took.",
+        },
         "last_used": NULLABLE_NUM,
         "requests_served": {"type": "integer", "minimum": 0},
         "in_flight": {"type": "integer", "minimum": 0},
@@ -649,7 +654,64 @@ ADMIN_HEALTH: Schema = {
         "backend": NULLABLE_STR,
         "safe_mode": {"type": "boolean"},
         "safe_mode_reason": NULLABLE_STR,
+        "safe_mode_exit": {
+            "type": "object",
+            "properties": {
+                "how": {"type": "string"},
+                "automatic_in_s": {"type": ["number", "null"], "minimum": 0},
+                "ended": {"type": ["object", "null"]},
+            },
+        },
+        "limits_in_force": {
+            "type": "object",
+            "properties": {
+                "profile": {"enum": ["normal", "safe-mode"]},
+                "max_running": {"type": "integer", "minimum": 1},
+                "max_queued": {"type": "integer", "minimum": 0},
+                "queue_timeout_s": {"type": "number"},
+                "memory_percent": {"type": "number"},
+                "mlx_active_bytes": _NULLABLE_BYTES,
+                "retry_after_s": {"type": "integer"},
+            },
+        },
+        "memory_usage_percent": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 100,
+            "description": "system_memory_percent, by the hardening plan's name.",
+        },
+        "metal": {
+            "type": "object",
+            "description": "MLX memory in GB (10^9 bytes) on every backend, by the hardening "
+            "plan's name; null where there is no MLX.",
+            "properties": {
+                k: {"type": ["number", "null"], "minimum": 0}
+                for k in ("active_memory_gb", "peak_memory_gb", "cache_memory_gb")
+            },
+        },
+        "in_flight_requests": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "Requests running or waiting for a slot.",
+        },
         "draining": {"type": "boolean"},
+    },
+}
+ADMIN_SAFE_MODE_EXIT_REQUEST: Schema = {
+    "type": "object",
+    "description": "No fields: an empty object, or no body at all.",
+    "additionalProperties": False,
+    "maxProperties": 0,
+}
+ADMIN_SAFE_MODE_EXITED: Schema = {
+    "type": "object",
+    "required": ["safe_mode", "was_on", "reason", "limits", "auto_load"],
+    "properties": {
+        "safe_mode": {"const": False},
+        "was_on": {"type": "boolean"},
+        "reason": NULLABLE_STR,
+        "limits": {"type": "object"},
+        "auto_load": {"type": "array", "items": {"type": "string"}},
     },
 }
 ADMIN_CONFIG: Schema = {
@@ -680,7 +742,8 @@ _ERROR_TEXT = {
     "429": "Rate limited (rate_limited) or every slot and queue place taken (server_busy).",
     "500": "Engine failure.",
     "503": "Shedding load (overloaded), draining (draining), not ready (not_ready), not enough "
-    "memory (insufficient_memory) or a helper down (helper_unavailable).",
+    "memory (insufficient_memory), a helper down (helper_unavailable), or safe mode on and the "
+    "model not loaded (safe_mode, with X-Safe-Mode: on).",
     "504": "The request ran past limits.request_timeout_s (request_timeout).",
 }
 _RETRY = ("429", "503")
@@ -721,6 +784,11 @@ def _op(
     return op
 
 
+def _body_optional(op: Schema) -> Schema:
+    op["requestBody"]["required"] = False
+    return op
+
+
 def spec(cfg: AppConfig) -> dict[str, Any]:
     """The OpenAPI document for an appliance built from `cfg`."""
     sec = cfg.security
@@ -728,7 +796,7 @@ def spec(cfg: AppConfig) -> dict[str, Any]:
     # /v1 needs a key only when security.api_keys is set: an empty requirement means "or none".
     v1 = [*keyed, {}]
     probes = [] if sec.open_probes else v1
-    metrics = [] if sec.open_metrics else v1
+    metrics = [] if sec.open_metrics and not sec.metrics_allow else v1
     guard = ("401", "403")  # a missing key where one is needed; a Host not allowed
     gen_errors = ("400", *guard, "404", "413", "429", "500", "503", "504")
     admin_post = ("400", *guard, "404", "413", "429", "500", "503")
@@ -883,6 +951,22 @@ def spec(cfg: AppConfig) -> dict[str, Any]:
                 keyed,
             )
         },
+        "/admin/safe-mode/exit": {
+            "post": _body_optional(
+                _op(
+                    "adminSafeModeExit",
+                    "End safe mode now: the normal limits come into force and the auto_load models "
+                    "load, without a restart.",
+                    "admin",
+                    _ok(
+                        _ref("AdminSafeModeExited"), "Safe mode is off (was_on: whether it was on)."
+                    ),
+                    ("400", *guard, "413", "429", "500", "503"),
+                    keyed,
+                    _ref("AdminSafeModeExitRequest"),
+                )
+            )
+        },
         "/admin/config": {
             "get": _op(
                 "adminConfig",
@@ -918,6 +1002,8 @@ def spec(cfg: AppConfig) -> dict[str, Any]:
         "AdminUnloaded": ADMIN_UNLOADED,
         "AdminHealth": ADMIN_HEALTH,
         "AdminConfig": ADMIN_CONFIG,
+        "AdminSafeModeExitRequest": ADMIN_SAFE_MODE_EXIT_REQUEST,
+        "AdminSafeModeExited": ADMIN_SAFE_MODE_EXITED,
     }
     return {
         "openapi": "3.1.0",

@@ -12,8 +12,8 @@ from typing import Any, Optional
 from ..config import ModelsConfig, ModelSpec
 from ..errors import EngineFailure, InsufficientMemory, ModelLoadError, ModelNotFound
 from . import distributed
-from .memory import free_bytes, mlx_active
 from .loading import as_folder, load_model
+from .memory import free_bytes, mlx_active
 from .paths import estimate_bytes, kv_bytes_per_token, resolve_path
 from .process import AnyWorker, ProcessWorker
 from .types import ModelInfo
@@ -190,6 +190,7 @@ class ModelRegistry:
             self._workers[name] = worker
             info.state = "loaded"
             info.loaded_at = time.time()
+            info.load_seconds = round(seconds, 3)
             info.last_used = info.last_used or info.loaded_at
             log.info("model %s loaded in %.2f s", name, seconds)
             self._emit("loaded", name, seconds=seconds)

@@ -11,6 +11,7 @@ from ..config import LimitsConfig, ModelsConfig
 from ..errors import InsufficientMemory, PromptTooLong
 from .admission import Admission
 from .arrivals import Arrivals
+from .limits import Limits, LimitsInForce
 from .memory import free_bytes, mlx_active
 from .process import AnyWorker
 from .registry import ModelRegistry
@@ -25,11 +26,20 @@ RequestObserver = Callable[[str, Optional[Generation], dict[str, Any]], None]
 class Engine:
     """Runs requests on the loaded models within the admission limits."""
 
-    def __init__(self, models: ModelsConfig, limits: LimitsConfig) -> None:
+    def __init__(
+        self,
+        models: ModelsConfig,
+        limits: LimitsConfig,
+        in_force: Optional[LimitsInForce] = None,
+    ) -> None:
         self.models_cfg = models
         self.limits = limits
+        # Admission and shedding limits that may change at run time (safe mode).
+        self.limits_in_force = in_force or LimitsInForce(Limits.of(limits))
         self.registry = ModelRegistry(models)
-        self.admission = Admission(limits)
+        self.admission = Admission(self.limits_in_force)
+        # Called before a request loads a model that is not loaded; it may refuse (safe mode).
+        self.load_guard: Optional[Callable[[str], None]] = None
         # Requests on their way from the HTTP front (server.py keeps the count): a generation
         # thread waits for them to prefill a wave of arrivals together.
         self.arrivals = Arrivals()
@@ -87,6 +97,12 @@ class Engine:
         return name
 
     async def model(self, name: str) -> AnyWorker:
+        """The model's worker, loading it on first use unless `load_guard` refuses."""
+        worker = self.registry.worker(name)
+        if worker is not None:
+            return worker
+        if self.load_guard is not None:
+            self.load_guard(name)
         return await self.registry.get_or_load(name)
 
     def check_prompt(
@@ -155,9 +171,10 @@ class Engine:
     def deadline(self) -> float:
         return asyncio.get_running_loop().time() + self.limits.request_timeout_s
 
-    async def start_up(self) -> None:
-        """Load the auto_load models, then `recover` (loaded before an unclean exit) within the
-        memory budget; a failure is logged and the next model tried."""
+    async def start_up(self, load_models: bool = True) -> None:
+        """Set the MLX memory limit, then (unless `load_models` is false: safe mode) load the
+        auto_load models and `recover` (loaded before an unclean exit) within the memory budget;
+        a failure is logged and the next model tried."""
         limit = self.limits.mlx_memory_limit_bytes
         if limit is not None:
             try:
@@ -167,8 +184,15 @@ class Engine:
                 log.info("MLX memory limit set to %d bytes", limit)
             except Exception as exc:  # no MLX backend here
                 log.warning("could not set the MLX memory limit: %s", exc)
+        if not load_models:
+            log.warning("safe mode: no model is loaded at start (auto_load and recovery held)")
+            return
+        await self.load_auto(self.recover)
+
+    async def load_auto(self, also: Optional[list[str]] = None) -> None:
+        """Load the auto_load models, then `also`, one after another; failures are logged."""
         auto = list(self.models_cfg.auto_load)
-        for name in [*auto, *[n for n in self.recover if n not in auto]]:
+        for name in [*auto, *[n for n in also or () if n not in auto]]:
             try:
                 await self.registry.load(name)
             except Exception as exc:

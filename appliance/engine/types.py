@@ -222,6 +222,7 @@ class ModelInfo:
     last_used: Optional[float] = None
     requests_served: int = 0
     error: Optional[str] = None
+    load_seconds: Optional[float] = None  # how long the last successful load took
     extra: dict[str, object] = field(default_factory=dict)
 
 

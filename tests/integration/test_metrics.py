@@ -189,6 +189,7 @@ GAUGES = (
     "uptime_seconds",
     "system_memory_percent",
     "generation_threads_alive",
+    "queued_requests",
 )
 REASONS = (
     "busy",
@@ -198,6 +199,7 @@ REASONS = (
     "forbidden_host",
     "too_large",
     "draining",
+    "safe_mode",
 )
 
 
@@ -222,6 +224,12 @@ def test_every_series_has_its_type(module_appliance: Any) -> None:
     assert value(m, "lmx_prompt_cache_bytes", model="demo") > 0
     assert value(m, "lmx_safe_mode") == 0
     assert value(m, "lmx_uptime_seconds") > 0
+    # The hardening plan's name, beside vLLM's.
+    assert value(m, "lmx_queued_requests") == value(m, "lmx_num_requests_waiting")
+    # Lifetime counters from the state file: this is the first start in a fresh state folder.
+    assert m["lmx_process_starts"].type == "counter"
+    assert value(m, "lmx_process_starts", "_total") == 1
+    assert value(m, "lmx_unclean_starts", "_total") == 0
     # *_created series are switched off (see CHANGELOG).
     assert "_created" not in r.text
     # The vLLM stems with _total on counters, in the text as Prometheus scrapes it.
