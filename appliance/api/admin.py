@@ -20,6 +20,7 @@ from ..config import AppConfig, SecurityConfig, redacted
 from ..engine.service import Engine
 from ..errors import AdminClosed, InvalidRequest
 from ..health import Health
+from ..lifecycle import Lifecycle
 
 log = logging.getLogger("appliance.admin")
 
@@ -45,8 +46,11 @@ def _json(resp: falcon.asgi.Response, data: Any) -> None:
     resp.data = orjson.dumps(data)
 
 
-async def _read_object(req: falcon.asgi.Request, allowed: tuple[str, ...]) -> dict[str, Any]:
-    """The body as a JSON object with only `allowed` keys; InvalidRequest otherwise."""
+async def _read_object(
+    req: falcon.asgi.Request, allowed: tuple[str, ...], *, allow_empty: bool = False
+) -> dict[str, Any]:
+    """The body as a JSON object with only `allowed` keys; InvalidRequest otherwise. With
+    `allow_empty`, no body at all reads as {}."""
     chunks, size = [], 0
     async for chunk in req.stream:
         size += len(chunk)
@@ -54,6 +58,8 @@ async def _read_object(req: falcon.asgi.Request, allowed: tuple[str, ...]) -> di
             raise InvalidRequest(f"the body is over {ADMIN_BODY_MAX} bytes")
         chunks.append(chunk)
     raw = b"".join(chunks)
+    if not raw.strip() and allow_empty:
+        return {}
     if not raw.strip():
         raise InvalidRequest(
             'the body must be a JSON object such as {"model": "NAME"}', param="model"
@@ -67,7 +73,8 @@ async def _read_object(req: falcon.asgi.Request, allowed: tuple[str, ...]) -> di
     extra = sorted(set(body) - set(allowed))
     if extra:
         raise InvalidRequest(
-            f"unknown field {extra[0]!r}; allowed: {', '.join(allowed)}", param=extra[0]
+            f"unknown field {extra[0]!r}; allowed: {', '.join(allowed) or 'none'}",
+            param=extra[0],
         )
     return body
 
@@ -196,6 +203,40 @@ class AdminHealth:
         _json(resp, self.health.report())
 
 
+class AdminSafeModeExit:
+    """POST /admin/safe-mode/exit (no body, or {}): stop reporting safe mode (health, metrics,
+    the status page). The safe-mode limits stay until the next start. Idempotent: out of safe
+    mode it answers 200 with changed: false and a note."""
+
+    def __init__(self, lifecycle: Lifecycle, security: SecurityConfig) -> None:
+        self.lifecycle = lifecycle
+        self.security = security
+
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        _require_admin(req, self.security)
+        await _read_object(req, (), allow_empty=True)
+        was = self.lifecycle.safe_mode_reason
+        self.lifecycle.safe_mode_reason = None
+        if was is not None:
+            log.warning("admin: safe mode left (it was: %s)", was)
+            note = (
+                "safe mode is off; its limits (no auto-load, one request at a time, stricter "
+                "shedding) stay until the next start"
+            )
+        else:
+            note = "safe mode was not on; nothing changed"
+        _json(
+            resp,
+            {
+                "safe_mode": False,
+                "safe_mode_reason": None,
+                "changed": was is not None,
+                "previous_reason": was,
+                "note": note,
+            },
+        )
+
+
 _URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 # Field names that hold secrets wherever they appear (helpers' api_key, a token, a password).
 _SECRET_NAME = re.compile(r"(?:^|_)(?:key|keys|token|secret|secrets|password|passwd)$")
@@ -250,3 +291,4 @@ def add_routes(app: falcon.asgi.App, engine: Engine, health: Health, cfg: AppCon
     app.add_route("/admin/models/unload", AdminUnload(engine, cfg))
     app.add_route("/admin/health", AdminHealth(health, cfg.security))
     app.add_route("/admin/config", AdminConfig(engine, cfg))
+    app.add_route("/admin/safe-mode/exit", AdminSafeModeExit(health.lifecycle, cfg.security))
