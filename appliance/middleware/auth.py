@@ -8,6 +8,7 @@ from typing import Optional
 
 from ..config import SecurityConfig
 from ..errors import AdminClosed, Unauthorized
+from ..status.access import access_for, kind_of
 from .common import PROBES, Reject, Req, Resp, fingerprint, refuse
 from .common import is_admin as admin_path
 
@@ -17,12 +18,14 @@ def _digest(key: str) -> bytes:
 
 
 class Auth:
-    """Admin keys guard /admin (closed when none is set); API keys guard /v1 when set."""
+    """Admin keys guard /admin (closed when none is set); API keys guard /v1 when set; the
+    status page follows `status.access` (the admin key, or loopback read-only without one)."""
 
     def __init__(self, cfg: SecurityConfig, reject: Reject, metrics_path: str) -> None:
         self.admin = [_digest(k) for k in cfg.admin_keys]
         self.api = [_digest(k) for k in cfg.api_keys]
         self.admin_env = cfg.admin_keys_env
+        self.security = cfg
         # Probes and /metrics are open unless configured closed; closed, they take any
         # configured key (API or admin), and stay closed when there is none.
         self.open_paths: set[str] = set()
@@ -63,6 +66,16 @@ class Auth:
             req.context.key_fingerprint = fingerprint(key)
         path = req.path
         if path in self.open_paths:
+            return
+        status_kind = kind_of(path)
+        if status_kind is not None:
+            # The status page: its own rules (status/access.py), whatever the API keys.
+            access = access_for(req, status_kind, self.security)
+            if not access.allowed:
+                refuse(req, self.reject, "unauthorized")
+                if access.status == 401:
+                    raise Unauthorized(access.message)
+                raise AdminClosed(access.message)
             return
         if admin_path(req):
             if not self.admin:
