@@ -360,18 +360,23 @@
     show($("no-errors"), errors.length === 0);
   }
 
-  // -- charts: inline SVG in a 300 x 100 box, x = the last window_s seconds
+  // -- charts: inline SVG drawn in the element's own pixels; x spans the last window_s seconds
+  function svgEl(tag, attrs) {
+    var el = document.createElementNS(SVG, tag);
+    Object.keys(attrs).forEach(function (k) {
+      el.setAttribute(k, String(attrs[k]));
+    });
+    return el;
+  }
+
   function chart(id, samples, series, now, windowS, fmt) {
     var svg = $(id);
+    var w = Math.max(100, Math.round(svg.clientWidth || 300));
+    var h = Math.max(40, Math.round(svg.clientHeight || 100));
+    svg.setAttribute("viewBox", "0 0 " + w + " " + h);
     svg.replaceChildren();
     for (var g = 1; g < 4; g++) {
-      var line = document.createElementNS(SVG, "line");
-      line.setAttribute("class", "grid");
-      line.setAttribute("x1", "0");
-      line.setAttribute("x2", "300");
-      line.setAttribute("y1", String(g * 25));
-      line.setAttribute("y2", String(g * 25));
-      svg.appendChild(line);
+      svg.appendChild(svgEl("line", { class: "grid", x1: 0, x2: w, y1: (g * h) / 4, y2: (g * h) / 4 }));
     }
     var max = 0;
     series.forEach(function (s) {
@@ -381,28 +386,41 @@
       });
     });
     var top = max > 0 ? max * 1.15 : 1;
+    var pad = 3; // keep a line at 0 or at the top inside the box
     text($(id + "-max"), "max " + fmt(max));
     series.forEach(function (s, i) {
-      var d = "";
-      var pen = "M";
-      var points = 0;
+      var runs = [[]]; // a null value (no request finished in that interval) breaks the line
       samples.forEach(function (p) {
         var v = p[s.key];
         if (v === null || v === undefined) {
-          pen = "M"; // a gap: no request finished in that interval
+          if (runs[runs.length - 1].length) runs.push([]);
           return;
         }
-        var x = 300 - ((now - p.t) / windowS) * 300;
-        var y = 100 - (v / top) * 100;
-        d += pen + x.toFixed(1) + " " + y.toFixed(1) + " ";
-        pen = "L";
-        points++;
+        var x = w - ((now - p.t) / windowS) * w;
+        var y = h - pad - (v / top) * (h - 2 * pad);
+        runs[runs.length - 1].push([x, y]);
       });
-      if (!points) return;
-      var path = document.createElementNS(SVG, "path");
-      path.setAttribute("class", i ? "line second" : "line");
-      path.setAttribute("d", d.trim());
-      svg.appendChild(path);
+      var cls = i ? " second" : "";
+      var lastPoint = null;
+      runs.forEach(function (run) {
+        if (!run.length) return;
+        var d = run
+          .map(function (pt, j) {
+            return (j ? "L" : "M") + pt[0].toFixed(1) + " " + pt[1].toFixed(1);
+          })
+          .join(" ");
+        if (!i && run.length > 1) {
+          var first = run[0][0].toFixed(1),
+            end = run[run.length - 1][0].toFixed(1);
+          svg.appendChild(svgEl("path", { class: "area", d: d + " L" + end + " " + h + " L" + first + " " + h + " Z" }));
+        }
+        if (run.length > 1) svg.appendChild(svgEl("path", { class: "line" + cls, d: d }));
+        else svg.appendChild(svgEl("circle", { class: "dot" + cls, cx: run[0][0], cy: run[0][1], r: 2.5 }));
+        lastPoint = run[run.length - 1];
+      });
+      if (lastPoint) {
+        svg.appendChild(svgEl("circle", { class: "dot" + cls, cx: lastPoint[0], cy: lastPoint[1], r: 2.5 }));
+      }
     });
     svg.dataset.points = String(samples.length);
   }
@@ -577,6 +595,13 @@
           });
         }
       );
+    });
+    var resizing = null;
+    window.addEventListener("resize", function () {
+      clearTimeout(resizing);
+      resizing = setTimeout(function () {
+        if (last) renderCharts(last.history, last.generated_at);
+      }, 150);
     });
     document.addEventListener("visibilitychange", function () {
       if (!document.hidden && (mode !== "key" || key() || memoryKey)) poll();
