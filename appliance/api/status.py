@@ -30,10 +30,10 @@ TYPES = {
     ".css": "text/css; charset=utf-8",
     ".svg": "image/svg+xml",
 }
-MODE_NOTES = {
-    "key": "This appliance has an admin key: enter it to see its status. The key stays in this "
-    "browser tab (sessionStorage) and goes to the server only as an Authorization header.",
-}
+KEY_NOTE = (
+    "This appliance has an admin key: enter it to see its status. The key stays in this browser "
+    "tab (sessionStorage) and goes to the server only as an Authorization header."
+)
 
 
 def asset(name: str) -> bytes:
@@ -57,18 +57,19 @@ def _check(req: falcon.asgi.Request, kind: str, security: SecurityConfig) -> Acc
     return access
 
 
-def render_page(access: Access, refresh_s: float) -> bytes:
-    """The page's HTML for this access mode: the key form (an admin key is set) or the board."""
-    template = Template(asset("status.html").decode())
+def render_page(template: Template, access: Access, refresh_s: float) -> bytes:
+    """The page's HTML for this access mode: the key form (an admin key is set), or the board
+    with the reason it is read-only."""
     keyed = access.mode == "key"
+    note = access.message[:1].upper() + access.message[1:] if not keyed else ""
     return template.substitute(
         mode=access.mode,
         refresh=f"{refresh_s:g}",
         key_hidden="" if keyed else " hidden",
         board_hidden=" hidden",  # the script shows it once the first snapshot came
         note_hidden=" hidden" if keyed else "",
-        note=html.escape(access.message if not keyed else ""),
-        key_note=html.escape(MODE_NOTES["key"]),
+        note=html.escape(note),
+        key_note=html.escape(KEY_NOTE),
     ).encode()
 
 
@@ -78,13 +79,14 @@ class StatusPage:
     def __init__(self, security: SecurityConfig, refresh_s: float) -> None:
         self.security = security
         self.refresh_s = refresh_s
+        self.template = Template(asset("status.html").decode())
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         access = _check(req, "page", self.security)
         _headers(resp)
         resp.set_header("Content-Security-Policy", CSP)
         resp.content_type = "text/html; charset=utf-8"
-        resp.data = render_page(access, self.refresh_s)
+        resp.data = render_page(self.template, access, self.refresh_s)
 
 
 class StatusAsset:

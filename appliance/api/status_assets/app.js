@@ -180,9 +180,6 @@
     document.querySelectorAll(".admin-only").forEach(function (el) {
       show(el, admin);
     });
-    var off = $("admin-off");
-    text(off, s.access.note || "");
-    show(off, !admin && !!s.access.note);
 
     var h = s.health.status;
     text($("health"), h).className = "pill " + h;
