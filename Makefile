@@ -22,7 +22,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/python -m appliance $(ARGS)
 
+# The browser tests of the status page use Debian's chromium: installed here when missing (as
+# root with apt-get), else they skip saying why.
 test: $(STAMP)
+	sh scripts/ensure-chromium.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The unit tests alone: no server, no model, seconds.

@@ -19,6 +19,7 @@ from . import middleware
 from .api import admin as api_admin
 from .api import errors as api_errors
 from .api import faults as api_faults
+from .api import status as api_status
 from .api.embeddings import Embeddings, Rerank
 from .api.generation import Generate
 from .api.openai import ChatCompletions, Completions, Models
@@ -35,6 +36,7 @@ from .lifecycle import Lifecycle
 from .metrics import Metrics, RequestCounter
 from .middleware import is_loopback
 from .state import StateStore
+from .status import History, RecentErrors, StatusBoard, Traffic, refresh_interval
 from .tasks import TaskContext, TaskRunner
 
 log = logging.getLogger("appliance")
@@ -97,9 +99,11 @@ def build(
     engine.registry.subscribe(metrics.on_model)
 
     app = falcon.asgi.App(middleware=[], cors_enable=False)
+    recent_errors = RecentErrors(app)
     stack: list[Any] = [
         lifecycle,
         RequestCounter(metrics, app),
+        recent_errors,
         *middleware.stack(cfg, metrics.reject, memory.mlx_active, in_force),
     ]
     for mw in stack:
@@ -118,6 +122,7 @@ def build(
     app.add_route("/v1/chat/completions", ChatCompletions(gen))
     app.add_route("/v1/completions", Completions(gen))
     api_admin.add_routes(app, engine, health, cfg, lifecycle)
+    _status_page(app, engine, health, lifecycle, recent_errors, cfg)
 
     helpers = HelperNodes(
         cfg.helpers, lambda role, status: metrics.helper_requests.labels(role, status).inc()
@@ -158,6 +163,24 @@ def build(
         health.add_gauges(lambda: {"group_size": group.size, "group_healthy": group.healthy_ranks})
     _warn_exposure(cfg)
     return Service(cfg, app, engine, lifecycle, health, metrics, state, group)
+
+
+def _status_page(
+    app: falcon.asgi.App,
+    engine: Engine,
+    health: Health,
+    lifecycle: Lifecycle,
+    recent_errors: RecentErrors,
+    cfg: AppConfig,
+) -> None:
+    """GET /status and /status.json: per-model traffic from the engine's request events, a
+    chart history sampled in the background, the recent errors counted by the middleware."""
+    traffic = Traffic()
+    engine.observe(traffic.on_request)
+    history = History(traffic, engine.stats)
+    lifecycle.spawn(history.run, "status-history")
+    board = StatusBoard(engine, health, cfg.models, cfg.limits, traffic, history, recent_errors)
+    api_status.add_routes(app, board, cfg.security, refresh_interval(cfg.rate_limits.admin))
 
 
 def _safe_mode(

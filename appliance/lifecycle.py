@@ -112,9 +112,14 @@ class Lifecycle:
         ends safe mode and then crashes still counts as a crash."""
         if self.safe_mode:
             self._exited = asyncio.Event()
+            # asyncio.wait, not wait_for: wait_for (3.11) can swallow a cancel that comes as the
+            # event is set, and the task would then outlive the server's shutdown.
+            waiter = asyncio.ensure_future(self._exited.wait())
             try:
-                await asyncio.wait_for(self._exited.wait(), self.safe_mode_ends_in_s() or 0.0)
-            except asyncio.TimeoutError:
+                done, _ = await asyncio.wait({waiter}, timeout=self.safe_mode_ends_in_s() or 0.0)
+            finally:
+                waiter.cancel()
+            if not done:
                 self.exit_safe_mode("stable")
         since = self._normal_since if self._normal_since is not None else time.time()
         await asyncio.sleep(max(0.0, self.stable_after_s - (time.time() - since)))
@@ -152,9 +157,11 @@ class Lifecycle:
                 await result
 
     async def process_shutdown(self, scope: Any, event: Any) -> None:
-        for task in self._tasks:
+        tasks, self._tasks = self._tasks, []  # a later start (tests) begins with none
+        self._exited = None  # the stable-running watch ends with them
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         for fn in self._shutdown:
             try:
                 result = fn()

@@ -46,8 +46,11 @@ def _json(resp: falcon.asgi.Response, data: Any) -> None:
     resp.data = orjson.dumps(data)
 
 
-async def _read_object(req: falcon.asgi.Request, allowed: tuple[str, ...]) -> dict[str, Any]:
-    """The body as a JSON object with only `allowed` keys; InvalidRequest otherwise."""
+async def _read_object(
+    req: falcon.asgi.Request, allowed: tuple[str, ...], *, allow_empty: bool = False
+) -> dict[str, Any]:
+    """The body as a JSON object with only `allowed` keys; InvalidRequest otherwise. With
+    `allow_empty`, no body at all reads as {}."""
     chunks, size = [], 0
     async for chunk in req.stream:
         size += len(chunk)
@@ -55,6 +58,8 @@ async def _read_object(req: falcon.asgi.Request, allowed: tuple[str, ...]) -> di
             raise InvalidRequest(f"the body is over {ADMIN_BODY_MAX} bytes")
         chunks.append(chunk)
     raw = b"".join(chunks)
+    if not raw.strip() and allow_empty:
+        return {}
     if not raw.strip():
         raise InvalidRequest(
             'the body must be a JSON object such as {"model": "NAME"}', param="model"
@@ -68,7 +73,8 @@ async def _read_object(req: falcon.asgi.Request, allowed: tuple[str, ...]) -> di
     extra = sorted(set(body) - set(allowed))
     if extra:
         raise InvalidRequest(
-            f"unknown field {extra[0]!r}; allowed: {', '.join(allowed)}", param=extra[0]
+            f"unknown field {extra[0]!r}; allowed: {', '.join(allowed) or 'none'}",
+            param=extra[0],
         )
     return body
 

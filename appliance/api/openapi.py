@@ -601,6 +601,93 @@ ADMIN_UNLOADED: Schema = {
         "seconds": {"type": "number", "minimum": 0},
     },
 }
+_STATUS_MODEL: Schema = {
+    "type": "object",
+    "required": ["name", "state", "path", "settings", "running", "waiting", "requests_served"],
+    "properties": {
+        "name": {"type": "string"},
+        "state": {"enum": ["unloaded", "loading", "loaded", "failed", "unloading"]},
+        "path": {"type": "string"},
+        "settings": {"type": "object"},
+        "memory_estimate_bytes": _NULLABLE_BYTES,
+        "running": {"type": "integer", "minimum": 0},
+        "waiting": {"type": "integer", "minimum": 0},
+        "requests_served": {"type": "integer", "minimum": 0},
+        "tokens_generated": {"type": "integer", "minimum": 0},
+        "tokens_per_s": {"type": "number", "minimum": 0},
+        "ttft_p50_s": NULLABLE_NUM,
+    },
+}
+STATUS: Schema = {
+    "type": "object",
+    "description": "One snapshot of the status page (see docs/operations.md, Status page).",
+    "required": [
+        "generated_at",
+        "version",
+        "uptime_s",
+        "health",
+        "readiness",
+        "safe_mode",
+        "access",
+        "requests",
+        "models",
+        "memory",
+        "prompt_cache",
+        "errors",
+        "history",
+    ],
+    "properties": {
+        "generated_at": {"type": "number"},
+        "version": {"type": "string"},
+        "uptime_s": {"type": "number", "minimum": 0},
+        "health": {
+            "type": "object",
+            "required": ["status", "reasons"],
+            "properties": {"status": {"enum": ["ok", "degraded", "failing"]}},
+        },
+        "readiness": {
+            "type": "object",
+            "required": ["ready", "reason"],
+            "properties": {"ready": {"type": "boolean"}, "reason": NULLABLE_STR},
+        },
+        "safe_mode": {
+            "type": "object",
+            "required": ["on", "reason"],
+            "properties": {"on": {"type": "boolean"}, "reason": NULLABLE_STR},
+        },
+        "access": {
+            "type": "object",
+            "required": ["mode", "admin_actions", "note", "refresh_s"],
+            "properties": {
+                "mode": {"enum": ["key", "open"]},
+                "admin_actions": {"type": "boolean"},
+                "note": {"type": "string"},
+                "refresh_s": {"type": "number", "exclusiveMinimum": 0},
+            },
+        },
+        "requests": {"type": "object"},
+        "models": {"type": "array", "items": _STATUS_MODEL},
+        "memory": {"type": "object"},
+        "prompt_cache": {"type": "object"},
+        "errors": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["status", "path", "count"],
+                "properties": {
+                    "status": {"type": "integer"},
+                    "path": {"type": "string"},
+                    "count": {"type": "integer", "minimum": 1},
+                },
+            },
+        },
+        "history": {
+            "type": "object",
+            "required": ["interval_s", "window_s", "samples"],
+            "properties": {"samples": {"type": "array", "items": {"type": "object"}}},
+        },
+    },
+}
 ADMIN_HEALTH: Schema = {
     "type": "object",
     "required": [
@@ -736,7 +823,8 @@ _ERROR_TEXT = {
     "400": "Invalid request: the error's param names the field.",
     "401": "Missing or wrong key (code invalid_api_key).",
     "403": "Forbidden: a Host not allowed on a loopback-bound server (forbidden_host), the admin "
-    "API closed (admin_disabled), or priority high without the admin key.",
+    "API closed (admin_disabled), the status page asked from another machine while no admin "
+    "key is set (admin_disabled), or priority high without the admin key.",
     "404": "Unknown model (model_not_found).",
     "413": "The body is over limits.max_body_bytes (request_too_large).",
     "429": "Rate limited (rate_limited) or every slot and queue place taken (server_busy).",
@@ -800,6 +888,7 @@ def spec(cfg: AppConfig) -> dict[str, Any]:
     guard = ("401", "403")  # a missing key where one is needed; a Host not allowed
     gen_errors = ("400", *guard, "404", "413", "429", "500", "503", "504")
     admin_post = ("400", *guard, "404", "413", "429", "500", "503")
+    status_errors = (*guard, "429")  # the admin rate limit counts the page and its data
 
     def generation(op_id: str, summary: str, req: str, resp: str, chunk: Schema) -> Schema:
         op = _op(
@@ -977,6 +1066,44 @@ def spec(cfg: AppConfig) -> dict[str, Any]:
                 keyed,
             )
         },
+        "/status": {
+            "get": _op(
+                "statusPage",
+                "The status page (HTML; it reads /status.json). Served without a key when an "
+                "admin key is set (it holds no data); without one, to loopback clients only.",
+                "status",
+                _ok({"type": "string"}, "The page.", "text/html"),
+                status_errors,
+                [],
+            )
+        },
+        "/status.json": {
+            "get": _op(
+                "statusData",
+                "The status page's data: the admin key, or, when none is set, a loopback client.",
+                "status",
+                _ok(_ref("Status"), "One snapshot."),
+                status_errors,
+                [*keyed, {}],
+            )
+        },
+        **{
+            path: {
+                "get": _op(
+                    "statusAsset" + name.split(".")[0].title() + name.split(".")[1].title(),
+                    f"The status page's {name} (shipped in the package).",
+                    "status",
+                    _ok({"type": "string"}, name, media),
+                    status_errors,
+                    [],
+                )
+            }
+            for path, name, media in (
+                ("/status/app.js", "app.js", "text/javascript"),
+                ("/status/app.css", "app.css", "text/css"),
+                ("/status/icon.svg", "icon.svg", "image/svg+xml"),
+            )
+        },
     }
     schemas = {
         "Error": ERROR,
@@ -1004,6 +1131,7 @@ def spec(cfg: AppConfig) -> dict[str, Any]:
         "AdminConfig": ADMIN_CONFIG,
         "AdminSafeModeExitRequest": ADMIN_SAFE_MODE_EXIT_REQUEST,
         "AdminSafeModeExited": ADMIN_SAFE_MODE_EXITED,
+        "Status": STATUS,
     }
     return {
         "openapi": "3.1.0",
@@ -1014,7 +1142,7 @@ def spec(cfg: AppConfig) -> dict[str, Any]:
             "non-2xx answer is an OpenAI error object.",
         },
         "servers": [{"url": "/"}],
-        "tags": [{"name": n} for n in ("inference", "admin", "probes", "meta")],
+        "tags": [{"name": n} for n in ("inference", "admin", "status", "probes", "meta")],
         "paths": paths,
         "components": {
             "schemas": copy.deepcopy(schemas),

@@ -291,7 +291,7 @@ class RateLimitsConfig:
     )
     admin: Optional[str] = key(
         None,
-        "Per-key limit on POSTs to /admin.",
+        "Per-key limit on POSTs to /admin and GETs of /status and /status.json.",
         check=Holds(_rate_limit, 'a limit such as "10/minute"'),
     )
     storage: str = key("memory://", "Storage of the `limits` library (memory:// or redis://...).")

@@ -46,6 +46,7 @@ class Engine:
         self.registry.arriving = self.arrivals
         self._observers: list[RequestObserver] = []
         self._holding: dict[int, Generation] = {}  # generations holding a slot, by id()
+        self._waiting: dict[str, int] = {}  # requests in the admission queue, by model
         # Models to recover after an unclean exit, reloads after a generation thread died,
         # and the hook that ends the process when reloads give out.
         self.recover: list[str] = []
@@ -60,6 +61,7 @@ class Engine:
         """A snapshot of the engine's state (admission, loaded models, caches, joins)."""
         reg, adm = self.registry, self.admission
         caches: dict[str, int] = {}
+        entries: dict[str, int] = {}
         joins: dict[str, tuple[int, int]] = {}
         loaded = reg.loaded()
         for name in loaded:
@@ -68,6 +70,8 @@ class Engine:
                 continue
             if w.prompt_cache is not None:
                 caches[name] = int(w.prompt_cache.nbytes)
+                if hasattr(w.prompt_cache, "__len__"):
+                    entries[name] = len(w.prompt_cache)
             joins[name] = (w.stats["joins"], w.stats["joined"])
         return EngineStats(
             running=adm.running,
@@ -79,6 +83,8 @@ class Engine:
             reloading=tuple(sorted(self.reloading)),
             prompt_cache_bytes=caches,
             batch_joins=joins,
+            prompt_cache_entries=entries,
+            waiting_by_model={k: v for k, v in self._waiting.items() if v},
         )
 
     def observe(self, observer: RequestObserver) -> None:
@@ -133,13 +139,19 @@ class Engine:
         """Wait for a slot (or raise QueueFull), then put the request in the batch. `scope`: the
         HTTP request's ASGI scope, counted as on its way (arrivals.py) until it is submitted."""
         self.check_memory(worker.name, len(prompt_tokens), params.max_tokens)
-        if scope is not None and self.admission.would_wait():
+        waits = self.admission.would_wait()
+        if scope is not None and waits:
             self.arrivals.admitting(scope)  # it waits for a slot, not for the front
+        if waits:
+            self._waiting[worker.name] = self._waiting.get(worker.name, 0) + 1
         try:
             queued = await self.admission.acquire(high_priority)
         except Exception as exc:
             self._emit("rejected", None, model=worker.name, error=exc)
             raise
+        finally:
+            if waits:
+                self._waiting[worker.name] -= 1
         gen = Generation(worker.name, prompt_tokens, params)
         gen.t_admitted = gen.t_created + queued
         self._holding[id(gen)] = gen

@@ -240,3 +240,7 @@ class EngineStats:
     # Per loaded model: prompt cache bytes, and (joins, requests joined) of its batch.
     prompt_cache_bytes: dict[str, int] = field(default_factory=dict)
     batch_joins: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Per model: prompt cache entries (where the cache can count them, not in an engine
+    # process), and requests waiting in the admission queue for a slot.
+    prompt_cache_entries: dict[str, int] = field(default_factory=dict)
+    waiting_by_model: dict[str, int] = field(default_factory=dict)

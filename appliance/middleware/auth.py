@@ -9,6 +9,7 @@ from typing import Optional, Union
 
 from ..config import SecurityConfig
 from ..errors import AdminClosed, Unauthorized
+from ..status.access import access_for, kind_of
 from .common import PROBES, Reject, Req, Resp, fingerprint, refuse
 from .common import is_admin as admin_path
 
@@ -36,12 +37,14 @@ def client_address(req: Req) -> Optional[Union[ipaddress.IPv4Address, ipaddress.
 
 class Auth:
     """Admin keys guard /admin (closed when none is set); API keys guard /v1 when set. With
-    security.metrics_allow, the metrics path answers without a key only to those networks."""
+    security.metrics_allow, the metrics path answers without a key only to those networks; the
+    status page follows `status.access` (the admin key, or loopback read-only without one)."""
 
     def __init__(self, cfg: SecurityConfig, reject: Reject, metrics_path: str) -> None:
         self.admin = [_digest(k) for k in cfg.admin_keys]
         self.api = [_digest(k) for k in cfg.api_keys]
         self.admin_env = cfg.admin_keys_env
+        self.security = cfg
         # Probes and /metrics are open unless configured closed; closed, they take any
         # configured key (API or admin), and stay closed when there is none.
         self.open_paths: set[str] = set()
@@ -100,6 +103,16 @@ class Auth:
                 f"({', '.join(map(str, self.metrics_allow))}); {addr} is not in it: send "
                 "Authorization: Bearer <key> or X-API-Key"
             )
+        status_kind = kind_of(path)
+        if status_kind is not None:
+            # The status page: its own rules (status/access.py), whatever the API keys.
+            access = access_for(req, status_kind, self.security)
+            if not access.allowed:
+                refuse(req, self.reject, "unauthorized")
+                if access.status == 401:
+                    raise Unauthorized(access.message)
+                raise AdminClosed(access.message)
+            return
         if admin_path(req):
             if not self.admin:
                 refuse(req, self.reject, "unauthorized")
