@@ -209,9 +209,12 @@ def module_appliance(
     overrides = tuple(getattr(request.module, "APPLIANCE_OVERRIDES", ()))
     env = getattr(request.module, "APPLIANCE_ENV", None)
     home = tmp_path_factory.mktemp("module-appliance")
-    a = Appliance(home, demo_cache, overrides, env).start()
-    yield a
-    a.stop()
+    a = Appliance(home, demo_cache, overrides, env)
+    try:
+        a.start()
+        yield a
+    finally:
+        a.stop()  # also when it never got ready: no process is left behind
 
 
 @pytest.fixture(scope="module")
