@@ -208,6 +208,9 @@ def _grammar(
     bridge = _bridge(tok)
     choice = request.tool_choice
     if choice.forced and tools and family is not None:
+        for tool in request.tools:  # a schema the compiler refuses is named by its own field
+            if choice.mode == "required" or tool.spec.name == choice.name:
+                constraints.json_schema(tool.spec.parameters, strict=tool.strict, param=tool.param)
         try:
             text = tool_grammar.grammar(
                 family,
