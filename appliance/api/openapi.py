@@ -248,6 +248,8 @@ RERANK_REQUEST: Schema = {
 }
 
 _MODEL_NAME: Schema = {"type": "string", "pattern": r"\S", "description": "A catalog model."}
+
+
 def _setting_schemas() -> dict[str, Schema]:
     """The model settings (config.schema.ModelSpec), as JSON Schema: one declaration."""
     import dataclasses
