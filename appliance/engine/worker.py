@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any, Optional
 
 from ..errors import EngineFailure, InvalidRequest
@@ -64,6 +64,17 @@ class WorkerThread:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and self.dead is None
+
+    def _settle_load(self, exc: Optional[BaseException]) -> None:
+        """Tell `start` how the load ended, unless nobody waits any more: shutdown cancels a start
+        still waiting (and with it this future); the thread then goes on to see its Stop."""
+        try:
+            if exc is None:
+                self._loaded.set_result(None)
+            else:
+                self._loaded.set_exception(exc)
+        except InvalidStateError:
+            pass
 
 
 class ModelWorker(WorkerThread):
@@ -165,17 +176,17 @@ class ModelWorker(WorkerThread):
 
             gen = self._load_and_make_generator()
         except BaseException as exc:  # forwarded to whoever awaits the load
-            self._loaded.set_exception(exc)
+            self._settle_load(exc)
             self.dead = exc
             return
         try:
             if self._link is not None:
                 self._link.sync_seed()
         except BaseException as exc:
-            self._loaded.set_exception(exc)
+            self._settle_load(exc)
             self.dead = exc
             return
-        self._loaded.set_result(None)
+        self._settle_load(None)
         try:
             self._serve(gen, mx)
         except BaseException as exc:  # the thread boundary: fail every request, report
