@@ -25,7 +25,7 @@ from .output import grammar as tool_grammar
 from .output.events import Event, IdFactory, Reasoning, Text, ToolCallEnd, new_call_id
 from .output.families import HARMONY, HERMES, Family, ReasoningMode, detect_family, reasoning_mode
 from .output.parser import OutputParser
-from .output.prompt import Message, ToolSpec, render
+from .output.prompt import Message, ToolSpec, render, with_format_instruction
 from .text import TextStream
 from .types import Generation, SamplingParams
 
@@ -168,10 +168,16 @@ def prepare(worker: Any, request: ChatRequest, tool_parser: Optional[str] = None
     kwargs = dict(request.template_kwargs)
     if request.reasoning is not None:
         kwargs.setdefault("enable_thinking", request.reasoning)
+    messages = request.messages
+    rf = request.response_format
+    if rf is not None and not choice.forced:  # the answer is the JSON: say which
+        messages = with_format_instruction(
+            messages, rf.schema if rf.kind == "json_schema" else None
+        )
     try:
         prompt = render(
             tok,
-            request.messages,
+            messages,
             tools=offered,
             tool_choice="none" if not offered else choice.name or choice.mode,
             template_kwargs=kwargs,

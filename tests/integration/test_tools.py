@@ -13,7 +13,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -126,8 +126,9 @@ def test_the_sdk_stream_helper_accumulates_the_calls(client: openai.OpenAI) -> N
 
 
 class Person(BaseModel):
-    name: str
-    age: int
+    # Bounded fields: the demo model's noise would fill an unbounded string to max_tokens.
+    name: str = Field(max_length=20)
+    age: int = Field(ge=0, le=150)
 
 
 def test_parse_with_a_pydantic_model(client: openai.OpenAI) -> None:
