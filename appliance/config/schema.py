@@ -112,6 +112,14 @@ class ModelSpec:
     prefill_step_size: int = key(
         512, "Prompt tokens processed per prefill step.", check=Between(1, unit="tokens")
     )
+    prefill_budget_tokens: Optional[int] = key(
+        0,
+        "While other sequences decode, most prompt tokens prefilled between two of their "
+        "steps, across the prompts being prefilled (0: as many as take about 3/4 of a decode "
+        "step, learnt as it runs, so their inter-token gaps stay within about 2x; null: "
+        "prefill_step_size per prompt, as mlx-lm does). Needs fast_joins.",
+        check=Between(0, unit="tokens"),
+    )
     completion_batch_size: int = key(
         32, "Most sequences generating together.", check=Between(1, unit="sequences")
     )
