@@ -33,6 +33,7 @@ from benchmarks.agent_report import agent_tables, server_summary, summarize
 from benchmarks.agent_report import main as report_main
 
 SHAPE = replace(SHAPES["demo"], sessions=3, turns=5)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _grow(shape=SHAPE, session: int = 0, seed: int = 0) -> list[list[dict]]:
@@ -206,3 +207,14 @@ def test_tables_and_chart(tmp_path: Path) -> None:
     png = tmp_path / "agent.png"
     assert report_main([str(src), str(png)]) == 0
     assert imread(png).shape[1] == 1100  # two panels, 10 inches at 110 dpi
+
+
+@pytest.mark.parametrize(
+    "figures",
+    sorted((ROOT / "docs" / "performance" / "agent").glob("*.json")),
+    ids=lambda p: p.name,
+)
+def test_the_documented_agent_figures_render(figures: Path, tmp_path: Path) -> None:
+    png = tmp_path / "chart.png"
+    assert report_main([str(figures), str(png)]) == 0
+    assert png.stat().st_size > 10_000
