@@ -40,6 +40,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
+from benchmarks.agent import add_agent_args, run_agent, wants_agent
 from benchmarks.chart import chart
 from benchmarks.common import percentile, say
 from benchmarks.costs import batch_joins, busy_rejection, metrics_after_requests, probe_stats
@@ -412,6 +413,7 @@ def parser() -> argparse.ArgumentParser:
         "(it holds a second copy of the model)",
     )
     p.add_argument("--ceiling-worker", action="store_true", help=argparse.SUPPRESS)
+    add_agent_args(p)
     return p
 
 
@@ -495,6 +497,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.ceiling_worker:
         ceiling_worker(str(args.model_path), args.concurrency, args.max_tokens)
         return 0
+    if wants_agent(args):
+        return run_agent(args)
     plan = plan_from(args)
     plan.out.mkdir(parents=True, exist_ok=True)
     procs = Procs()
