@@ -44,6 +44,11 @@ def batching(spec: Any) -> dict[str, Any]:
     }
 
 
+# A prompt's cache is kept when its prefill ends only from this length: below, another
+# session's prefill of the shared part costs less than the copy and the cache space.
+PREFILLED_MIN_TOKENS = 256
+
+
 def empty_stats() -> dict[str, int]:
     """A worker's counters before any request: prompt cache use and joins (see metrics.py)."""
     return {"cache_hits": 0, "cache_misses": 0, "cached_tokens": 0, "joins": 0, "joined": 0}
@@ -315,6 +320,7 @@ class ModelWorker(WorkerThread):
             if not active:
                 continue
             _, responses = gen.next()
+            self._keep_prefilled(gen)
             if not responses:
                 continue
             now = time.perf_counter()
@@ -410,6 +416,8 @@ class ModelWorker(WorkerThread):
             **extra,
         )
         self._warm_up(gen)
+        if self._prompt_cache_bytes > 0 and hasattr(gen, "keep_prefilled"):
+            gen.keep_prefilled = True
         self._grammar_bridge()
         if fused and (back := fusion.unfuse_wasteful(self.model)):
             log.info(
@@ -498,27 +506,42 @@ class ModelWorker(WorkerThread):
             if not uid_of:
                 continue
             _, responses = gen.next()
+            self._keep_prefilled(gen)
             for r in responses:
                 if r.finish_reason is not None:
                     uid_of = {k: u for k, u in uid_of.items() if u != r.uid}
                     self._keep_cache(gen, r)
 
     def _keep_cache(self, gen: Any, r: Any) -> None:
+        """A finished sequence's cache (prompt and answer): the next turn of its conversation
+        resends both."""
         if r.prompt_cache is not None and self._prompt_cache_bytes > 0:
-            import mlx.core as mx
-            from mlx.utils import tree_flatten
+            self._cache_insert(gen, list(r.all_tokens), r.prompt_cache, "assistant")
 
-            # A finished row's cache is a lazy copy out of the batch's buffers, and until it is
-            # evaluated it keeps all of them alive (the whole batch's keys and values, every
-            # layer): kept entries held 9x and more the bytes the cache counted
-            # (tests/test_prompt_cache.py).
-            # Copied now, on the stream, without waiting for it.
-            leaves: Any = tree_flatten([c.state for c in r.prompt_cache])
-            mx.async_eval([a for _, a in leaves if isinstance(a, mx.array)])
-            self.prompt_cache.insert_cache(
-                self.path, list(r.all_tokens), r.prompt_cache, cache_type="assistant"
-            )
-            self.prompt_cache.trim_to(n_bytes=self._prompt_cache_bytes - gen.prompt_cache_nbytes)
+    def _keep_prefilled(self, gen: Any) -> None:
+        """The caches of prompts whose prefill just ended (batching.BatchGenerator's
+        keep_prefilled), so that another session can start from their shared prefix before
+        this one finishes. A later insert of the whole sequence replaces them (a prefix)."""
+        done = getattr(gen, "prefilled", None)
+        if not done:
+            return
+        for tokens, cache in done:
+            if len(tokens) >= PREFILLED_MIN_TOKENS:
+                self._cache_insert(gen, tokens, cache, "user")
+        done.clear()
+
+    def _cache_insert(self, gen: Any, tokens: list[int], cache: list[Any], kind: str) -> None:
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+
+        # A row's cache is a lazy copy out of the batch's buffers, and until it is evaluated
+        # it keeps all of them alive (the whole batch's keys and values, every layer): kept
+        # entries held 9x and more the bytes the cache counted (tests/test_prompt_cache.py).
+        # Copied now, on the stream, without waiting for it.
+        leaves: Any = tree_flatten([c.state for c in cache])
+        mx.async_eval([a for _, a in leaves if isinstance(a, mx.array)])
+        self.prompt_cache.insert_cache(self.path, tokens, cache, cache_type=kind)
+        self.prompt_cache.trim_to(n_bytes=self._prompt_cache_bytes - gen.prompt_cache_nbytes)
 
     def _insert(self, gen: Any, prompt: list[int], params: SamplingParams) -> tuple[int, int, Any]:
         """Put a prompt in the batch (with its cached prefix); (uid, cached tokens, grammar

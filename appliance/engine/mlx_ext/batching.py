@@ -116,6 +116,29 @@ def _filter_caches(caches: list[Any], keep: list[int]) -> None:
         c.left_padding = mx.array(pad)
 
 
+def _extract_rows(caches: list[Any], rows: list[int]) -> list[list[Any]]:
+    """Each row's cache (one KVCache a layer, its padding cut), as BatchKVCache.extract gives,
+    reading the left padding once for every layer rather than once a layer."""
+    import mlx.core as mx
+
+    if not _homogeneous(caches):
+        return [[c.extract(i) for c in caches] for i in rows]
+    mx.eval(caches[0].left_padding)
+    pad = caches[0].left_padding.tolist()
+    end = caches[0]._idx
+    out = []
+    for i in rows:
+        layers = []
+        for c in caches:
+            kv = _cache.KVCache()
+            kv.keys = mx.contiguous(c.keys[i : i + 1, :, pad[i] : end])
+            kv.values = mx.contiguous(c.values[i : i + 1, :, pad[i] : end])
+            kv.offset = kv.keys.shape[2]
+            layers.append(kv)
+        out.append(layers)
+    return out
+
+
 class GenerationBatch(G.GenerationBatch):  # type: ignore[misc]
     """A generation batch whose rows can join primed: their first input is their prompt's last
     token, and the step that feeds it yields no response for them."""
@@ -331,6 +354,11 @@ class BatchGenerator(G.BatchGenerator):  # type: ignore[misc]
         super().__init__(model, **kwargs)
         self._generation_batch = GenerationBatch.empty(self.model, self.sampler)
         self.budget = PrefillBudget(prefill_budget, self.prefill_step_size)
+        # With keep_prefilled, each prompt's cache as its prefill ends (its tokens but the last,
+        # the KV): taken by the worker into the prompt cache, so that sessions arriving while
+        # this one still generates find the prefix they share (a system prompt and tools).
+        self.keep_prefilled = False
+        self.prefilled: list[tuple[list[int], list[Any]]] = []
 
     def _empty_prompt_batch(self) -> Any:
         return G.PromptProcessingBatch.empty(
@@ -353,6 +381,10 @@ class BatchGenerator(G.BatchGenerator):  # type: ignore[misc]
             return  # mlx-lm would keep them in the prompt batch: they join at a later call
         last = [self._currently_processing[i][0][0][0] for i in ready]
         totals = [self._currently_processing[i][2] for i in ready]
+        if prefilled and self.keep_prefilled:
+            caches = _extract_rows(self._prompt_batch.prompt_cache, ready)
+            for i, cache in zip(ready, caches, strict=True):
+                self.prefilled.append((list(self._prompt_batch.tokens[i]), cache))
         if len(ready) == len(self._prompt_batch):
             batch = self._prompt_batch  # all of it: no copy
             self._prompt_batch = self._empty_prompt_batch()
