@@ -407,6 +407,15 @@ MODEL_LIST: Schema = {
                     "created": {"type": "integer"},
                     "owned_by": {"type": "string"},
                     "loaded": {"type": "boolean"},
+                    "aliases": {
+                        "type": "array",
+                        "items": {"type": "string"},
+                        "description": "models.aliases names and patterns that lead here.",
+                    },
+                    "alias_of": {
+                        "type": "string",
+                        "description": "An exact alias: the catalog model it names.",
+                    },
                 },
             },
         },
