@@ -254,6 +254,7 @@ class _Turns:
             elif kind == "redacted_thinking":
                 # Opaque thinking of another server: nothing here can read it.
                 _extra(b, ("type", "data", "cache_control"), q)
+                string(b, "data", max_len=1 << 24, param=f"{q}.data", required=True)
             else:
                 _refuse_block(kind, q)
         self.add(
@@ -343,8 +344,10 @@ def _tools(body: dict[str, Any]) -> tuple[Tool, ...]:
                 f"{p}.allowed_callers: only ['direct'] (the model calls tools itself)",
                 param=f"{p}.allowed_callers",
             )
-        if "input_schema" not in t:
-            raise InvalidRequest(f"{p}.input_schema: Field required", param=f"{p}.input_schema")
+        if not isinstance(t.get("input_schema"), dict):
+            raise InvalidRequest(
+                f"{p}.input_schema: a JSON Schema object is required", param=f"{p}.input_schema"
+            )
         strict = boolean(t, "strict", param=f"{p}.strict")
         spec = dict(t)
         examples = t.get("input_examples")
@@ -381,7 +384,7 @@ def _tool_choice(body: dict[str, Any]) -> tuple[ToolChoice, Optional[bool]]:
         "tool": ("type", "name", "disable_parallel_tool_use"),
         "none": ("type",),
     }
-    if kind not in known:
+    if not isinstance(kind, str) or kind not in known:
         raise InvalidRequest(
             "tool_choice.type must be 'auto', 'any', 'tool' or 'none'", param="tool_choice.type"
         )

@@ -134,8 +134,6 @@ def _parts(content: Any, p: str, kinds: tuple[str, ...]) -> str:
 
 def _output_text(v: Any, p: str) -> str:
     """A function_call_output's output: a string or a list of input_text parts."""
-    if v is None:
-        return ""
     return _parts(v, p, ("input_text", "output_text", "text"))
 
 
@@ -446,7 +444,7 @@ def _tool_choice(
                 "tool_choice.tools must list {type: function, name} entries",
                 param="tool_choice.tools",
             )
-        names = {a.get("name") for a in allowed}
+        names = {a.get("name") for a in allowed if isinstance(a.get("name"), str)}
         return ToolChoice(mode), tuple(t for t in tools if t.spec.name in names)
     raise InvalidRequest(
         f"tool_choice.type {kind!r} names a built-in tool this server does not run",
@@ -530,7 +528,8 @@ def _refusals(body: dict[str, Any]) -> None:
         ("access_programs", "no access programs here"),
         ("background_options", "background responses are not supported"),
     ):
-        if body.get(name) not in (None, False):
+        v = body.get(name)
+        if v is not None and not (name == "background" and v is False):
             raise InvalidRequest(f"{name} is not supported: {why}", param=name)
     if body.get("service_tier") not in (None, "auto", "default"):
         raise InvalidRequest("service_tier: one tier here, auto or default", param="service_tier")
