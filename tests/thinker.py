@@ -1,7 +1,12 @@
 """A test model that thinks: the demo model with `<think>` / `</think>` as added tokens (two of
 its rarest merges given up for them) and a Qwen3-style chat template whose thinking switch is
 `enable_thinking`. Its thinking is noise, like the rest of its output; what matters is the
-format: the prompt opens thinking, the output closes it (a thinking budget forces that)."""
+format: the prompt opens thinking, the output closes it.
+
+So that it closes thinking by itself, `</think>`'s output row is a common token's (" left")
+scaled up a little: wherever greedy decoding would say " left", it ends its thinking instead.
+For PROMPT that happens after a few tokens (THOUGHT); other prompts think longer or never
+stop (a thinking budget then forces the end)."""
 
 from __future__ import annotations
 
@@ -10,6 +15,9 @@ import shutil
 from pathlib import Path
 
 THINK, END_THINK = "<think>", "</think>"
+LEFT = 723  # " left" in the demo model's vocabulary
+PROMPT = "Say something."  # greedy: thinks "umbers outpli", then ends its thinking
+THOUGHT = "umbers outpli"
 
 TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
@@ -69,4 +77,14 @@ def build_thinker(demo_dir: Path, dest: Path) -> Path:
         }
     cfg["chat_template"] = TEMPLATE
     (dest / "tokenizer_config.json").write_text(json.dumps(cfg))
+    import mlx.core as mx
+
+    weights = mx.load(str(dest / "model.safetensors"))
+    head = weights["lm_head.weight"]
+    end = freed[1]
+    rows = [head[:end], (head[LEFT] * 1.05)[None]]
+    if end + 1 < head.shape[0]:
+        rows.append(head[end + 1 :])
+    weights["lm_head.weight"] = mx.concatenate(rows, axis=0)
+    mx.save_safetensors(str(dest / "model.safetensors"), weights)
     return dest
