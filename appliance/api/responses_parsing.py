@@ -138,9 +138,41 @@ def _output_text(v: Any, p: str) -> str:
 
 
 _MESSAGE_KEYS = ("type", "role", "content", "id", "status", "phase")
-_CALL_KEYS = ("type", "call_id", "name", "arguments", "id", "status", "namespace", "caller")
-_CUSTOM_CALL_KEYS = ("type", "call_id", "name", "input", "id", "namespace", "caller")
-_OUTPUT_KEYS = ("type", "call_id", "output", "id", "status", "name", "namespace", "caller")
+# Items as clients send them back: the SDK's output models (with `async`, `created_by`), and
+# Codex's, whose custom tool calls carry a status.
+_CALL_KEYS = (
+    "type",
+    "call_id",
+    "name",
+    "arguments",
+    "id",
+    "status",
+    "namespace",
+    "caller",
+    "async",
+)
+_CUSTOM_CALL_KEYS = (
+    "type",
+    "call_id",
+    "name",
+    "input",
+    "id",
+    "status",
+    "namespace",
+    "caller",
+    "async",
+)
+_OUTPUT_KEYS = (
+    "type",
+    "call_id",
+    "output",
+    "id",
+    "status",
+    "name",
+    "namespace",
+    "caller",
+    "created_by",
+)
 _REASONING_KEYS = ("type", "id", "summary", "content", "encrypted_content", "status")
 
 
