@@ -209,7 +209,7 @@ class ModelsConfig:
     aliases: Dict[str, str] = key(
         help="Other names clients may ask for (agents send their own, e.g. claude-sonnet-4-5, "
         "gpt-5-codex), exact or glob patterns (claude-*), each mapped to a catalog name; an exact "
-        "name wins over a pattern, patterns are tried in the order written.",
+        "name wins over a pattern, patterns are tried in the order written. Listed in /v1/models.",
         factory=dict,
     )
 
