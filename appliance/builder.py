@@ -30,6 +30,7 @@ from .api.responses import ResponseById, Responses
 from .api.responses_store import ResponseStore
 from .api.seal import Seal
 from .config import AppConfig, safe_mode_overlay
+from .config.models import model_spec, settings_of
 from .engine import memory
 from .engine.distributed import GroupStatus, world
 from .engine.limits import Limits, LimitsInForce
@@ -225,9 +226,22 @@ def safe_mode_config(cfg: AppConfig) -> AppConfig:
 
 def _state(state: StateStore, engine: Engine, health: Health) -> None:
     """The state file: what is loaded, recovery after an unclean exit, lifetime counters."""
-    state.attach(engine.registry.subscribe, engine.registry.loaded)
+    reg = engine.registry
+    state.attach(
+        reg.subscribe,
+        reg.loaded,
+        lambda: {name: settings_of(spec) for name, spec in reg.added().items()},
+    )
     if state.boot is not None:
         engine.recover = list(state.boot.recover)
+        for name, settings in state.boot.runtime.items():  # loaded by path before the restart
+            try:
+                reg.add(name, model_spec(settings, f"state.runtime.{name}"))
+            except Exception as exc:  # a model the profile now names, or a bad entry
+                log.warning("model %s loaded at run time is not restored: %s", name, exc)
+                continue
+            if name in state.boot.runtime_loaded and name not in engine.recover:
+                engine.recover.append(name)
     health.add_check(lambda: _state_reasons(state))
     health.add_section("state", state.health)
     health.add_gauges(state.lifetime)

@@ -234,6 +234,19 @@ class Metrics:
         self.cache_misses = Counter(
             p + "prompt_cache_misses", "Requests with no cached prefix.", ["model"], registry=r
         )
+        # vLLM's names and units: tokens looked up in the prefix cache, and tokens found there
+        self.prefix_queries = Counter(
+            p + "prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache.",
+            ["model"],
+            registry=r,
+        )
+        self.prefix_hits = Counter(
+            p + "prefix_cache_hits",
+            "Prompt tokens served from the prefix cache (not prefilled).",
+            ["model"],
+            registry=r,
+        )
         self.model_load = Histogram(
             p + "model_load_seconds",
             "Time to load a model.",
@@ -314,6 +327,8 @@ class Metrics:
         elif event == "finished" and gen is not None:
             m = gen.model
             (self.cache_hits if gen.cached_tokens else self.cache_misses).labels(m).inc()
+            self.prefix_queries.labels(m).inc(len(gen.prompt_tokens))
+            self.prefix_hits.labels(m).inc(gen.cached_tokens)
             self.prompt_tokens.labels(m).inc(len(gen.prompt_tokens))
             self.generation_tokens.labels(m).inc(len(gen.tokens))
             if gen.t_first is not None:

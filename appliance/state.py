@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -63,6 +63,10 @@ class Boot:
     safe_mode_reason: Optional[str]
     started_at: float
     first_crash_at: Optional[float] = None  # the start of the first crashed run of the streak
+    # Models an admin loaded by path, by name: their settings, and whether each was loaded when
+    # the previous run ended (they come back after a clean restart too).
+    runtime: dict[str, dict[str, Any]] = field(default_factory=dict)
+    runtime_loaded: tuple[str, ...] = ()
 
 
 class _Corrupt(ValueError):
@@ -89,6 +93,11 @@ def _validate(data: Any) -> dict[str, Any]:
         isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in lifetime.values()
     ):
         raise _Corrupt("'lifetime' is not a map of counts")
+    runtime = data.get("runtime", {})
+    if not isinstance(runtime, dict) or not all(
+        isinstance(k, str) and isinstance(v, dict) for k, v in runtime.items()
+    ):
+        raise _Corrupt("'runtime' is not a map of model settings")
     return data
 
 
@@ -108,6 +117,7 @@ class StateStore:
         self.dead: list[str] = []  # models whose generation thread died, until they load again
         self.stable = False
         self._loaded: Callable[[], list[str]] = list
+        self._runtime: Callable[[], dict[str, dict[str, Any]]] = dict
         self._mutex = threading.RLock()
         self._executor: Optional[ThreadPoolExecutor] = None
         self._logged: set[str] = set()
@@ -203,6 +213,7 @@ class StateStore:
         it (`current_models()`), since the registry belongs to the loop."""
         with self._mutex:
             self.data["models"] = self._models() if models is None else models
+            self._record_runtime()
         return self._write_now()
 
     def current_models(self) -> list[str]:
@@ -216,9 +227,16 @@ class StateStore:
             return
         with self._mutex:
             self.data["models"] = self._models()
+            self._record_runtime()
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state")
             self._executor.submit(self._write_now)
+
+    def _record_runtime(self) -> None:
+        try:
+            self.data["runtime"] = self._runtime()
+        except Exception:  # the registry may be closing: keep what was recorded
+            pass
 
     def _models(self) -> list[str]:
         try:
@@ -264,6 +282,8 @@ class StateStore:
         recover: tuple[str, ...] = ()
         if not previous_clean and reason is None:
             recover = tuple(m for m in prev.get("models", []) if m in names)
+        runtime = {k: dict(v) for k, v in (prev.get("runtime") or {}).items() if k not in names}
+        runtime_loaded = tuple(m for m in prev.get("models", []) if m in runtime)
         lifetime = dict(prev.get("lifetime") or {})
         lifetime["process_starts"] = int(lifetime.get("process_starts", 0)) + 1
         lifetime["unclean_starts"] = int(lifetime.get("unclean_starts", 0)) + (
@@ -273,7 +293,8 @@ class StateStore:
             self.data = {
                 "clean_shutdown": False,
                 "pid": os.getpid(),
-                "models": list(recover),
+                "models": list(recover) + list(runtime_loaded),
+                "runtime": runtime,
                 "started_at": now,
                 "safe_mode_reason": reason,
                 "lifetime": lifetime,
@@ -288,7 +309,9 @@ class StateStore:
                 ],
             }
             self.pending = list(recover)
-        self.boot = Boot(previous_clean, recover, streak, reason, now, first_crash)
+        self.boot = Boot(
+            previous_clean, recover, streak, reason, now, first_crash, runtime, runtime_loaded
+        )
         self._write_now()
         if not previous_clean:
             log.warning(
@@ -328,14 +351,17 @@ class StateStore:
         self,
         subscribe: Callable[[Callable[[str, str, dict[str, Any]], None]], None],
         loaded: Callable[[], list[str]],
+        runtime: Callable[[], dict[str, dict[str, Any]]] = dict,
     ) -> None:
-        """Follow the model registry: write the file on every load, unload and death."""
+        """Follow the model registry: write the file on every load, unload and death.
+        `runtime`: the settings of the models an admin loaded by path, by name."""
         self._loaded = loaded
+        self._runtime = runtime
         subscribe(self.on_model)
 
     def on_model(self, event: str, name: str, details: dict[str, Any]) -> None:
         """A registry event (on the event loop): track recovery, then write the file soon."""
-        if event not in ("loaded", "load_failed", "died", "unloaded"):
+        if event not in ("loaded", "load_failed", "died", "unloaded", "removed"):
             return
         with self._mutex:  # the writer thread reads these lists
             if event == "loaded":

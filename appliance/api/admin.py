@@ -10,15 +10,17 @@ from __future__ import annotations
 import logging
 import re
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import falcon
 import falcon.asgi
 import orjson
 
-from ..config import AppConfig, SecurityConfig, redacted
+from ..config import AppConfig, ConfigError, SecurityConfig, redacted
+from ..config.models import SETTINGS, model_spec, settings_of, with_preset
 from ..engine.service import Engine
-from ..errors import AdminClosed, InvalidRequest
+from ..errors import AdminClosed, InsufficientMemory, InvalidRequest, ModelLoadError
 from ..health import Health
 from ..lifecycle import Lifecycle
 
@@ -106,6 +108,8 @@ class _Admin:
             "loaded": worker is not None,
             "default": name == models.default,
             "auto_load": name in models.auto_load,
+            "source": reg.source(name),
+            "settings": settings_of(spec),
             "context_length": spec.context_length,
             "max_tokens": spec.max_tokens,
             "ttl_s": spec.ttl_s,
@@ -137,17 +141,71 @@ class AdminModels(_Admin):
         )
 
 
+LOAD_FIELDS = ("model", "path", "alias", *(k for k in SETTINGS if k != "path"))
+
+
+def _runtime_name(body: dict[str, Any]) -> str:
+    """The name a model loaded by path is served under: `alias`, else `model`, else the file
+    or folder name (a hub id's name part)."""
+    name = body.get("alias") or body.get("model")
+    param = "alias" if body.get("alias") else "model"
+    if name is None:
+        stem = Path(str(body["path"]).rstrip("/")).name
+        name = stem[: -len(".gguf")] if stem.lower().endswith(".gguf") else stem
+        param = "path"
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}", name):
+        raise InvalidRequest(
+            f"{param} gives the model name {name!r}: use letters, digits, '.', '_', '-', ':'",
+            param=param,
+        )
+    return name
+
+
 class AdminLoad(_Admin):
-    """POST /admin/models/load {"model": NAME}: load a catalog model (no-op when loaded)."""
+    """POST /admin/models/load: a catalog model by name ({"model": NAME}), or any model by path
+    ({"path": FOLDER | FILE.gguf | HUB_ID, "alias": NAME, "preset": NAME, SETTINGS...}, the
+    settings of a catalog entry). No-op when loaded with the same settings."""
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         _require_admin(req, self.cfg.security)
-        name = _model_name(await _read_object(req, ("model",)))
+        body = await _read_object(req, LOAD_FIELDS)
         reg = self.engine.registry
-        reg.spec(name)  # 404 before any work
+        added = False
+        if body.get("path") is None:
+            name = _model_name(body)
+            settings = sorted(k for k in body if k != "model")
+            if settings:
+                raise InvalidRequest(
+                    f"{settings[0]} applies to a model loaded by path; a catalog model's "
+                    "settings are the profile's",
+                    param=settings[0],
+                )
+            reg.spec(name)  # 404 before any work
+        else:
+            name = _runtime_name(body)
+            entry = {k: v for k, v in body.items() if k not in ("model", "alias")}
+            try:
+                entry = with_preset(entry, self.cfg.models.presets, "load")
+                spec = model_spec(entry, "load")
+            except ConfigError as exc:
+                param = exc.key.removeprefix("load.")
+                raise InvalidRequest(
+                    f"{param}: {exc.value!r} is invalid; allowed: {exc.allowed}", param=param
+                ) from None
+            added = name not in reg.names
+            reg.add(name, spec)
         was_loaded = reg.worker(name) is not None
         t0 = time.perf_counter()
-        await reg.load(name)
+        try:
+            await reg.load(name)
+        except InsufficientMemory as exc:
+            if added:
+                reg.remove(name)
+            raise ModelLoadError(exc.message, code="insufficient_memory") from None
+        except BaseException:
+            if added:
+                reg.remove(name)  # nothing half-loaded stays behind
+            raise
         seconds = round(time.perf_counter() - t0, 3)
         log.info("admin: model %s %s", name, "already loaded" if was_loaded else "loaded")
         _json(

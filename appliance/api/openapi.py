@@ -249,11 +249,42 @@ RERANK_REQUEST: Schema = {
 }
 
 _MODEL_NAME: Schema = {"type": "string", "pattern": r"\S", "description": "A catalog model."}
+
+
+def _setting_schemas() -> dict[str, Schema]:
+    """The model settings (config.schema.ModelSpec), as JSON Schema: one declaration."""
+    import dataclasses
+    import typing
+
+    from ..config.schema import ModelSpec
+
+    kinds = {str: "string", int: "integer", float: "number", bool: "boolean"}
+    out: dict[str, Schema] = {}
+    hints = typing.get_type_hints(ModelSpec)
+    for f in dataclasses.fields(ModelSpec):
+        tp = hints[f.name]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        base = args[0] if args else tp
+        kind = kinds.get(base, "string")
+        s: Schema = {"type": [kind, "null"] if args else kind}
+        if kind == "number":
+            s["type"] = ["number", "integer", "null"] if args else ["number", "integer"]
+        s["description"] = f.metadata.get("help", "")
+        out[f.name] = s
+    return out
+
+
 ADMIN_LOAD_REQUEST: Schema = {
     "type": "object",
-    "required": ["model"],
+    "description": "A catalog model by name, or any model by path with a preset and settings "
+    "(the keys of a catalog entry).",
+    "anyOf": [{"required": ["model"]}, {"required": ["path"]}],
     "additionalProperties": False,
-    "properties": {"model": _MODEL_NAME},
+    "properties": {
+        "model": _MODEL_NAME,
+        "alias": {"type": ["string", "null"], "description": "The name to serve it under."},
+        **_setting_schemas(),
+    },
 }
 ADMIN_UNLOAD_REQUEST: Schema = {
     "type": "object",
@@ -565,6 +596,8 @@ ADMIN_MODEL: Schema = {
         "loaded": {"type": "boolean"},
         "default": {"type": "boolean"},
         "auto_load": {"type": "boolean"},
+        "source": {"enum": ["catalog", "admin"]},
+        "settings": {"type": "object"},
         "context_length": {"type": "integer"},
         "max_tokens": {"type": "integer"},
         "ttl_s": {"type": "number"},

@@ -102,6 +102,8 @@ class OpenAIChat:
     request: ChatRequest
     stream: bool
     include_usage: bool
+    # The request used the deprecated `functions`: the answer is a `function_call` (one call).
+    legacy_functions: bool = False
 
 
 @dataclass(frozen=True)
@@ -500,7 +502,8 @@ def parse_chat(body: dict[str, Any], vocab_size: int = 1 << 31) -> OpenAIChat:
         template_kwargs=kwargs,
         high_priority=common.high_priority,
     )
-    return OpenAIChat(request, common.stream, common.include_usage)
+    legacy = body.get("functions") is not None and body.get("tools") is None
+    return OpenAIChat(request, common.stream, common.include_usage, legacy)
 
 
 def parse_completion(body: dict[str, Any], vocab_size: int = 1 << 31) -> OpenAICompletion:

@@ -112,6 +112,14 @@ class ModelSpec:
     prefill_step_size: int = key(
         512, "Prompt tokens processed per prefill step.", check=Between(1, unit="tokens")
     )
+    prefill_budget_tokens: Optional[int] = key(
+        0,
+        "While other sequences decode, most prompt tokens prefilled between two of their "
+        "steps, across the prompts being prefilled (0: as many as take about 3/4 of a decode "
+        "step, learnt as it runs, so their inter-token gaps stay within about 2x; null: "
+        "prefill_step_size per prompt, as mlx-lm does). Needs fast_joins.",
+        check=Between(0, unit="tokens"),
+    )
     completion_batch_size: int = key(
         32, "Most sequences generating together.", check=Between(1, unit="sequences")
     )
@@ -148,6 +156,14 @@ class ModelSpec:
         None, "Rotating KV cache size (null: the whole context).", check=Between(1, unit="tokens")
     )
     trust_remote_code: bool = key(False, "Let the tokenizer run code shipped with the model.")
+    chat_template: Optional[str] = key(
+        None,
+        "A Jinja chat template to use instead of the model's own: a file path, or the "
+        "template itself (null: the model's).",
+    )
+    preset: Optional[str] = key(
+        None, "A name in models.presets whose settings this entry starts from (its own keys win)."
+    )
     tool_parser: Optional[str] = key(
         None,
         "The model's tool-call format (hermes, qwen3_coder, llama3, mistral, glm, harmony, "
@@ -200,6 +216,17 @@ class ModelsConfig:
         None,
         "Where the built-in models live (the demo model is built there, SmolLM2 fetched "
         "there) and GGUF files are converted to (null: the user cache folder's models/).",
+    )
+    allow_downloads: bool = key(
+        False,
+        "Let a load by hub id fetch the model when it is not in the local Hugging Face "
+        "cache (false: only what is already there; nothing is downloaded at request time).",
+    )
+    presets: Dict[str, Dict[str, Any]] = key(
+        help="Named sets of model settings (any catalog-entry key but path and preset), applied "
+        "by `preset: NAME` in a catalog entry or an admin load, e.g. agent-32k: "
+        "{context_length: 32768, max_tokens: 4096}.",
+        factory=dict,
     )
     catalog: Dict[str, ModelSpec] = key(
         help="The models this appliance may serve, by name.",

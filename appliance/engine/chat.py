@@ -25,7 +25,7 @@ from .output import grammar as tool_grammar
 from .output.events import Event, IdFactory, Reasoning, Text, ToolCallEnd, new_call_id
 from .output.families import HARMONY, HERMES, Family, ReasoningMode, detect_family, reasoning_mode
 from .output.parser import OutputParser
-from .output.prompt import Message, ToolSpec, render
+from .output.prompt import Message, ToolSpec, render, with_format_instruction
 from .text import TextStream
 from .types import Generation, SamplingParams
 
@@ -190,6 +190,9 @@ def prepare(
         and bool(msgs[-1].content)
         and not msgs[-1].tool_calls
     )
+    rf = request.response_format
+    if rf is not None and not choice.forced:  # the answer is the JSON: say which
+        msgs = with_format_instruction(msgs, rf.schema if rf.kind == "json_schema" else None)
     try:
         prompt = render(
             tok,
@@ -238,6 +241,9 @@ def _grammar(
     bridge = _bridge(tok)
     choice = request.tool_choice
     if choice.forced and tools and family is not None:
+        for tool in request.tools:  # a schema the compiler refuses is named by its own field
+            if choice.mode == "required" or tool.spec.name == choice.name:
+                constraints.json_schema(tool.spec.parameters, strict=tool.strict, param=tool.param)
         try:
             text = tool_grammar.grammar(
                 family,

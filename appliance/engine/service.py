@@ -101,7 +101,7 @@ class Engine:
         """The catalog name a request's `model` means: itself, an alias (models.aliases), or
         models.default when absent; ModelNotFound when none."""
         name = name or self.models_cfg.default
-        if name not in self.models_cfg.catalog:
+        if name not in self.registry.names:  # a model's own name (catalog or loaded) wins
             target = resolve_alias(self.models_cfg.aliases, name)
             if target is not None:
                 return target

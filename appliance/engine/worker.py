@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any, Optional
 
 from ..errors import EngineFailure, InvalidRequest
@@ -34,6 +34,7 @@ def batching(spec: Any) -> dict[str, Any]:
     """A catalog entry's batching settings (and projection fusion) as ModelWorker takes them."""
     return {
         "prefill_step_size": spec.prefill_step_size,
+        "prefill_budget": spec.prefill_budget_tokens,
         "completion_batch_size": spec.completion_batch_size,
         "prefill_batch_size": spec.prefill_batch_size or spec.completion_batch_size,
         "max_kv_size": spec.max_kv_size,
@@ -65,6 +66,17 @@ class WorkerThread:
     def alive(self) -> bool:
         return self._thread.is_alive() and self.dead is None
 
+    def _settle_load(self, exc: Optional[BaseException]) -> None:
+        """Tell `start` how the load ended, unless nobody waits any more: shutdown cancels a start
+        still waiting (and with it this future); the thread then goes on to see its Stop."""
+        try:
+            if exc is None:
+                self._loaded.set_result(None)
+            else:
+                self._loaded.set_exception(exc)
+        except InvalidStateError:
+            pass
+
 
 class ModelWorker(WorkerThread):
     """Owns one model on its own thread; the registry talks to it through `submit` and `call`."""
@@ -87,6 +99,7 @@ class ModelWorker(WorkerThread):
         fuse_projections: bool = False,
         unfused_attention_elements: int = 0,
         decode_kernel: bool = False,
+        prefill_budget: Optional[int] = None,
         on_death: Optional[Callable[[str, BaseException], None]] = None,
         link: Any = None,
         arriving: Callable[[], int] = lambda: 0,
@@ -96,6 +109,7 @@ class ModelWorker(WorkerThread):
         self._loader = loader
         self._loop = loop
         self._prefill_step_size = prefill_step_size
+        self._prefill_budget = prefill_budget  # see batching.PrefillBudget (fast joins only)
         self._completion_batch_size = completion_batch_size
         self._prefill_batch_size = prefill_batch_size
         self._max_kv_size = max_kv_size
@@ -165,17 +179,17 @@ class ModelWorker(WorkerThread):
 
             gen = self._load_and_make_generator()
         except BaseException as exc:  # forwarded to whoever awaits the load
-            self._loaded.set_exception(exc)
+            self._settle_load(exc)
             self.dead = exc
             return
         try:
             if self._link is not None:
                 self._link.sync_seed()
         except BaseException as exc:
-            self._loaded.set_exception(exc)
+            self._settle_load(exc)
             self.dead = exc
             return
-        self._loaded.set_result(None)
+        self._settle_load(None)
         try:
             self._serve(gen, mx)
         except BaseException as exc:  # the thread boundary: fail every request, report
@@ -373,10 +387,12 @@ class ModelWorker(WorkerThread):
         self.prompt_cache = cache_cls(max_size=64, max_bytes=self._prompt_cache_bytes)
         if self._prompt_cache_min_tokens is None:
             self._prompt_cache_min_tokens = 32 if on_cuda() else 0
-        cls = BatchGenerator
+        cls: Any = BatchGenerator
+        extra: dict[str, Any] = {}
         if self._fast_joins:
             if fast.usable():
                 cls = fast.BatchGenerator
+                extra["prefill_budget"] = self._prefill_budget
             else:
                 log.warning(
                     "model %s: this mlx-lm's batching is not the one fast_joins extends; "
@@ -391,6 +407,7 @@ class ModelWorker(WorkerThread):
             prefill_step_size=self._prefill_step_size,
             max_kv_size=self._max_kv_size,
             stream=mx.default_stream(mx.default_device()),
+            **extra,
         )
         self._warm_up(gen)
         self._grammar_bridge()

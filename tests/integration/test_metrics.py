@@ -116,6 +116,7 @@ def test_counts_equal_what_happened(module_appliance: Any) -> None:
     usage_b = ok.json()["usage"]
     completions = [usage_a["completion_tokens"], usage_b["completion_tokens"]]
     prompts = [usage_a["prompt_tokens"], usage_b["prompt_tokens"]]
+    cached = [u["prompt_tokens_details"]["cached_tokens"] for u in (usage_a, usage_b)]
 
     m = scrape(url)
     p = "lmx_"
@@ -147,6 +148,9 @@ def test_counts_equal_what_happened(module_appliance: Any) -> None:
     hits = value(m, p + "prompt_cache_hits", "_total")
     misses = value(m, p + "prompt_cache_misses", "_total")
     assert hits + misses == 2
+    # Token counts, vLLM's way: every prompt token was looked up; the hits are what usage said.
+    assert value(m, p + "prefix_cache_queries", "_total", model="demo") == sum(prompts)
+    assert value(m, p + "prefix_cache_hits", "_total", model="demo") == sum(cached)
     # Both admitted requests joined the batch (one at a time: max_running is 1).
     assert value(m, p + "batch_joined_requests", "_total", model="demo") == 2
     assert value(m, p + "batch_joins", "_total", model="demo") == 2
@@ -166,6 +170,8 @@ COUNTERS = (
     "rejected_requests",
     "prompt_cache_hits",
     "prompt_cache_misses",
+    "prefix_cache_queries",
+    "prefix_cache_hits",
     "batch_joins",
     "batch_joined_requests",
 )

@@ -173,3 +173,36 @@ def test_cfg_job_prints_the_composed_config(tmp_path: Path) -> None:
     assert "hydra" not in printed
     # Printing runs nothing: no server, no outputs/ folder, no log file.
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_catalog_entry_starts_from_its_preset() -> None:
+    cfg = load(
+        compose(
+            [
+                "+models.presets.agent-32k={context_length:32768,max_tokens:4096}",
+                "+models.catalog.coder.path=/models/coder.gguf",
+                "+models.catalog.coder.preset=agent-32k",
+                "+models.catalog.coder.max_tokens=1024",
+            ]
+        )
+    )
+    coder = cfg.models.catalog["coder"]
+    assert (coder.context_length, coder.max_tokens) == (32768, 1024)  # its own key wins
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (
+            ["+models.catalog.coder.path=/m", "+models.catalog.coder.preset=nope"],
+            "models.catalog.coder.preset",
+        ),
+        (["+models.presets.p={warp:1}"], "models.presets.p.warp"),
+        (["+models.presets.p={path:/x}"], "models.presets.p.path"),
+        (["+models.presets.p={context_length:3}"], "models.presets.p.context_length"),
+    ],
+)
+def test_a_bad_preset_names_its_key(overrides: list[str], key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(compose(overrides))
+    assert info.value.key == key

@@ -327,3 +327,28 @@ def render(
         continue_final=continue_final,
     )
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def with_format_instruction(
+    messages: Sequence[Message], schema: Optional[Mapping[str, Any]]
+) -> tuple[Message, ...]:
+    """The conversation with a system line asking for JSON (following `schema`, when given).
+
+    The grammar makes the answer valid whatever the model intends, but a model that knows the
+    fields it is asked for fills them with sense and ends them, where one that doesn't may loop
+    inside a string until max_tokens (seen with SmolLM2-135M)."""
+    if schema is None:
+        line = "Respond with a JSON object."
+    else:
+        line = "Respond with a JSON object that follows this JSON Schema: " + json.dumps(
+            schema, ensure_ascii=False, separators=(",", ":")
+        )
+    msgs = list(messages)
+    if msgs and msgs[0].role == "system":
+        first = msgs[0]
+        msgs[0] = Message(
+            "system", f"{first.content}\n\n{line}" if first.content else line, name=first.name
+        )
+    else:
+        msgs.insert(0, Message("system", line))
+    return tuple(msgs)
