@@ -20,11 +20,15 @@ from .api import admin as api_admin
 from .api import errors as api_errors
 from .api import faults as api_faults
 from .api import status as api_status
+from .api.anthropic import CountTokens, Messages
 from .api.embeddings import Embeddings, Rerank
 from .api.generation import Generate
 from .api.openai import ChatCompletions, Completions, Models
 from .api.openapi import OpenAPI
 from .api.probes import Live, Ready
+from .api.responses import ResponseById, Responses
+from .api.responses_store import ResponseStore
+from .api.seal import Seal
 from .config import AppConfig, safe_mode_overlay
 from .config.models import model_spec, settings_of
 from .engine import memory
@@ -122,6 +126,12 @@ def build(
     app.add_route("/v1/models", Models(engine))
     app.add_route("/v1/chat/completions", ChatCompletions(gen))
     app.add_route("/v1/completions", Completions(gen))
+    seal = Seal()  # thinking signatures, sealed reasoning: valid for this process's life
+    app.add_route("/v1/messages", Messages(gen, seal))
+    app.add_route("/v1/messages/count_tokens", CountTokens(gen))
+    store = ResponseStore(cfg.responses)
+    app.add_route("/v1/responses", Responses(gen, store, seal))
+    app.add_route("/v1/responses/{response_id}", ResponseById(store))
     api_admin.add_routes(app, engine, health, cfg, lifecycle)
     _status_page(app, engine, health, lifecycle, recent_errors, cfg)
 

@@ -53,6 +53,18 @@ CODE_REASONS = {
     "insufficient_memory": "insufficient_memory",
     "safe_mode": "safe_mode",
 }
+# The `api` label of requests_total, by route template: which front-end served the request.
+API_OF_ROUTE = {
+    "/v1/chat/completions": "openai_chat",
+    "/v1/completions": "openai_completions",
+    "/v1/embeddings": "openai_embeddings",
+    "/v1/rerank": "rerank",
+    "/v1/models": "openai_models",
+    "/v1/messages": "anthropic",
+    "/v1/messages/count_tokens": "anthropic",
+    "/v1/responses": "responses",
+    "/v1/responses/{response_id}": "responses",
+}
 # Probes answer 503 while draining or loading: that is their job, not a refused request.
 _NOT_COUNTED = ("/healthz", "/readyz")
 
@@ -172,7 +184,10 @@ class Metrics:
         self.prefix = cfg.namespace + "_" if cfg.namespace else ""
         p, r = self.prefix, self.registry
         self.requests = Counter(
-            p + "requests", "Finished requests.", ["model", "endpoint", "status"], registry=r
+            p + "requests",
+            "Finished requests, by front-end (api), model, route and status.",
+            ["api", "model", "endpoint", "status"],
+            registry=r,
         )
         self.prompt_tokens = Counter(
             p + "prompt_tokens", "Prompt tokens processed.", ["model"], registry=r
@@ -302,7 +317,8 @@ class Metrics:
             self.reject(CODE_REASONS[code])
         if req.path.startswith("/v1/"):
             model = getattr(ctx, "model", None) or ""
-            self.requests.labels(model, endpoint, str(resp.status_code)).inc()
+            api = API_OF_ROUTE.get(endpoint, "other")
+            self.requests.labels(api, model, endpoint, str(resp.status_code)).inc()
 
     # -- engine observers
     def on_request(self, event: str, gen: Optional[Generation], details: dict[str, Any]) -> None:

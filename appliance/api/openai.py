@@ -316,7 +316,9 @@ class Completions:
 
 
 class Models:
-    """GET /v1/models: every catalog model (loaded on first use)."""
+    """GET /v1/models: every catalog model (loaded on first use), with the aliases that lead to
+    it; each exact alias is listed as a model of its own too (`alias_of` names the target), so
+    a client that checks its model name against the list finds it."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -324,14 +326,27 @@ class Models:
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         loaded = set(self.engine.registry.loaded())
-        data = [
-            {
+        aliases = self.engine.models_cfg.aliases
+        names = self.engine.registry.names
+
+        def entry(n: str, target: str) -> dict[str, Any]:
+            d: dict[str, Any] = {
                 "id": n,
                 "object": "model",
                 "created": self.created,
                 "owned_by": "appliance",
-                "loaded": n in loaded,
+                "loaded": target in loaded,
             }
-            for n in self.engine.registry.names
+            if n == target:
+                d["aliases"] = [a for a, t in aliases.items() if t == n]
+            else:
+                d["alias_of"] = target
+            return d
+
+        data = [entry(n, n) for n in names]
+        data += [
+            entry(a, t)
+            for a, t in aliases.items()
+            if a not in names and not any(c in a for c in "*?[")
         ]
         _json(resp, {"object": "list", "data": data})

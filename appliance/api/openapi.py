@@ -18,6 +18,7 @@ import orjson
 
 from .. import __version__
 from ..config import AppConfig
+from . import openapi_agents as agents
 from .parsing import MAX_STOP_LEN, MAX_STOPS, ROLES
 
 Schema = dict[str, Any]
@@ -438,6 +439,15 @@ MODEL_LIST: Schema = {
                     "created": {"type": "integer"},
                     "owned_by": {"type": "string"},
                     "loaded": {"type": "boolean"},
+                    "aliases": {
+                        "type": "array",
+                        "items": {"type": "string"},
+                        "description": "models.aliases names and patterns that lead here.",
+                    },
+                    "alias_of": {
+                        "type": "string",
+                        "description": "An exact alias: the catalog model it names.",
+                    },
                 },
             },
         },
@@ -867,13 +877,31 @@ _ERROR_TEXT = {
     "model not loaded (safe_mode, with X-Safe-Mode: on).",
     "504": "The request ran past limits.request_timeout_s (request_timeout).",
 }
-_RETRY = ("429", "503")
+_RETRY = ("429", "503", "529")
+# Anthropic's routes: Anthropic's error object; a full server and every 503 are 529.
+_ANTHROPIC_TEXT = {
+    **{k: v for k, v in _ERROR_TEXT.items() if k != "503"},
+    "404": "Unknown model (not_found_error), or no such route.",
+    "429": "Rate limited (rate_limit_error).",
+    "529": "Overloaded (overloaded_error): every slot and queue place taken, shedding load, "
+    "draining, not ready, not enough memory, or safe mode on and the model not loaded.",
+}
 
 
 def _error_response(status: str) -> Schema:
     r: Schema = {
         "description": _ERROR_TEXT[status],
         "content": {"application/json": {"schema": _ref("Error")}},
+    }
+    if status in _RETRY:
+        r["headers"] = {"Retry-After": {"$ref": "#/components/headers/Retry-After"}}
+    return r
+
+
+def _anthropic_error_response(status: str) -> Schema:
+    r: Schema = {
+        "description": _ANTHROPIC_TEXT[status],
+        "content": {"application/json": {"schema": _ref("AnthropicError")}},
     }
     if status in _RETRY:
         r["headers"] = {"Retry-After": {"$ref": "#/components/headers/Retry-After"}}
@@ -892,13 +920,17 @@ def _op(
     errors: tuple[str, ...],
     security: list[dict[str, list[str]]],
     body: Schema | None = None,
+    errors_prefix: str = "E",
 ) -> Schema:
     op: Schema = {
         "operationId": op_id,
         "summary": summary,
         "tags": [tag],
         "security": security,
-        "responses": {"200": ok, **{s: {"$ref": f"#/components/responses/E{s}"} for s in errors}},
+        "responses": {
+            "200": ok,
+            **{s: {"$ref": f"#/components/responses/{errors_prefix}{s}"} for s in errors},
+        },
     }
     if body is not None:
         op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
@@ -940,7 +972,89 @@ def spec(cfg: AppConfig) -> dict[str, Any]:
         op["responses"]["200"]["content"]["text/event-stream"] = {"schema": sse_event(chunk)}
         return op
 
+    anthropic_errors = ("400", *guard, "404", "413", "429", "500", "504", "529")
+
+    def anthropic(op_id: str, summary: str, req: str, resp: str, stream: bool) -> Schema:
+        op = _op(
+            op_id,
+            summary,
+            "anthropic",
+            _ok(_ref(resp), "The result."),
+            anthropic_errors,
+            v1,
+            _ref(req),
+            errors_prefix="A",
+        )
+        if stream:
+            op["responses"]["200"]["description"] = (
+                "The message; with stream: true, Anthropic's server-sent events (event: names "
+                "the type), ending with message_stop, or an error event."
+            )
+            op["responses"]["200"]["content"]["text/event-stream"] = {
+                "schema": agents.ANTHROPIC_EVENT
+            }
+        return op
+
+    response_id = [
+        {"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    ]
+    responses_post = _op(
+        "createResponse",
+        "OpenAI Responses: a response to the input (and the stored conversation of "
+        "previous_response_id).",
+        "responses",
+        _ok(
+            _ref("Response"),
+            "The response; with stream: true, its numbered server-sent events, ending with "
+            "response.completed, response.incomplete or response.failed.",
+        ),
+        gen_errors,
+        v1,
+        _ref("ResponseRequest"),
+    )
+    responses_post["responses"]["200"]["content"]["text/event-stream"] = {
+        "schema": agents.RESPONSE_EVENT
+    }
+
     paths: dict[str, Any] = {
+        "/v1/messages": {
+            "post": anthropic(
+                "createMessage",
+                "Anthropic Messages.",
+                "AnthropicMessagesRequest",
+                "AnthropicMessage",
+                True,
+            )
+        },
+        "/v1/messages/count_tokens": {
+            "post": anthropic(
+                "countMessageTokens",
+                "Anthropic Messages: the prompt's tokens, nothing generated.",
+                "AnthropicCountTokensRequest",
+                "AnthropicCountTokens",
+                False,
+            )
+        },
+        "/v1/responses": {"post": responses_post},
+        "/v1/responses/{response_id}": {
+            "parameters": response_id,
+            "get": _op(
+                "getResponse",
+                "A stored response (store: true).",
+                "responses",
+                _ok(_ref("Response"), "The stored response."),
+                (*guard, "404"),
+                v1,
+            ),
+            "delete": _op(
+                "deleteResponse",
+                "Forget a stored response.",
+                "responses",
+                _ok(_ref("ResponseDeleted"), "Deleted."),
+                (*guard, "404"),
+                v1,
+            ),
+        },
         "/healthz": {
             "get": _op(
                 "healthz",
@@ -1165,21 +1279,29 @@ def spec(cfg: AppConfig) -> dict[str, Any]:
         "AdminSafeModeExitRequest": ADMIN_SAFE_MODE_EXIT_REQUEST,
         "AdminSafeModeExited": ADMIN_SAFE_MODE_EXITED,
         "Status": STATUS,
+        **agents.SCHEMAS,
     }
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "The appliance",
             "version": __version__,
-            "description": "OpenAI-compatible inference on MLX, an admin API and probes. Every "
-            "non-2xx answer is an OpenAI error object.",
+            "description": "OpenAI-compatible and Anthropic-compatible inference on MLX, an "
+            "admin API and probes. Every non-2xx answer is an OpenAI error object, but on "
+            "/v1/messages (Anthropic's error object).",
         },
         "servers": [{"url": "/"}],
-        "tags": [{"name": n} for n in ("inference", "admin", "status", "probes", "meta")],
+        "tags": [
+            {"name": n}
+            for n in ("inference", "anthropic", "responses", "admin", "status", "probes", "meta")
+        ],
         "paths": paths,
         "components": {
             "schemas": copy.deepcopy(schemas),
-            "responses": {f"E{s}": _error_response(s) for s in _ERROR_TEXT},
+            "responses": {
+                **{f"E{s}": _error_response(s) for s in _ERROR_TEXT},
+                **{f"A{s}": _anthropic_error_response(s) for s in _ANTHROPIC_TEXT},
+            },
             "headers": {
                 "Retry-After": {
                     "description": "Seconds to wait before retrying.",

@@ -326,7 +326,9 @@ def parse_tool(fn: Any, p: str, *, schema_key: str = "parameters", strict: bool 
         raise InvalidRequest(
             f"{p}.name must be 1-128 letters, digits, '_', '-', '.' or ':'", param=f"{p}.name"
         )
-    desc = fn.get("description") or ""
+    desc = fn.get("description")
+    if desc is None:
+        desc = ""
     if not isinstance(desc, str):
         raise InvalidRequest(f"{p}.description must be a string", param=f"{p}.description")
     params = fn.get(schema_key)

@@ -26,6 +26,7 @@ from .schema import (
     ModelsConfig,
     ModelSpec,
     RateLimitsConfig,
+    ResponsesConfig,
     RotationConfig,
     SecurityConfig,
     ServerConfig,
@@ -57,6 +58,7 @@ def register_schemas() -> None:
         ("helpers", HelpersConfig),
         ("distributed", DistributedConfig),
         ("service", ServiceConfig),
+        ("responses", ResponsesConfig),
     ):
         cs.store(group="schema", name=name, node=node)
 
@@ -80,6 +82,7 @@ __all__ = [
     "ModelSpec",
     "ModelsConfig",
     "RateLimitsConfig",
+    "ResponsesConfig",
     "RotationConfig",
     "SecurityConfig",
     "ServerConfig",

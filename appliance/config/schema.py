@@ -233,6 +233,12 @@ class ModelsConfig:
         factory=_default_catalog,
         check=Holds(bool, "at least one model"),
     )
+    aliases: Dict[str, str] = key(
+        help="Other names clients may ask for (agents send their own, e.g. claude-sonnet-4-5, "
+        "gpt-5-codex), exact or glob patterns (claude-*), each mapped to a catalog name; an exact "
+        "name wins over a pattern, patterns are tried in the order written. Listed in /v1/models.",
+        factory=dict,
+    )
 
 
 @dataclass
@@ -529,6 +535,24 @@ class ServiceConfig:
 
 
 @dataclass
+class ResponsesConfig:
+    """The OpenAI Responses API's stored responses (`store: true`, `previous_response_id`)."""
+
+    store_max: int = key(
+        1000,
+        "Responses kept in memory for previous_response_id and GET /v1/responses/{id}; the "
+        "oldest is dropped past this (0: none kept).",
+        check=Between(0, unit="responses"),
+    )
+    store_max_bytes: int = key(
+        64 * 1024 * 1024,
+        "Bytes of stored input and output items, at most; the oldest responses are dropped past "
+        "this.",
+        check=Between(0, unit="bytes"),
+    )
+
+
+@dataclass
 class AppConfig:
     """The whole typed config; each component receives only its own section."""
 
@@ -563,4 +587,7 @@ class AppConfig:
     )
     service: ServiceConfig = key(
         help="How the launchd / systemd service files are rendered.", factory=ServiceConfig
+    )
+    responses: ResponsesConfig = key(
+        help="Stored responses of the OpenAI Responses API.", factory=ResponsesConfig
     )

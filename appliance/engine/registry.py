@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import logging
 import time
 from collections.abc import Callable
@@ -22,6 +23,17 @@ from .worker import ModelWorker, batching
 log = logging.getLogger("appliance.engine")
 
 Listener = Callable[[str, str, dict[str, Any]], None]  # (event, model, details)
+
+
+def resolve_alias(aliases: dict[str, str], name: str) -> Optional[str]:
+    """The catalog name `name` is an alias of: an exact alias first, then the first glob
+    pattern (`*`, `?`, `[...]`) that matches, in the order written; None when none does."""
+    if name in aliases:
+        return aliases[name]
+    for pattern, target in aliases.items():
+        if any(c in pattern for c in "*?[") and fnmatch.fnmatchcase(name, pattern):
+            return target
+    return None
 
 
 class ModelRegistry:

@@ -14,7 +14,7 @@ from .arrivals import Arrivals
 from .limits import Limits, LimitsInForce
 from .memory import free_bytes, mlx_active
 from .process import AnyWorker
-from .registry import ModelRegistry
+from .registry import ModelRegistry, resolve_alias
 from .types import EngineStats, Generation, SamplingParams
 
 log = logging.getLogger("appliance.engine")
@@ -98,7 +98,13 @@ class Engine:
                 log.exception("request observer failed on %s", event)
 
     def resolve_name(self, name: Optional[str]) -> str:
+        """The catalog name a request's `model` means: itself, an alias (models.aliases), or
+        models.default when absent; ModelNotFound when none."""
         name = name or self.models_cfg.default
+        if name not in self.registry.names:  # a model's own name (catalog or loaded) wins
+            target = resolve_alias(self.models_cfg.aliases, name)
+            if target is not None:
+                return target
         self.registry.spec(name)  # ModelNotFound when unknown
         return name
 

@@ -13,9 +13,12 @@ log = logging.getLogger("appliance.access")
 
 
 def api_of(path: str, metrics_path: str = "/metrics") -> str:
-    """Which API a path belongs to: openai, anthropic, admin, probe or other."""
-    if path.startswith("/v1/messages"):
+    """Which API a path belongs to: openai, anthropic, responses (OpenAI's Responses API),
+    admin, probe or other."""
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
         return "anthropic"
+    if path == "/v1/responses" or path.startswith("/v1/responses/"):
+        return "responses"
     if path.startswith("/v1/"):
         return "openai"
     if path == "/admin" or path.startswith("/admin/"):

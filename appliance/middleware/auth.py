@@ -140,6 +140,3 @@ class Auth:
             raise Unauthorized(
                 "missing or wrong API key: send Authorization: Bearer <key> or X-API-Key"
             )
-
-
-GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank")

@@ -139,6 +139,14 @@ def dashboard() -> dict[str, Any]:
     )
     lay.add(
         "timeseries",
+        "Request rate by API",
+        [(f"sum by (api) (rate(lmx_requests_total{{{MODEL}}}[{RATE}]))", "{{api}}")],
+        unit="reqps",
+        description="Finished /v1 requests per second, by front-end: openai_chat, "
+        "openai_completions, anthropic, responses, ...",
+    )
+    lay.add(
+        "timeseries",
         "Rejections by reason",
         [(f"sum by (reason) (rate(lmx_rejected_requests_total{{{INST}}}[{RATE}]))", "{{reason}}")],
         unit="reqps",

@@ -96,7 +96,9 @@ def test_uvicorn_colour_message_never_reaches_json() -> None:
     ("path", "api"),
     [
         ("/v1/chat/completions", "openai"),
-        ("/v1/responses/abc", "openai"),
+        ("/v1/responses/abc", "responses"),
+        ("/v1/responses", "responses"),
+        ("/v1/messagesx", "openai"),
         ("/v1/messages", "anthropic"),
         ("/v1/messages/count_tokens", "anthropic"),
         ("/admin/health", "admin"),

@@ -150,10 +150,14 @@ def _apply(
     tools: Optional[list[dict[str, Any]]],
     kwargs: Mapping[str, Any],
     add_generation_prompt: bool,
+    continue_final: bool = False,
 ) -> str:
     extra = dict(kwargs)
     if tools:
         extra["tools"] = tools
+    if continue_final:  # the last (assistant) message is left open, to be continued
+        extra["continue_final_message"] = True
+        add_generation_prompt = False
     text = tokenizer.apply_chat_template(
         dicts, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
     )
@@ -285,17 +289,20 @@ def render_text(
     tool_choice: ToolChoice = "auto",
     template_kwargs: Optional[Mapping[str, Any]] = None,
     add_generation_prompt: bool = True,
+    continue_final: bool = False,
 ) -> str:
     """The prompt text: the model's chat template with `tools`, or the fallback (module
-    docstring) when the template renders none."""
+    docstring) when the template renders none. `continue_final`: the last message is an
+    assistant turn left open (a prefill the answer continues)."""
     kwargs = dict(template_kwargs or {})
     offered = list(tools) if tool_choice != "none" else []
     has_history = any(m.tool_calls or m.role == "tool" for m in messages)
     if (offered or has_history) and not template_supports_tools(tokenizer):
         dicts = fallback_messages(messages, offered, tool_choice)
-        return _apply(tokenizer, dicts, None, kwargs, add_generation_prompt)
+        return _apply(tokenizer, dicts, None, kwargs, add_generation_prompt, continue_final)
     dicts = template_dicts(messages)
-    return _apply(tokenizer, dicts, [t.openai() for t in offered], kwargs, add_generation_prompt)
+    tools_ = [t.openai() for t in offered]
+    return _apply(tokenizer, dicts, tools_, kwargs, add_generation_prompt, continue_final)
 
 
 def render(
@@ -306,6 +313,7 @@ def render(
     tool_choice: ToolChoice = "auto",
     template_kwargs: Optional[Mapping[str, Any]] = None,
     add_generation_prompt: bool = True,
+    continue_final: bool = False,
 ) -> list[int]:
     """The prompt's token ids (the template's text, tokenized without added special tokens,
     as `apply_chat_template(tokenize=True)` does)."""
@@ -316,6 +324,7 @@ def render(
         tool_choice=tool_choice,
         template_kwargs=template_kwargs,
         add_generation_prompt=add_generation_prompt,
+        continue_final=continue_final,
     )
     return list(tokenizer.encode(text, add_special_tokens=False))
 
