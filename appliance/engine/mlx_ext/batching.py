@@ -458,7 +458,9 @@ class BatchGenerator(G.BatchGenerator):  # type: ignore[misc]
         self._join_ready(prompt_responses, prefilled=False)
 
         prompts = []
-        decoding = len(self._generation_batch) > 0
+        # A step ran in this call: its tokens reach their streams only when the call returns,
+        # after the prefill below, even those of rows that just ended (so: not "rows left").
+        decoding = self._decode_s > 0
         step = self.budget.per_row(len(self._currently_processing), decoding)
         for i, seq in enumerate(self._currently_processing):
             response = G.PromptProcessingBatch.Response(self._prompt_batch.uids[i], 0, False, False)
