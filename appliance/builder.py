@@ -25,7 +25,7 @@ from .api.openai import ChatCompletions, Completions, Models
 from .api.openapi import OpenAPI
 from .api.probes import Live, Ready
 from .config import AppConfig
-from .engine import memory
+from .engine import cpu, memory
 from .engine.distributed import GroupStatus, world
 from .engine.service import Engine
 from .health import Health
@@ -113,6 +113,8 @@ def build(
         "/v1/embeddings", Embeddings(engine, lifecycle, helpers, cfg.limits.max_body_bytes)
     )
     app.add_route("/v1/rerank", Rerank(engine, lifecycle, helpers, cfg.limits.max_body_bytes))
+    blas = cpu.current(cfg.engine.cpu_blas).as_dict()  # fixed for the process's life
+    health.add_section("cpu_blas", lambda: blas)
     if state is not None:
         _state(state, engine, health, lifecycle, cfg.state.stable_after_s)
     runner = TaskRunner(cfg.maintenance, TaskContext(cfg, engine, state, helpers), metrics)

@@ -15,6 +15,7 @@ from .schema import (
     CacheTrimTask,
     CrashLoopConfig,
     DistributedConfig,
+    EngineConfig,
     HelperNode,
     HelpersConfig,
     IdleEvictionTask,
@@ -57,6 +58,7 @@ def register_schemas() -> None:
         ("helpers", HelpersConfig),
         ("distributed", DistributedConfig),
         ("service", ServiceConfig),
+        ("engine", EngineConfig),
     ):
         cs.store(group="schema", name=name, node=node)
 
@@ -69,6 +71,7 @@ __all__ = [
     "ConfigError",
     "CrashLoopConfig",
     "DistributedConfig",
+    "EngineConfig",
     "HelperNode",
     "HelpersConfig",
     "IdleEvictionTask",
