@@ -62,10 +62,10 @@ def main(composed: DictConfig) -> NoReturn:
         # Other ranks serve no HTTP and keep no state: they follow rank 0's batch.
         typed.logging.file = "none"
         logs.setup(typed.logging)
-        log.info("%s", blas.line())
+        log.log(logging.WARNING if blas.slow else logging.INFO, "%s", blas.line())
         sys.exit(distributed.run_follower(typed.models))
     logs.setup(typed.logging)
-    log.info("%s", blas.line())
+    log.log(logging.WARNING if blas.slow else logging.INFO, "%s", blas.line())
     typed, state, reason = start_state(composed, typed)
     from .builder import build
     from .server import serve

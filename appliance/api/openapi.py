@@ -658,6 +658,7 @@ ADMIN_HEALTH: Schema = {
                 "library": NULLABLE_STR,
                 "gemv_forward": NULLABLE_STR,
                 "reason": {"type": "string"},
+                "on_cpu": {"type": "boolean"},
             },
         },
         "safe_mode": {"type": "boolean"},

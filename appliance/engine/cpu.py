@@ -170,6 +170,12 @@ class BlasChoice:
     library: Optional[str]  # the optimized BLAS preloaded; None: the wheel's own (or not on CPU)
     gemv_forward: Optional[str]  # the gemv-forwarding library preloaded in front of it
     reason: str
+    on_cpu: bool = True  # MLX computes on the CPU here (else the BLAS hardly matters)
+
+    @property
+    def slow(self) -> bool:
+        """MLX computes on the CPU with the wheel's reference BLAS though it was not asked to."""
+        return self.on_cpu and self.library is None and self.setting != "bundled"
 
     def line(self) -> str:
         if self.library is None:
@@ -215,7 +221,13 @@ def current(setting: Optional[str] = None) -> BlasChoice:
                 )
             if shim and not mapped(shim):
                 shim = None
-            return BlasChoice(mark.get("setting", "auto"), lib, shim, mark.get("reason", ""))
+            return BlasChoice(
+                mark.get("setting", "auto"),
+                lib,
+                shim,
+                mark.get("reason", ""),
+                bool(mark.get("on_cpu", True)),
+            )
         except (ValueError, AttributeError):
             pass
     for lib in _split(os.environ.get(PRELOAD_ENV, "")):
@@ -242,7 +254,7 @@ def _preload_env(choice: BlasChoice, env: dict[str, str]) -> dict[str, str]:
 def choose(setting: str, gemv_forward: bool = True) -> BlasChoice:
     """The BLAS this process should run with (no side effects beyond compiling the shim)."""
     if not mlx_on_cpu():
-        return BlasChoice(setting, None, None, "MLX does not compute on the CPU here")
+        return BlasChoice(setting, None, None, "MLX does not compute on the CPU here", False)
     library, reason = find_blas(setting)
     shim = None
     if library is not None and gemv_forward:
@@ -250,6 +262,14 @@ def choose(setting: str, gemv_forward: bool = True) -> BlasChoice:
         if shim is None:
             reason += f"; no gemv forwarding: {why}"
     return BlasChoice(setting, library, shim, reason)
+
+
+def preload_env(
+    setting: str = "auto", gemv_forward: bool = True, env: Optional[dict[str, str]] = None
+) -> dict[str, str]:
+    """The environment (`env`, else this process's) that a process started as the appliance
+    with these settings runs under after arrange(): for a benchmark's own workers."""
+    return _preload_env(choose(setting, gemv_forward), dict(os.environ if env is None else env))
 
 
 def arrange(setting: str, gemv_forward: bool = True) -> BlasChoice:
