@@ -70,6 +70,8 @@ def test_bench_end_to_end(tmp_path: Path, demo_cache: Path) -> None:
             # 2 clients in 2 client processes; 1 client in this one.
             "--clients-per-process",
             "1",
+            "--scenario",
+            "serving",
         ],
         cwd=tmp_path,
         env=env,
