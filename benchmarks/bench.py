@@ -259,6 +259,7 @@ def run(plan: Plan, procs: Procs, work: Path) -> dict[str, Any]:
             llama=cpu_real.llama_python(plan.llama_python),
             timeout=max(900.0, plan.timeout_s),
             say=say,
+            appliance_args=tuple(plan.appliance_args),
         )
         res["targets"] += cpu_real.targets(res["cpu_real"])
     res["machine"]["load_average_end"] = (

@@ -20,7 +20,8 @@ same prompt (about 120 tokens) and the same number of decoded tokens, in one run
 - **llama.cpp** (optional, `--llama-cpp-python PY`, a Python with `llama_cpp` installed, or this
   one if it has it): llama-cpp-python on the same file, with as many threads as cores.
 
-Each contender runs `repeat` times; the best of each figure counts. Ratios are appliance /
+The contenders take turns round by round (`repeat` rounds; each worker a fresh subprocess, warmed
+up with a short prompt first); the best of each figure counts. Ratios are appliance /
 straightforward. The worker modes (`--worker stored|appliance|llama`) print one JSON object;
 the llama worker imports only the standard library and llama_cpp.
 """
@@ -84,8 +85,12 @@ def _mlx_worker(mode: str, model_file: str, repeat: int, decode_tokens: int) -> 
     prefill: list[float] = []
     decode: list[float] = []
     greedy = lambda x: mx.argmax(x, axis=-1)  # noqa: E731
-    for i in range(repeat + 1):  # the first round warms up, untimed
-        prompt = [ids[0] + 1 + i, *ids[1:]]  # a different first token each round
+    # Warm-up, untimed: a short prefill and a few decode steps, so kernels and buffers exist.
+    warm = generate_step(mx.array(ids[:16]), model, max_tokens=4, sampler=lambda x: x.argmax(-1))
+    for _ in warm:
+        pass
+    for i in range(1, repeat + 1):
+        prompt = [ids[0] + i, *ids[1:]]  # a different first token each round
         cache = make_prompt_cache(model)
         t = time.perf_counter()
         mx.eval(model(mx.array([prompt]), cache=cache))
@@ -94,10 +99,8 @@ def _mlx_worker(mode: str, model_file: str, repeat: int, decode_tokens: int) -> 
         next(steps)  # the prefill and the first token
         t = time.perf_counter()
         n = sum(1 for _ in steps)
-        d = n / (time.perf_counter() - t)
-        if i:
-            prefill.append(p)
-            decode.append(d)
+        decode.append(n / (time.perf_counter() - t))
+        prefill.append(p)
     return {
         "prompt_tokens": len(ids),
         "decode_tokens": decode_tokens,
@@ -122,8 +125,9 @@ def _llama_worker(model_file: str, repeat: int, decode_tokens: int) -> dict[str,
     ids = llm.tokenize(PROMPT_TEXT.encode(), add_bos=False)[:PROMPT_TOKENS]
     prefill: list[float] = []
     decode: list[float] = []
-    for i in range(repeat + 1):
-        prompt = [ids[0] + 1 + i, *ids[1:]]
+    llm.eval(ids[:16])  # warm-up, untimed
+    for i in range(1, repeat + 1):
+        prompt = [ids[0] + i, *ids[1:]]
         llm.reset()
         t = time.perf_counter()
         llm.eval(prompt)
@@ -132,10 +136,8 @@ def _llama_worker(model_file: str, repeat: int, decode_tokens: int) -> dict[str,
         for _ in range(decode_tokens):
             logits = llm.scores[llm.n_tokens - 1]
             llm.eval([int(logits.argmax())])
-        d = decode_tokens / (time.perf_counter() - t)
-        if i:
-            prefill.append(p)
-            decode.append(d)
+        decode.append(decode_tokens / (time.perf_counter() - t))
+        prefill.append(p)
     return {
         "prompt_tokens": len(ids),
         "decode_tokens": decode_tokens,
@@ -177,14 +179,15 @@ def _stripped_env() -> dict[str, str]:
 
 
 def _appliance_http(
-    url: str, ids: list[int], repeat: int, decode_tokens: int, eos: list[int], timeout: float
+    url: str, ids: list[int], rounds: range, decode_tokens: int, eos: list[int], timeout: float
 ) -> dict[str, Any]:
+    """Rounds over HTTP; round 0 warms up (untimed)."""
     import httpx
 
     prefill: list[float] = []
     decode: list[float] = []
     with httpx.Client(base_url=url, timeout=timeout) as client:
-        for i in range(repeat + 1):
+        for i in rounds:
             prompt = [ids[0] + 1 + i, *ids[1:]]
             body = {"model": "smollm2", "prompt": prompt, "max_tokens": 1, "temperature": 0}
             t = time.perf_counter()
@@ -226,7 +229,9 @@ def _appliance_http(
     }
 
 
-def _start_appliance(procs: Any, work: Path, timeout: float) -> tuple[Any, str, float]:
+def _start_appliance(
+    procs: Any, work: Path, timeout: float, extra: tuple[str, ...] = ()
+) -> tuple[Any, str, float]:
     from benchmarks.common import HOST, free_port
     from benchmarks.procs import Proc, wait_ready
 
@@ -248,6 +253,7 @@ def _start_appliance(procs: Any, work: Path, timeout: float) -> tuple[Any, str, 
         "++models.auto_load=[smollm2]",
         "++rate_limits.inference=null",
         "++logging.file=none",
+        *extra,
     ]
     proc = procs.add(Proc("appliance-cpu-real", argv, env, home, home / "server.log"))
     proc.start()
@@ -292,8 +298,11 @@ def run(
     llama: Optional[str] = None,
     timeout: float = 900.0,
     say: Any = print,
+    appliance_args: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """The whole scenario; returns its JSON section (see the module's doc)."""
+    """The whole scenario; returns its JSON section (see the module's doc). `appliance_args`
+    (KEY=VALUE) go to the appliance; engine.cpu_blas and engine.cpu_gemv_forward among them
+    set the engine path's environment too."""
     from appliance.engine import cpu
     from appliance.engine.builtin import fetch_smollm2
     from benchmarks.procs import Procs
@@ -305,58 +314,70 @@ def run(
         "repeat": repeat,
         "targets": TARGETS,
     }
-    worker = ["--model-file", model_file, "--repeat", str(repeat)]
-    worker += ["--decode-tokens", str(decode_tokens)]
-    say("cpu-real: the straightforward load (as stored, the wheel's BLAS), in a subprocess")
-    base = _summary(
-        _run_worker(sys.executable, ["--worker", "stored", *worker], _stripped_env(), timeout)
-    )
-    say(
-        f"cpu-real straightforward: prefill {base['prefill_best_tok_s']:.1f} tok/s, decode "
-        f"{base['decode_best_tok_s']:.1f} tok/s ({base['blas']})"
-    )
-    res["straightforward"] = base
-
+    worker = ["--model-file", model_file, "--repeat", "1", "--decode-tokens", str(decode_tokens)]
+    settings = {"engine.cpu_blas": "auto", "engine.cpu_gemv_forward": "true"}
+    for arg in appliance_args:
+        k, _, v = arg.lstrip("+").partition("=")
+        if k in settings:
+            settings[k] = v
+    forward = settings["engine.cpu_gemv_forward"].lower() in ("true", "1", "yes")
+    engine_env = cpu.preload_env(settings["engine.cpu_blas"], forward, _stripped_env())
+    res["appliance_args"] = list(appliance_args)
+    rounds: dict[str, list[dict[str, Any]]] = {
+        k: [] for k in ("straightforward", "appliance", "appliance_engine", "llama_cpp")
+    }
     procs = Procs()
     try:
-        say("cpu-real: starting an appliance on SmolLM2")
-        app, url, cold = _start_appliance(procs, work, timeout)
-        tok_ids = _prompt_ids(model_file)
+        say("cpu-real: starting an appliance on SmolLM2 (its own BLAS and weights)")
+        app, url, cold = _start_appliance(procs, work, timeout, tuple(appliance_args))
+        ids = _prompt_ids(model_file)
         eos = [0, 2]  # SmolLM2's <|endoftext|> and <|im_end|>
-        http = _summary(_appliance_http(url, tok_ids, repeat, decode_tokens, eos, timeout))
-        http["blas"] = _blas_line(app.log_path)
-        http["cold_start_s"] = cold
-        res["appliance"] = http
-        say(
-            f"cpu-real appliance: prefill {http['prefill_best_tok_s']:.1f} tok/s, decode "
-            f"{http['decode_best_tok_s']:.1f} tok/s ({http['blas']})"
-        )
+        _appliance_http(url, ids, range(0, 1), 4, eos, timeout)  # warm-up
+        # The contenders take turns, round by round, so that a busy spell of the machine
+        # falls on all of them.
+        for r in range(1, repeat + 1):
+            say(f"cpu-real round {r}/{repeat}: the straightforward load (a subprocess)")
+            got = _run_worker(
+                sys.executable, ["--worker", "stored", *worker], _stripped_env(), timeout
+            )
+            rounds["straightforward"].append(got)
+            say(f"cpu-real round {r}/{repeat}: the appliance over HTTP")
+            http = _appliance_http(url, ids, range(r, r + 1), decode_tokens, eos, timeout)
+            rounds["appliance"].append(http)
+            say(f"cpu-real round {r}/{repeat}: the appliance's engine path (a subprocess)")
+            eng = _run_worker(
+                sys.executable, ["--worker", "appliance", *worker], engine_env, timeout
+            )
+            rounds["appliance_engine"].append(eng)
+            if llama:
+                try:
+                    lc = _run_worker(
+                        llama, ["--worker", "llama", *worker], _stripped_env(), timeout
+                    )
+                    rounds["llama_cpp"].append(lc)
+                except (RuntimeError, subprocess.SubprocessError, ValueError) as exc:
+                    say(f"cpu-real: the llama.cpp peer failed: {exc}")
+                    llama = None
+            for name in ("straightforward", "appliance", "appliance_engine", "llama_cpp"):
+                if rounds[name]:
+                    last = rounds[name][-1]
+                    say(
+                        f"cpu-real round {r} {name}: prefill {last['prefill_tok_s'][0]:.1f} "
+                        f"tok/s, decode {last['decode_tok_s'][0]:.1f} tok/s"
+                    )
+        res["appliance_cold_start_s"] = cold
+        res["appliance_blas"] = _blas_line(app.log_path)
     finally:
         procs.stop_all()
-
-    env = cpu.preload_env("auto", True, _stripped_env())
-    say("cpu-real: the appliance's engine path alone (its BLAS and weights), in a subprocess")
-    eng = _summary(_run_worker(sys.executable, ["--worker", "appliance", *worker], env, timeout))
-    res["appliance_engine"] = eng
-    say(
-        f"cpu-real appliance engine: prefill {eng['prefill_best_tok_s']:.1f} tok/s, decode "
-        f"{eng['decode_best_tok_s']:.1f} tok/s ({eng['weights']})"
-    )
-
-    res["llama_cpp"] = None
-    if llama:
-        say(f"cpu-real: llama.cpp on the same file ({llama})")
-        try:
-            res["llama_cpp"] = _summary(
-                _run_worker(llama, ["--worker", "llama", *worker], _stripped_env(), timeout)
-            )
-            lc = res["llama_cpp"]
-            say(
-                f"cpu-real llama.cpp: prefill {lc['prefill_best_tok_s']:.1f} tok/s, decode "
-                f"{lc['decode_best_tok_s']:.1f} tok/s"
-            )
-        except (RuntimeError, subprocess.SubprocessError, ValueError) as exc:
-            say(f"cpu-real: llama.cpp peer failed: {exc}")
+    for name, rs in rounds.items():
+        if not rs:
+            res[name] = None
+            continue
+        merged = {k: v for k, v in rs[0].items() if k not in ("prefill_tok_s", "decode_tok_s")}
+        merged["prefill_tok_s"] = [x for r in rs for x in r["prefill_tok_s"]]
+        merged["decode_tok_s"] = [x for r in rs for x in r["decode_tok_s"]]
+        res[name] = _summary(merged)
+    res["appliance"]["blas"] = res.get("appliance_blas")
     res["ratios"] = ratios(res)
     return res
 
@@ -394,9 +415,11 @@ def table(res: dict[str, Any]) -> str:
         ("appliance's engine path, no HTTP", res.get("appliance_engine")),
         ("llama.cpp (llama-cpp-python)", res.get("llama_cpp")),
     ]
+    args = res.get("appliance_args") or []
     lines = [
         f"SmolLM2-135M-Instruct Q4_1 on the CPU, one sequence, {base['prompt_tokens']}-token "
-        f"prompt, {base['decode_tokens']} decoded tokens; tokens/s, best of {res['repeat']}",
+        f"prompt, {base['decode_tokens']} decoded tokens; tokens/s, best of {res['repeat']}"
+        + (f"; appliance overrides: {' '.join(args)}" if args else ""),
         "",
         "| | prefill tok/s | x straightforward | decode tok/s | x straightforward |",
         "|---|---:|---:|---:|---:|",
