@@ -11,6 +11,8 @@
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
 
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *,
                          int, float, float *, int);
@@ -37,6 +39,10 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
     if (gemm == NULL) {
         resolve();
         gemm = __atomic_load_n(&next_sgemm, __ATOMIC_ACQUIRE);
+        if (gemm == NULL) { /* preloaded without a BLAS after it: say so rather than crash */
+            fputs("gemv_forward: no cblas_sgemm after this library in LD_PRELOAD\n", stderr);
+            abort();
+        }
     }
     sgemv_fn gemv = __atomic_load_n(&next_sgemv, __ATOMIC_ACQUIRE);
     if (order == ROW_MAJOR && gemv != NULL && k > 0) {
