@@ -66,6 +66,8 @@ def blas_problem(path: str | Path) -> Optional[str]:
     p = Path(path)
     if not p.is_absolute():
         return f"{path} is not an absolute path"
+    if any(c in str(p) for c in " :"):
+        return f"{path} has a space or colon, which LD_PRELOAD cannot hold"
     if not p.is_file():
         return f"{path} does not exist"
     try:
@@ -114,8 +116,13 @@ def gemv_shim(folder: Optional[Path] = None) -> tuple[Optional[str], str]:
     except OSError as exc:
         return None, f"its source is missing ({exc})"
     digest = hashlib.sha256(code + platform.machine().encode()).hexdigest()[:16]
-    folder = folder or _native_dir()
+    try:
+        folder = folder or _native_dir()
+    except Exception as exc:  # no home or cache folder to be found
+        return None, f"no cache folder for it ({exc})"
     out = folder / f"gemv-forward-{digest}.so"
+    if any(c in str(out) for c in " :"):  # LD_PRELOAD splits at spaces and colons
+        return None, f"its cache path {out} has a space or colon, which LD_PRELOAD cannot hold"
     if out.is_file():
         return str(out), "compiled earlier"
     cc = shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc")
@@ -287,10 +294,12 @@ def arrange(setting: str, gemv_forward: bool = True) -> BlasChoice:
     want = choose(setting, gemv_forward)
     env = _preload_env(want, dict(os.environ))
     same = env.get(PRELOAD_ENV, "") == os.environ.get(PRELOAD_ENV, "")
+    own = started_as_appliance()
     if same:  # nothing to load or unload: no need to start again
-        os.environ[MARKER_ENV] = env[MARKER_ENV]
+        if own:  # for engine processes; a host process (pytest) keeps its environment
+            os.environ[MARKER_ENV] = env[MARKER_ENV]
         return want if want.library is None else current(setting)
-    if not started_as_appliance():
+    if not own:
         have = current(setting)
         if have.library is not None:
             return have
@@ -302,7 +311,12 @@ def arrange(setting: str, gemv_forward: bool = True) -> BlasChoice:
         )
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, list(sys.orig_argv), env)
+    try:
+        os.execve(sys.executable, list(sys.orig_argv), env)
+    except (OSError, ValueError) as exc:  # the process goes on as it is, on the wheel's BLAS
+        return BlasChoice(
+            setting, None, None, f"not preloaded: executing the process again failed ({exc})"
+        )
     raise AssertionError("unreachable")  # pragma: no cover
 
 

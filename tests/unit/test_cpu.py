@@ -82,8 +82,46 @@ def test_preload_env_puts_ours_first_and_replaces_an_earlier_arrangement() -> No
 
 def test_this_process_was_not_started_as_the_appliance() -> None:
     assert not cpu.started_as_appliance()  # pytest: arrange() must never execute it again
-    choice = cpu.arrange("bundled")
-    assert choice.library is None
+    before = dict(os.environ)
+    for setting in ("bundled", "auto"):
+        choice = cpu.arrange(setting, gemv_forward=False)
+        assert choice.library is None or choice.library == cpu.current().library
+    assert dict(os.environ) == before  # nothing leaks into the processes tests start
+
+
+def test_a_path_ld_preload_cannot_hold_is_refused(tmp_path: Path) -> None:
+    assert "space or colon" in (cpu.blas_problem(tmp_path / "my blas" / "libblas.so.3") or "")
+    assert "space or colon" in (cpu.blas_problem("/opt/a:b/libblas.so.3") or "")
+
+
+def test_the_shim_is_left_out_when_its_cache_cannot_be_written(tmp_path: Path) -> None:
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache folder should be\n")
+    shim, why = cpu.gemv_shim(blocker / "native")
+    assert shim is None and "could not be built" in why
+
+
+_EXEC_FAILS = """
+import json, sys
+from appliance.engine import cpu
+sys.executable = "/nonexistent/python3"  # execve fails, as when the interpreter is gone
+cpu.started_as_appliance = lambda: True
+choice = cpu.arrange("auto", gemv_forward=False)
+print(json.dumps(choice.as_dict()))
+"""
+
+
+@needs_blas
+def test_when_executing_again_fails_the_process_goes_on_with_the_reason() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop(cpu.MARKER_ENV, None)
+    env.pop(cpu.PRELOAD_ENV, None)
+    out = subprocess.run(
+        [sys.executable, "-c", _EXEC_FAILS], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    choice = json.loads(out.stdout.strip().splitlines()[-1])
+    assert choice["library"] is None and "executing the process again failed" in choice["reason"]
 
 
 # Every shape of one-row and one-column product MLX may hand to cblas_sgemm, both transposes
