@@ -131,6 +131,9 @@ def chart_cpu_real(res: dict[str, Any], path: Path) -> None:
             text = f"{v:,.1f}" + (f"\n{ratio:.1f}x" if ratio and name != "straightforward" else "")
             ax.annotate(text, (i, v), ha="center", va="bottom", fontsize=8)
         ax.set_yscale("log")
+        top = max((cr[n].get(key) or 0) for n, _, _ in who)
+        if top:
+            ax.set_ylim(top=top * 3)  # room for the labels above the bars (log scale)
         ax.set_xticks(range(len(who)), [w[1] for w in who], rotation=15, fontsize=8)
         ax.set_ylabel("tokens / s (log scale)")
         tokens = base.get("prompt_tokens") if fig_name == "prefill" else base.get("decode_tokens")
