@@ -15,6 +15,8 @@ import pytest
 
 from appliance.engine import cpu
 
+from ..conftest import NOT_ARRANGED
+
 pytestmark = pytest.mark.timeout(180)
 
 ADMIN = "cpu-admin-key"
@@ -41,7 +43,8 @@ def _maps(pid: int) -> str:
 
 @needs_blas
 def test_auto_preloads_the_installed_blas_and_keeps_argv(appliance_factory) -> None:
-    app = appliance_factory("limits.max_running=3", env={"LMX_ADMIN_KEY": ADMIN})
+    # Started as from a shell: it finds the BLAS and executes itself again.
+    app = appliance_factory("limits.max_running=3", env={**NOT_ARRANGED, "LMX_ADMIN_KEY": ADMIN})
     # The same process (execve keeps the PID), answering on the port its argv named.
     maps = _maps(app.proc.pid)
     assert str(Path(FOUND).resolve()) in maps
@@ -65,7 +68,7 @@ def test_auto_preloads_the_installed_blas_and_keeps_argv(appliance_factory) -> N
 
 @needs_blas
 def test_bundled_does_not_preload(appliance_factory) -> None:
-    app = appliance_factory("engine.cpu_blas=bundled", env={"LMX_ADMIN_KEY": ADMIN})
+    app = appliance_factory("engine.cpu_blas=bundled", env={**NOT_ARRANGED, "LMX_ADMIN_KEY": ADMIN})
     assert str(Path(FOUND).resolve()) not in _maps(app.proc.pid)
     blas = _health(app)["cpu_blas"]
     assert blas["setting"] == "bundled" and blas["library"] is None
@@ -86,7 +89,9 @@ def test_a_path_that_cannot_be_used_warns_and_runs_on_the_wheels_blas(
     appliance_factory, tmp_path: Path
 ) -> None:
     missing = tmp_path / "nowhere" / "libblas.so.3"
-    app = appliance_factory(f"engine.cpu_blas={missing}", env={"LMX_ADMIN_KEY": ADMIN})
+    app = appliance_factory(
+        f"engine.cpu_blas={missing}", env={**NOT_ARRANGED, "LMX_ADMIN_KEY": ADMIN}
+    )
     blas = _health(app)["cpu_blas"]
     if not blas["on_cpu"]:
         pytest.skip("MLX does not compute on the CPU here")
