@@ -22,7 +22,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP) blas-hint
 	$(BIN)/python -m appliance $(ARGS)
 
+# The browser tests of the status page use Debian's chromium: installed here when missing (as
+# root with apt-get), else they skip saying why.
 test: $(STAMP) blas-hint
+	sh scripts/ensure-chromium.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Linux: the appliance preloads OpenBLAS when it is installed (engine.cpu_blas=auto); without it

@@ -19,14 +19,21 @@ from . import middleware
 from .api import admin as api_admin
 from .api import errors as api_errors
 from .api import faults as api_faults
+from .api import status as api_status
+from .api.anthropic import CountTokens, Messages
 from .api.embeddings import Embeddings, Rerank
 from .api.generation import Generate
 from .api.openai import ChatCompletions, Completions, Models
 from .api.openapi import OpenAPI
 from .api.probes import Live, Ready
-from .config import AppConfig
+from .api.responses import ResponseById, Responses
+from .api.responses_store import ResponseStore
+from .api.seal import Seal
+from .config import AppConfig, safe_mode_overlay
+from .config.models import model_spec, settings_of
 from .engine import cpu, memory
 from .engine.distributed import GroupStatus, world
+from .engine.limits import Limits, LimitsInForce
 from .engine.service import Engine
 from .health import Health
 from .helper_nodes import HelperNodes
@@ -34,6 +41,7 @@ from .lifecycle import Lifecycle
 from .metrics import Metrics, RequestCounter
 from .middleware import is_loopback
 from .state import StateStore
+from .status import History, RecentErrors, StatusBoard, Traffic, refresh_interval
 from .tasks import TaskContext, TaskRunner
 
 log = logging.getLogger("appliance")
@@ -70,28 +78,45 @@ def build(
     registry: Optional[CollectorRegistry] = None,
     state: Optional[StateStore] = None,
     safe_mode_reason: Optional[str] = None,
+    safe: Optional[AppConfig] = None,
 ) -> Service:
-    """Assemble the appliance from the typed config; nothing starts until the lifespan runs."""
-    engine = engine or Engine(cfg.models, cfg.limits)
-    lifecycle = Lifecycle(safe_mode_reason)
+    """Assemble the appliance from the typed config; nothing starts until the lifespan runs.
+
+    `safe_mode_reason`: start in safe mode (a crash loop); `safe`: the safe-mode profile merged
+    over the config, whose limits are in force until safe mode ends (default: the config with
+    the safe-mode profile's file merged over it)."""
+    if safe_mode_reason is not None and safe is None:
+        safe = safe_mode_config(cfg)
+    in_force = LimitsInForce(
+        Limits.of(cfg.limits, cfg.shedding),
+        Limits.of(safe.limits, safe.shedding) if safe is not None else None,
+        safe_mode=safe_mode_reason is not None,
+    )
+    engine = engine or Engine(cfg.models, cfg.limits, in_force)
+    if engine.limits_in_force is not in_force:  # an engine made by the caller (tests)
+        in_force = engine.limits_in_force
+    lifecycle = Lifecycle(safe_mode_reason, cfg.state.stable_after_s)
+    _safe_mode(lifecycle, engine, in_force, state)
     metrics = Metrics(cfg.metrics, registry)
-    health = Health(engine, lifecycle, cfg.shedding)
+    health = Health(engine, lifecycle)
     metrics.watch(health.vitals)
     engine.observe(metrics.on_request)
     engine.registry.subscribe(metrics.on_model)
 
     app = falcon.asgi.App(middleware=[], cors_enable=False)
+    recent_errors = RecentErrors(app)
     stack: list[Any] = [
         lifecycle,
         RequestCounter(metrics, app),
-        *middleware.stack(cfg, metrics.reject, memory.mlx_active),
+        recent_errors,
+        *middleware.stack(cfg, metrics.reject, memory.mlx_active, in_force),
     ]
     for mw in stack:
         app.add_middleware(mw)
     api_errors.install(app)
     app.req_options.strip_url_path_trailing_slash = True
 
-    lifecycle.spawn(engine.start_up, "auto-load")
+    lifecycle.spawn(lambda: engine.start_up(load_models=not lifecycle.safe_mode), "auto-load")
     lifecycle.spawn(metrics.watch_loop_lag, "loop-lag")
     gen = Generate(engine, lifecycle, cfg.limits.max_body_bytes)
     app.add_route("/healthz", Live())
@@ -101,7 +126,14 @@ def build(
     app.add_route("/v1/models", Models(engine))
     app.add_route("/v1/chat/completions", ChatCompletions(gen))
     app.add_route("/v1/completions", Completions(gen))
-    api_admin.add_routes(app, engine, health, cfg)
+    seal = Seal()  # thinking signatures, sealed reasoning: valid for this process's life
+    app.add_route("/v1/messages", Messages(gen, seal))
+    app.add_route("/v1/messages/count_tokens", CountTokens(gen))
+    store = ResponseStore(cfg.responses)
+    app.add_route("/v1/responses", Responses(gen, store, seal))
+    app.add_route("/v1/responses/{response_id}", ResponseById(store))
+    api_admin.add_routes(app, engine, health, cfg, lifecycle)
+    _status_page(app, engine, health, lifecycle, recent_errors, cfg)
 
     helpers = HelperNodes(
         cfg.helpers, lambda role, status: metrics.helper_requests.labels(role, status).inc()
@@ -116,7 +148,13 @@ def build(
     blas = cpu.current(cfg.engine.cpu_blas).as_dict()  # fixed for the process's life
     health.add_section("cpu_blas", lambda: blas)
     if state is not None:
-        _state(state, engine, health, lifecycle, cfg.state.stable_after_s)
+        _state(state, engine, health)
+    lifecycle.spawn(
+        lambda: lifecycle.watch_stable(
+            (lambda: asyncio.to_thread(state.mark_stable)) if state is not None else _nothing
+        ),
+        "stable",
+    )
     runner = TaskRunner(cfg.maintenance, TaskContext(cfg, engine, state, helpers), metrics)
     health.add_check(runner.ctx.health)
     health.add_section("maintenance", runner.status)
@@ -140,21 +178,75 @@ def build(
     return Service(cfg, app, engine, lifecycle, health, metrics, state, group)
 
 
-def _state(
-    state: StateStore, engine: Engine, health: Health, lifecycle: Lifecycle, stable_after_s: float
+def _status_page(
+    app: falcon.asgi.App,
+    engine: Engine,
+    health: Health,
+    lifecycle: Lifecycle,
+    recent_errors: RecentErrors,
+    cfg: AppConfig,
 ) -> None:
-    """The state file: what is loaded, recovery after an unclean exit, the stable-run mark."""
-    state.attach(engine.registry.subscribe, engine.registry.loaded)
+    """GET /status and /status.json: per-model traffic from the engine's request events, a
+    chart history sampled in the background, the recent errors counted by the middleware."""
+    traffic = Traffic()
+    engine.observe(traffic.on_request)
+    history = History(traffic, engine.stats)
+    lifecycle.spawn(history.run, "status-history")
+    board = StatusBoard(engine, health, cfg.models, cfg.limits, traffic, history, recent_errors)
+    api_status.add_routes(app, board, cfg.security, refresh_interval(cfg.rate_limits.admin))
+
+
+def _safe_mode(
+    lifecycle: Lifecycle, engine: Engine, in_force: LimitsInForce, state: Optional[StateStore]
+) -> None:
+    """Safe mode holds loads nobody asked for and keeps its limits until it ends; then the
+    normal limits come into force and the auto_load models load, without a restart."""
+    engine.load_guard = lifecycle.guard_load
+
+    def ended(how: str) -> None:
+        in_force.use(safe_mode=False)
+        if state is not None:
+            lifecycle.adopt(asyncio.ensure_future(asyncio.to_thread(state.safe_mode_ended, how)))
+        lifecycle.adopt(asyncio.ensure_future(engine.load_auto()), "auto-load")
+
+    lifecycle.on_safe_mode_exit(ended)
+
+
+def _nothing() -> None:
+    return None
+
+
+def safe_mode_config(cfg: AppConfig) -> AppConfig:
+    """The safe-mode profile's file merged over a typed config."""
+    from omegaconf import OmegaConf
+
+    merged = OmegaConf.merge(OmegaConf.structured(cfg), safe_mode_overlay())
+    safe = OmegaConf.to_object(merged)
+    assert isinstance(safe, AppConfig)
+    return safe
+
+
+def _state(state: StateStore, engine: Engine, health: Health) -> None:
+    """The state file: what is loaded, recovery after an unclean exit, lifetime counters."""
+    reg = engine.registry
+    state.attach(
+        reg.subscribe,
+        reg.loaded,
+        lambda: {name: settings_of(spec) for name, spec in reg.added().items()},
+    )
     if state.boot is not None:
         engine.recover = list(state.boot.recover)
+        for name, settings in state.boot.runtime.items():  # loaded by path before the restart
+            try:
+                reg.add(name, model_spec(settings, f"state.runtime.{name}"))
+            except Exception as exc:  # a model the profile now names, or a bad entry
+                log.warning("model %s loaded at run time is not restored: %s", name, exc)
+                continue
+            if name in state.boot.runtime_loaded and name not in engine.recover:
+                engine.recover.append(name)
     health.add_check(lambda: _state_reasons(state))
     health.add_section("state", state.health)
-
-    async def stable() -> None:
-        await asyncio.sleep(stable_after_s)
-        await asyncio.to_thread(state.mark_stable)
-
-    lifecycle.spawn(stable, "stable")
+    health.add_gauges(state.lifetime)
 
 
 def _state_reasons(state: StateStore) -> list[tuple[str, str]]:

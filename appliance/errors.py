@@ -107,6 +107,13 @@ class HelperUnavailable(Unavailable):
     code = "helper_unavailable"
 
 
+class SafeModeOn(Unavailable):
+    """Safe mode is on and the request needs a model that is not loaded: safe mode loads none by
+    itself (the answer carries X-Safe-Mode: on)."""
+
+    code = "safe_mode"
+
+
 class ModelLoadError(ApplianceError):
     """A model could not be loaded (missing folder, not in the hub cache, bad files)."""
 

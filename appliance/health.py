@@ -54,6 +54,14 @@ def backend() -> str:
         return "none"
 
 
+GB = 10**9
+
+
+def _gb(n: Optional[int]) -> Optional[float]:
+    """Bytes in GB (10^9 bytes), 3 decimals; None stays None (no MLX here)."""
+    return None if n is None else round(n / GB, 3)
+
+
 def _normalise(result: CheckResult) -> list[tuple[str, str]]:
     if result is None:
         return []
@@ -67,10 +75,13 @@ def _normalise(result: CheckResult) -> list[tuple[str, str]]:
 class Health:
     """Vitals, checks and the health report."""
 
-    def __init__(self, engine: Engine, lifecycle: Lifecycle, shedding: SheddingConfig) -> None:
+    def __init__(
+        self, engine: Engine, lifecycle: Lifecycle, shedding: Optional[SheddingConfig] = None
+    ) -> None:
+        # The shedding thresholds are read from the engine's limits in force (safe mode has its
+        # own); `shedding` is accepted for callers that still pass the config section.
         self.engine = engine
         self.lifecycle = lifecycle
-        self.shedding = shedding
         self._checks: list[HealthCheck] = []
         self._sections: dict[str, Callable[[], Any]] = {}
         self._gauges: list[Callable[[], dict[str, Any]]] = []
@@ -100,7 +111,7 @@ class Health:
             uptime_s=lc.uptime_s,
             draining=lc.draining,
             safe_mode_reason=lc.safe_mode_reason,
-            shedding_memory_percent=self.shedding.memory_percent,
+            shedding_memory_percent=self.engine.limits_in_force.now.memory_percent,
             backend=self._backend,
             extra=extra,
         )
@@ -122,7 +133,7 @@ class Health:
             out.append(("degraded", "draining before exit: new inference is refused"))
         if v.safe_mode_reason:
             out.append(("degraded", f"safe mode: {v.safe_mode_reason}"))
-        shed = self.shedding
+        shed = self.engine.limits_in_force.now
         percent = v.memory.system_percent
         if percent >= shed.memory_percent:
             out.append(
@@ -167,10 +178,20 @@ class Health:
                 sections[name] = fn()
             except Exception as exc:  # one broken section must not break the report
                 sections[name] = {"error": str(exc)}
+        lc = self.lifecycle
+        ends_in = lc.safe_mode_ends_in_s()
         return {
             "status": STATUSES[worst],
             "reasons": [{"status": s, "reason": r} for s, r in checks if s != "ok"],
             "system_memory_percent": m.system_percent,
+            # The hardening plan's names, beside the ones above (dashboards read both).
+            "memory_usage_percent": m.system_percent,
+            "metal": {
+                "active_memory_gb": _gb(m.mlx_active),
+                "peak_memory_gb": _gb(m.mlx_peak),
+                "cache_memory_gb": _gb(m.mlx_cache),
+            },
+            "in_flight_requests": e.running + e.waiting,
             "memory_bytes": {
                 "rss": m.rss,
                 "mlx_active": m.mlx_active,
@@ -191,6 +212,15 @@ class Health:
             "backend": v.backend,
             "safe_mode": bool(v.safe_mode_reason),
             "safe_mode_reason": v.safe_mode_reason,
+            "safe_mode_exit": {
+                "how": "POST /admin/safe-mode/exit with the admin key, or stable running",
+                "automatic_in_s": None if ends_in is None else round(ends_in, 1),
+                "ended": lc.safe_mode_exit,
+            },
+            "limits_in_force": {
+                "profile": "safe-mode" if self.engine.limits_in_force.safe_mode else "normal",
+                **self.engine.limits_in_force.now.as_dict(),
+            },
             "draining": v.draining,
             **sections,
         }

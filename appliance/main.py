@@ -46,7 +46,7 @@ def arrange_blas(typed: AppConfig) -> BlasChoice:
 
 
 def main(composed: DictConfig) -> NoReturn:
-    """Validate, apply safe mode after a crash loop, build, serve until drained, exit."""
+    """Validate, decide safe mode (a crash loop), build, serve until drained, exit."""
     prepare_process()
     from . import logs
 
@@ -66,13 +66,15 @@ def main(composed: DictConfig) -> NoReturn:
         sys.exit(distributed.run_follower(typed.models))
     logs.setup(typed.logging)
     log.log(logging.WARNING if blas.slow else logging.INFO, "%s", blas.line())
-    typed, state, reason = start_state(composed, typed)
+    # Checked at every start, so a broken safe-mode profile is found before a crash loop needs it.
+    safe = safe_mode_config(composed)
+    state, reason = start_state(typed)
     from .builder import build
     from .server import serve
 
     code = exits.OK
     try:
-        serve(build(typed, state=state, safe_mode_reason=reason))
+        serve(build(typed, state=state, safe_mode_reason=reason, safe=safe))
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else exits.ENGINE_GAVE_UP
     # Leave without running native destructors: MLX's CUDA backend aborts in them at interpreter
@@ -84,24 +86,28 @@ def main(composed: DictConfig) -> NoReturn:
     os._exit(code)
 
 
-def start_state(
-    composed: DictConfig, typed: AppConfig
-) -> tuple[AppConfig, StateStore, Optional[str]]:
-    """Record this start in the state file; after a crash loop, merge the safe-mode profile's
-    file over the composed config. Returns the config to run, the state and why safe mode."""
+def start_state(typed: AppConfig) -> tuple[StateStore, Optional[str]]:
+    """Record this start in the state file. Returns the state and why safe mode is on (a crash
+    loop), or None. Safe mode runs the normal config: the builder holds the loads and puts the
+    safe-mode profile's limits in force until safe mode ends."""
     state = StateStore(typed.state)
     boot = state.begin_run(typed.models.catalog)
-    if not boot.safe_mode_reason:
-        return typed, state, None
+    if boot.safe_mode_reason:
+        log.error(
+            "starting in safe mode (no auto-load, no recovery, no load on demand; the "
+            "safe-mode profile's limits) until POST /admin/safe-mode/exit or %g s of stable "
+            "running: %s",
+            typed.state.stable_after_s,
+            boot.safe_mode_reason,
+        )
+    return state, boot.safe_mode_reason
+
+
+def safe_mode_config(composed: DictConfig) -> AppConfig:
+    """The safe-mode profile's file merged over the composed config, validated."""
     try:
         merged = OmegaConf.merge(composed, safe_mode_overlay())
         assert isinstance(merged, DictConfig)
-        safe = load(merged)
+        return load(merged)
     except ConfigError as exc:
         fail(exc)
-    log.error(
-        "starting in safe mode (the safe-mode profile over the config: no auto-load, no "
-        "recovery, its limits): %s",
-        boot.safe_mode_reason,
-    )
-    return safe, state, boot.safe_mode_reason

@@ -36,6 +36,7 @@ REJECT_REASONS = (
     "too_large",
     "draining",
     "insufficient_memory",
+    "safe_mode",
 )
 
 # Error codes (errors.py) of refusals raised outside the middleware (admission, the drain gate,
@@ -50,6 +51,19 @@ CODE_REASONS = {
     "forbidden_host": "forbidden_host",
     "request_too_large": "too_large",
     "insufficient_memory": "insufficient_memory",
+    "safe_mode": "safe_mode",
+}
+# The `api` label of requests_total, by route template: which front-end served the request.
+API_OF_ROUTE = {
+    "/v1/chat/completions": "openai_chat",
+    "/v1/completions": "openai_completions",
+    "/v1/embeddings": "openai_embeddings",
+    "/v1/rerank": "rerank",
+    "/v1/models": "openai_models",
+    "/v1/messages": "anthropic",
+    "/v1/messages/count_tokens": "anthropic",
+    "/v1/responses": "responses",
+    "/v1/responses/{response_id}": "responses",
 }
 # Probes answer 503 while draining or loading: that is their job, not a refused request.
 _NOT_COUNTED = ("/healthz", "/readyz")
@@ -80,6 +94,11 @@ class _LiveCollector(Collector):
 
         yield g("num_requests_running", "Requests in the generation batches.", e.running)
         yield g("num_requests_waiting", "Requests waiting in the admission queue.", e.waiting)
+        yield g(
+            "queued_requests",
+            "Requests waiting in the admission queue (num_requests_waiting, by another name).",
+            e.waiting,
+        )
         yield g("concurrent_limit", "limits.max_running in force.", e.max_running)
         yield g("queue_limit", "limits.max_queued in force.", e.max_queued)
         yield g("models_loaded", "Models loaded and running.", len(e.models_loaded))
@@ -89,6 +108,19 @@ class _LiveCollector(Collector):
         )
         yield g("draining", "1 while the appliance drains before exit.", 1 if v.draining else 0)
         yield g("uptime_seconds", "Seconds since the process started.", v.uptime_s)
+        for name, doc, key in (
+            ("process_starts", "Process starts over the state file's life.", "process_starts"),
+            (
+                "unclean_starts",
+                "Starts that followed an unclean exit (a crash or a kill), over the state "
+                "file's life.",
+                "unclean_starts",
+            ),
+        ):
+            if key in x:
+                starts = CounterMetricFamily(p + name, doc)
+                starts.add_metric([], float(x[key]))
+                yield starts
         mem = GaugeMetricFamily(p + "memory_bytes", "Memory in use by kind.", labels=["kind"])
         for kind in ("rss", "mlx_active", "mlx_peak", "mlx_cache"):
             value = getattr(m, kind)
@@ -152,7 +184,10 @@ class Metrics:
         self.prefix = cfg.namespace + "_" if cfg.namespace else ""
         p, r = self.prefix, self.registry
         self.requests = Counter(
-            p + "requests", "Finished requests.", ["model", "endpoint", "status"], registry=r
+            p + "requests",
+            "Finished requests, by front-end (api), model, route and status.",
+            ["api", "model", "endpoint", "status"],
+            registry=r,
         )
         self.prompt_tokens = Counter(
             p + "prompt_tokens", "Prompt tokens processed.", ["model"], registry=r
@@ -198,6 +233,19 @@ class Metrics:
         )
         self.cache_misses = Counter(
             p + "prompt_cache_misses", "Requests with no cached prefix.", ["model"], registry=r
+        )
+        # vLLM's names and units: tokens looked up in the prefix cache, and tokens found there
+        self.prefix_queries = Counter(
+            p + "prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache.",
+            ["model"],
+            registry=r,
+        )
+        self.prefix_hits = Counter(
+            p + "prefix_cache_hits",
+            "Prompt tokens served from the prefix cache (not prefilled).",
+            ["model"],
+            registry=r,
         )
         self.model_load = Histogram(
             p + "model_load_seconds",
@@ -269,7 +317,8 @@ class Metrics:
             self.reject(CODE_REASONS[code])
         if req.path.startswith("/v1/"):
             model = getattr(ctx, "model", None) or ""
-            self.requests.labels(model, endpoint, str(resp.status_code)).inc()
+            api = API_OF_ROUTE.get(endpoint, "other")
+            self.requests.labels(api, model, endpoint, str(resp.status_code)).inc()
 
     # -- engine observers
     def on_request(self, event: str, gen: Optional[Generation], details: dict[str, Any]) -> None:
@@ -278,6 +327,8 @@ class Metrics:
         elif event == "finished" and gen is not None:
             m = gen.model
             (self.cache_hits if gen.cached_tokens else self.cache_misses).labels(m).inc()
+            self.prefix_queries.labels(m).inc(len(gen.prompt_tokens))
+            self.prefix_hits.labels(m).inc(gen.cached_tokens)
             self.prompt_tokens.labels(m).inc(len(gen.prompt_tokens))
             self.generation_tokens.labels(m).inc(len(gen.tokens))
             if gen.t_first is not None:

@@ -7,9 +7,15 @@ appliance never fails because of this file: a corrupted, empty or unreadable one
 moved aside (`state.json.corrupt-<time>`), an unwritable location is logged, and either way the
 server runs with a fresh state.
 
-Crash loop: the current start, and the starts before it within `crash_loop.window_s` whose runs
-all ended without a clean shutdown, count; `crash_loop.starts` of them put the appliance in safe
-mode. A run that lasts `stable_after_s` clears the history, so the next start is normal.
+Crash loop: a start that follows an unclean exit is an unclean start. The unclean starts in a
+row (each run before them ended without a clean shutdown and before it ran `stable_after_s`
+outside safe mode), within `crash_loop.window_s`, are counted; `crash_loop.starts` of them put
+the appliance in safe mode. A model that takes minutes to load and crashes the process each time
+is caught as surely as a fast crash, since the window (an hour by default) holds several loads.
+A run that lasts `stable_after_s` in normal running clears the history.
+
+The file also keeps lifetime counters (`lifetime.process_starts`, `lifetime.unclean_starts`),
+exported as `lmx_process_starts_total` and `lmx_unclean_starts_total`.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -53,9 +59,14 @@ class Boot:
 
     previous_clean: bool  # True also on a first start (no state file)
     recover: tuple[str, ...]  # models loaded when the previous run ended uncleanly
-    crash_streak: int  # this start and the crashed runs just before it, within the window
+    crash_streak: int  # unclean starts in a row, this one included, within the window
     safe_mode_reason: Optional[str]
     started_at: float
+    first_crash_at: Optional[float] = None  # the start of the first crashed run of the streak
+    # Models an admin loaded by path, by name: their settings, and whether each was loaded when
+    # the previous run ended (they come back after a clean restart too).
+    runtime: dict[str, dict[str, Any]] = field(default_factory=dict)
+    runtime_loaded: tuple[str, ...] = ()
 
 
 class _Corrupt(ValueError):
@@ -77,6 +88,16 @@ def _validate(data: Any) -> dict[str, Any]:
     for s in starts:
         if not isinstance(s, dict) or not isinstance(s.get("at"), (int, float)):
             raise _Corrupt("an entry of 'starts' has no numeric 'at'")
+    lifetime = data.get("lifetime", {})
+    if not isinstance(lifetime, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in lifetime.values()
+    ):
+        raise _Corrupt("'lifetime' is not a map of counts")
+    runtime = data.get("runtime", {})
+    if not isinstance(runtime, dict) or not all(
+        isinstance(k, str) and isinstance(v, dict) for k, v in runtime.items()
+    ):
+        raise _Corrupt("'runtime' is not a map of model settings")
     return data
 
 
@@ -96,6 +117,7 @@ class StateStore:
         self.dead: list[str] = []  # models whose generation thread died, until they load again
         self.stable = False
         self._loaded: Callable[[], list[str]] = list
+        self._runtime: Callable[[], dict[str, dict[str, Any]]] = dict
         self._mutex = threading.RLock()
         self._executor: Optional[ThreadPoolExecutor] = None
         self._logged: set[str] = set()
@@ -191,6 +213,7 @@ class StateStore:
         it (`current_models()`), since the registry belongs to the loop."""
         with self._mutex:
             self.data["models"] = self._models() if models is None else models
+            self._record_runtime()
         return self._write_now()
 
     def current_models(self) -> list[str]:
@@ -204,9 +227,16 @@ class StateStore:
             return
         with self._mutex:
             self.data["models"] = self._models()
+            self._record_runtime()
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state")
             self._executor.submit(self._write_now)
+
+    def _record_runtime(self) -> None:
+        try:
+            self.data["runtime"] = self._runtime()
+        except Exception:  # the registry may be closing: keep what was recorded
+            pass
 
     def _models(self) -> list[str]:
         try:
@@ -230,30 +260,44 @@ class StateStore:
         starts = [dict(s) for s in prev.get("starts", []) if now - float(s["at"]) <= window]
         if starts and not previous_clean:
             starts[-1]["clean"] = False
-        streak = 0
+        # The runs that crashed in a row, newest first, back to one that ended cleanly or ran
+        # stable: each made the start after it an unclean one.
+        crashed = []
         if not previous_clean:
-            streak = 1
             for s in reversed(starts):
                 if s.get("clean") or s.get("stable"):
                     break
-                streak += 1
+                crashed.append(s)
+        streak = len(crashed)
+        first_crash = float(crashed[-1]["at"]) if crashed else None
         reason = None
         if streak >= self.cfg.crash_loop.starts:
             reason = (
-                f"crash loop: {streak} starts within {window:g} s, each run before this one "
-                "ended without a clean shutdown"
+                f"crash loop: {streak} unclean starts in a row, each after a run that ended "
+                f"without a clean shutdown before {self.cfg.stable_after_s:g} s of stable "
+                f"running (state.crash_loop.starts={self.cfg.crash_loop.starts}, within "
+                f"window_s={window:g})"
             )
         names = set(catalog)
         recover: tuple[str, ...] = ()
         if not previous_clean and reason is None:
             recover = tuple(m for m in prev.get("models", []) if m in names)
+        runtime = {k: dict(v) for k, v in (prev.get("runtime") or {}).items() if k not in names}
+        runtime_loaded = tuple(m for m in prev.get("models", []) if m in runtime)
+        lifetime = dict(prev.get("lifetime") or {})
+        lifetime["process_starts"] = int(lifetime.get("process_starts", 0)) + 1
+        lifetime["unclean_starts"] = int(lifetime.get("unclean_starts", 0)) + (
+            0 if previous_clean else 1
+        )
         with self._mutex:
             self.data = {
                 "clean_shutdown": False,
                 "pid": os.getpid(),
-                "models": list(recover),
+                "models": list(recover) + list(runtime_loaded),
+                "runtime": runtime,
                 "started_at": now,
                 "safe_mode_reason": reason,
+                "lifetime": lifetime,
                 "starts": [
                     *starts,
                     {
@@ -265,13 +309,17 @@ class StateStore:
                 ],
             }
             self.pending = list(recover)
-        self.boot = Boot(previous_clean, recover, streak, reason, now)
+        self.boot = Boot(
+            previous_clean, recover, streak, reason, now, first_crash, runtime, runtime_loaded
+        )
         self._write_now()
         if not previous_clean:
             log.warning(
-                "the previous run did not shut down cleanly (%d start(s) in a row within %g s)",
+                "the previous run did not shut down cleanly (%d unclean start(s) in a row "
+                "within %g s; safe mode at %d)",
                 streak,
                 window,
+                self.cfg.crash_loop.starts,
             )
         if reason:
             log.error("safe mode: %s", reason)
@@ -281,18 +329,39 @@ class StateStore:
             )
         return self.boot
 
+    def lifetime(self) -> dict[str, int]:
+        """Process starts and unclean starts over the state file's life."""
+        with self._mutex:
+            counts = dict(self.data.get("lifetime") or {})
+        return {
+            "process_starts": int(counts.get("process_starts", 0)),
+            "unclean_starts": int(counts.get("unclean_starts", 0)),
+        }
+
+    def safe_mode_ended(self, how: str) -> None:
+        """Record that safe mode ended in this run ("admin" or "stable"); blocking."""
+        with self._mutex:
+            self.data["safe_mode_reason"] = None
+            starts = self.data.get("starts") or []
+            if starts:
+                starts[-1]["safe_mode_exit"] = {"at": time.time(), "by": how}
+        self._write_now()
+
     def attach(
         self,
         subscribe: Callable[[Callable[[str, str, dict[str, Any]], None]], None],
         loaded: Callable[[], list[str]],
+        runtime: Callable[[], dict[str, dict[str, Any]]] = dict,
     ) -> None:
-        """Follow the model registry: write the file on every load, unload and death."""
+        """Follow the model registry: write the file on every load, unload and death.
+        `runtime`: the settings of the models an admin loaded by path, by name."""
         self._loaded = loaded
+        self._runtime = runtime
         subscribe(self.on_model)
 
     def on_model(self, event: str, name: str, details: dict[str, Any]) -> None:
         """A registry event (on the event loop): track recovery, then write the file soon."""
-        if event not in ("loaded", "load_failed", "died", "unloaded"):
+        if event not in ("loaded", "load_failed", "died", "unloaded", "removed"):
             return
         with self._mutex:  # the writer thread reads these lists
             if event == "loaded":
@@ -312,18 +381,14 @@ class StateStore:
         self.save_soon()
 
     def mark_stable(self) -> None:
-        """The run has lasted `stable_after_s`: clear the start history (blocking)."""
+        """The run has lasted `stable_after_s` in normal running: clear the start history
+        (blocking)."""
         with self._mutex:
             self.stable = True
             starts = self.data.get("starts") or []
             self.data["starts"] = [dict(starts[-1], stable=True)] if starts else []
-        in_safe_mode = bool(self.boot and self.boot.safe_mode_reason)
         self._write_now()  # before saying so: a kill right after the line must find it on disk
-        log.info(
-            "stable for %g s: start history cleared%s",
-            self.cfg.stable_after_s,
-            "; safe mode ends at the next start" if in_safe_mode else "",
-        )
+        log.info("stable for %g s: start history cleared", self.cfg.stable_after_s)
 
     def mark_clean(self) -> None:
         """The run is ending cleanly: record it (blocking; the last write)."""
@@ -350,7 +415,9 @@ class StateStore:
             "problem": self.problem,
             "previous_clean": None if b is None else b.previous_clean,
             "crash_streak": None if b is None else b.crash_streak,
+            "crash_loop_at": self.cfg.crash_loop.starts,
             "stable": self.stable,
+            "lifetime": self.lifetime(),
             "recovery": {
                 "requested": [] if b is None else list(b.recover),
                 "recovered": list(self.recovered),

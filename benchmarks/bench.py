@@ -24,6 +24,9 @@ On one model and one machine, in one run:
 - the appliance's own costs: 429 latency when busy, /healthz and /metrics latency under load,
   /metrics scrape time after many requests, RSS after load, cold start to /readyz 200.
 
+`--agent` runs the agent-session scenario instead (benchmarks/agent.py) and `--constraints`
+what grammar-constrained rows cost (benchmarks/constraints_cost.py).
+
 Progress goes to stderr; the tables to stdout; JSON and a PNG chart to --out. Every process it
 starts is stopped by PID (SIGTERM, then SIGKILL), also on Ctrl-C; all traffic is to 127.0.0.1.
 The parts: scenarios (what is measured), peers (the servers and the ceiling), load (the
@@ -46,6 +49,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
+from benchmarks.agent import add_agent_args, run_agent, wants_agent
 from benchmarks.chart import chart, chart_cpu_real
 from benchmarks.common import percentile, say
 from benchmarks.costs import batch_joins, busy_rejection, metrics_after_requests, probe_stats
@@ -486,6 +490,13 @@ def parser() -> argparse.ArgumentParser:
         "peer (default: this Python, if it has llama_cpp)",
     )
     p.add_argument("--ceiling-worker", action="store_true", help=argparse.SUPPRESS)
+    add_agent_args(p)
+    p.add_argument(
+        "--constraints",
+        action="store_true",
+        help="instead: what grammar-constrained rows cost (the per-token mask, and unconstrained "
+        "streams' decode speed beside constrained ones); benchmarks/constraints_cost.py",
+    )
     return p
 
 
@@ -584,6 +595,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser().parse_args(argv)
     if args.ceiling_worker:
         ceiling_worker(str(args.model_path), args.concurrency, args.max_tokens)
+        return 0
+    if wants_agent(args):
+        return run_agent(args)
+    if args.constraints:
+        from benchmarks import constraints_cost
+
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        constraints_cost.main(["--json", str(args.out / f"bench-constraints-{stamp}.json")])
         return 0
     plan = plan_from(args)
     plan.out.mkdir(parents=True, exist_ok=True)

@@ -164,11 +164,21 @@ class Appliance:
             time.sleep(0.1)
         raise TimeoutError(f"{path} never answered {status}:\n{self.log()}")
 
+    @property
+    def log_file(self) -> Path:
+        """The appliance's own log file when `logging.file` is left at its default."""
+        return self.home / "state" / "appliance" / "log" / "appliance.log"
+
     def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
+        """What the process wrote to stderr, then its log file (under a service manager, stderr
+        not being a terminal, the lines go to the file only)."""
+        out = []
+        for path in (self.log_path, self.log_file):
+            try:
+                out.append(path.read_text(errors="replace"))
+            except OSError:
+                pass
+        return "".join(out)
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         assert self.proc is not None
@@ -219,9 +229,12 @@ def module_appliance(
     overrides = tuple(getattr(request.module, "APPLIANCE_OVERRIDES", ()))
     env = getattr(request.module, "APPLIANCE_ENV", None)
     home = tmp_path_factory.mktemp("module-appliance")
-    a = Appliance(home, demo_cache, overrides, env).start()
-    yield a
-    a.stop()
+    a = Appliance(home, demo_cache, overrides, env)
+    try:
+        a.start()
+        yield a
+    finally:
+        a.stop()  # also when it never got ready: no process is left behind
 
 
 @pytest.fixture(scope="module")

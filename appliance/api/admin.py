@@ -1,4 +1,4 @@
-"""The admin API (admin key): models, load / unload, health and the redacted config.
+"""The admin API (admin key): models, load / unload, health, the redacted config, safe-mode exit.
 
 The auth middleware refuses /admin without the admin key. The resources check again
 (`req.context.is_admin`), so a `middleware:` list without `auth` leaves the admin API closed,
@@ -10,16 +10,19 @@ from __future__ import annotations
 import logging
 import re
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import falcon
 import falcon.asgi
 import orjson
 
-from ..config import AppConfig, SecurityConfig, redacted
+from ..config import AppConfig, ConfigError, SecurityConfig, redacted
+from ..config.models import SETTINGS, model_spec, settings_of, with_preset
 from ..engine.service import Engine
-from ..errors import AdminClosed, InvalidRequest
+from ..errors import AdminClosed, InsufficientMemory, InvalidRequest, ModelLoadError
 from ..health import Health
+from ..lifecycle import Lifecycle
 
 log = logging.getLogger("appliance.admin")
 
@@ -45,8 +48,11 @@ def _json(resp: falcon.asgi.Response, data: Any) -> None:
     resp.data = orjson.dumps(data)
 
 
-async def _read_object(req: falcon.asgi.Request, allowed: tuple[str, ...]) -> dict[str, Any]:
-    """The body as a JSON object with only `allowed` keys; InvalidRequest otherwise."""
+async def _read_object(
+    req: falcon.asgi.Request, allowed: tuple[str, ...], *, allow_empty: bool = False
+) -> dict[str, Any]:
+    """The body as a JSON object with only `allowed` keys; InvalidRequest otherwise. With
+    `allow_empty`, no body at all reads as {}."""
     chunks, size = [], 0
     async for chunk in req.stream:
         size += len(chunk)
@@ -54,6 +60,8 @@ async def _read_object(req: falcon.asgi.Request, allowed: tuple[str, ...]) -> di
             raise InvalidRequest(f"the body is over {ADMIN_BODY_MAX} bytes")
         chunks.append(chunk)
     raw = b"".join(chunks)
+    if not raw.strip() and allow_empty:
+        return {}
     if not raw.strip():
         raise InvalidRequest(
             'the body must be a JSON object such as {"model": "NAME"}', param="model"
@@ -67,7 +75,8 @@ async def _read_object(req: falcon.asgi.Request, allowed: tuple[str, ...]) -> di
     extra = sorted(set(body) - set(allowed))
     if extra:
         raise InvalidRequest(
-            f"unknown field {extra[0]!r}; allowed: {', '.join(allowed)}", param=extra[0]
+            f"unknown field {extra[0]!r}; allowed: {', '.join(allowed) or 'none'}",
+            param=extra[0],
         )
     return body
 
@@ -99,11 +108,14 @@ class _Admin:
             "loaded": worker is not None,
             "default": name == models.default,
             "auto_load": name in models.auto_load,
+            "source": reg.source(name),
+            "settings": settings_of(spec),
             "context_length": spec.context_length,
             "max_tokens": spec.max_tokens,
             "ttl_s": spec.ttl_s,
             "memory_estimate_bytes": info.memory_estimate_bytes,
             "loaded_at": info.loaded_at,
+            "last_load_seconds": info.load_seconds,
             "last_used": info.last_used,
             "requests_served": info.requests_served,
             "in_flight": worker.active_count if worker is not None else 0,
@@ -129,17 +141,71 @@ class AdminModels(_Admin):
         )
 
 
+LOAD_FIELDS = ("model", "path", "alias", *(k for k in SETTINGS if k != "path"))
+
+
+def _runtime_name(body: dict[str, Any]) -> str:
+    """The name a model loaded by path is served under: `alias`, else `model`, else the file
+    or folder name (a hub id's name part)."""
+    name = body.get("alias") or body.get("model")
+    param = "alias" if body.get("alias") else "model"
+    if name is None:
+        stem = Path(str(body["path"]).rstrip("/")).name
+        name = stem[: -len(".gguf")] if stem.lower().endswith(".gguf") else stem
+        param = "path"
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}", name):
+        raise InvalidRequest(
+            f"{param} gives the model name {name!r}: use letters, digits, '.', '_', '-', ':'",
+            param=param,
+        )
+    return name
+
+
 class AdminLoad(_Admin):
-    """POST /admin/models/load {"model": NAME}: load a catalog model (no-op when loaded)."""
+    """POST /admin/models/load: a catalog model by name ({"model": NAME}), or any model by path
+    ({"path": FOLDER | FILE.gguf | HUB_ID, "alias": NAME, "preset": NAME, SETTINGS...}, the
+    settings of a catalog entry). No-op when loaded with the same settings."""
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         _require_admin(req, self.cfg.security)
-        name = _model_name(await _read_object(req, ("model",)))
+        body = await _read_object(req, LOAD_FIELDS)
         reg = self.engine.registry
-        reg.spec(name)  # 404 before any work
+        added = False
+        if body.get("path") is None:
+            name = _model_name(body)
+            settings = sorted(k for k in body if k != "model")
+            if settings:
+                raise InvalidRequest(
+                    f"{settings[0]} applies to a model loaded by path; a catalog model's "
+                    "settings are the profile's",
+                    param=settings[0],
+                )
+            reg.spec(name)  # 404 before any work
+        else:
+            name = _runtime_name(body)
+            entry = {k: v for k, v in body.items() if k not in ("model", "alias")}
+            try:
+                entry = with_preset(entry, self.cfg.models.presets, "load")
+                spec = model_spec(entry, "load")
+            except ConfigError as exc:
+                param = exc.key.removeprefix("load.")
+                raise InvalidRequest(
+                    f"{param}: {exc.value!r} is invalid; allowed: {exc.allowed}", param=param
+                ) from None
+            added = name not in reg.names
+            reg.add(name, spec)
         was_loaded = reg.worker(name) is not None
         t0 = time.perf_counter()
-        await reg.load(name)
+        try:
+            await reg.load(name)
+        except InsufficientMemory as exc:
+            if added:
+                reg.remove(name)
+            raise ModelLoadError(exc.message, code="insufficient_memory") from None
+        except BaseException:
+            if added:
+                reg.remove(name)  # nothing half-loaded stays behind
+            raise
         seconds = round(time.perf_counter() - t0, 3)
         log.info("admin: model %s %s", name, "already loaded" if was_loaded else "loaded")
         _json(
@@ -196,6 +262,41 @@ class AdminHealth:
         _json(resp, self.health.report())
 
 
+class AdminSafeModeExit(_Admin):
+    """POST /admin/safe-mode/exit: end safe mode now. The normal limits come into force and the
+    auto_load models load, without a restart. Answers 200 whether or not it was on."""
+
+    def __init__(self, engine: Engine, cfg: AppConfig, lifecycle: Lifecycle) -> None:
+        super().__init__(engine, cfg)
+        self.lifecycle = lifecycle
+
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        _require_admin(req, self.cfg.security)
+        chunks, size = [], 0
+        async for chunk in req.stream:
+            size += len(chunk)
+            if size > ADMIN_BODY_MAX:
+                raise InvalidRequest(f"the body is over {ADMIN_BODY_MAX} bytes")
+            chunks.append(chunk)
+        raw = b"".join(chunks).strip()
+        if raw and raw.replace(b" ", b"") != b"{}":
+            raise InvalidRequest("this route takes no body (or an empty JSON object)")
+        reason = self.lifecycle.safe_mode_reason
+        was_on = self.lifecycle.exit_safe_mode("admin")
+        if was_on:
+            log.warning("admin: safe mode ended by POST /admin/safe-mode/exit")
+        _json(
+            resp,
+            {
+                "safe_mode": self.lifecycle.safe_mode,
+                "was_on": was_on,
+                "reason": reason,
+                "limits": self.engine.limits_in_force.now.as_dict(),
+                "auto_load": list(self.cfg.models.auto_load) if was_on else [],
+            },
+        )
+
+
 _URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 # Field names that hold secrets wherever they appear (helpers' api_key, a token, a password).
 _SECRET_NAME = re.compile(r"(?:^|_)(?:key|keys|token|secret|secrets|password|passwd)$")
@@ -243,10 +344,13 @@ class AdminConfig(_Admin):
         resp.data = self._body
 
 
-def add_routes(app: falcon.asgi.App, engine: Engine, health: Health, cfg: AppConfig) -> None:
+def add_routes(
+    app: falcon.asgi.App, engine: Engine, health: Health, cfg: AppConfig, lifecycle: Lifecycle
+) -> None:
     """Register every /admin route."""
     app.add_route("/admin/models", AdminModels(engine, cfg))
     app.add_route("/admin/models/load", AdminLoad(engine, cfg))
     app.add_route("/admin/models/unload", AdminUnload(engine, cfg))
     app.add_route("/admin/health", AdminHealth(health, cfg.security))
     app.add_route("/admin/config", AdminConfig(engine, cfg))
+    app.add_route("/admin/safe-mode/exit", AdminSafeModeExit(engine, cfg, lifecycle))

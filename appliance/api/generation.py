@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import replace
 from typing import Any, Optional
 
@@ -20,7 +20,7 @@ import falcon.asgi
 from falcon.asgi import SSEvent
 
 from ..engine.chat import Answer, ChatRequest, Run, prepare
-from ..engine.output.events import IdFactory, new_call_id
+from ..engine.output.events import Event, IdFactory, new_call_id
 from ..engine.service import Engine
 from ..engine.types import Generation
 from ..errors import ApplianceError, BodyTooLarge, ClientGone, EngineFailure, Forbidden
@@ -68,7 +68,9 @@ class Generate:
         arrivals = self.engine.arrivals
         arrivals.on_the_way(req.scope)
         try:
-            return await self._start(req, request, id_factory)
+            run = await self._start(req, request, id_factory)
+            req.context.generation = run.gen  # the access log's token counts
+            return run
         finally:
             arrivals.admitting(req.scope)  # normally done already, just before the submit
 
@@ -87,7 +89,7 @@ class Generate:
         worker = await engine.model(name)
         check_vocab(request.params.logit_bias, request.prompt, worker.vocab_size)
         spec = engine.registry.spec(name)
-        prepared = prepare(worker, request, spec.tool_parser)
+        prepared = prepare(worker, request, spec.tool_parser, max_tokens=spec.max_tokens)
         where = request.messages_param
         engine.check_prompt(name, prepared.prompt, request.max_tokens or 1, param=where)
         max_tokens = engine.max_tokens_for(name, len(prepared.prompt), request.max_tokens)
@@ -112,9 +114,27 @@ class Generate:
             on_end=lambda: engine.finish(gen),
         )
 
-    async def collect(self, run: Run, req: Optional[falcon.asgi.Request] = None) -> Answer:
-        """Run a request to the end; its whole answer. A client that goes away meanwhile ends
-        it (its slot is freed at once, not when the answer would have been complete)."""
+    async def count(self, req: falcon.asgi.Request, request: ChatRequest) -> int:
+        """The prompt tokens of a parsed request, rendered as a generation would render it (the
+        model is loaded on first use); nothing is generated, no slot is taken."""
+        self.lifecycle.check()
+        engine = self.engine
+        name = engine.resolve_name(request.model)
+        req.context.model = name
+        worker = await engine.model(name)
+        spec = engine.registry.spec(name)
+        prepared = prepare(worker, request, spec.tool_parser, constrain=False)
+        return len(prepared.prompt)
+
+    async def collect(
+        self,
+        run: Run,
+        req: Optional[falcon.asgi.Request] = None,
+        sink: Optional[Callable[[Sequence[Event]], None]] = None,
+    ) -> Answer:
+        """Run a request to the end; its whole answer (`sink`, if given, also sees each step's
+        events). A client that goes away meanwhile ends it (its slot is freed at once, not
+        when the answer would have been complete)."""
         engine, gen = self.engine, run.gen
         watcher = _watch_disconnect(req, lambda: engine.finish(gen, status="cancelled"))
         answer = Answer()
@@ -122,6 +142,8 @@ class Generate:
             async for step in run.steps():
                 if step is not None:
                     answer.add(step.events)
+                    if sink is not None:
+                        sink(step.events)
             engine.finish(gen)
         except BaseException as exc:
             engine.finish(gen, status=status_name(exc))

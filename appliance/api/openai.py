@@ -108,7 +108,12 @@ class ChatCompletions:
             }
             if answer.reasoning:
                 message["reasoning_content"] = message["reasoning"] = answer.reasoning
-            if answer.calls:
+            finish = run.finish
+            if answer.calls and parsed.legacy_functions:
+                _, name, args = answer.calls[0]
+                message["function_call"] = {"name": name, "arguments": args}
+                finish = "function_call" if finish == "tool_calls" else finish
+            elif answer.calls:
                 message["tool_calls"] = [
                     {"id": cid, "type": "function", "function": {"name": name, "arguments": args}}
                     for cid, name, args in answer.calls
@@ -129,7 +134,7 @@ class ChatCompletions:
                             "index": 0,
                             "message": message,
                             "logprobs": logprobs,
-                            "finish_reason": run.finish,
+                            "finish_reason": finish,
                         }
                     ],
                     "usage": usage_of(run.usage()),
@@ -137,11 +142,14 @@ class ChatCompletions:
             )
             return
         resp.sse = self.g.stream(
-            run, self._chunks(run, rid, created, parsed.include_usage), error_event, DONE
+            run,
+            self._chunks(run, rid, created, parsed.include_usage, parsed.legacy_functions),
+            error_event,
+            DONE,
         )
 
     async def _chunks(
-        self, run: Run, rid: str, created: int, include_usage: bool
+        self, run: Run, rid: str, created: int, include_usage: bool, legacy: bool = False
     ) -> AsyncIterator[SSEvent]:
         head = orjson.dumps(
             {"id": rid, "object": "chat.completion.chunk", "created": created, "model": run.model}
@@ -179,6 +187,14 @@ class ChatCompletions:
                         yield chunk({"content": ev.text}, lp)
                 elif isinstance(ev, Reasoning):
                     yield chunk({"reasoning_content": ev.text, "reasoning": ev.text}, lp)
+                elif legacy and isinstance(ev, ToolCallStart):
+                    if ev.index:
+                        continue  # the deprecated form has one call
+                    yield chunk({"function_call": {"name": ev.name, "arguments": ""}}, lp)
+                elif legacy and isinstance(ev, ToolCallArgs):
+                    if ev.index:
+                        continue
+                    yield chunk({"function_call": {"arguments": ev.delta}}, lp)
                 elif isinstance(ev, ToolCallStart):
                     yield chunk(
                         {
@@ -201,9 +217,12 @@ class ChatCompletions:
                 else:
                     continue
                 lp = None  # a step's logprobs go with its first chunk
+        finish = run.finish
+        if legacy and finish == "tool_calls":
+            finish = "function_call"
         yield SSEvent(
             data=head + b',"choices":[{"index":0,"delta":{},"logprobs":null,'
-            b'"finish_reason":' + orjson.dumps(run.finish) + b"}]}"
+            b'"finish_reason":' + orjson.dumps(finish) + b"}]}"
         )
         if include_usage:
             yield SSEvent(
@@ -297,7 +316,9 @@ class Completions:
 
 
 class Models:
-    """GET /v1/models: every catalog model (loaded on first use)."""
+    """GET /v1/models: every catalog model (loaded on first use), with the aliases that lead to
+    it; each exact alias is listed as a model of its own too (`alias_of` names the target), so
+    a client that checks its model name against the list finds it."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -305,14 +326,27 @@ class Models:
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         loaded = set(self.engine.registry.loaded())
-        data = [
-            {
+        aliases = self.engine.models_cfg.aliases
+        names = self.engine.registry.names
+
+        def entry(n: str, target: str) -> dict[str, Any]:
+            d: dict[str, Any] = {
                 "id": n,
                 "object": "model",
                 "created": self.created,
                 "owned_by": "appliance",
-                "loaded": n in loaded,
+                "loaded": target in loaded,
             }
-            for n in self.engine.registry.names
+            if n == target:
+                d["aliases"] = [a for a, t in aliases.items() if t == n]
+            else:
+                d["alias_of"] = target
+            return d
+
+        data = [entry(n, n) for n in names]
+        data += [
+            entry(a, t)
+            for a, t in aliases.items()
+            if a not in names and not any(c in a for c in "*?[")
         ]
         _json(resp, {"object": "list", "data": data})

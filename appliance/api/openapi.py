@@ -18,6 +18,7 @@ import orjson
 
 from .. import __version__
 from ..config import AppConfig
+from . import openapi_agents as agents
 from .parsing import MAX_STOP_LEN, MAX_STOPS, ROLES
 
 Schema = dict[str, Any]
@@ -248,11 +249,42 @@ RERANK_REQUEST: Schema = {
 }
 
 _MODEL_NAME: Schema = {"type": "string", "pattern": r"\S", "description": "A catalog model."}
+
+
+def _setting_schemas() -> dict[str, Schema]:
+    """The model settings (config.schema.ModelSpec), as JSON Schema: one declaration."""
+    import dataclasses
+    import typing
+
+    from ..config.schema import ModelSpec
+
+    kinds = {str: "string", int: "integer", float: "number", bool: "boolean"}
+    out: dict[str, Schema] = {}
+    hints = typing.get_type_hints(ModelSpec)
+    for f in dataclasses.fields(ModelSpec):
+        tp = hints[f.name]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        base = args[0] if args else tp
+        kind = kinds.get(base, "string")
+        s: Schema = {"type": [kind, "null"] if args else kind}
+        if kind == "number":
+            s["type"] = ["number", "integer", "null"] if args else ["number", "integer"]
+        s["description"] = f.metadata.get("help", "")
+        out[f.name] = s
+    return out
+
+
 ADMIN_LOAD_REQUEST: Schema = {
     "type": "object",
-    "required": ["model"],
+    "description": "A catalog model by name, or any model by path with a preset and settings "
+    "(the keys of a catalog entry).",
+    "anyOf": [{"required": ["model"]}, {"required": ["path"]}],
     "additionalProperties": False,
-    "properties": {"model": _MODEL_NAME},
+    "properties": {
+        "model": _MODEL_NAME,
+        "alias": {"type": ["string", "null"], "description": "The name to serve it under."},
+        **_setting_schemas(),
+    },
 }
 ADMIN_UNLOAD_REQUEST: Schema = {
     "type": "object",
@@ -407,6 +439,15 @@ MODEL_LIST: Schema = {
                     "created": {"type": "integer"},
                     "owned_by": {"type": "string"},
                     "loaded": {"type": "boolean"},
+                    "aliases": {
+                        "type": "array",
+                        "items": {"type": "string"},
+                        "description": "models.aliases names and patterns that lead here.",
+                    },
+                    "alias_of": {
+                        "type": "string",
+                        "description": "An exact alias: the catalog model it names.",
+                    },
                 },
             },
         },
@@ -555,11 +596,18 @@ ADMIN_MODEL: Schema = {
         "loaded": {"type": "boolean"},
         "default": {"type": "boolean"},
         "auto_load": {"type": "boolean"},
+        "source": {"enum": ["catalog", "admin"]},
+        "settings": {"type": "object"},
         "context_length": {"type": "integer"},
         "max_tokens": {"type": "integer"},
         "ttl_s": {"type": "number"},
         "memory_estimate_bytes": _NULLABLE_BYTES,
         "loaded_at": NULLABLE_NUM,
+        "last_load_seconds": {
+            "type": ["number", "null"],
+            "minimum": 0,
+            "description": "Seconds the last successful load took.",
+        },
         "last_used": NULLABLE_NUM,
         "requests_served": {"type": "integer", "minimum": 0},
         "in_flight": {"type": "integer", "minimum": 0},
@@ -594,6 +642,93 @@ ADMIN_UNLOADED: Schema = {
         "was_loaded": {"type": "boolean"},
         "in_flight_at_start": {"type": "integer", "minimum": 0},
         "seconds": {"type": "number", "minimum": 0},
+    },
+}
+_STATUS_MODEL: Schema = {
+    "type": "object",
+    "required": ["name", "state", "path", "settings", "running", "waiting", "requests_served"],
+    "properties": {
+        "name": {"type": "string"},
+        "state": {"enum": ["unloaded", "loading", "loaded", "failed", "unloading"]},
+        "path": {"type": "string"},
+        "settings": {"type": "object"},
+        "memory_estimate_bytes": _NULLABLE_BYTES,
+        "running": {"type": "integer", "minimum": 0},
+        "waiting": {"type": "integer", "minimum": 0},
+        "requests_served": {"type": "integer", "minimum": 0},
+        "tokens_generated": {"type": "integer", "minimum": 0},
+        "tokens_per_s": {"type": "number", "minimum": 0},
+        "ttft_p50_s": NULLABLE_NUM,
+    },
+}
+STATUS: Schema = {
+    "type": "object",
+    "description": "One snapshot of the status page (see docs/operations.md, Status page).",
+    "required": [
+        "generated_at",
+        "version",
+        "uptime_s",
+        "health",
+        "readiness",
+        "safe_mode",
+        "access",
+        "requests",
+        "models",
+        "memory",
+        "prompt_cache",
+        "errors",
+        "history",
+    ],
+    "properties": {
+        "generated_at": {"type": "number"},
+        "version": {"type": "string"},
+        "uptime_s": {"type": "number", "minimum": 0},
+        "health": {
+            "type": "object",
+            "required": ["status", "reasons"],
+            "properties": {"status": {"enum": ["ok", "degraded", "failing"]}},
+        },
+        "readiness": {
+            "type": "object",
+            "required": ["ready", "reason"],
+            "properties": {"ready": {"type": "boolean"}, "reason": NULLABLE_STR},
+        },
+        "safe_mode": {
+            "type": "object",
+            "required": ["on", "reason"],
+            "properties": {"on": {"type": "boolean"}, "reason": NULLABLE_STR},
+        },
+        "access": {
+            "type": "object",
+            "required": ["mode", "admin_actions", "note", "refresh_s"],
+            "properties": {
+                "mode": {"enum": ["key", "open"]},
+                "admin_actions": {"type": "boolean"},
+                "note": {"type": "string"},
+                "refresh_s": {"type": "number", "exclusiveMinimum": 0},
+            },
+        },
+        "requests": {"type": "object"},
+        "models": {"type": "array", "items": _STATUS_MODEL},
+        "memory": {"type": "object"},
+        "prompt_cache": {"type": "object"},
+        "errors": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["status", "path", "count"],
+                "properties": {
+                    "status": {"type": "integer"},
+                    "path": {"type": "string"},
+                    "count": {"type": "integer", "minimum": 1},
+                },
+            },
+        },
+        "history": {
+            "type": "object",
+            "required": ["interval_s", "window_s", "samples"],
+            "properties": {"samples": {"type": "array", "items": {"type": "object"}}},
+        },
     },
 }
 ADMIN_HEALTH: Schema = {
@@ -663,7 +798,64 @@ ADMIN_HEALTH: Schema = {
         },
         "safe_mode": {"type": "boolean"},
         "safe_mode_reason": NULLABLE_STR,
+        "safe_mode_exit": {
+            "type": "object",
+            "properties": {
+                "how": {"type": "string"},
+                "automatic_in_s": {"type": ["number", "null"], "minimum": 0},
+                "ended": {"type": ["object", "null"]},
+            },
+        },
+        "limits_in_force": {
+            "type": "object",
+            "properties": {
+                "profile": {"enum": ["normal", "safe-mode"]},
+                "max_running": {"type": "integer", "minimum": 1},
+                "max_queued": {"type": "integer", "minimum": 0},
+                "queue_timeout_s": {"type": "number"},
+                "memory_percent": {"type": "number"},
+                "mlx_active_bytes": _NULLABLE_BYTES,
+                "retry_after_s": {"type": "integer"},
+            },
+        },
+        "memory_usage_percent": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 100,
+            "description": "system_memory_percent, by the hardening plan's name.",
+        },
+        "metal": {
+            "type": "object",
+            "description": "MLX memory in GB (10^9 bytes) on every backend, by the hardening "
+            "plan's name; null where there is no MLX.",
+            "properties": {
+                k: {"type": ["number", "null"], "minimum": 0}
+                for k in ("active_memory_gb", "peak_memory_gb", "cache_memory_gb")
+            },
+        },
+        "in_flight_requests": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "Requests running or waiting for a slot.",
+        },
         "draining": {"type": "boolean"},
+    },
+}
+ADMIN_SAFE_MODE_EXIT_REQUEST: Schema = {
+    "type": "object",
+    "description": "No fields: an empty object, or no body at all.",
+    "additionalProperties": False,
+    "maxProperties": 0,
+}
+ADMIN_SAFE_MODE_EXITED: Schema = {
+    "type": "object",
+    "required": ["safe_mode", "was_on", "reason", "limits", "auto_load"],
+    "properties": {
+        "safe_mode": {"const": False},
+        "was_on": {"type": "boolean"},
+        "reason": NULLABLE_STR,
+        "limits": {"type": "object"},
+        "auto_load": {"type": "array", "items": {"type": "string"}},
     },
 }
 ADMIN_CONFIG: Schema = {
@@ -688,22 +880,42 @@ _ERROR_TEXT = {
     "400": "Invalid request: the error's param names the field.",
     "401": "Missing or wrong key (code invalid_api_key).",
     "403": "Forbidden: a Host not allowed on a loopback-bound server (forbidden_host), the admin "
-    "API closed (admin_disabled), or priority high without the admin key.",
+    "API closed (admin_disabled), the status page asked from another machine while no admin "
+    "key is set (admin_disabled), or priority high without the admin key.",
     "404": "Unknown model (model_not_found).",
     "413": "The body is over limits.max_body_bytes (request_too_large).",
     "429": "Rate limited (rate_limited) or every slot and queue place taken (server_busy).",
     "500": "Engine failure.",
     "503": "Shedding load (overloaded), draining (draining), not ready (not_ready), not enough "
-    "memory (insufficient_memory) or a helper down (helper_unavailable).",
+    "memory (insufficient_memory), a helper down (helper_unavailable), or safe mode on and the "
+    "model not loaded (safe_mode, with X-Safe-Mode: on).",
     "504": "The request ran past limits.request_timeout_s (request_timeout).",
 }
-_RETRY = ("429", "503")
+_RETRY = ("429", "503", "529")
+# Anthropic's routes: Anthropic's error object; a full server and every 503 are 529.
+_ANTHROPIC_TEXT = {
+    **{k: v for k, v in _ERROR_TEXT.items() if k != "503"},
+    "404": "Unknown model (not_found_error), or no such route.",
+    "429": "Rate limited (rate_limit_error).",
+    "529": "Overloaded (overloaded_error): every slot and queue place taken, shedding load, "
+    "draining, not ready, not enough memory, or safe mode on and the model not loaded.",
+}
 
 
 def _error_response(status: str) -> Schema:
     r: Schema = {
         "description": _ERROR_TEXT[status],
         "content": {"application/json": {"schema": _ref("Error")}},
+    }
+    if status in _RETRY:
+        r["headers"] = {"Retry-After": {"$ref": "#/components/headers/Retry-After"}}
+    return r
+
+
+def _anthropic_error_response(status: str) -> Schema:
+    r: Schema = {
+        "description": _ANTHROPIC_TEXT[status],
+        "content": {"application/json": {"schema": _ref("AnthropicError")}},
     }
     if status in _RETRY:
         r["headers"] = {"Retry-After": {"$ref": "#/components/headers/Retry-After"}}
@@ -722,16 +934,25 @@ def _op(
     errors: tuple[str, ...],
     security: list[dict[str, list[str]]],
     body: Schema | None = None,
+    errors_prefix: str = "E",
 ) -> Schema:
     op: Schema = {
         "operationId": op_id,
         "summary": summary,
         "tags": [tag],
         "security": security,
-        "responses": {"200": ok, **{s: {"$ref": f"#/components/responses/E{s}"} for s in errors}},
+        "responses": {
+            "200": ok,
+            **{s: {"$ref": f"#/components/responses/{errors_prefix}{s}"} for s in errors},
+        },
     }
     if body is not None:
         op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    return op
+
+
+def _body_optional(op: Schema) -> Schema:
+    op["requestBody"]["required"] = False
     return op
 
 
@@ -742,10 +963,11 @@ def spec(cfg: AppConfig) -> dict[str, Any]:
     # /v1 needs a key only when security.api_keys is set: an empty requirement means "or none".
     v1 = [*keyed, {}]
     probes = [] if sec.open_probes else v1
-    metrics = [] if sec.open_metrics else v1
+    metrics = [] if sec.open_metrics and not sec.metrics_allow else v1
     guard = ("401", "403")  # a missing key where one is needed; a Host not allowed
     gen_errors = ("400", *guard, "404", "413", "429", "500", "503", "504")
     admin_post = ("400", *guard, "404", "413", "429", "500", "503")
+    status_errors = (*guard, "429")  # the admin rate limit counts the page and its data
 
     def generation(op_id: str, summary: str, req: str, resp: str, chunk: Schema) -> Schema:
         op = _op(
@@ -764,7 +986,89 @@ def spec(cfg: AppConfig) -> dict[str, Any]:
         op["responses"]["200"]["content"]["text/event-stream"] = {"schema": sse_event(chunk)}
         return op
 
+    anthropic_errors = ("400", *guard, "404", "413", "429", "500", "504", "529")
+
+    def anthropic(op_id: str, summary: str, req: str, resp: str, stream: bool) -> Schema:
+        op = _op(
+            op_id,
+            summary,
+            "anthropic",
+            _ok(_ref(resp), "The result."),
+            anthropic_errors,
+            v1,
+            _ref(req),
+            errors_prefix="A",
+        )
+        if stream:
+            op["responses"]["200"]["description"] = (
+                "The message; with stream: true, Anthropic's server-sent events (event: names "
+                "the type), ending with message_stop, or an error event."
+            )
+            op["responses"]["200"]["content"]["text/event-stream"] = {
+                "schema": agents.ANTHROPIC_EVENT
+            }
+        return op
+
+    response_id = [
+        {"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    ]
+    responses_post = _op(
+        "createResponse",
+        "OpenAI Responses: a response to the input (and the stored conversation of "
+        "previous_response_id).",
+        "responses",
+        _ok(
+            _ref("Response"),
+            "The response; with stream: true, its numbered server-sent events, ending with "
+            "response.completed, response.incomplete or response.failed.",
+        ),
+        gen_errors,
+        v1,
+        _ref("ResponseRequest"),
+    )
+    responses_post["responses"]["200"]["content"]["text/event-stream"] = {
+        "schema": agents.RESPONSE_EVENT
+    }
+
     paths: dict[str, Any] = {
+        "/v1/messages": {
+            "post": anthropic(
+                "createMessage",
+                "Anthropic Messages.",
+                "AnthropicMessagesRequest",
+                "AnthropicMessage",
+                True,
+            )
+        },
+        "/v1/messages/count_tokens": {
+            "post": anthropic(
+                "countMessageTokens",
+                "Anthropic Messages: the prompt's tokens, nothing generated.",
+                "AnthropicCountTokensRequest",
+                "AnthropicCountTokens",
+                False,
+            )
+        },
+        "/v1/responses": {"post": responses_post},
+        "/v1/responses/{response_id}": {
+            "parameters": response_id,
+            "get": _op(
+                "getResponse",
+                "A stored response (store: true).",
+                "responses",
+                _ok(_ref("Response"), "The stored response."),
+                (*guard, "404"),
+                v1,
+            ),
+            "delete": _op(
+                "deleteResponse",
+                "Forget a stored response.",
+                "responses",
+                _ok(_ref("ResponseDeleted"), "Deleted."),
+                (*guard, "404"),
+                v1,
+            ),
+        },
         "/healthz": {
             "get": _op(
                 "healthz",
@@ -897,6 +1201,22 @@ def spec(cfg: AppConfig) -> dict[str, Any]:
                 keyed,
             )
         },
+        "/admin/safe-mode/exit": {
+            "post": _body_optional(
+                _op(
+                    "adminSafeModeExit",
+                    "End safe mode now: the normal limits come into force and the auto_load models "
+                    "load, without a restart.",
+                    "admin",
+                    _ok(
+                        _ref("AdminSafeModeExited"), "Safe mode is off (was_on: whether it was on)."
+                    ),
+                    ("400", *guard, "413", "429", "500", "503"),
+                    keyed,
+                    _ref("AdminSafeModeExitRequest"),
+                )
+            )
+        },
         "/admin/config": {
             "get": _op(
                 "adminConfig",
@@ -905,6 +1225,44 @@ def spec(cfg: AppConfig) -> dict[str, Any]:
                 _ok(_ref("AdminConfig"), "The config."),
                 guard,
                 keyed,
+            )
+        },
+        "/status": {
+            "get": _op(
+                "statusPage",
+                "The status page (HTML; it reads /status.json). Served without a key when an "
+                "admin key is set (it holds no data); without one, to loopback clients only.",
+                "status",
+                _ok({"type": "string"}, "The page.", "text/html"),
+                status_errors,
+                [],
+            )
+        },
+        "/status.json": {
+            "get": _op(
+                "statusData",
+                "The status page's data: the admin key, or, when none is set, a loopback client.",
+                "status",
+                _ok(_ref("Status"), "One snapshot."),
+                status_errors,
+                [*keyed, {}],
+            )
+        },
+        **{
+            path: {
+                "get": _op(
+                    "statusAsset" + name.split(".")[0].title() + name.split(".")[1].title(),
+                    f"The status page's {name} (shipped in the package).",
+                    "status",
+                    _ok({"type": "string"}, name, media),
+                    status_errors,
+                    [],
+                )
+            }
+            for path, name, media in (
+                ("/status/app.js", "app.js", "text/javascript"),
+                ("/status/app.css", "app.css", "text/css"),
+                ("/status/icon.svg", "icon.svg", "image/svg+xml"),
             )
         },
     }
@@ -932,21 +1290,32 @@ def spec(cfg: AppConfig) -> dict[str, Any]:
         "AdminUnloaded": ADMIN_UNLOADED,
         "AdminHealth": ADMIN_HEALTH,
         "AdminConfig": ADMIN_CONFIG,
+        "AdminSafeModeExitRequest": ADMIN_SAFE_MODE_EXIT_REQUEST,
+        "AdminSafeModeExited": ADMIN_SAFE_MODE_EXITED,
+        "Status": STATUS,
+        **agents.SCHEMAS,
     }
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "The appliance",
             "version": __version__,
-            "description": "OpenAI-compatible inference on MLX, an admin API and probes. Every "
-            "non-2xx answer is an OpenAI error object.",
+            "description": "OpenAI-compatible and Anthropic-compatible inference on MLX, an "
+            "admin API and probes. Every non-2xx answer is an OpenAI error object, but on "
+            "/v1/messages (Anthropic's error object).",
         },
         "servers": [{"url": "/"}],
-        "tags": [{"name": n} for n in ("inference", "admin", "probes", "meta")],
+        "tags": [
+            {"name": n}
+            for n in ("inference", "anthropic", "responses", "admin", "status", "probes", "meta")
+        ],
         "paths": paths,
         "components": {
             "schemas": copy.deepcopy(schemas),
-            "responses": {f"E{s}": _error_response(s) for s in _ERROR_TEXT},
+            "responses": {
+                **{f"E{s}": _error_response(s) for s in _ERROR_TEXT},
+                **{f"A{s}": _anthropic_error_response(s) for s in _ANTHROPIC_TEXT},
+            },
             "headers": {
                 "Retry-After": {
                     "description": "Seconds to wait before retrying.",

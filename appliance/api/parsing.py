@@ -102,6 +102,8 @@ class OpenAIChat:
     request: ChatRequest
     stream: bool
     include_usage: bool
+    # The request used the deprecated `functions`: the answer is a `function_call` (one call).
+    legacy_functions: bool = False
 
 
 @dataclass(frozen=True)
@@ -324,7 +326,9 @@ def parse_tool(fn: Any, p: str, *, schema_key: str = "parameters", strict: bool 
         raise InvalidRequest(
             f"{p}.name must be 1-128 letters, digits, '_', '-', '.' or ':'", param=f"{p}.name"
         )
-    desc = fn.get("description") or ""
+    desc = fn.get("description")
+    if desc is None:
+        desc = ""
     if not isinstance(desc, str):
         raise InvalidRequest(f"{p}.description must be a string", param=f"{p}.description")
     params = fn.get(schema_key)
@@ -490,13 +494,16 @@ def parse_chat(body: dict[str, Any], vocab_size: int = 1 << 31) -> OpenAIChat:
         messages=messages,
         tools=_tools(body),
         tool_choice=_tool_choice(body),
-        parallel_tool_calls=boolean(body, "parallel_tool_calls", True),
+        parallel_tool_calls=body.get("parallel_tool_calls")
+        if boolean(body, "parallel_tool_calls") or body.get("parallel_tool_calls") is False
+        else None,
         response_format=_response_format(body),
         reasoning=think,
         template_kwargs=kwargs,
         high_priority=common.high_priority,
     )
-    return OpenAIChat(request, common.stream, common.include_usage)
+    legacy = body.get("functions") is not None and body.get("tools") is None
+    return OpenAIChat(request, common.stream, common.include_usage, legacy)
 
 
 def parse_completion(body: dict[str, Any], vocab_size: int = 1 << 31) -> OpenAICompletion:

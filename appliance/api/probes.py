@@ -34,6 +34,12 @@ class Ready:
             raise NotReady(f"reloading after a generation thread died: {names}", retry_after=2)
         loaded = self.engine.registry.loaded()
         if not loaded:
+            if self.lifecycle.safe_mode:
+                raise NotReady(
+                    f"safe mode ({self.lifecycle.safe_mode_reason}): no model is loaded; load one "
+                    "(POST /admin/models/load) or end safe mode (POST /admin/safe-mode/exit)",
+                    retry_after=max(1.0, self.lifecycle.safe_mode_ends_in_s() or 0.0),
+                )
             raise NotReady("no model is loaded yet", retry_after=2)
         resp.content_type = falcon.MEDIA_JSON
         resp.data = orjson.dumps({"status": "ready", "models": loaded})

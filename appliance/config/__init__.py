@@ -27,6 +27,7 @@ from .schema import (
     ModelsConfig,
     ModelSpec,
     RateLimitsConfig,
+    ResponsesConfig,
     RotationConfig,
     SecurityConfig,
     ServerConfig,
@@ -59,6 +60,7 @@ def register_schemas() -> None:
         ("distributed", DistributedConfig),
         ("service", ServiceConfig),
         ("engine", EngineConfig),
+        ("responses", ResponsesConfig),
     ):
         cs.store(group="schema", name=name, node=node)
 
@@ -83,6 +85,7 @@ __all__ = [
     "ModelSpec",
     "ModelsConfig",
     "RateLimitsConfig",
+    "ResponsesConfig",
     "RotationConfig",
     "SecurityConfig",
     "ServerConfig",

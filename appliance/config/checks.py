@@ -12,6 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
 
 class Check:
     """A rule on one value; `allowed` says in a few words what passes."""
@@ -137,3 +140,28 @@ class ConfigError(ValueError):
     def __init__(self, key: str, value: Any, allowed: str) -> None:
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"config error: {key}={value!r} is invalid; allowed: {allowed}")
+
+
+# What a schema node of each kind takes, for the one-line message of a wrong type.
+_KINDS = {
+    "IntegerNode": "an integer",
+    "FloatNode": "a number",
+    "BooleanNode": "true or false",
+    "StringNode": "a string",
+    "EnumNode": "one of the enum's names",
+}
+UNKNOWN_KEY = "a key of the config; `python -m appliance --cfg job` lists them"
+
+
+def one_line(exc: OmegaConfBaseException, plain: Optional[DictConfig] = None) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "?"
+    msg = str(getattr(exc, "msg", None) or exc).splitlines()[0]
+    value: Any = getattr(exc, "value", None)
+    if value is None and plain is not None and key != "?":
+        value = OmegaConf.select(plain, key, default=None)
+    if isinstance(exc, ConfigKeyError):
+        return ConfigError(key, value, UNKNOWN_KEY)
+    kind = _KINDS.get(type(getattr(exc, "child_node", None)).__name__)
+    if isinstance(exc, ValidationError) and kind is not None:
+        return ConfigError(key, value, kind)
+    return ConfigError(key, value, msg)

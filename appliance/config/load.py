@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import OmegaConfBaseException
 
-from .checks import ConfigError
+from .checks import ConfigError, one_line
 from .schema import AppConfig, SecurityConfig
 from .validate import validate
 
@@ -40,31 +40,6 @@ def _plain(cfg: DictConfig) -> DictConfig:
     assert isinstance(container, dict)
     container.pop("hydra", None)
     return OmegaConf.create(container)
-
-
-# What a schema node of each kind takes, for the one-line message of a wrong type.
-_KINDS = {
-    "IntegerNode": "an integer",
-    "FloatNode": "a number",
-    "BooleanNode": "true or false",
-    "StringNode": "a string",
-    "EnumNode": "one of the enum's names",
-}
-UNKNOWN_KEY = "a key of the config; `python -m appliance --cfg job` lists them"
-
-
-def _one_line(exc: OmegaConfBaseException, plain: Optional[DictConfig] = None) -> ConfigError:
-    key = getattr(exc, "full_key", None) or "?"
-    msg = str(getattr(exc, "msg", None) or exc).splitlines()[0]
-    value: Any = getattr(exc, "value", None)
-    if value is None and plain is not None and key != "?":
-        value = OmegaConf.select(plain, key, default=None)
-    if isinstance(exc, ConfigKeyError):
-        return ConfigError(key, value, UNKNOWN_KEY)
-    kind = _KINDS.get(type(getattr(exc, "child_node", None)).__name__)
-    if isinstance(exc, ValidationError) and kind is not None:
-        return ConfigError(key, value, kind)
-    return ConfigError(key, value, msg)
 
 
 def _check_shape(schema: type, data: dict[Any, Any], prefix: str = "") -> None:
@@ -105,16 +80,32 @@ def load(cfg: DictConfig | dict[str, Any]) -> AppConfig:
         container = OmegaConf.to_container(plain)
         assert isinstance(container, dict)
         _check_shape(AppConfig, container)
+        _apply_presets(container)
+        plain = OmegaConf.create(container)
         schema = OmegaConf.structured(AppConfig)
         if "models" in container and "catalog" in (container["models"] or {}):
             schema.models.catalog = {}  # a catalog replaces the built-in one, never adds to it
         typed = OmegaConf.to_object(OmegaConf.merge(schema, plain))
     except OmegaConfBaseException as exc:
-        raise _one_line(exc, plain) from None
+        raise one_line(exc, plain) from None
     assert isinstance(typed, AppConfig)
     _apply_env_keys(typed.security)
     validate(typed)
     return typed
+
+
+def _apply_presets(container: dict[Any, Any]) -> None:
+    """Catalog entries that name a preset start from its settings (in place, before the merge
+    over the schema: an entry's own keys win, the rest come from the preset)."""
+    from .models import check_preset, with_preset
+
+    models = container.get("models") or {}
+    presets = models.get("presets") or {}
+    for name, preset in presets.items():
+        check_preset(preset, f"models.presets.{name}")
+    for name, entry in (models.get("catalog") or {}).items():
+        if isinstance(entry, dict) and entry.get("preset") is not None:
+            models["catalog"][name] = with_preset(entry, presets, f"models.catalog.{name}")
 
 
 def _apply_env_keys(sec: SecurityConfig) -> None:

@@ -53,6 +53,13 @@ def _rate_limit(v: Any) -> bool:
     return True
 
 
+def _cidr(v: Any) -> bool:
+    import ipaddress
+
+    ipaddress.ip_network(v, strict=False)
+    return isinstance(v, str)
+
+
 def _origin(v: Any) -> bool:
     return v == "*" or _url(v)
 
@@ -68,7 +75,7 @@ class ServerConfig:
     host: str = key(
         "127.0.0.1", "Address to listen on; 0.0.0.0 serves the LAN, 127.0.0.1 this machine only."
     )
-    port: int = key(8080, "TCP port.", check=Between(1, 65535))
+    port: int = key(8080, "TCP port.", check=Between(1, 65535, unit="(port number)"))
     drain_timeout_s: float = key(
         30.0,
         "On SIGTERM, how long in-flight requests may run before they are ended.",
@@ -102,10 +109,24 @@ class ModelSpec:
         "Unload after this many idle seconds (0: never).",
         check=Between(0, unit="seconds (0 = never evicted)"),
     )
-    prefill_step_size: int = key(512, "Prompt tokens processed per prefill step.", check=Between(1))
-    completion_batch_size: int = key(32, "Most sequences generating together.", check=Between(1))
+    prefill_step_size: int = key(
+        512, "Prompt tokens processed per prefill step.", check=Between(1, unit="tokens")
+    )
+    prefill_budget_tokens: Optional[int] = key(
+        0,
+        "While other sequences decode, most prompt tokens prefilled between two of their "
+        "steps, across the prompts being prefilled (0: as many as take about 3/4 of a decode "
+        "step, learnt as it runs, so their inter-token gaps stay within about 2x; null: "
+        "prefill_step_size per prompt, as mlx-lm does). Needs fast_joins.",
+        check=Between(0, unit="tokens"),
+    )
+    completion_batch_size: int = key(
+        32, "Most sequences generating together.", check=Between(1, unit="sequences")
+    )
     prefill_batch_size: Optional[int] = key(
-        None, "Most prompts prefilled together (null: completion_batch_size).", check=Between(1)
+        None,
+        "Most prompts prefilled together (null: completion_batch_size).",
+        check=Between(1, unit="prompts"),
     )
     join_window_s: float = key(
         0.02,
@@ -132,9 +153,17 @@ class ModelSpec:
         "ends only it; the model reloads.",
     )
     max_kv_size: Optional[int] = key(
-        None, "Rotating KV cache size (null: the whole context).", check=Between(1)
+        None, "Rotating KV cache size (null: the whole context).", check=Between(1, unit="tokens")
     )
     trust_remote_code: bool = key(False, "Let the tokenizer run code shipped with the model.")
+    chat_template: Optional[str] = key(
+        None,
+        "A Jinja chat template to use instead of the model's own: a file path, or the "
+        "template itself (null: the model's).",
+    )
+    preset: Optional[str] = key(
+        None, "A name in models.presets whose settings this entry starts from (its own keys win)."
+    )
     tool_parser: Optional[str] = key(
         None,
         "The model's tool-call format (hermes, qwen3_coder, llama3, mistral, glm, harmony, "
@@ -184,7 +213,7 @@ class ModelsConfig:
         "CUDA: prefill attention up to this many scores (batch x heads x query x key "
         "length) runs as matmul + softmax instead of cuDNN, which builds a graph per new shape "
         "(0: always cuDNN).",
-        check=Between(0),
+        check=Between(0, unit="scores"),
     )
     cuda_decode_kernel: bool = key(
         True,
@@ -195,21 +224,44 @@ class ModelsConfig:
         "Where the built-in models live (the demo model is built there, SmolLM2 fetched "
         "there) and GGUF files are converted to (null: the user cache folder's models/).",
     )
+    allow_downloads: bool = key(
+        False,
+        "Let a load by hub id fetch the model when it is not in the local Hugging Face "
+        "cache (false: only what is already there; nothing is downloaded at request time).",
+    )
+    presets: Dict[str, Dict[str, Any]] = key(
+        help="Named sets of model settings (any catalog-entry key but path and preset), applied "
+        "by `preset: NAME` in a catalog entry or an admin load, e.g. agent-32k: "
+        "{context_length: 32768, max_tokens: 4096}.",
+        factory=dict,
+    )
     catalog: Dict[str, ModelSpec] = key(
         help="The models this appliance may serve, by name.",
         factory=_default_catalog,
         check=Holds(bool, "at least one model"),
     )
+    aliases: Dict[str, str] = key(
+        help="Other names clients may ask for (agents send their own, e.g. claude-sonnet-4-5, "
+        "gpt-5-codex), exact or glob patterns (claude-*), each mapped to a catalog name; an exact "
+        "name wins over a pattern, patterns are tried in the order written. Listed in /v1/models.",
+        factory=dict,
+    )
 
 
 @dataclass
 class LimitsConfig:
-    max_running: int = key(8, "Requests generating at once (batch slots).", check=Between(1))
+    max_running: int = key(
+        8, "Requests generating at once (batch slots).", check=Between(1, unit="requests")
+    )
     max_queued: int = key(
-        32, "Requests waiting for a slot; beyond it, 429 server_busy.", check=Between(0)
+        32,
+        "Requests waiting for a slot; beyond it, 429 server_busy.",
+        check=Between(0, unit="requests"),
     )
     queue_timeout_s: float = key(
-        10.0, "Longest wait for a slot before 429 server_busy.", check=Between(0, unit="seconds")
+        10.0,
+        "Longest wait for a slot before 429 server_busy (with Retry-After).",
+        check=Between(0, 300, lo_open=True, unit="seconds"),
     )
     max_body_bytes: int = key(
         1024 * 1024, "Largest request body; larger gets 413.", check=Between(1024, unit="bytes")
@@ -226,7 +278,7 @@ class LimitsConfig:
         3,
         "Deaths of one model's generation thread before the process "
         "exits 3 (so launchd / systemd restarts it).",
-        check=Between(0),
+        check=Between(0, unit="restarts"),
     )
     engine_restart_backoff_s: float = key(
         1.0,
@@ -259,7 +311,15 @@ class SecurityConfig:
     )
     behind_tls_proxy: bool = key(False, "TLS ends at a proxy in front (for exposure: public).")
     open_probes: bool = key(True, "/healthz and /readyz answer without a key.")
-    open_metrics: bool = key(True, "The metrics path answers without a key.")
+    open_metrics: bool = key(
+        True, "The metrics path answers without a key (unless metrics_allow lists addresses)."
+    )
+    metrics_allow: List[str] = key(
+        help="Client networks (CIDRs such as 10.0.0.5/32) that may scrape the metrics path "
+        "without a key; any other client needs a key. Empty: open_metrics decides.",
+        factory=list,
+        check=Each(Holds(_cidr, "IPv4 or IPv6 networks such as 10.0.0.0/24 or ::1/128")),
+    )
 
 
 @dataclass
@@ -271,7 +331,7 @@ class RateLimitsConfig:
     )
     admin: Optional[str] = key(
         None,
-        "Per-key limit on POSTs to /admin.",
+        "Per-key limit on POSTs to /admin and GETs of /status and /status.json.",
         check=Holds(_rate_limit, 'a limit such as "10/minute"'),
     )
     storage: str = key("memory://", "Storage of the `limits` library (memory:// or redis://...).")
@@ -368,15 +428,27 @@ class MaintenanceConfig:
 @dataclass
 class CrashLoopConfig:
     starts: int = key(
-        3, "Unclean starts within window_s that switch safe mode on.", check=Between(2)
+        3,
+        "Starts in a row, each after a run that ended uncleanly before it ran stable_after_s, "
+        "that switch safe mode on.",
+        check=Between(2, unit="starts"),
     )
-    window_s: float = key(60.0, "The crash-loop window.", check=_POSITIVE_S)
+    window_s: float = key(
+        3600.0,
+        "How far back such starts count; long enough to hold several slow model loads.",
+        check=_POSITIVE_S,
+    )
 
 
 @dataclass
 class StateConfig:
     path: Optional[str] = key(None, "The runtime state file (null: the platform's state folder).")
-    stable_after_s: float = key(300.0, "A run this long ends safe mode.", check=_POSITIVE_S)
+    stable_after_s: float = key(
+        300.0,
+        "Seconds of clean running that end safe mode (by itself) and, outside safe mode, clear "
+        "the crash-loop history.",
+        check=_POSITIVE_S,
+    )
     crash_loop: CrashLoopConfig = key(
         help="When repeated crashes switch safe mode on.", factory=CrashLoopConfig
     )
@@ -387,7 +459,7 @@ class RotationConfig:
     max_bytes: int = key(
         10 * 1024 * 1024, "Rotate the log file at this size.", check=Between(0, unit="bytes")
     )
-    backups: int = key(5, "Rotated files kept.", check=Between(0))
+    backups: int = key(5, "Rotated files kept.", check=Between(0, unit="files"))
 
 
 @dataclass
@@ -400,7 +472,12 @@ class LoggingConfig:
     file: Optional[str] = key(
         None, "Log file (null: the platform's log folder; none: stderr only)."
     )
-    format: str = key("json", "Line format.", check=OneOf(("json", "text")))
+    format: str = key(
+        "auto",
+        "Line format: json, console (a readable line, coloured on a terminal), or auto (console "
+        "on a terminal, JSON to files and pipes). text: the old name of console.",
+        check=OneOf(("auto", "json", "console", "text")),
+    )
     rotation: RotationConfig = key(
         help="Size-based rotation of the log file.", factory=RotationConfig
     )
@@ -414,9 +491,9 @@ class HelperNode:
         check=Holds(_url, "an http(s) URL"),
     )
     timeout_s: float = key(10.0, "Timeout of one call.", check=_POSITIVE_S)
-    retries: int = key(2, "Retries with backoff before failing.", check=Between(0))
+    retries: int = key(2, "Retries with backoff before failing.", check=Between(0, unit="retries"))
     failure_threshold: int = key(
-        3, "Failures in a row that open the circuit breaker.", check=Between(1)
+        3, "Failures in a row that open the circuit breaker.", check=Between(1, unit="failures")
     )
     reset_after_s: float = key(
         10.0, "Seconds before an open circuit lets one call through.", check=_POSITIVE_S
@@ -485,6 +562,24 @@ class ServiceConfig:
 
 
 @dataclass
+class ResponsesConfig:
+    """The OpenAI Responses API's stored responses (`store: true`, `previous_response_id`)."""
+
+    store_max: int = key(
+        1000,
+        "Responses kept in memory for previous_response_id and GET /v1/responses/{id}; the "
+        "oldest is dropped past this (0: none kept).",
+        check=Between(0, unit="responses"),
+    )
+    store_max_bytes: int = key(
+        64 * 1024 * 1024,
+        "Bytes of stored input and output items, at most; the oldest responses are dropped past "
+        "this.",
+        check=Between(0, unit="bytes"),
+    )
+
+
+@dataclass
 class AppConfig:
     """The whole typed config; each component receives only its own section."""
 
@@ -520,4 +615,7 @@ class AppConfig:
     engine: EngineConfig = key(help="How MLX computes in this process.", factory=EngineConfig)
     service: ServiceConfig = key(
         help="How the launchd / systemd service files are rendered.", factory=ServiceConfig
+    )
+    responses: ResponsesConfig = key(
+        help="Stored responses of the OpenAI Responses API.", factory=ResponsesConfig
     )

@@ -93,6 +93,13 @@ def _catalog_name(
     return find
 
 
+def _alias_targets(c: AppConfig) -> Optional[tuple[str, Any]]:
+    for name, target in c.models.aliases.items():
+        if target not in c.models.catalog:
+            return f"models.aliases.{name}", target
+    return None
+
+
 def _public_keys(c: AppConfig) -> Optional[tuple[str, Any]]:
     if c.security.exposure == "public" and not c.security.api_keys:
         return "security.api_keys", []
@@ -123,6 +130,7 @@ RULES: tuple[Rule, ...] = (
         "catalog names",
         _catalog_name("models.auto_load", lambda c: list(c.models.auto_load)),
     ),
+    Rule(("models.aliases",), "catalog names", _alias_targets),
     Rule(
         ("security.api_keys",),
         "at least one key when exposure is public",

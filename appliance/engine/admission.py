@@ -9,6 +9,7 @@ from typing import Optional
 
 from ..config import LimitsConfig
 from ..errors import QueueFull
+from .limits import Limits, LimitsInForce
 
 
 class Admission:
@@ -18,14 +19,30 @@ class Admission:
     `queue_timeout_s` is refused then. Both are `QueueFull` (429, code server_busy). A high
     priority request (admin key only) goes to the front of the queue and is not refused for
     a full queue, since only operators can send one.
+
+    The limits are read from `LimitsInForce` at each request: when safe mode ends and
+    `max_running` grows, waiting requests are admitted at once.
     """
 
-    def __init__(self, limits: LimitsConfig) -> None:
-        self.max_running = limits.max_running
-        self.max_queued = limits.max_queued
-        self.queue_timeout_s = limits.queue_timeout_s
+    def __init__(self, limits: LimitsConfig | LimitsInForce) -> None:
+        self.limits = (
+            limits if isinstance(limits, LimitsInForce) else LimitsInForce(Limits.of(limits))
+        )
         self.running = 0
         self._waiting: deque[asyncio.Future[None]] = deque()
+        self.limits.on_change(lambda _: self._fill())
+
+    @property
+    def max_running(self) -> int:
+        return self.limits.now.max_running
+
+    @property
+    def max_queued(self) -> int:
+        return self.limits.now.max_queued
+
+    @property
+    def queue_timeout_s(self) -> float:
+        return self.limits.now.queue_timeout_s
 
     @property
     def waiting(self) -> int:
@@ -50,13 +67,14 @@ class Admission:
             )
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
+        timeout = self.queue_timeout_s
         if high_priority:
             self._waiting.appendleft(fut)
         else:
             self._waiting.append(fut)
         start = loop.time()
         try:
-            await asyncio.wait_for(asyncio.shield(fut), self.queue_timeout_s)
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
         except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
             if fut.done() and not fut.cancelled():
                 self.release()  # a slot was handed over just as we gave up: pass it on
@@ -69,16 +87,21 @@ class Admission:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise QueueFull(
-                f"the server is busy: no slot freed within {self.queue_timeout_s:g} s; retry later",
+                f"the server is busy: no slot freed within {timeout:g} s; retry later",
                 retry_after=self.retry_after(),
             ) from None
         return loop.time() - start
 
     def release(self) -> None:
-        """Give a slot back: to the first waiter, else to the pool."""
-        while self._waiting:
+        """Give a slot back: to the first waiter while slots are free, else to the pool."""
+        self.running = max(0, self.running - 1)
+        self._fill()
+
+    def _fill(self) -> None:
+        # After a release, or when max_running grew: admit waiters while slots are free. After
+        # it shrank, running drains down to the new limit before anyone else starts.
+        while self._waiting and self.running < self.max_running:
             fut: Optional[asyncio.Future[None]] = self._waiting.popleft()
             if fut is not None and not fut.done():
+                self.running += 1
                 fut.set_result(None)
-                return
-        self.running = max(0, self.running - 1)

@@ -25,7 +25,7 @@ from .output import grammar as tool_grammar
 from .output.events import Event, IdFactory, Reasoning, Text, ToolCallEnd, new_call_id
 from .output.families import HARMONY, HERMES, Family, ReasoningMode, detect_family, reasoning_mode
 from .output.parser import OutputParser
-from .output.prompt import Message, ToolSpec, render
+from .output.prompt import Message, ToolSpec, render, with_format_instruction
 from .text import TextStream
 from .types import Generation, SamplingParams
 
@@ -73,9 +73,16 @@ class ChatRequest:
     prompt: Union[None, str, tuple[int, ...]] = None  # a raw completion prompt: no template
     tools: tuple[Tool, ...] = ()
     tool_choice: ToolChoice = ToolChoice()
-    parallel_tool_calls: bool = True
+    # Several calls in one answer: None (not asked) lets a free answer make several and a
+    # forced one make exactly one; True lets a forced answer make several too.
+    parallel_tool_calls: Optional[bool] = None
     response_format: Optional[ResponseFormat] = None
     reasoning: Optional[bool] = None  # the template's thinking switch; None: its default
+    # Most tokens of thinking before its end marker is forced (where the marker is one special
+    # token: output/grammar.py); None: no cap.
+    reasoning_budget: Optional[int] = None
+    # The last message is an assistant turn to continue (a prefill), not one to answer.
+    continue_final: bool = False
     template_kwargs: Mapping[str, Any] = field(default_factory=dict)
     high_priority: bool = False
     messages_param: str = "messages"  # the field a template failure names
@@ -139,8 +146,17 @@ def _closed(spec: ToolSpec) -> ToolSpec:
     return replace(spec, parameters=doc)
 
 
-def prepare(worker: Any, request: ChatRequest, tool_parser: Optional[str] = None) -> Prepared:
-    """Render the prompt and build the grammar (on the event loop: tokenizer work, no MLX)."""
+def prepare(
+    worker: Any,
+    request: ChatRequest,
+    tool_parser: Optional[str] = None,
+    *,
+    max_tokens: Optional[int] = None,
+    constrain: bool = True,
+) -> Prepared:
+    """Render the prompt and build the grammar (on the event loop: tokenizer work, no MLX).
+    `max_tokens`: the model's cap (a thinking budget at or past it needs no grammar);
+    `constrain`: false to render only (counting tokens)."""
     tok = worker.tokenizer
     fmt = formats_of(worker, tool_parser)
     if request.prompt is not None:  # a completion: the text as given, no template, no tools
@@ -166,13 +182,25 @@ def prepare(worker: Any, request: ChatRequest, tool_parser: Optional[str] = None
     kwargs = dict(request.template_kwargs)
     if request.reasoning is not None:
         kwargs.setdefault("enable_thinking", request.reasoning)
+    msgs = request.messages
+    prefill = (
+        request.continue_final
+        and bool(msgs)
+        and msgs[-1].role == "assistant"
+        and bool(msgs[-1].content)
+        and not msgs[-1].tool_calls
+    )
+    rf = request.response_format
+    if rf is not None and not choice.forced:  # the answer is the JSON: say which
+        msgs = with_format_instruction(msgs, rf.schema if rf.kind == "json_schema" else None)
     try:
         prompt = render(
             tok,
-            request.messages,
+            msgs,
             tools=offered,
             tool_choice="none" if not offered else choice.name or choice.mode,
             template_kwargs=kwargs,
+            continue_final=prefill,
         )
     except InvalidRequest:
         raise
@@ -187,7 +215,13 @@ def prepare(worker: Any, request: ChatRequest, tool_parser: Optional[str] = None
     if fmt.reasoning is not None:
         thinking = reasoning_mode(tok, prompt)
     params = request.params
-    grammar = _grammar(request, offered, family, thinking, fmt, tok)
+    budget = request.reasoning_budget
+    caps = [n for n in (request.max_tokens, max_tokens) if n is not None]
+    if budget is not None and caps and budget >= min(caps):
+        budget = None  # the answer's own cap comes first
+    if thinking is None or family == HARMONY:
+        budget = None
+    grammar = _grammar(request, offered, family, thinking, fmt, tok, budget) if constrain else None
     if grammar is not None:
         params = replace(params, constraint=grammar)
     return Prepared(prompt, params, family, thinking, offered, bool(offered))
@@ -200,20 +234,25 @@ def _grammar(
     thinking: Optional[ReasoningMode],
     fmt: ModelFormats,
     tok: Any,
+    budget: Optional[int] = None,
 ) -> Optional[constraints.Constraint]:
-    """The constraint of a forced call or a schema-bound answer, compiled and checked now (a
-    400 naming the field before any generation)."""
+    """The constraint of a forced call, a schema-bound answer or a thinking budget, compiled
+    and checked now (a 400 naming the field before any generation)."""
     bridge = _bridge(tok)
     choice = request.tool_choice
     if choice.forced and tools and family is not None:
+        for tool in request.tools:  # a schema the compiler refuses is named by its own field
+            if choice.mode == "required" or tool.spec.name == choice.name:
+                constraints.json_schema(tool.spec.parameters, strict=tool.strict, param=tool.param)
         try:
             text = tool_grammar.grammar(
                 family,
                 tools,
-                parallel=request.parallel_tool_calls and choice.mode == "required",
+                parallel=request.parallel_tool_calls is True and choice.mode == "required",
                 force=choice.name if choice.mode == "named" else None,
                 special=fmt.special,
                 reasoning=thinking,
+                budget=budget,
             )
         except ValueError as exc:
             raise InvalidRequest(
@@ -225,7 +264,17 @@ def _grammar(
         )
     rf = request.response_format
     if rf is None:
-        return None
+        if budget is None or thinking is None:
+            return None
+        capped = tool_grammar.thinking_budget(
+            reasoning=thinking, budget=budget, special=fmt.special
+        )
+        if capped is None:
+            return None  # a text end marker: the budget is not enforced (docs/api.md)
+        return constraints.Constraint(
+            constraints.lark(capped, param="reasoning_budget", tokenizer=bridge),
+            param="reasoning_budget",
+        )
     if rf.kind == "json_object":
         schema: Mapping[str, Any] = {"type": "object"}
         strict = False
@@ -235,7 +284,7 @@ def _grammar(
         g = constraints.json_schema(schema, strict=strict, param=rf.param, tokenizer=bridge)
         return constraints.Constraint(g, param=rf.param)
     body = constraints.json_fragment(schema, strict=strict, param=rf.param)
-    text = tool_grammar.with_thinking(body, reasoning=thinking, special=fmt.special)
+    text = tool_grammar.with_thinking(body, reasoning=thinking, special=fmt.special, budget=budget)
     return constraints.Constraint(
         constraints.lark(text, param=rf.param, tokenizer=bridge), param=rf.param
     )

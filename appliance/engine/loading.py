@@ -58,6 +58,26 @@ def load_model(
         log.info("model %s weights: %s", name, plan.summary())
         return model, tokenizer
     except ModelLoadError as exc:
-        raise ModelLoadError(f"model {name!r} could not be loaded: {exc.message}") from None
+        raise ModelLoadError(
+            f"model {name!r} could not be loaded: {exc.message}", param=exc.param
+        ) from None
     except Exception as exc:
         raise ModelLoadError(f"model {name!r} could not be loaded: {exc}") from None
+
+
+def set_chat_template(tokenizer: Any, template: Optional[str], name: str) -> None:
+    """Use `template` (a file path, or the Jinja text itself) instead of the model's own."""
+    if not template:
+        return
+    path = Path(template).expanduser()
+    text = template
+    if "{" not in template:  # a path: a template always has Jinja tags
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ModelLoadError(
+                f"model {name!r}: chat_template file {template!r} can't be read: {exc}",
+                param="chat_template",
+            ) from None
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)
+    hf.chat_template = text

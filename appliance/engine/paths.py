@@ -24,11 +24,14 @@ def is_gguf(path: Path) -> bool:
     return path.suffix.lower() == ".gguf" and path.is_file()
 
 
-def resolve_path(spec: ModelSpec, builtin_dir: Optional[str]) -> Path:
+def resolve_path(
+    spec: ModelSpec, builtin_dir: Optional[str], *, allow_downloads: bool = False
+) -> Path:
     """A catalog path to a local model: a folder (MLX or Hugging Face layout) or a .gguf file.
     Builds the demo model, finds SmolLM2's file and cached hub ids.
 
-    Never downloads: a hub id missing from the local cache fails at once.
+    A hub id missing from the local cache fails at once, unless `allow_downloads`
+    (models.allow_downloads) lets it be fetched now.
     """
     if spec.path.startswith(DEMO_PREFIX):
         if spec.path == "builtin:smollm2":
@@ -46,17 +49,19 @@ def resolve_path(spec: ModelSpec, builtin_dir: Optional[str]) -> Path:
     if local.is_dir() or is_gguf(local):
         return local
     if local.suffix.lower() == ".gguf":
-        raise ModelLoadError(f"model file {spec.path!r} does not exist")
+        raise ModelLoadError(f"model file {spec.path!r} does not exist", param="path")
     if local.is_absolute() or spec.path.startswith(("~", ".")) or spec.path.count("/") != 1:
-        raise ModelLoadError(f"model folder {spec.path!r} does not exist")
+        raise ModelLoadError(f"model folder {spec.path!r} does not exist", param="path")
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(spec.path, local_files_only=True))
+        return Path(snapshot_download(spec.path, local_files_only=not allow_downloads))
     except Exception:
         raise ModelLoadError(
             f"{spec.path!r} is not a local folder and is not in the local Hugging Face cache; "
-            "the appliance does not download models: fetch it first or give a folder"
+            "the appliance does not download models unless models.allow_downloads is true: "
+            "fetch it first or give a folder",
+            param="path",
         ) from None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import logging
 import time
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from ..config import ModelsConfig, ModelSpec
 from ..errors import EngineFailure, InsufficientMemory, ModelLoadError, ModelNotFound
 from . import distributed
 from .cpu import WeightPlan
-from .loading import as_folder, load_model, weight_plan
+from .loading import as_folder, load_model, set_chat_template, weight_plan
 from .memory import free_bytes, mlx_active
 from .paths import estimate_bytes, kv_bytes_per_token, resolve_path
 from .process import AnyWorker, ProcessWorker
@@ -25,12 +26,26 @@ log = logging.getLogger("appliance.engine")
 Listener = Callable[[str, str, dict[str, Any]], None]  # (event, model, details)
 
 
+def resolve_alias(aliases: dict[str, str], name: str) -> Optional[str]:
+    """The catalog name `name` is an alias of: an exact alias first, then the first glob
+    pattern (`*`, `?`, `[...]`) that matches, in the order written; None when none does."""
+    if name in aliases:
+        return aliases[name]
+    for pattern, target in aliases.items():
+        if any(c in pattern for c in "*?[") and fnmatch.fnmatchcase(name, pattern):
+            return target
+    return None
+
+
 class ModelRegistry:
     """The catalog and the loaded models, each on its own generation thread."""
 
     def __init__(self, cfg: ModelsConfig) -> None:
         self.cfg = cfg
         self._workers: dict[str, AnyWorker] = {}
+        # The profile's catalog, then the models an admin added at run time (by path).
+        self._catalog: dict[str, ModelSpec] = dict(cfg.catalog)
+        self._sources: dict[str, str] = {name: "catalog" for name in cfg.catalog}
         self._info: dict[str, ModelInfo] = {
             name: ModelInfo(name=name, path=spec.path, state="unloaded")
             for name, spec in cfg.catalog.items()
@@ -56,7 +71,7 @@ class ModelRegistry:
     # -- queries
     def spec(self, name: str) -> ModelSpec:
         try:
-            return self.cfg.catalog[name]
+            return self._catalog[name]
         except KeyError:
             raise ModelNotFound(
                 f"model {name!r} is not in the catalog; see GET /v1/models", param="model"
@@ -64,7 +79,7 @@ class ModelRegistry:
 
     @property
     def names(self) -> list[str]:
-        return list(self.cfg.catalog)
+        return list(self._catalog)
 
     def loaded(self) -> list[str]:
         return [n for n, w in self._workers.items() if w.alive]
@@ -78,7 +93,42 @@ class ModelRegistry:
         return self._info[name]
 
     def infos(self) -> list[ModelInfo]:
-        return [self._info[n] for n in self.cfg.catalog]
+        return [self._info[n] for n in self._catalog]
+
+    def source(self, name: str) -> str:
+        """ "catalog" (the profile's) or "admin" (added at run time)."""
+        self.spec(name)
+        return self._sources[name]
+
+    def added(self) -> dict[str, ModelSpec]:
+        """The models an admin added at run time, by name."""
+        return {n: s for n, s in self._catalog.items() if self._sources[n] == "admin"}
+
+    def add(self, name: str, spec: ModelSpec) -> None:
+        """Make a model loadable under `name` at run time (an admin load by path). Replaces an
+        earlier runtime entry of that name when it is not loaded; a catalog name is refused."""
+        from ..errors import InvalidRequest
+
+        if self._sources.get(name) == "catalog":
+            raise InvalidRequest(
+                f"{name!r} is a catalog model of the profile; choose another alias", param="alias"
+            )
+        if name in self._catalog and self.worker(name) is not None:
+            if self._catalog[name] != spec:
+                raise InvalidRequest(
+                    f"model {name!r} is loaded with other settings; unload it first",
+                    param="alias",
+                )
+            return
+        self._catalog[name] = spec
+        self._sources[name] = "admin"
+        self._info[name] = ModelInfo(name=name, path=spec.path, state="unloaded")
+
+    def remove(self, name: str) -> None:
+        """Forget a runtime model that is not loaded (a failed load leaves nothing behind)."""
+        if self._sources.get(name) == "admin" and self.worker(name) is None:
+            del self._catalog[name], self._sources[name], self._info[name]
+            self._emit("removed", name)
 
     def touch(self, name: str) -> None:
         info = self._info[name]
@@ -124,7 +174,9 @@ class ModelRegistry:
 
             def prepare() -> Path:
                 # On the model's own thread: resolve the folder, check the memory it needs.
-                path = resolve_path(spec, self.cfg.builtin_dir)
+                path = resolve_path(
+                    spec, self.cfg.builtin_dir, allow_downloads=self.cfg.allow_downloads
+                )
                 plan, weights = weight_plan(path, spec.cpu_weights)
                 plans[0] = plan
                 info.extra["weights"] = plan.summary()
@@ -189,7 +241,11 @@ class ModelRegistry:
                 )
             try:
                 await worker.start()
+                set_chat_template(worker.tokenizer, spec.chat_template, name)
             except BaseException as exc:
+                if worker.alive:  # loaded, then refused: nothing half-loaded stays behind
+                    worker.stop()
+                    await asyncio.to_thread(worker.join, 10.0)
                 info.state = "failed"
                 info.error = str(exc)
                 self._emit("load_failed", name, error=str(exc))
@@ -198,6 +254,7 @@ class ModelRegistry:
             self._workers[name] = worker
             info.state = "loaded"
             info.loaded_at = time.time()
+            info.load_seconds = round(seconds, 3)
             info.last_used = info.last_used or info.loaded_at
             log.info("model %s loaded in %.2f s", name, seconds)
             self._emit("loaded", name, seconds=seconds)

@@ -11,9 +11,10 @@ from ..config import LimitsConfig, ModelsConfig
 from ..errors import InsufficientMemory, PromptTooLong
 from .admission import Admission
 from .arrivals import Arrivals
+from .limits import Limits, LimitsInForce
 from .memory import free_bytes, mlx_active
 from .process import AnyWorker
-from .registry import ModelRegistry
+from .registry import ModelRegistry, resolve_alias
 from .types import EngineStats, Generation, SamplingParams
 
 log = logging.getLogger("appliance.engine")
@@ -25,17 +26,27 @@ RequestObserver = Callable[[str, Optional[Generation], dict[str, Any]], None]
 class Engine:
     """Runs requests on the loaded models within the admission limits."""
 
-    def __init__(self, models: ModelsConfig, limits: LimitsConfig) -> None:
+    def __init__(
+        self,
+        models: ModelsConfig,
+        limits: LimitsConfig,
+        in_force: Optional[LimitsInForce] = None,
+    ) -> None:
         self.models_cfg = models
         self.limits = limits
+        # Admission and shedding limits that may change at run time (safe mode).
+        self.limits_in_force = in_force or LimitsInForce(Limits.of(limits))
         self.registry = ModelRegistry(models)
-        self.admission = Admission(limits)
+        self.admission = Admission(self.limits_in_force)
+        # Called before a request loads a model that is not loaded; it may refuse (safe mode).
+        self.load_guard: Optional[Callable[[str], None]] = None
         # Requests on their way from the HTTP front (server.py keeps the count): a generation
         # thread waits for them to prefill a wave of arrivals together.
         self.arrivals = Arrivals()
         self.registry.arriving = self.arrivals
         self._observers: list[RequestObserver] = []
         self._holding: dict[int, Generation] = {}  # generations holding a slot, by id()
+        self._waiting: dict[str, int] = {}  # requests in the admission queue, by model
         # Models to recover after an unclean exit, reloads after a generation thread died,
         # and the hook that ends the process when reloads give out.
         self.recover: list[str] = []
@@ -50,6 +61,7 @@ class Engine:
         """A snapshot of the engine's state (admission, loaded models, caches, joins)."""
         reg, adm = self.registry, self.admission
         caches: dict[str, int] = {}
+        entries: dict[str, int] = {}
         joins: dict[str, tuple[int, int]] = {}
         loaded = reg.loaded()
         for name in loaded:
@@ -58,6 +70,8 @@ class Engine:
                 continue
             if w.prompt_cache is not None:
                 caches[name] = int(w.prompt_cache.nbytes)
+                if hasattr(w.prompt_cache, "__len__"):
+                    entries[name] = len(w.prompt_cache)
             joins[name] = (w.stats["joins"], w.stats["joined"])
         return EngineStats(
             running=adm.running,
@@ -69,6 +83,8 @@ class Engine:
             reloading=tuple(sorted(self.reloading)),
             prompt_cache_bytes=caches,
             batch_joins=joins,
+            prompt_cache_entries=entries,
+            waiting_by_model={k: v for k, v in self._waiting.items() if v},
         )
 
     def observe(self, observer: RequestObserver) -> None:
@@ -82,11 +98,23 @@ class Engine:
                 log.exception("request observer failed on %s", event)
 
     def resolve_name(self, name: Optional[str]) -> str:
+        """The catalog name a request's `model` means: itself, an alias (models.aliases), or
+        models.default when absent; ModelNotFound when none."""
         name = name or self.models_cfg.default
+        if name not in self.registry.names:  # a model's own name (catalog or loaded) wins
+            target = resolve_alias(self.models_cfg.aliases, name)
+            if target is not None:
+                return target
         self.registry.spec(name)  # ModelNotFound when unknown
         return name
 
     async def model(self, name: str) -> AnyWorker:
+        """The model's worker, loading it on first use unless `load_guard` refuses."""
+        worker = self.registry.worker(name)
+        if worker is not None:
+            return worker
+        if self.load_guard is not None:
+            self.load_guard(name)
         return await self.registry.get_or_load(name)
 
     def check_prompt(
@@ -117,13 +145,19 @@ class Engine:
         """Wait for a slot (or raise QueueFull), then put the request in the batch. `scope`: the
         HTTP request's ASGI scope, counted as on its way (arrivals.py) until it is submitted."""
         self.check_memory(worker.name, len(prompt_tokens), params.max_tokens)
-        if scope is not None and self.admission.would_wait():
+        waits = self.admission.would_wait()
+        if scope is not None and waits:
             self.arrivals.admitting(scope)  # it waits for a slot, not for the front
+        if waits:
+            self._waiting[worker.name] = self._waiting.get(worker.name, 0) + 1
         try:
             queued = await self.admission.acquire(high_priority)
         except Exception as exc:
             self._emit("rejected", None, model=worker.name, error=exc)
             raise
+        finally:
+            if waits:
+                self._waiting[worker.name] -= 1
         gen = Generation(worker.name, prompt_tokens, params)
         gen.t_admitted = gen.t_created + queued
         self._holding[id(gen)] = gen
@@ -155,9 +189,10 @@ class Engine:
     def deadline(self) -> float:
         return asyncio.get_running_loop().time() + self.limits.request_timeout_s
 
-    async def start_up(self) -> None:
-        """Load the auto_load models, then `recover` (loaded before an unclean exit) within the
-        memory budget; a failure is logged and the next model tried."""
+    async def start_up(self, load_models: bool = True) -> None:
+        """Set the MLX memory limit, then (unless `load_models` is false: safe mode) load the
+        auto_load models and `recover` (loaded before an unclean exit) within the memory budget;
+        a failure is logged and the next model tried."""
         limit = self.limits.mlx_memory_limit_bytes
         if limit is not None:
             try:
@@ -167,8 +202,15 @@ class Engine:
                 log.info("MLX memory limit set to %d bytes", limit)
             except Exception as exc:  # no MLX backend here
                 log.warning("could not set the MLX memory limit: %s", exc)
+        if not load_models:
+            log.warning("safe mode: no model is loaded at start (auto_load and recovery held)")
+            return
+        await self.load_auto(self.recover)
+
+    async def load_auto(self, also: Optional[list[str]] = None) -> None:
+        """Load the auto_load models, then `also`, one after another; failures are logged."""
         auto = list(self.models_cfg.auto_load)
-        for name in [*auto, *[n for n in self.recover if n not in auto]]:
+        for name in [*auto, *[n for n in also or () if n not in auto]]:
             try:
                 await self.registry.load(name)
             except Exception as exc:

@@ -222,6 +222,7 @@ class ModelInfo:
     last_used: Optional[float] = None
     requests_served: int = 0
     error: Optional[str] = None
+    load_seconds: Optional[float] = None  # how long the last successful load took
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -239,3 +240,7 @@ class EngineStats:
     # Per loaded model: prompt cache bytes, and (joins, requests joined) of its batch.
     prompt_cache_bytes: dict[str, int] = field(default_factory=dict)
     batch_joins: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Per model: prompt cache entries (where the cache can count them, not in an engine
+    # process), and requests waiting in the admission queue for a slot.
+    prompt_cache_entries: dict[str, int] = field(default_factory=dict)
+    waiting_by_model: dict[str, int] = field(default_factory=dict)

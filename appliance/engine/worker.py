@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any, Optional
 
 from ..errors import EngineFailure, InvalidRequest
@@ -34,6 +34,7 @@ def batching(spec: Any) -> dict[str, Any]:
     """A catalog entry's batching settings (and projection fusion) as ModelWorker takes them."""
     return {
         "prefill_step_size": spec.prefill_step_size,
+        "prefill_budget": spec.prefill_budget_tokens,
         "completion_batch_size": spec.completion_batch_size,
         "prefill_batch_size": spec.prefill_batch_size or spec.completion_batch_size,
         "max_kv_size": spec.max_kv_size,
@@ -41,6 +42,11 @@ def batching(spec: Any) -> dict[str, Any]:
         "fast_joins": spec.fast_joins,
         "fuse_projections": spec.fuse_projections,
     }
+
+
+# A prompt's cache is kept when its prefill ends only from this length: below, another
+# session's prefill of the shared part costs less than the copy and the cache space.
+PREFILLED_MIN_TOKENS = 256
 
 
 def empty_stats() -> dict[str, int]:
@@ -65,6 +71,17 @@ class WorkerThread:
     def alive(self) -> bool:
         return self._thread.is_alive() and self.dead is None
 
+    def _settle_load(self, exc: Optional[BaseException]) -> None:
+        """Tell `start` how the load ended, unless nobody waits any more: shutdown cancels a start
+        still waiting (and with it this future); the thread then goes on to see its Stop."""
+        try:
+            if exc is None:
+                self._loaded.set_result(None)
+            else:
+                self._loaded.set_exception(exc)
+        except InvalidStateError:
+            pass
+
 
 class ModelWorker(WorkerThread):
     """Owns one model on its own thread; the registry talks to it through `submit` and `call`."""
@@ -87,6 +104,7 @@ class ModelWorker(WorkerThread):
         fuse_projections: bool = False,
         unfused_attention_elements: int = 0,
         decode_kernel: bool = False,
+        prefill_budget: Optional[int] = None,
         on_death: Optional[Callable[[str, BaseException], None]] = None,
         link: Any = None,
         arriving: Callable[[], int] = lambda: 0,
@@ -96,6 +114,7 @@ class ModelWorker(WorkerThread):
         self._loader = loader
         self._loop = loop
         self._prefill_step_size = prefill_step_size
+        self._prefill_budget = prefill_budget  # see batching.PrefillBudget (fast joins only)
         self._completion_batch_size = completion_batch_size
         self._prefill_batch_size = prefill_batch_size
         self._max_kv_size = max_kv_size
@@ -165,17 +184,17 @@ class ModelWorker(WorkerThread):
 
             gen = self._load_and_make_generator()
         except BaseException as exc:  # forwarded to whoever awaits the load
-            self._loaded.set_exception(exc)
+            self._settle_load(exc)
             self.dead = exc
             return
         try:
             if self._link is not None:
                 self._link.sync_seed()
         except BaseException as exc:
-            self._loaded.set_exception(exc)
+            self._settle_load(exc)
             self.dead = exc
             return
-        self._loaded.set_result(None)
+        self._settle_load(None)
         try:
             self._serve(gen, mx)
         except BaseException as exc:  # the thread boundary: fail every request, report
@@ -301,6 +320,7 @@ class ModelWorker(WorkerThread):
             if not active:
                 continue
             _, responses = gen.next()
+            self._keep_prefilled(gen)
             if not responses:
                 continue
             now = time.perf_counter()
@@ -373,10 +393,12 @@ class ModelWorker(WorkerThread):
         self.prompt_cache = cache_cls(max_size=64, max_bytes=self._prompt_cache_bytes)
         if self._prompt_cache_min_tokens is None:
             self._prompt_cache_min_tokens = 32 if on_cuda() else 0
-        cls = BatchGenerator
+        cls: Any = BatchGenerator
+        extra: dict[str, Any] = {}
         if self._fast_joins:
             if fast.usable():
                 cls = fast.BatchGenerator
+                extra["prefill_budget"] = self._prefill_budget
             else:
                 log.warning(
                     "model %s: this mlx-lm's batching is not the one fast_joins extends; "
@@ -391,8 +413,11 @@ class ModelWorker(WorkerThread):
             prefill_step_size=self._prefill_step_size,
             max_kv_size=self._max_kv_size,
             stream=mx.default_stream(mx.default_device()),
+            **extra,
         )
         self._warm_up(gen)
+        if self._prompt_cache_bytes > 0 and hasattr(gen, "keep_prefilled"):
+            gen.keep_prefilled = True
         self._grammar_bridge()
         if fused and (back := fusion.unfuse_wasteful(self.model)):
             log.info(
@@ -481,27 +506,42 @@ class ModelWorker(WorkerThread):
             if not uid_of:
                 continue
             _, responses = gen.next()
+            self._keep_prefilled(gen)
             for r in responses:
                 if r.finish_reason is not None:
                     uid_of = {k: u for k, u in uid_of.items() if u != r.uid}
                     self._keep_cache(gen, r)
 
     def _keep_cache(self, gen: Any, r: Any) -> None:
+        """A finished sequence's cache (prompt and answer): the next turn of its conversation
+        resends both."""
         if r.prompt_cache is not None and self._prompt_cache_bytes > 0:
-            import mlx.core as mx
-            from mlx.utils import tree_flatten
+            self._cache_insert(gen, list(r.all_tokens), r.prompt_cache, "assistant")
 
-            # A finished row's cache is a lazy copy out of the batch's buffers, and until it is
-            # evaluated it keeps all of them alive (the whole batch's keys and values, every
-            # layer): kept entries held 9x and more the bytes the cache counted
-            # (tests/test_prompt_cache.py).
-            # Copied now, on the stream, without waiting for it.
-            leaves: Any = tree_flatten([c.state for c in r.prompt_cache])
-            mx.async_eval([a for _, a in leaves if isinstance(a, mx.array)])
-            self.prompt_cache.insert_cache(
-                self.path, list(r.all_tokens), r.prompt_cache, cache_type="assistant"
-            )
-            self.prompt_cache.trim_to(n_bytes=self._prompt_cache_bytes - gen.prompt_cache_nbytes)
+    def _keep_prefilled(self, gen: Any) -> None:
+        """The caches of prompts whose prefill just ended (batching.BatchGenerator's
+        keep_prefilled), so that another session can start from their shared prefix before
+        this one finishes. A later insert of the whole sequence replaces them (a prefix)."""
+        done = getattr(gen, "prefilled", None)
+        if not done:
+            return
+        for tokens, cache in done:
+            if len(tokens) >= PREFILLED_MIN_TOKENS:
+                self._cache_insert(gen, tokens, cache, "user")
+        done.clear()
+
+    def _cache_insert(self, gen: Any, tokens: list[int], cache: list[Any], kind: str) -> None:
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+
+        # A row's cache is a lazy copy out of the batch's buffers, and until it is evaluated
+        # it keeps all of them alive (the whole batch's keys and values, every layer): kept
+        # entries held 9x and more the bytes the cache counted (tests/test_prompt_cache.py).
+        # Copied now, on the stream, without waiting for it.
+        leaves: Any = tree_flatten([c.state for c in cache])
+        mx.async_eval([a for _, a in leaves if isinstance(a, mx.array)])
+        self.prompt_cache.insert_cache(self.path, tokens, cache, cache_type=kind)
+        self.prompt_cache.trim_to(n_bytes=self._prompt_cache_bytes - gen.prompt_cache_nbytes)
 
     def _insert(self, gen: Any, prompt: list[int], params: SamplingParams) -> tuple[int, int, Any]:
         """Put a prompt in the batch (with its cached prefix); (uid, cached tokens, grammar

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 from ..config import MIDDLEWARE_NAMES, AppConfig
+from ..engine.limits import Limits, LimitsInForce
 from .access_log import AccessLog
 from .auth import Auth
 from .body_limit import BodyLimit
@@ -22,16 +23,22 @@ from .rate_limit import RateLimit
 from .request_id import RequestId
 
 
-def stack(cfg: AppConfig, reject: Reject, mlx_active: Callable[[], Optional[int]]) -> list[Any]:
+def stack(
+    cfg: AppConfig,
+    reject: Reject,
+    mlx_active: Callable[[], Optional[int]],
+    in_force: Optional[LimitsInForce] = None,
+) -> list[Any]:
     """The configured middleware, in order. `reject(reason)` counts a refusal; `mlx_active`
-    reads MLX's active bytes (load shedding)."""
+    reads MLX's active bytes and `in_force` holds the shedding thresholds (load shedding)."""
+    limits = in_force or LimitsInForce(Limits.of(cfg.limits, cfg.shedding))
     table: dict[str, Callable[[], Any]] = {
         "request_id": RequestId,
-        "access_log": AccessLog,
+        "access_log": lambda: AccessLog(cfg.metrics.path),
         "host_guard": lambda: HostGuard(cfg.server, reject),
         "body_limit": lambda: BodyLimit(cfg.limits, reject),
         "cors": lambda: Cors(cfg.security),
-        "load_shedding": lambda: LoadShedding(cfg.shedding, reject, mlx_active),
+        "load_shedding": lambda: LoadShedding(limits, reject, mlx_active),
         "auth": lambda: Auth(cfg.security, reject, cfg.metrics.path),
         "rate_limit": lambda: RateLimit(cfg.rate_limits, reject),
     }

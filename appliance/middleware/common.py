@@ -13,7 +13,15 @@ Resp = falcon.asgi.Response
 
 PROBES = ("/healthz", "/readyz")
 # POST routes that generation rate limits count.
-GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank")
+GENERATION_ROUTES = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/rerank",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/v1/responses",
+)
 
 
 def is_loopback(host: str) -> bool:

@@ -7,11 +7,13 @@ from typing import Any
 
 from ..config import RateLimitsConfig
 from ..errors import RateLimited
+from ..status.access import RATE_LIMITED as STATUS_PATHS
 from .common import GENERATION_ROUTES, Reject, Req, Resp, is_admin, refuse
 
 
 class RateLimit:
-    """Per key (else per client address) limits on POSTs to /v1 generation routes and /admin."""
+    """Per key (else per client address) limits on POSTs to /v1 generation routes and /admin;
+    the admin limit also counts GETs of the status page and its data (it shows admin data)."""
 
     def __init__(self, cfg: RateLimitsConfig, reject: Reject) -> None:
         from limits import parse_many, storage, strategies
@@ -23,11 +25,10 @@ class RateLimit:
         self.reject = reject
 
     async def process_request(self, req: Req, resp: Resp) -> None:
-        if req.method != "POST":
-            return
-        if req.path in GENERATION_ROUTES:
+        post = req.method == "POST"
+        if post and req.path in GENERATION_ROUTES:
             scope, items = "inference", self.inference
-        elif is_admin(req):
+        elif (post and is_admin(req)) or (req.method == "GET" and req.path in STATUS_PATHS):
             scope, items = "admin", self.admin
         else:
             return

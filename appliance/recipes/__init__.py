@@ -6,6 +6,7 @@ profile or override exits 2 with one line here too. Keys are never written into 
 they come from a keys file the service reads at start (see recipes/README.md).
 
     python -m appliance.recipes launchd +profile=mono512            # a LaunchAgent plist
+    python -m appliance.recipes launchd --daemon +profile=mono512   # a LaunchDaemon plist
     python -m appliance.recipes systemd +profile=mono512            # a systemd unit
     python -m appliance.recipes render --out recipes                # the shipped examples
 """
@@ -34,11 +35,27 @@ EXAMPLE_USER = "appliance"
 
 SYSTEMD_KEYS_FILE = "/etc/appliance/keys.env"
 LAUNCHD_KEYS_FILE = ".config/appliance/keys.env"  # under the user's home
+# A LaunchDaemon (system domain, runs at boot without a login) keeps its files system-wide.
+DAEMON_SUPPORT = "/Library/Application Support/appliance"
+DAEMON_KEYS_FILE = f"{DAEMON_SUPPORT}/keys.env"
+DAEMON_LOGS = "/Library/Logs/appliance"
 # launchd leaves a job only 256 open files by default: too few for a LAN server.
 LAUNCHD_NOFILE = 8192
 SYSTEMD_NOFILE = 65536
-# Seconds the supervisor waits past the drain timeout before it kills the process.
+# Seconds the supervisor waits past the drain timeout before it kills the process, and the
+# least it ever waits (a state file and a log to write after the drain).
 STOP_MARGIN_S = 15
+STOP_MIN_S = 60
+# What launchd needs in every job of ours; the tests check the rendered plists against it.
+LAUNCHD_REQUIRED = (
+    "Label",
+    "ProgramArguments",
+    "RunAtLoad",
+    "KeepAlive",
+    "ExitTimeOut",
+    "StandardOutPath",
+    "StandardErrorPath",
+)
 
 # sh wrapper of the launchd job: export the keys file (when readable), hold a caffeinate
 # assertion tied to this PID (when asked), then exec the interpreter so that launchd's SIGTERM
@@ -63,7 +80,9 @@ class Target:
 
     @property
     def stop_timeout_s(self) -> int:
-        return int(math.ceil(self.cfg.server.drain_timeout_s)) + STOP_MARGIN_S
+        """Seconds launchd (ExitTimeOut) and systemd (TimeoutStopSec) wait after SIGTERM:
+        the drain timeout plus a margin, and never less than a minute."""
+        return max(STOP_MIN_S, int(math.ceil(self.cfg.server.drain_timeout_s)) + STOP_MARGIN_S)
 
     def name(self, default_prefix: str) -> str:
         """service.label, else `<prefix>.<profile>` (or just the prefix with no profile)."""
@@ -100,37 +119,60 @@ def target(overrides: Sequence[str], python: Optional[str] = None) -> Target:
 # -- launchd
 
 
-def launchd_plist(t: Target, home: Optional[str] = None) -> dict[str, Any]:
-    """A LaunchAgent job for the target (see recipes/README.md for a LaunchDaemon)."""
+def launchd_plist(
+    t: Target, home: Optional[str] = None, *, daemon: bool = False, user: Optional[str] = None
+) -> dict[str, Any]:
+    """A LaunchAgent job for the target (the user's domain, while they are logged in), or with
+    `daemon` a LaunchDaemon (the system domain, from boot) run as `user`, its logs under
+    /Library/Logs/appliance and its keys file under /Library/Application Support/appliance."""
     home = home or str(Path.home())
     label = t.name("com.appliance")
-    logs = f"{home}/Library/Logs/appliance"
+    if daemon:
+        logs, keys, workdir = DAEMON_LOGS, DAEMON_KEYS_FILE, DAEMON_SUPPORT
+    else:
+        logs, keys, workdir = f"{home}/Library/Logs/appliance", f"{home}/{LAUNCHD_KEYS_FILE}", home
     script = _KEYS + (_CAFFEINATE if t.cfg.service.caffeinate else "") + _EXEC
-    return {
-        "Label": label,
-        "ProgramArguments": ["/bin/sh", "-c", script, *t.argv],
-        "RunAtLoad": True,
-        # Restart after a crash or a non-zero exit, not after a clean stop (exit 0).
-        "KeepAlive": {"SuccessfulExit": False},
-        "ThrottleInterval": t.cfg.service.throttle_interval_s,
-        # launchd sends SIGTERM, then SIGKILL after ExitTimeOut: leave the drain its time.
-        "ExitTimeOut": t.stop_timeout_s,
-        "AbandonProcessGroup": False,
-        "ProcessType": "Interactive",
-        "WorkingDirectory": t.cfg.service.working_directory or home,
-        "StandardOutPath": f"{logs}/{label}.out.log",
-        "StandardErrorPath": f"{logs}/{label}.err.log",
-        "SoftResourceLimits": {"NumberOfFiles": LAUNCHD_NOFILE},
-        "EnvironmentVariables": {
-            # Not the keys: the file they are read from (KEY='value' lines, mode 600).
-            "APPLIANCE_KEYS_FILE": f"{home}/{LAUNCHD_KEYS_FILE}",
-            "PYTHONUNBUFFERED": "1",
-        },
-    }
+    argv = t.argv
+    if daemon and t.cfg.logging.file is None:
+        # Not the user's own log folder: a daemon's logs belong with the system's.
+        argv = [*argv, f"logging.file={DAEMON_LOGS}/appliance.log"]
+    job: dict[str, Any] = {"Label": label}
+    if daemon:
+        # A daemon runs as root unless told otherwise: the appliance never needs root.
+        job["UserName"] = user or getpass.getuser()
+    job.update(
+        {
+            "ProgramArguments": ["/bin/sh", "-c", script, *argv],
+            "RunAtLoad": True,
+            # Restart after a crash or a non-zero exit, not after a clean stop (exit 0).
+            "KeepAlive": {"SuccessfulExit": False},
+            "ThrottleInterval": t.cfg.service.throttle_interval_s,
+            # launchd sends SIGTERM, then SIGKILL after ExitTimeOut: leave the drain its time.
+            "ExitTimeOut": t.stop_timeout_s,
+            "AbandonProcessGroup": False,
+            "ProcessType": "Interactive",
+            "WorkingDirectory": t.cfg.service.working_directory or workdir,
+            # The appliance writes its own rotated log (logging.file); under launchd these two
+            # get only what happens before logging starts (and a line saying where it went).
+            "StandardOutPath": f"{logs}/{label}.out.log",
+            "StandardErrorPath": f"{logs}/{label}.err.log",
+            "SoftResourceLimits": {"NumberOfFiles": LAUNCHD_NOFILE},
+            "EnvironmentVariables": {
+                # Not the keys: the file they are read from (KEY='value' lines, mode 600).
+                "APPLIANCE_KEYS_FILE": keys,
+                "PYTHONUNBUFFERED": "1",
+            },
+        }
+    )
+    return job
 
 
-def render_launchd(t: Target, home: Optional[str] = None) -> str:
-    return plistlib.dumps(launchd_plist(t, home), sort_keys=False).decode()
+def render_launchd(
+    t: Target, home: Optional[str] = None, *, daemon: bool = False, user: Optional[str] = None
+) -> str:
+    return plistlib.dumps(
+        launchd_plist(t, home, daemon=daemon, user=user), sort_keys=False
+    ).decode()
 
 
 # -- systemd
@@ -202,6 +244,9 @@ def rendered_examples() -> dict[str, str]:
     for profile in shipped_profiles():
         t = target([f"+profile={profile}"], EXAMPLE_PYTHON)
         out[f"launchd/{t.name('com.appliance')}.plist"] = render_launchd(t, EXAMPLE_HOME)
+        out[f"launchd/daemon/{t.name('com.appliance')}.plist"] = render_launchd(
+            t, daemon=True, user=EXAMPLE_USER
+        )
         out[f"systemd/{t.name('appliance')}.service"] = render_systemd(t, EXAMPLE_USER)
     out["grafana/appliance.json"] = render_dashboard()
     return out
@@ -223,9 +268,15 @@ def _parser() -> argparse.ArgumentParser:
         description="Render service files for a profile.",
     )
     sub = p.add_subparsers(dest="command", required=True)
-    ld = sub.add_parser("launchd", help="print a launchd plist (a LaunchAgent)")
+    ld = sub.add_parser("launchd", help="print a launchd plist (a LaunchAgent, or --daemon)")
     ld.add_argument("--python", help="interpreter path (default: this one)")
-    ld.add_argument("--home", help="the user's home (default: yours)")
+    ld.add_argument("--home", help="the user's home (LaunchAgent; default: yours)")
+    ld.add_argument(
+        "--daemon",
+        action="store_true",
+        help="a LaunchDaemon: system domain, starts at boot, runs as --user",
+    )
+    ld.add_argument("--user", help="the LaunchDaemon's UserName (default: you)")
     sd = sub.add_parser("systemd", help="print a systemd unit")
     sd.add_argument("--python", help="interpreter path (default: this one)")
     sd.add_argument("--user", help="the service's user (default: you)")
@@ -240,7 +291,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.command in ("launchd", "systemd"):
             t = target(overrides, args.python)
             if args.command == "launchd":
-                sys.stdout.write(render_launchd(t, args.home))
+                sys.stdout.write(render_launchd(t, args.home, daemon=args.daemon, user=args.user))
             else:
                 sys.stdout.write(render_systemd(t, args.user))
             return 0

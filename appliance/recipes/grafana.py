@@ -139,6 +139,14 @@ def dashboard() -> dict[str, Any]:
     )
     lay.add(
         "timeseries",
+        "Request rate by API",
+        [(f"sum by (api) (rate(lmx_requests_total{{{MODEL}}}[{RATE}]))", "{{api}}")],
+        unit="reqps",
+        description="Finished /v1 requests per second, by front-end: openai_chat, "
+        "openai_completions, anthropic, responses, ...",
+    )
+    lay.add(
+        "timeseries",
         "Rejections by reason",
         [(f"sum by (reason) (rate(lmx_rejected_requests_total{{{INST}}}[{RATE}]))", "{{reason}}")],
         unit="reqps",
@@ -177,11 +185,18 @@ def dashboard() -> dict[str, Any]:
                 f"sum(rate(lmx_prompt_cache_hits_total{{{MODEL}}}[{RATE}])) / "
                 f"(sum(rate(lmx_prompt_cache_hits_total{{{MODEL}}}[{RATE}])) + "
                 f"sum(rate(lmx_prompt_cache_misses_total{{{MODEL}}}[{RATE}])))",
-                "hit ratio",
-            )
+                "requests with a hit",
+            ),
+            (
+                f"sum(rate(lmx_prefix_cache_hits_total{{{MODEL}}}[{RATE}])) / "
+                f"sum(rate(lmx_prefix_cache_queries_total{{{MODEL}}}[{RATE}]))",
+                "prompt tokens from the cache",
+            ),
         ],
         unit="percentunit",
         w=12,
+        description="Share of requests that reused a cached prefix, and of prompt tokens "
+        "served from the cache rather than prefilled.",
     )
     lay.add(
         "timeseries",

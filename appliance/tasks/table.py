@@ -106,9 +106,9 @@ def idle_eviction(ctx: TaskContext) -> Run:
 def memory_watchdog(ctx: TaskContext) -> Run:
     """Log and report degraded health when memory nears the shedding thresholds."""
     t = ctx.cfg.maintenance.memory_watchdog
-    shed = ctx.cfg.shedding
 
     async def run() -> None:
+        shed = ctx.engine.limits_in_force.now  # safe mode sheds earlier: warn earlier too
         percent = psutil.virtual_memory().percent
         warn_at = shed.memory_percent - t.warn_margin_percent
         reasons = []

@@ -92,10 +92,12 @@ def test_models_lists_catalog_and_state(module_appliance: Any, http: httpx.Clien
     )
     assert demo["memory_estimate_bytes"] > 0
     assert demo["loaded_at"] is not None and demo["error"] is None
+    assert isinstance(demo["last_load_seconds"], float) and 0 < demo["last_load_seconds"] < 60
     assert isinstance(demo["requests_served"], int) and demo["in_flight"] == 0
     assert (spare["state"], spare["loaded"], spare["auto_load"]) == ("unloaded", False, False)
     assert spare["context_length"] == 1024 and spare["max_tokens"] == 600
     assert spare["last_used"] is None and spare["requests_served"] == 0
+    assert spare["last_load_seconds"] is None
 
 
 def test_load_serve_and_count(module_appliance: Any, http: httpx.Client) -> None:
@@ -223,6 +225,14 @@ def test_health(module_appliance: Any, http: httpx.Client) -> None:
     assert h["uptime_s"] > 0
     assert h["version"] == appliance.__version__
     assert h["safe_mode"] is False and h["safe_mode_reason"] is None and h["draining"] is False
+    assert h["safe_mode_exit"]["automatic_in_s"] is None
+    assert h["limits_in_force"]["profile"] == "normal" and h["limits_in_force"]["max_running"] == 8
+    # The hardening plan's names, beside the appliance's own (same values, GB = 10^9 bytes).
+    assert h["memory_usage_percent"] == h["system_memory_percent"]
+    assert h["in_flight_requests"] == h["requests"]["running"] + h["requests"]["waiting"] == 0
+    assert set(h["metal"]) == {"active_memory_gb", "peak_memory_gb", "cache_memory_gb"}
+    assert h["metal"]["active_memory_gb"] > 0  # the demo model's weights
+    assert abs(h["metal"]["peak_memory_gb"] - mem["mlx_peak"] / 1e9) < 0.01
 
 
 def test_config_is_redacted(module_appliance: Any, http: httpx.Client) -> None:

@@ -331,3 +331,57 @@ def test_random_schedules_match_mlx_lm() -> None:
         stock = _drive_random(G.BatchGenerator, cbs, pbs, step, schedule)
         ours = _drive_random(batching.BatchGenerator, cbs, pbs, step, schedule)
         assert ours == stock, (cbs, pbs, step, schedule)
+
+
+def _budget_run(model: Any, budget: Any) -> tuple[dict[int, list[int]], list[int], int]:
+    """One row decoding, then a 300-token prompt arriving: the tokens of each row, the prompt
+    tokens prefilled by each next() call while the first row decoded, and the calls that took."""
+    gen = batching.BatchGenerator(
+        model,
+        stop_tokens=[[7]],
+        completion_batch_size=8,
+        prefill_batch_size=8,
+        prefill_step_size=128,
+        prefill_budget=budget,
+    )
+    tokens: dict[int, list[int]] = {}
+    (first,) = gen.insert([_prompt(9, 1)], max_tokens=[120])
+    chunks: list[int] = []
+    second = None
+    for step in range(400):
+        if step == 3:
+            (second,) = gen.insert([_prompt(300, 2)], max_tokens=[4])
+        before = gen._counters.prompt_tokens
+        prompt_rows, responses = gen.next()
+        if second is not None and any(r.uid == second for r in prompt_rows):
+            chunks.append(gen._counters.prompt_tokens - before)
+        for r in responses:
+            tokens.setdefault(r.uid, []).append(r.token)
+        if second is not None and len(tokens.get(second, [])) >= 4 and step > 130:
+            break
+    return tokens, chunks, step
+
+
+def test_a_prefill_budget_splits_a_long_arrival_between_decode_steps(model: Any) -> None:
+    """While a row decodes, a long prompt is prefilled a few tokens a step (a fixed budget, or
+    one learnt from the step times), not in prefill_step_size chunks; the tokens are the same."""
+    plain, plain_chunks, _ = _budget_run(model, None)
+    fixed, fixed_chunks, _ = _budget_run(model, 32)
+    learnt, learnt_chunks, _ = _budget_run(model, 0)
+    assert max(plain_chunks) == 128
+    assert max(fixed_chunks) == 32 and len(fixed_chunks) >= 300 // 32
+    assert max(learnt_chunks) <= 128 and len(learnt_chunks) > len(plain_chunks)
+    assert fixed == plain
+    assert learnt == plain
+
+
+def test_prefill_budget_learns_from_step_times() -> None:
+    b = batching.PrefillBudget(0, 512)
+    assert b.per_row(1, decoding=False) == 512  # alone: whole chunks
+    assert b.per_row(2, decoding=True) == b.FLOOR  # nothing measured yet: small
+    b.decoded(0.004)
+    b.prefilled(100, 0.004 + 0.010, 0.004)  # 0.1 ms a token
+    assert b.per_row(1, decoding=True) == 30  # 3/4 of a 4 ms step
+    assert b.per_row(3, decoding=True) == 10
+    assert batching.PrefillBudget(64, 512).per_row(2, decoding=True) == 32
+    assert batching.PrefillBudget(None, 512).per_row(2, decoding=True) == 512

@@ -133,3 +133,52 @@ def test_a_request_whose_kv_cache_would_not_fit_is_refused(
 
         wait_until(fits, timeout=30, every=0.3, what="room again")
     assert (metric(a.url, "lmx_rejected_requests_total", reason="insufficient_memory") or 0) >= 1
+
+
+@pytest.mark.timeout(60)
+def test_a_start_cancelled_mid_load_leaves_the_thread_quiet() -> None:
+    """Shutdown during a slow load cancels the wait for it; the thread still ends its load and
+    stops without an error of its own (an unhandled one would print a traceback on a clean
+    stop)."""
+    import asyncio
+
+    from appliance.engine.worker import ModelWorker
+
+    release = threading.Event()
+    errors: list[BaseException] = []
+    hook = threading.excepthook
+    threading.excepthook = lambda args: errors.append(args.exc_value)  # type: ignore[assignment]
+
+    def slow_loader() -> tuple[Any, Any]:
+        release.wait(30)
+        raise RuntimeError("no model here")
+
+    async def scenario() -> ModelWorker:
+        worker = ModelWorker(
+            "slow",
+            "/nowhere",
+            loader=slow_loader,
+            loop=asyncio.get_running_loop(),
+            prefill_step_size=64,
+            completion_batch_size=1,
+            prefill_batch_size=1,
+            max_kv_size=None,
+            prompt_cache_bytes=0,
+        )
+        start = asyncio.ensure_future(worker.start())
+        await asyncio.sleep(0.05)
+        start.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await start
+        release.set()
+        worker.stop()
+        await asyncio.to_thread(worker.join, 20)
+        return worker
+
+    try:
+        worker = asyncio.run(scenario())
+        assert not worker._thread.is_alive()
+        assert isinstance(worker.dead, RuntimeError)
+        assert errors == []
+    finally:
+        threading.excepthook = hook

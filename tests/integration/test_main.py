@@ -127,6 +127,56 @@ def test_real_start_and_clean_stop(demo_cache: Path, tmp_path: Path, sig: int) -
     log_file = state / "appliance" / "log" / "appliance.log"
     lines = [json.loads(line) for line in log_file.read_text().splitlines()]
     assert lines and all({"time", "level", "event"} <= set(rec) for rec in lines)
+    assert not any("color_message" in rec for rec in lines)
+    # stderr is not a terminal (as under launchd or systemd): the lines went to the file only,
+    # and stderr says where, once.
+    assert output.strip().splitlines() == [f"logging to {log_file}"], output
     # The port is free again: the process really stopped serving.
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+
+
+def test_on_a_terminal_lines_go_to_the_console_too(demo_cache: Path, tmp_path: Path) -> None:
+    """Run under a pseudo-terminal (an operator's shell): readable coloured lines on the console,
+    JSON lines in the file, the same events in both."""
+    import pty
+    import select
+
+    port = free_port()
+    log_file = tmp_path / "appliance.log"
+    env = {**os.environ, "XDG_CACHE_HOME": str(demo_cache), "XDG_STATE_HOME": str(tmp_path)}
+    for key in ("LMX_ADMIN_KEY", "LMX_API_KEYS"):
+        env.pop(key, None)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance", f"server.port={port}", f"logging.file={log_file}"],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=slave,
+        stderr=slave,
+    )
+    os.close(slave)
+    console = b""
+    try:
+        deadline = time.monotonic() + 60
+        while b"Application startup complete" not in console and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.2)[0]:
+                try:
+                    console += os.read(master, 65536)
+                except OSError:  # the process is gone: the pty closed
+                    break
+        assert b"Application startup complete" in console, console.decode(errors="replace")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(master)
+    text = console.decode(errors="replace")
+    assert "\x1b[" in text  # coloured
+    assert not any(line.lstrip().startswith("{") for line in text.splitlines())
+    assert "logging to" not in text  # a terminal sees the lines themselves
+    events = [json.loads(line)["event"] for line in log_file.read_text().splitlines()]
+    assert "Application startup complete." in events

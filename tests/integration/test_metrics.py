@@ -116,6 +116,7 @@ def test_counts_equal_what_happened(module_appliance: Any) -> None:
     usage_b = ok.json()["usage"]
     completions = [usage_a["completion_tokens"], usage_b["completion_tokens"]]
     prompts = [usage_a["prompt_tokens"], usage_b["prompt_tokens"]]
+    cached = [u["prompt_tokens_details"]["cached_tokens"] for u in (usage_a, usage_b)]
 
     m = scrape(url)
     p = "lmx_"
@@ -147,6 +148,9 @@ def test_counts_equal_what_happened(module_appliance: Any) -> None:
     hits = value(m, p + "prompt_cache_hits", "_total")
     misses = value(m, p + "prompt_cache_misses", "_total")
     assert hits + misses == 2
+    # Token counts, vLLM's way: every prompt token was looked up; the hits are what usage said.
+    assert value(m, p + "prefix_cache_queries", "_total", model="demo") == sum(prompts)
+    assert value(m, p + "prefix_cache_hits", "_total", model="demo") == sum(cached)
     # Both admitted requests joined the batch (one at a time: max_running is 1).
     assert value(m, p + "batch_joined_requests", "_total", model="demo") == 2
     assert value(m, p + "batch_joins", "_total", model="demo") == 2
@@ -166,6 +170,8 @@ COUNTERS = (
     "rejected_requests",
     "prompt_cache_hits",
     "prompt_cache_misses",
+    "prefix_cache_queries",
+    "prefix_cache_hits",
     "batch_joins",
     "batch_joined_requests",
 )
@@ -189,6 +195,7 @@ GAUGES = (
     "uptime_seconds",
     "system_memory_percent",
     "generation_threads_alive",
+    "queued_requests",
 )
 REASONS = (
     "busy",
@@ -198,6 +205,7 @@ REASONS = (
     "forbidden_host",
     "too_large",
     "draining",
+    "safe_mode",
 )
 
 
@@ -222,6 +230,12 @@ def test_every_series_has_its_type(module_appliance: Any) -> None:
     assert value(m, "lmx_prompt_cache_bytes", model="demo") > 0
     assert value(m, "lmx_safe_mode") == 0
     assert value(m, "lmx_uptime_seconds") > 0
+    # The hardening plan's name, beside vLLM's.
+    assert value(m, "lmx_queued_requests") == value(m, "lmx_num_requests_waiting")
+    # Lifetime counters from the state file: this is the first start in a fresh state folder.
+    assert m["lmx_process_starts"].type == "counter"
+    assert value(m, "lmx_process_starts", "_total") == 1
+    assert value(m, "lmx_unclean_starts", "_total") == 0
     # *_created series are switched off (see CHANGELOG).
     assert "_created" not in r.text
     # The vLLM stems with _total on counters, in the text as Prometheus scrapes it.

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -160,7 +161,56 @@ def test_request_id_and_access_log(module_appliance: Any, http: httpx.Client) ->
     )
     assert isinstance(rec["latency_ms"], float)
     assert rec["key"] == fingerprint(KEY)
+    assert rec["api"] == "openai"
+    usage = r.json()["usage"]
+    assert (rec["prompt_tokens"], rec["completion_tokens"]) == (
+        usage["prompt_tokens"],
+        usage["completion_tokens"],
+    )
     assert KEY not in module_appliance.log()
+
+
+def _access(appliance: Any, rid: str) -> list[dict[str, Any]]:
+    out = []
+    for line in appliance.log().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("logger") == "appliance.access" and rec.get("request_id") == rid:
+            out.append(rec)
+    return out
+
+
+def test_a_stream_is_logged_at_its_end_with_its_tokens(
+    module_appliance: Any, http: httpx.Client
+) -> None:
+    body = {
+        "prompt": "Once upon",
+        "max_tokens": 7,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    headers = {**AUTH, "X-Request-ID": "stream-log-1"}
+    usage = None
+    url = module_appliance.url + "/v1/completions"
+    with http.stream("POST", url, json=body, headers=headers) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {") and '"usage"' in line:
+                usage = json.loads(line[6:]).get("usage") or usage
+    assert usage is not None
+    for path, api in (("/healthz", "probe"), ("/admin/health", "admin"), ("/nowhere", "other")):
+        http.get(module_appliance.url + path, headers={"X-Request-ID": f"api-{api}"})
+    deadline = time.monotonic() + 5
+    while not _access(module_appliance, "stream-log-1") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (rec,) = _access(module_appliance, "stream-log-1")
+    assert rec["stream"] is True and rec["status"] == 200 and rec["api"] == "openai"
+    assert rec["completion_tokens"] == usage["completion_tokens"] > 0
+    assert rec["prompt_tokens"] == usage["prompt_tokens"]
+    for api in ("probe", "admin", "other"):
+        (line,) = _access(module_appliance, f"api-{api}")
+        assert line["api"] == api and line["prompt_tokens"] is None
 
 
 def test_unknown_middleware_is_a_config_error(tmp_path: Path) -> None:

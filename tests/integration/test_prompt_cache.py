@@ -269,3 +269,42 @@ def test_a_cache_that_cant_be_trimmed_does_not_hide_one_that_can() -> None:
     got, rest = cache.fetch_nearest_cache("m", prompt)
     assert got is not None and rest == prompt[len(opening) :]
     assert got[0].offset == len(opening)
+
+
+def test_a_session_arriving_while_another_generates_reuses_their_shared_prefix(
+    demo_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Agents start together: the second session's system prompt and tools come from the first
+    one's cache as soon as the first prompt is prefilled, not when its answer ends."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(demo_cache))
+    cfg = load(compose(with_demo(["logging.file=none"])))
+
+    async def scenario() -> None:
+        engine = Engine(cfg.models, cfg.limits)
+        try:
+            worker = await engine.model("demo")
+            tok = worker.tokenizer
+            shared = list(tok.encode("You are a coding agent with these tools. " * 40))
+            assert len(shared) >= 300
+            a_prompt = shared + list(tok.encode(" Fix the parser."))
+            b_prompt = shared + list(tok.encode(" Write the docs."))
+            a = await engine.start(worker, a_prompt, SamplingParams(max_tokens=200))
+            deadline = engine.deadline()
+            await a.next_tokens(deadline)  # A is prefilled and decoding
+            b_tokens, b_cached = await _generate(engine, b_prompt, 4)
+            assert not a.done  # B came and went while A still generated
+            assert b_cached >= len(shared) - 2, (b_cached, len(shared))
+            while (await a.next_tokens(deadline))[0]:
+                pass
+            engine.finish(a)
+            # Nothing changes in B's answer for it.
+            fresh = Engine(cfg.models, cfg.limits)
+            try:
+                alone, _ = await _generate(fresh, b_prompt, 4)
+            finally:
+                await fresh.close()
+            assert b_tokens == alone
+        finally:
+            await engine.close()
+
+    asyncio.run(scenario())

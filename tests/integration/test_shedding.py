@@ -4,7 +4,7 @@ Retry-After while probes, /metrics and /admin/health still answer."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Optional
 
 import falcon
 import falcon.asgi
@@ -13,8 +13,9 @@ import httpx
 import pytest
 
 from appliance.api import errors as api_errors
-from appliance.config import SheddingConfig
+from appliance.config import LimitsConfig, SheddingConfig
 from appliance.engine import memory
+from appliance.engine.limits import Limits, LimitsInForce
 from appliance.middleware import LoadShedding
 
 pytestmark = pytest.mark.timeout(120)
@@ -75,12 +76,17 @@ class _Echo:
         resp.media = {"ok": True}
 
 
-def _app(cfg: SheddingConfig, reasons: list[str]) -> falcon.testing.TestClient:
-    app = falcon.asgi.App(middleware=[LoadShedding(cfg, reasons.append, memory.mlx_active)])
+def _app(
+    cfg: SheddingConfig, reasons: list[str], safe: Optional[SheddingConfig] = None
+) -> tuple[falcon.testing.TestClient, LimitsInForce]:
+    limits = LimitsInForce(
+        Limits.of(LimitsConfig(), cfg), Limits.of(LimitsConfig(), safe) if safe else None
+    )
+    app = falcon.asgi.App(middleware=[LoadShedding(limits, reasons.append, memory.mlx_active)])
     api_errors.install(app)
     app.add_route("/v1/completions", _Echo())
     app.add_route("/admin/models/load", _Echo())
-    return falcon.testing.TestClient(app)
+    return falcon.testing.TestClient(app), limits
 
 
 def test_mlx_active_threshold() -> None:
@@ -92,13 +98,35 @@ def test_mlx_active_threshold() -> None:
     active = memory.mlx_active()
     assert active is not None and active > 0
     reasons: list[str] = []
-    over = _app(SheddingConfig(memory_percent=100, mlx_active_bytes=1), reasons)
+    over, _ = _app(SheddingConfig(memory_percent=100, mlx_active_bytes=1), reasons)
     r = over.simulate_post("/v1/completions", json={})
     assert r.status_code == 503 and r.headers["Retry-After"] == "5"
     assert r.json["error"]["code"] == "overloaded"
     assert "MLX active memory" in r.json["error"]["message"]
     assert over.simulate_post("/admin/models/load", json={}).status_code == 200
     assert reasons == ["shed"]
-    under = _app(SheddingConfig(memory_percent=100, mlx_active_bytes=active * 1000), reasons)
+    under, _ = _app(SheddingConfig(memory_percent=100, mlx_active_bytes=active * 1000), reasons)
     assert under.simulate_post("/v1/completions", json={}).status_code == 200
+    del x
+
+
+def test_the_thresholds_in_force_change_at_run_time() -> None:
+    """Safe mode's stricter shedding (here: any MLX memory at all) applies while it is in force
+    and ends with it, in the same running middleware."""
+    import mlx.core as mx
+
+    x = mx.ones((1024, 256))  # some MLX memory in use, so the safe threshold is passed
+    mx.eval(x)
+    reasons: list[str] = []
+    client, limits = _app(
+        SheddingConfig(memory_percent=100),
+        reasons,
+        safe=SheddingConfig(memory_percent=100, mlx_active_bytes=1, retry_after_s=9),
+    )
+    assert client.simulate_post("/v1/completions", json={}).status_code == 200
+    limits.use(safe_mode=True)
+    r = client.simulate_post("/v1/completions", json={})
+    assert r.status_code == 503 and r.headers["Retry-After"] == "9"
+    limits.use(safe_mode=False)
+    assert client.simulate_post("/v1/completions", json={}).status_code == 200
     del x

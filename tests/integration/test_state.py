@@ -91,7 +91,7 @@ def test_unclean_exit_recovers_the_models_it_had(tmp_path: Path) -> None:
     boot = s2.begin_run(["demo", "demo2"], now=1010.0)
     assert not boot.previous_clean
     assert boot.recover == ("demo", "demo2")
-    assert boot.crash_streak == 2 and boot.safe_mode_reason is None
+    assert boot.crash_streak == 1 and boot.safe_mode_reason is None  # one crash so far
     # A model no longer in the catalog is not recovered.
     s3 = store(tmp_path, starts=5)
     assert s3.begin_run(["demo"], now=1020.0).recover == ("demo",)
@@ -115,16 +115,36 @@ def test_recovery_outcome_is_tracked(tmp_path: Path) -> None:
     }
 
 
-def test_crash_loop_needs_n_starts_within_the_window(tmp_path: Path) -> None:
+def test_crash_loop_needs_n_unclean_starts_within_the_window(tmp_path: Path) -> None:
     reasons = []
-    for i in range(4):
+    for i in range(5):
         boot = store(tmp_path).begin_run([], now=1000.0 + i)  # each run is killed
         reasons.append(boot.safe_mode_reason)
-    assert reasons[:2] == [None, None]
-    assert reasons[2] and "3 starts within 60 s" in reasons[2]
-    assert reasons[3] and "4 starts" in reasons[3]
+    # The first start follows no crash; each later one follows one: the fourth start is the
+    # third unclean start in a row.
+    assert reasons[:3] == [None, None, None]
+    assert reasons[3] and "3 unclean starts in a row" in reasons[3]
+    assert reasons[4] and "4 unclean starts" in reasons[4]
     # After the window, the old starts no longer count.
     assert store(tmp_path).begin_run([], now=2000.0).safe_mode_reason is None
+
+
+def test_slow_loads_that_crash_are_a_crash_loop(tmp_path: Path) -> None:
+    """A model that takes four minutes to load and kills the process each time: three crashes,
+    far apart, still trip the rule with the default window (an hour); a one-minute window, the
+    old default, never would."""
+    default = StateConfig(path=str(tmp_path / "state.json"))
+    assert default.crash_loop.window_s >= 3600
+    boots = [StateStore(default).begin_run([], now=1000.0 + 240 * i) for i in range(4)]
+    assert [b.crash_streak for b in boots] == [0, 1, 2, 3]
+    assert boots[3].safe_mode_reason is not None
+    assert boots[3].first_crash_at == 1000.0
+    short = tmp_path / "short"
+    short.mkdir()
+    assert all(
+        store(short, window_s=60).begin_run([], now=1000.0 + 240 * i).safe_mode_reason is None
+        for i in range(4)
+    )
 
 
 def test_a_clean_run_or_a_stable_run_breaks_the_streak(tmp_path: Path) -> None:
@@ -133,12 +153,41 @@ def test_a_clean_run_or_a_stable_run_breaks_the_streak(tmp_path: Path) -> None:
     s.begin_run([], now=2.0)
     s.mark_clean()
     store(tmp_path).begin_run([], now=3.0)
-    assert store(tmp_path).begin_run([], now=4.0).safe_mode_reason is None  # 2 after the clean one
+    store(tmp_path).begin_run([], now=4.0)
+    assert store(tmp_path).begin_run([], now=5.0).safe_mode_reason is None  # 2 after the clean
     s = store(tmp_path)
-    assert s.begin_run([], now=5.0).safe_mode_reason is not None
+    assert s.begin_run([], now=6.0).safe_mode_reason is not None
     s.mark_stable()
     assert len(read(tmp_path)["starts"]) == 1
-    assert store(tmp_path).begin_run([], now=6.0).safe_mode_reason is None  # normal again
+    assert store(tmp_path).begin_run([], now=7.0).safe_mode_reason is None  # normal again
+
+
+def test_a_crash_after_safe_mode_ended_keeps_the_streak(tmp_path: Path) -> None:
+    """Safe mode ended (by an admin or by itself) and the run then crashed before it ran stable:
+    the next start is in safe mode again at once."""
+    for i in range(3):
+        store(tmp_path).begin_run([], now=float(i))
+    s = store(tmp_path)
+    assert s.begin_run([], now=3.0).safe_mode_reason is not None
+    s.safe_mode_ended("admin")
+    data = read(tmp_path)
+    assert (
+        data["safe_mode_reason"] is None and data["starts"][-1]["safe_mode_exit"]["by"] == "admin"
+    )
+    assert store(tmp_path).begin_run([], now=4.0).safe_mode_reason is not None  # killed again
+
+
+def test_lifetime_counters_survive_restarts(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    s.begin_run([], now=1.0)
+    s.mark_clean()
+    store(tmp_path).begin_run([], now=2.0)  # killed
+    store(tmp_path).begin_run([], now=3.0)  # killed
+    s = store(tmp_path)
+    s.begin_run([], now=4.0)
+    assert s.lifetime() == {"process_starts": 4, "unclean_starts": 2}
+    assert read(tmp_path)["lifetime"] == {"process_starts": 4, "unclean_starts": 2}
+    assert s.health()["lifetime"] == s.lifetime()
 
 
 @pytest.mark.parametrize(
@@ -149,6 +198,7 @@ def test_a_clean_run_or_a_stable_run_breaks_the_streak(tmp_path: Path) -> None:
         (b"  \n", "is empty"),
         (b'["a list"]', "is corrupted"),
         (b'{"models": "demo"}', "is corrupted"),
+        (b'{"lifetime": {"process_starts": "many"}}', "is corrupted"),
         (b"\xff\xfe\x00garbage", "is corrupted"),
     ],
 )

@@ -50,6 +50,34 @@ def test_mono512_values() -> None:
     assert cfg.limits.max_running > load(compose([])).limits.max_running
 
 
+def test_mono512_uses_the_hardening_thresholds() -> None:
+    cfg = load(compose(["+profile=mono512"]))
+    trim = cfg.maintenance.cache_trim
+    assert trim.interval_s == 300 and trim.max_cache_bytes == 50 * 10**9
+    assert cfg.shedding.retry_after_s == 10
+    assert "127.0.0.1/32" in cfg.security.metrics_allow
+
+
+def test_queue_timeout_is_bounded() -> None:
+    assert load(compose(["limits.queue_timeout_s=300"])).limits.queue_timeout_s == 300
+    for bad in ("0", "-1", "300.5"):
+        with pytest.raises(ConfigError) as info:
+            load(compose([f"limits.queue_timeout_s={bad}"]))
+        assert info.value.key == "limits.queue_timeout_s"
+
+
+def test_every_threshold_states_its_unit_and_range() -> None:
+    """A numeric key with a range check says its unit in the reference (seconds, bytes, ...)."""
+    from appliance.config import reference
+
+    bare = [
+        k.path
+        for k in reference.keys()
+        if k.type in ("integer", "number") and k.allowed and not any(c.isalpha() for c in k.allowed)
+    ]
+    assert not bare, f"keys whose allowed text has no unit: {bare}"
+
+
 def test_safe_mode_values() -> None:
     cfg = load(compose(["+profile=safe-mode"]))
     assert cfg.models.auto_load == []
@@ -114,6 +142,10 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         (["+profile=nope"], "profile", "mono512, safe-mode"),
         (["profile=mono512"], "profile", "+profile=NAME"),
         (["+profile=mono512", "server.port=99999"], "server.port", "65535"),
+        (["limits.queue_timeout_s=0"], "limits.queue_timeout_s", "0 < value <= 300 seconds"),
+        (["limits.queue_timeout_s=301"], "limits.queue_timeout_s", "0 < value <= 300 seconds"),
+        (["security.metrics_allow=[10.0.0.300/32]"], "security.metrics_allow[0]", "networks"),
+        (["logging.format=xml"], "logging.format", "auto | json | console"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,
 )
@@ -141,3 +173,36 @@ def test_cfg_job_prints_the_composed_config(tmp_path: Path) -> None:
     assert "hydra" not in printed
     # Printing runs nothing: no server, no outputs/ folder, no log file.
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_catalog_entry_starts_from_its_preset() -> None:
+    cfg = load(
+        compose(
+            [
+                "+models.presets.agent-32k={context_length:32768,max_tokens:4096}",
+                "+models.catalog.coder.path=/models/coder.gguf",
+                "+models.catalog.coder.preset=agent-32k",
+                "+models.catalog.coder.max_tokens=1024",
+            ]
+        )
+    )
+    coder = cfg.models.catalog["coder"]
+    assert (coder.context_length, coder.max_tokens) == (32768, 1024)  # its own key wins
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (
+            ["+models.catalog.coder.path=/m", "+models.catalog.coder.preset=nope"],
+            "models.catalog.coder.preset",
+        ),
+        (["+models.presets.p={warp:1}"], "models.presets.p.warp"),
+        (["+models.presets.p={path:/x}"], "models.presets.p.path"),
+        (["+models.presets.p={context_length:3}"], "models.presets.p.context_length"),
+    ],
+)
+def test_a_bad_preset_names_its_key(overrides: list[str], key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(compose(overrides))
+    assert info.value.key == key

@@ -243,3 +243,15 @@ def test_message_and_arguments_validation() -> None:
         with pytest.raises(InvalidRequest) as err:
             parse_arguments(bad, param="messages[1].tool_calls[0].function.arguments")
         assert err.value.param == "messages[1].tool_calls[0].function.arguments"
+
+
+def test_a_structured_answer_is_asked_for_in_the_system_turn() -> None:
+    from appliance.engine.output.prompt import Message, with_format_instruction
+
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}}
+    alone = with_format_instruction((Message("user", "Where?"),), schema)
+    assert [m.role for m in alone] == ["system", "user"]
+    assert alone[0].content.endswith('{"type":"object","properties":{"city":{"type":"string"}}}')
+    kept = with_format_instruction((Message("system", "Be brief."), Message("user", "Hi")), None)
+    assert kept[0].content == "Be brief.\n\nRespond with a JSON object."
+    assert len(kept) == 2

@@ -10,6 +10,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,6 +56,8 @@ def test_launchd_plist(profile: str) -> None:
     assert SECRET not in out.stdout
     job = plistlib.loads(out.stdout.encode())
     cfg = composed(profile)
+    _launchd_valid(job)
+    assert "UserName" not in job  # a LaunchAgent runs as the user who loads it
     assert job["Label"] == f"com.appliance.{profile}"
     args = job["ProgramArguments"]
     # sh -c SCRIPT, then the interpreter and its arguments, each intact.
@@ -72,7 +75,7 @@ def test_launchd_plist(profile: str) -> None:
     assert job["RunAtLoad"] is True
     assert job["KeepAlive"] == {"SuccessfulExit": False}
     assert job["ThrottleInterval"] == cfg.service.throttle_interval_s
-    assert job["ExitTimeOut"] > cfg.server.drain_timeout_s
+    assert job["ExitTimeOut"] == max(60, int(cfg.server.drain_timeout_s) + 15)
     assert job["AbandonProcessGroup"] is False
     home = str(Path.home())
     assert job["WorkingDirectory"] == home
@@ -81,6 +84,62 @@ def test_launchd_plist(profile: str) -> None:
     env = job["EnvironmentVariables"]
     assert not any(k.startswith("LMX_") for k in env)
     assert env["APPLIANCE_KEYS_FILE"] == f"{home}/.config/appliance/keys.env"
+
+
+def _launchd_valid(job: dict[str, Any]) -> None:
+    """What launchd needs: the required keys with their types, and a plist that survives a
+    round trip through plistlib (XML and binary) unchanged."""
+    for key in recipes.LAUNCHD_REQUIRED:
+        assert key in job, key
+    assert isinstance(job["Label"], str) and job["Label"]
+    assert isinstance(job["ProgramArguments"], list) and all(
+        isinstance(a, str) for a in job["ProgramArguments"]
+    )
+    assert os.path.isabs(job["ProgramArguments"][0])
+    assert isinstance(job["ExitTimeOut"], int) and job["ExitTimeOut"] >= 60
+    for key in ("StandardOutPath", "StandardErrorPath", "WorkingDirectory"):
+        assert os.path.isabs(job[key]), key
+    for fmt in (plistlib.FMT_XML, plistlib.FMT_BINARY):
+        assert plistlib.loads(plistlib.dumps(job, fmt=fmt)) == job
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_launchd_daemon(profile: str) -> None:
+    out = cli("launchd", "--daemon", "--user", "svc", f"+profile={profile}", *OVERRIDES)
+    assert out.returncode == 0, out.stderr
+    assert SECRET not in out.stdout
+    job = plistlib.loads(out.stdout.encode())
+    cfg = composed(profile)
+    _launchd_valid(job)
+    assert job["Label"] == f"com.appliance.{profile}"
+    assert job["UserName"] == "svc"
+    assert job["ExitTimeOut"] == max(60, int(cfg.server.drain_timeout_s) + 15)
+    for key in ("StandardOutPath", "StandardErrorPath"):
+        assert job[key].startswith("/Library/Logs/appliance/")
+    keys = job["EnvironmentVariables"]["APPLIANCE_KEYS_FILE"]
+    assert keys == "/Library/Application Support/appliance/keys.env"
+    assert job["WorkingDirectory"] == "/Library/Application Support/appliance"
+    assert ("caffeinate -i" in job["ProgramArguments"][2]) is cfg.service.caffeinate
+    assert job["ProgramArguments"][4:] == [
+        "-m",
+        "appliance",
+        f"+profile={profile}",
+        *OVERRIDES,
+        "logging.file=/Library/Logs/appliance/appliance.log",  # the daemon's log, system-wide
+    ]
+    t = recipes.target(["logging.file=/srv/llm.log"], "/x/bin/python")
+    assert recipes.launchd_plist(t, daemon=True)["ProgramArguments"][-1] == (
+        "logging.file=/srv/llm.log"
+    )
+
+
+def test_exit_timeout_leaves_the_drain_its_time() -> None:
+    for drain, want in ((0, 60), (30, 60), (45, 60), (46, 61), (60, 75), (300, 315)):
+        t = recipes.target([f"server.drain_timeout_s={drain}"], "/x/bin/python")
+        assert recipes.launchd_plist(t, "/Users/u")["ExitTimeOut"] == want, drain
+        assert recipes.launchd_plist(t, daemon=True, user="u")["ExitTimeOut"] == want
+        svc = _unit(recipes.render_systemd(t, "u"))["Service"]
+        assert svc["TimeoutStopSec"] == str(want)
 
 
 def test_mono512_holds_caffeinate_and_safe_mode_does_not() -> None:
@@ -209,8 +268,8 @@ def test_rendered_examples_are_up_to_date() -> None:
     extra = sorted(
         str(p.relative_to(ROOT / "recipes"))
         for sub in ("launchd", "systemd")
-        for p in (ROOT / "recipes" / sub).iterdir()
-        if str(p.relative_to(ROOT / "recipes")) not in want
+        for p in (ROOT / "recipes" / sub).rglob("*")
+        if p.is_file() and str(p.relative_to(ROOT / "recipes")) not in want
     )
     assert not stale and not extra, (
         f"recipes/ is out of date (stale: {stale}, not rendered: {extra}); run "
@@ -219,7 +278,9 @@ def test_rendered_examples_are_up_to_date() -> None:
     for rel in want:
         if rel.endswith(".plist"):
             job = plistlib.loads((ROOT / "recipes" / rel).read_bytes())
+            _launchd_valid(job)
             assert job["ProgramArguments"][3] == recipes.EXAMPLE_PYTHON
+            assert ("UserName" in job) is rel.startswith("launchd/daemon/")
 
 
 def test_render_writes_every_file(tmp_path: Path) -> None:

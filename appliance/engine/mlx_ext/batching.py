@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-from typing import Any
+from typing import Any, Optional
 
 G: Any = importlib.import_module(
     "mlx_lm.generate"
@@ -114,6 +114,29 @@ def _filter_caches(caches: list[Any], keep: list[int]) -> None:
         c.offset = c.offset[idx]
         c._idx -= trim
         c.left_padding = mx.array(pad)
+
+
+def _extract_rows(caches: list[Any], rows: list[int]) -> list[list[Any]]:
+    """Each row's cache (one KVCache a layer, its padding cut), as BatchKVCache.extract gives,
+    reading the left padding once for every layer rather than once a layer."""
+    import mlx.core as mx
+
+    if not _homogeneous(caches):
+        return [[c.extract(i) for c in caches] for i in rows]
+    mx.eval(caches[0].left_padding)
+    pad = caches[0].left_padding.tolist()
+    end = caches[0]._idx
+    out = []
+    for i in rows:
+        layers = []
+        for c in caches:
+            kv = _cache.KVCache()
+            kv.keys = mx.contiguous(c.keys[i : i + 1, :, pad[i] : end])
+            kv.values = mx.contiguous(c.values[i : i + 1, :, pad[i] : end])
+            kv.offset = kv.keys.shape[2]
+            layers.append(kv)
+        out.append(layers)
+    return out
 
 
 class GenerationBatch(G.GenerationBatch):  # type: ignore[misc]
@@ -268,6 +291,56 @@ class GenerationBatch(G.GenerationBatch):  # type: ignore[misc]
         return responses
 
 
+class PrefillBudget:
+    """How many prompt tokens a step prefills while other sequences decode.
+
+    mlx-lm prefills `prefill_step_size` tokens of every waiting prompt between two decode steps,
+    so a long arrival holds each running stream for as long as a whole chunk takes: about a
+    second a chunk for the demo model on two CPU cores, where a decode step takes 3-4 ms. With
+    a budget the chunks shrink while anyone decodes: `limit` tokens a step (across the prompts,
+    counting the padding of the shorter ones), or with `limit` 0 as many as fit in about
+    `SHARE` of a steady decode step, from the measured cost of a prefilled token, so a
+    decoding stream's gaps stay within about twice its steady ones. Alone, prompts prefill in
+    whole `prefill_step_size` chunks. `limit` None: no budget (mlx-lm's way)."""
+
+    SHARE = 0.75
+    FLOOR = 8  # tokens a row at least: below, a step's fixed cost dominates
+    EMA = 0.2
+
+    def __init__(self, limit: Optional[int], step: int) -> None:
+        self.limit = limit
+        self.step = step
+        self.step_s: Optional[float] = None  # a steady decode step, smoothed
+        self.token_s: Optional[float] = None  # a prefilled token (with padding), smoothed
+
+    def per_row(self, rows: int, decoding: bool) -> int:
+        """Tokens each of `rows` prompts may prefill in this step."""
+        if self.limit is None or not decoding or rows == 0:
+            return self.step
+        if self.limit > 0:
+            total = self.limit
+        elif self.step_s is None or self.token_s is None:
+            total = self.FLOOR * rows  # nothing measured yet: start small, the cost is learnt
+        else:
+            total = int(self.SHARE * self.step_s / max(self.token_s, 1e-9))
+        return max(self.FLOOR, min(self.step, total // rows))
+
+    def decoded(self, seconds: float) -> None:
+        """A call that stepped the running batch and prefilled nothing took `seconds`."""
+        self.step_s = _smooth(self.step_s, seconds, self.EMA)
+
+    def prefilled(self, tokens: int, seconds: float, step_s: float) -> None:
+        """A call that stepped the batch (its own wait `step_s`) then prefilled `tokens`
+        (padding included) took `seconds` in all."""
+        if self.step_s is None:  # no steady step seen yet: its own wait is the best guess
+            self.step_s = step_s
+        self.token_s = _smooth(self.token_s, max(seconds - self.step_s, 0.0) / tokens, self.EMA)
+
+
+def _smooth(old: Optional[float], new: float, weight: float) -> float:
+    return new if old is None else old + weight * (new - old)
+
+
 class BatchGenerator(G.BatchGenerator):  # type: ignore[misc]
     """mlx-lm's BatchGenerator, joining prefilled prompts into the running batch directly."""
 
@@ -277,9 +350,15 @@ class BatchGenerator(G.BatchGenerator):  # type: ignore[misc]
     _unprocessed_sequences: Any
     _counters: Any
 
-    def __init__(self, model: Any, **kwargs: Any) -> None:
+    def __init__(self, model: Any, *, prefill_budget: Optional[int] = None, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
         self._generation_batch = GenerationBatch.empty(self.model, self.sampler)
+        self.budget = PrefillBudget(prefill_budget, self.prefill_step_size)
+        # With keep_prefilled, each prompt's cache as its prefill ends (its tokens but the last,
+        # the KV): taken by the worker into the prompt cache, so that sessions arriving while
+        # this one still generates find the prefix they share (a system prompt and tools).
+        self.keep_prefilled = False
+        self.prefilled: list[tuple[list[int], list[Any]]] = []
 
     def _empty_prompt_batch(self) -> Any:
         return G.PromptProcessingBatch.empty(
@@ -302,6 +381,10 @@ class BatchGenerator(G.BatchGenerator):  # type: ignore[misc]
             return  # mlx-lm would keep them in the prompt batch: they join at a later call
         last = [self._currently_processing[i][0][0][0] for i in ready]
         totals = [self._currently_processing[i][2] for i in ready]
+        if prefilled and self.keep_prefilled:
+            caches = _extract_rows(self._prompt_batch.prompt_cache, ready)
+            for i, cache in zip(ready, caches, strict=True):
+                self.prefilled.append((list(self._prompt_batch.tokens[i]), cache))
         if len(ready) == len(self._prompt_batch):
             batch = self._prompt_batch  # all of it: no copy
             self._prompt_batch = self._empty_prompt_batch()
@@ -324,6 +407,23 @@ class BatchGenerator(G.BatchGenerator):  # type: ignore[misc]
     def _next(self) -> tuple[list[Any], list[Any]]:
         import time
 
+        # Timed whole: MLX runs a decode step and the prefill after it on one stream, so the
+        # prefill's wait includes the step; the step's share is what a steady step takes.
+        self._decode_s = 0.0
+        self._prefilled = 0
+        tic = time.perf_counter()
+        out = self._step_and_prefill()
+        if self._decode_s > 0:
+            took = time.perf_counter() - tic
+            if self._prefilled:
+                self.budget.prefilled(self._prefilled, took, self._decode_s)
+            else:
+                self.budget.decoded(took)
+        return out
+
+    def _step_and_prefill(self) -> tuple[list[Any], list[Any]]:
+        import time
+
         import mlx.core as mx
 
         generation_responses: list[Any] = []
@@ -336,7 +436,8 @@ class BatchGenerator(G.BatchGenerator):  # type: ignore[misc]
         if len(self._generation_batch) > 0:
             tic = time.perf_counter()
             generation_responses = self._generation_batch.next()
-            counters.decode_time += time.perf_counter() - tic
+            self._decode_s = time.perf_counter() - tic
+            counters.decode_time += self._decode_s
             counters.generation_tokens += len(generation_responses)
             counters.generation_steps += 1
             if counters.generation_steps % 512 == 0:
@@ -357,10 +458,14 @@ class BatchGenerator(G.BatchGenerator):  # type: ignore[misc]
         self._join_ready(prompt_responses, prefilled=False)
 
         prompts = []
+        # A step ran in this call: its tokens reach their streams only when the call returns,
+        # after the prefill below, even those of rows that just ended (so: not "rows left").
+        decoding = self._decode_s > 0
+        step = self.budget.per_row(len(self._currently_processing), decoding)
         for i, seq in enumerate(self._currently_processing):
             response = G.PromptProcessingBatch.Response(self._prompt_batch.uids[i], 0, False, False)
             segments = seq[0]
-            k = min(len(segments[0]), self.prefill_step_size)
+            k = min(len(segments[0]), step)
             prompts.append(segments[0][:k])
             segments[0] = segments[0][k:]
             if len(segments[0]) == 0:
@@ -374,6 +479,8 @@ class BatchGenerator(G.BatchGenerator):  # type: ignore[misc]
         tic = time.perf_counter()
         self._prompt_batch.prompt(prompts)
         counters.prompt_time += time.perf_counter() - tic
+        if prompts and decoding:
+            self._prefilled = len(prompts) * max(len(p) for p in prompts)
 
         # ...and those whose prefill just finished: their last token goes into the next step.
         self._join_ready(prompt_responses, prefilled=True)

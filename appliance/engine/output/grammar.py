@@ -74,18 +74,33 @@ class _G:
                 rest = ""
         return " ".join(parts) if parts else '""'
 
-    def rule(self, body: str, *, lazy: bool = False) -> str:
+    def rule(self, body: str, *, lazy: bool = False, max_tokens: Optional[int] = None) -> str:
         self.n += 1
         name = f"r{self.n}"
-        self.rules.append(f"{name}{'[lazy]' if lazy else ''}: {body}")
+        attrs = [a for a in ("lazy" if lazy else "",) if a]
+        if max_tokens is not None:
+            attrs.append(f"max_tokens={max_tokens}")
+        self.rules.append(f"{name}{'[' + ', '.join(attrs) + ']' if attrs else ''}: {body}")
         return name
 
-    def until(self, marker: str, repeat: str = "*") -> str:
+    def until(self, marker: str, repeat: str = "*", *, max_tokens: Optional[int] = None) -> str:
         """Text (`repeat`: how many characters, a regex quantifier), then `marker`; the text
-        ends at the marker's first occurrence."""
+        ends at the marker's first occurrence. `max_tokens` (a marker that is one special token
+        only): after that many tokens of text the marker is forced."""
         if marker in self.special:
-            return f"/(.|\\n){repeat}/ <[{self.special[marker]}]>"
+            text = f"/(.|\\n){repeat}/"
+            if max_tokens is not None:
+                text = self.rule(text, max_tokens=max_tokens)
+            return f"{text} <[{self.special[marker]}]>"
         return self.rule(f"/(.|\\n){repeat}" + _regex_escape(marker) + "/", lazy=True)
+
+    def thinking(self, reasoning: ReasoningMode, body: str, budget: Optional[int] = None) -> str:
+        """`body` after the model's thinking: required when the prompt opened it, optional
+        otherwise; `budget` caps its tokens where the end marker is one special token."""
+        think = self.lit(reasoning.start) + " " if not reasoning.started else ""
+        text = self.until(reasoning.end, max_tokens=budget)
+        block = self.rule(f'{think}{text} ("\\n" | "\\n\\n")?')
+        return f"{block} {body}" if reasoning.started else f"{block}? {body}"
 
     def json(self, schema: Mapping[str, Any]) -> str:
         doc = dict(schema)
@@ -149,8 +164,10 @@ def grammar(
     force: Optional[str] = None,
     special: Optional[Mapping[str, int]] = None,
     reasoning: Optional[ReasoningMode] = None,
+    budget: Optional[int] = None,
 ) -> str:
-    """The Lark grammar of `family`'s tool calls (see the module docstring). Raises
+    """The Lark grammar of `family`'s tool calls (see the module docstring); `budget` caps the
+    thinking before them (see `thinking_budget`). Raises
     ValueError when `force` names no tool, or for a family whose syntax is not known here."""
     chosen = _chosen(tools, force)
     g = _G(special or {})
@@ -172,22 +189,39 @@ def grammar(
     else:
         calls = one
     if reasoning is not None:
-        think = g.lit(reasoning.start) + " " if not reasoning.started else ""
-        block = g.rule(f'{think}{g.until(reasoning.end)} ("\\n" | "\\n\\n")?')
-        calls = f"{block} {calls}" if reasoning.started else f"{block}? {calls}"
+        calls = g.thinking(reasoning, calls, budget)
     return g.text(calls)
 
 
 def with_thinking(
-    body: str, *, reasoning: ReasoningMode, special: Optional[Mapping[str, int]] = None
+    body: str,
+    *,
+    reasoning: ReasoningMode,
+    special: Optional[Mapping[str, int]] = None,
+    budget: Optional[int] = None,
 ) -> str:
     """A Lark grammar of `body` (a grammar item such as `%json {...}`) after the model's
-    thinking: required when the prompt opened it, optional otherwise."""
+    thinking: required when the prompt opened it, optional otherwise; `budget`: see
+    `thinking_budget`."""
     g = _G(special or {})
-    think = g.lit(reasoning.start) + " " if not reasoning.started else ""
-    block = g.rule(f'{think}{g.until(reasoning.end)} ("\\n" | "\\n\\n")?')
-    item = g.rule(body)
-    return g.text(f"{block} {item}" if reasoning.started else f"{block}? {item}")
+    return g.text(g.thinking(reasoning, g.rule(body), budget))
+
+
+def budget_enforceable(reasoning: ReasoningMode, special: Mapping[str, int]) -> bool:
+    """Whether a thinking budget can be enforced: the end marker is one special token (text
+    markers could be split over tokens the budget would cut)."""
+    return reasoning.end in special
+
+
+def thinking_budget(
+    *, reasoning: ReasoningMode, budget: int, special: Mapping[str, int]
+) -> Optional[str]:
+    """A Lark grammar of a free answer whose thinking takes at most `budget` tokens, after
+    which its end marker is forced; None where that can't be enforced."""
+    if not budget_enforceable(reasoning, special):
+        return None
+    g = _G(special)
+    return g.text(g.thinking(reasoning, g.rule("/(.|\\n)*/"), budget))
 
 
 def _hermes(g: _G, tools: Sequence[ToolSpec]) -> str:

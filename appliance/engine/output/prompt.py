@@ -150,10 +150,14 @@ def _apply(
     tools: Optional[list[dict[str, Any]]],
     kwargs: Mapping[str, Any],
     add_generation_prompt: bool,
+    continue_final: bool = False,
 ) -> str:
     extra = dict(kwargs)
     if tools:
         extra["tools"] = tools
+    if continue_final:  # the last (assistant) message is left open, to be continued
+        extra["continue_final_message"] = True
+        add_generation_prompt = False
     text = tokenizer.apply_chat_template(
         dicts, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
     )
@@ -285,17 +289,20 @@ def render_text(
     tool_choice: ToolChoice = "auto",
     template_kwargs: Optional[Mapping[str, Any]] = None,
     add_generation_prompt: bool = True,
+    continue_final: bool = False,
 ) -> str:
     """The prompt text: the model's chat template with `tools`, or the fallback (module
-    docstring) when the template renders none."""
+    docstring) when the template renders none. `continue_final`: the last message is an
+    assistant turn left open (a prefill the answer continues)."""
     kwargs = dict(template_kwargs or {})
     offered = list(tools) if tool_choice != "none" else []
     has_history = any(m.tool_calls or m.role == "tool" for m in messages)
     if (offered or has_history) and not template_supports_tools(tokenizer):
         dicts = fallback_messages(messages, offered, tool_choice)
-        return _apply(tokenizer, dicts, None, kwargs, add_generation_prompt)
+        return _apply(tokenizer, dicts, None, kwargs, add_generation_prompt, continue_final)
     dicts = template_dicts(messages)
-    return _apply(tokenizer, dicts, [t.openai() for t in offered], kwargs, add_generation_prompt)
+    tools_ = [t.openai() for t in offered]
+    return _apply(tokenizer, dicts, tools_, kwargs, add_generation_prompt, continue_final)
 
 
 def render(
@@ -306,6 +313,7 @@ def render(
     tool_choice: ToolChoice = "auto",
     template_kwargs: Optional[Mapping[str, Any]] = None,
     add_generation_prompt: bool = True,
+    continue_final: bool = False,
 ) -> list[int]:
     """The prompt's token ids (the template's text, tokenized without added special tokens,
     as `apply_chat_template(tokenize=True)` does)."""
@@ -316,5 +324,31 @@ def render(
         tool_choice=tool_choice,
         template_kwargs=template_kwargs,
         add_generation_prompt=add_generation_prompt,
+        continue_final=continue_final,
     )
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def with_format_instruction(
+    messages: Sequence[Message], schema: Optional[Mapping[str, Any]]
+) -> tuple[Message, ...]:
+    """The conversation with a system line asking for JSON (following `schema`, when given).
+
+    The grammar makes the answer valid whatever the model intends, but a model that knows the
+    fields it is asked for fills them with sense and ends them, where one that doesn't may loop
+    inside a string until max_tokens (seen with SmolLM2-135M)."""
+    if schema is None:
+        line = "Respond with a JSON object."
+    else:
+        line = "Respond with a JSON object that follows this JSON Schema: " + json.dumps(
+            schema, ensure_ascii=False, separators=(",", ":")
+        )
+    msgs = list(messages)
+    if msgs and msgs[0].role == "system":
+        first = msgs[0]
+        msgs[0] = Message(
+            "system", f"{first.content}\n\n{line}" if first.content else line, name=first.name
+        )
+    else:
+        msgs.insert(0, Message("system", line))
+    return tuple(msgs)

@@ -150,11 +150,11 @@ class ProcessWorker(WorkerThread):
             self._reap()
             if self._conn is not None:
                 self._conn.close()
-            self._loaded.set_exception(exc)
+            self._settle_load(exc)
             return
         self.vocab_size = int(info.get("vocab_size") or 0)
         self._sender.start()
-        self._loaded.set_result(None)
+        self._settle_load(None)
         reason = self._read(conn)
         self._outbox.put(None)  # the sender ends
         code = self._reap()
