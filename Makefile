@@ -10,7 +10,7 @@ EXTRAS := dev,cpu
 endif
 STAMP := $(VENV)/.installed-$(EXTRAS)
 
-.PHONY: run test test-fast lint bench clean
+.PHONY: run test test-fast lint bench clean blas-hint
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,14 +19,24 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m appliance.engine.builtin fetch
 	touch $(STAMP)
 
-run: $(STAMP)
+run: $(STAMP) blas-hint
 	$(BIN)/python -m appliance $(ARGS)
 
 # The browser tests of the status page use Debian's chromium: installed here when missing (as
 # root with apt-get), else they skip saying why.
-test: $(STAMP)
+test: $(STAMP) blas-hint
 	sh scripts/ensure-chromium.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Linux: the appliance preloads OpenBLAS when it is installed (engine.cpu_blas=auto); without it
+# the CPU backend multiplies with the mlx wheel's reference BLAS. make installs no system
+# package itself (.ci/run does, as root): it says what to install.
+blas-hint:
+ifneq ($(UNAME),Darwin)
+	@ls /usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3 >/dev/null 2>&1 || \
+		echo "note: no OpenBLAS: the CPU path is slow and its tests skip" \
+			"(sudo apt-get install libopenblas0-pthread)"
+endif
 
 # The unit tests alone: no server, no model, seconds.
 test-fast: $(STAMP)
@@ -34,7 +44,7 @@ test-fast: $(STAMP)
 
 # The benchmark (benchmarks/, not installed): the ceiling, mlx_lm.server and the appliance side by
 # side; JSON and a PNG in bench-results/. Options through BENCH_ARGS, e.g. BENCH_ARGS="--quick".
-bench: $(STAMP)
+bench: $(STAMP) blas-hint
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 # ruff (line length enforced), mypy, and the import contracts of pyproject.toml (import-linter).

@@ -31,7 +31,7 @@ from .api.responses_store import ResponseStore
 from .api.seal import Seal
 from .config import AppConfig, safe_mode_overlay
 from .config.models import model_spec, settings_of
-from .engine import memory
+from .engine import cpu, memory
 from .engine.distributed import GroupStatus, world
 from .engine.limits import Limits, LimitsInForce
 from .engine.service import Engine
@@ -145,6 +145,8 @@ def build(
         "/v1/embeddings", Embeddings(engine, lifecycle, helpers, cfg.limits.max_body_bytes)
     )
     app.add_route("/v1/rerank", Rerank(engine, lifecycle, helpers, cfg.limits.max_body_bytes))
+    blas = cpu.current(cfg.engine.cpu_blas).as_dict()  # fixed for the process's life
+    health.add_section("cpu_blas", lambda: blas)
     if state is not None:
         _state(state, engine, health)
     lifecycle.spawn(

@@ -9,13 +9,16 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import NoReturn, Optional
+from typing import TYPE_CHECKING, NoReturn, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
 from . import exits
 from .config import AppConfig, ConfigError, load, safe_mode_overlay
 from .state import StateStore
+
+if TYPE_CHECKING:
+    from .engine.cpu import BlasChoice
 
 log = logging.getLogger("appliance")
 
@@ -33,6 +36,15 @@ def prepare_process() -> None:
     cuda.mlx_env_defaults()  # before MLX builds its CUDA caches
 
 
+def arrange_blas(typed: AppConfig) -> BlasChoice:
+    """On Linux with MLX on the CPU, run with the BLAS engine.cpu_blas asks for: this may
+    execute the process again, with the same argv and environment plus LD_PRELOAD, before MLX
+    computes anything (see engine/cpu.py)."""
+    from .engine import cpu
+
+    return cpu.arrange(typed.engine.cpu_blas, typed.engine.cpu_gemv_forward)
+
+
 def main(composed: DictConfig) -> NoReturn:
     """Validate, decide safe mode (a crash loop), build, serve until drained, exit."""
     prepare_process()
@@ -42,6 +54,7 @@ def main(composed: DictConfig) -> NoReturn:
         typed = load(composed)
     except ConfigError as exc:
         fail(exc)
+    blas = arrange_blas(typed)
     from .engine import distributed
 
     rank, _ = distributed.world()
@@ -49,8 +62,10 @@ def main(composed: DictConfig) -> NoReturn:
         # Other ranks serve no HTTP and keep no state: they follow rank 0's batch.
         typed.logging.file = "none"
         logs.setup(typed.logging)
+        log.log(logging.WARNING if blas.slow else logging.INFO, "%s", blas.line())
         sys.exit(distributed.run_follower(typed.models))
     logs.setup(typed.logging)
+    log.log(logging.WARNING if blas.slow else logging.INFO, "%s", blas.line())
     # Checked at every start, so a broken safe-mode profile is found before a crash loop needs it.
     safe = safe_mode_config(composed)
     state, reason = start_state(typed)

@@ -3,13 +3,19 @@
     python -m benchmarks [--shape demo|llama-1b | --model-path DIR] [--concurrency 1,4,8]
                          [--max-tokens N] [--requests-per-client N] [--repeat 3]
                          [--out bench-results] [--skip-costs] [--no-chart] [--quick]
+                         [--scenario auto|serving|cpu-real|all] [--llama-cpp-python PY]
+
+Two scenarios (`--scenario`; auto runs both where MLX computes on the CPU, else serving): the
+serving one below, and `cpu-real`, the real model (SmolLM2) on the CPU, the straightforward
+load against the appliance's CPU path (benchmarks/cpu_real.py).
 
 On one model and one machine, in one run:
 
 - the ceiling: mlx_lm's BatchGenerator driven directly in a loop, no server, in a subprocess of
   its own (`--ceiling-worker`, driven over stdin); c prompts inserted at once, greedy, fixed
   max_tokens; on a GPU a second worker runs it under the appliance's MLX settings
-  (engine/cuda.py's MLX_ENV_DEFAULTS, CUDA graphs off), and the faster of the two counts;
+  (engine/cuda.py's MLX_ENV_DEFAULTS, CUDA graphs off), and the faster of the two counts; on
+  the CPU it runs with the BLAS the appliance arranges for itself (engine/cpu.py);
 - mlx_lm.server and the appliance, both started once on loopback ports; for each repetition,
   for each concurrency, the ceiling, then mlx_lm.server, then the appliance take their turn (one
   at a time) with closed-loop streaming chat clients (asyncio + httpx; more than 16 clients are
@@ -44,7 +50,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from benchmarks.agent import add_agent_args, run_agent, wants_agent
-from benchmarks.chart import chart
+from benchmarks.chart import chart, chart_cpu_real
 from benchmarks.common import percentile, say
 from benchmarks.costs import batch_joins, busy_rejection, metrics_after_requests, probe_stats
 from benchmarks.load import CLIENT_POOL, TokenCounter, best_of, closed_loop, warm_up
@@ -66,7 +72,13 @@ def _ceilings(plan: Plan, procs: Procs, work: Path) -> list[Ceiling]:
     from appliance.engine.mlx_ext.cuda import MLX_ENV_DEFAULTS
 
     say("ceiling: BatchGenerator alone, in a subprocess (loading, warming up)")
-    ceiling = Ceiling(plan, procs, work)
+    blas = _appliance_blas_env(plan)
+    if blas is not None:
+        # On the CPU the appliance multiplies with the BLAS it arranges: so does the engine
+        # alone that bounds it (mlx_lm.server keeps the wheel's, as its users run it).
+        ceiling = Ceiling(plan, procs, work, "the appliance's BLAS", blas)
+    else:
+        ceiling = Ceiling(plan, procs, work)
     say(f"ceiling ready on {ceiling.device}")
     # As the appliance sets them: where the environment already sets one, that value.
     own = {k: os.environ.get(k, v) for k, v in MLX_ENV_DEFAULTS.items()}
@@ -81,6 +93,21 @@ def _ceilings(plan: Plan, procs: Procs, work: Path) -> list[Ceiling]:
         say("ceiling: a second worker under the appliance's MLX settings")
         return [ceiling, Ceiling(plan, procs, work, "the appliance's MLX settings", own)]
     return [ceiling]
+
+
+def _appliance_blas_env(plan: Plan) -> Optional[dict[str, str]]:
+    """The BLAS environment the appliance under test arranges for itself (engine.cpu_blas and
+    cpu_gemv_forward as --appliance-arg sets them), or None where it arranges none."""
+    from appliance.engine import cpu
+
+    settings = {"engine.cpu_blas": "auto", "engine.cpu_gemv_forward": "true"}
+    for arg in plan.appliance_args:
+        k, _, v = arg.lstrip("+").partition("=")
+        if k in settings:
+            settings[k] = v
+    forward = settings["engine.cpu_gemv_forward"].lower() in ("true", "1", "yes")
+    env = cpu.preload_env(settings["engine.cpu_blas"], forward, {})
+    return env if env.get(cpu.PRELOAD_ENV) else None
 
 
 def _ceiling_turn(
@@ -221,7 +248,33 @@ def run(plan: Plan, procs: Procs, work: Path) -> dict[str, Any]:
         "machine": machine_info(),
         "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "targets_kind": "cpu" if plan.targets == "auto" else plan.targets,
+        "targets": [],
     }
+    if "serving" in plan.scenarios:
+        _serving(plan, procs, work, res)
+    if "cpu-real" in plan.scenarios:
+        from benchmarks import cpu_real
+
+        res["cpu_real"] = cpu_real.run(
+            work,
+            repeat=plan.cpu_repeat,
+            decode_tokens=plan.cpu_decode_tokens,
+            llama=cpu_real.llama_python(plan.llama_python),
+            timeout=max(900.0, plan.timeout_s),
+            say=say,
+            appliance_args=tuple(plan.appliance_args),
+        )
+        res["targets"] += cpu_real.targets(res["cpu_real"])
+    res["machine"]["load_average_end"] = (
+        list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    )
+    res["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return res
+
+
+def _serving(plan: Plan, procs: Procs, work: Path, res: dict[str, Any]) -> None:
+    """The three side by side on the plan's model (res gains its figures and targets)."""
     say(f"model {plan.model_label} at {plan.model_path}")
     say(
         f"machine: {res['machine']['cpu']}, {res['machine']['cores']} cores, "
@@ -302,12 +355,7 @@ def run(plan: Plan, procs: Procs, work: Path) -> dict[str, Any]:
         if plan.costs
         else None
     )
-    res["machine"]["load_average_end"] = (
-        list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    )
-    res["targets"] = [asdict(t) for t in evaluate(res, res["targets_kind"])]
-    res["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    return res
+    res["targets"] += [asdict(t) for t in evaluate(res, res["targets_kind"])]
 
 
 def _ints(text: str) -> list[int]:
@@ -415,6 +463,32 @@ def parser() -> argparse.ArgumentParser:
         help="on a GPU, no second ceiling worker under the appliance's MLX settings "
         "(it holds a second copy of the model)",
     )
+    p.add_argument(
+        "--scenario",
+        choices=("auto", "serving", "cpu-real", "all"),
+        default="auto",
+        help="serving: the three side by side on the demo model; cpu-real: SmolLM2 (the real "
+        "model) on the CPU, the straightforward load against the appliance's CPU path; all: "
+        "both; auto (default): all when MLX computes on the CPU, else serving",
+    )
+    p.add_argument(
+        "--cpu-repeat",
+        type=int,
+        default=3,
+        help="cpu-real: rounds per contender, best of (default 3; 1 with --quick)",
+    )
+    p.add_argument(
+        "--cpu-decode-tokens",
+        type=int,
+        default=64,
+        help="cpu-real: tokens decoded per round (default 64)",
+    )
+    p.add_argument(
+        "--llama-cpp-python",
+        metavar="PYTHON",
+        help="cpu-real: a Python with llama_cpp installed, for llama.cpp on the same file as a "
+        "peer (default: this Python, if it has llama_cpp)",
+    )
     p.add_argument("--ceiling-worker", action="store_true", help=argparse.SUPPRESS)
     add_agent_args(p)
     p.add_argument(
@@ -459,6 +533,18 @@ def plan_from(args: argparse.Namespace) -> Plan:
             raise SystemExit(f"{name} must be >= 1")
     if min_requests < 0:
         raise SystemExit("--min-requests must be >= 0")
+    scenarios: tuple[str, ...]
+    if args.scenario == "auto":
+        from appliance.engine.cpu import mlx_on_cpu
+
+        scenarios = ("serving", "cpu-real") if mlx_on_cpu() else ("serving",)
+    elif args.scenario == "all":
+        scenarios = ("serving", "cpu-real")
+    else:
+        scenarios = (args.scenario,)
+    cpu_repeat = 1 if args.quick else args.cpu_repeat
+    if cpu_repeat < 1 or args.cpu_decode_tokens < 2:
+        raise SystemExit("--cpu-repeat must be >= 1 and --cpu-decode-tokens >= 2")
     return Plan(
         model_path=path,
         model_label=label,
@@ -480,6 +566,10 @@ def plan_from(args: argparse.Namespace) -> Plan:
         clients_per_process=args.clients_per_process,
         second_ceiling=not args.one_ceiling,
         min_requests=min_requests,
+        scenarios=scenarios,
+        cpu_repeat=cpu_repeat,
+        cpu_decode_tokens=args.cpu_decode_tokens,
+        llama_python=args.llama_cpp_python,
     )
 
 
@@ -536,13 +626,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     if plan.chart:
         png = plan.out / f"bench-{stamp}.png"
         try:
-            chart(res, png)
-            res["chart"] = str(png)
+            if "servers" in res:
+                chart(res, png)
+                res["chart"] = str(png)
+            if "cpu_real" in res:
+                cpu_png = plan.out / f"bench-{stamp}-cpu-real.png"
+                chart_cpu_real(res, cpu_png)
+                res["chart_cpu_real"] = str(cpu_png)
         except Exception as exc:  # no matplotlib, no fonts: the figures matter more than the PNG
             say(f"no chart: {type(exc).__name__}: {exc}")
     json_path.write_text(json.dumps(res, indent=2, default=str))
     print(text)
     print(f"\nJSON: {json_path}")
-    if res["chart"]:
-        print(f"chart: {res['chart']}")
+    for key in ("chart", "chart_cpu_real"):
+        if res.get(key):
+            print(f"chart: {res[key]}")
     return 0

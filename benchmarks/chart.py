@@ -102,6 +102,55 @@ def chart(res: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def chart_cpu_real(res: dict[str, Any], path: Path) -> None:
+    """The cpu-real scenario: prefill and decode tokens/s per contender (log scale), with each
+    bar's ratio to the straightforward load."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cr = res["cpu_real"]
+    who = [
+        ("straightforward", "straightforward load", "0.6"),
+        ("appliance", "appliance (HTTP)", "tab:orange"),
+        ("appliance_engine", "appliance engine path", "tab:red"),
+        ("llama_cpp", "llama.cpp", "tab:green"),
+    ]
+    who = [w for w in who if cr.get(w[0])]
+    base = cr["straightforward"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), squeeze=False)
+    for ax, fig_name in zip(axes[0], ("prefill", "decode"), strict=True):
+        key = f"{fig_name}_best_tok_s"
+        for i, (name, label, color) in enumerate(who):
+            v = cr[name].get(key)
+            if not v:
+                continue
+            ax.bar(i, v, 0.7, color=color, label=label)
+            ratio = v / base[key] if base.get(key) else None
+            text = f"{v:,.1f}" + (f"\n{ratio:.1f}x" if ratio and name != "straightforward" else "")
+            ax.annotate(text, (i, v), ha="center", va="bottom", fontsize=8)
+        ax.set_yscale("log")
+        top = max((cr[n].get(key) or 0) for n, _, _ in who)
+        if top:
+            ax.set_ylim(top=top * 3)  # room for the labels above the bars (log scale)
+        ax.set_xticks(range(len(who)), [w[1] for w in who], rotation=15, fontsize=8)
+        ax.set_ylabel("tokens / s (log scale)")
+        tokens = base.get("prompt_tokens") if fig_name == "prefill" else base.get("decode_tokens")
+        what = f"{tokens}-token prompt" if fig_name == "prefill" else f"{tokens} tokens"
+        ax.set_title(f"{fig_name.capitalize()}, {what} (best of {cr.get('repeat')})")
+        ax.grid(alpha=0.3, axis="y")
+    mach = res.get("machine", {})
+    fig.suptitle(
+        f"{cr.get('model', 'SmolLM2')} on the CPU, one sequence, greedy — "
+        f"{mach.get('cpu', '?')} ({mach.get('cores', '?')} cores)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.chart",
@@ -110,7 +159,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("result", type=Path, help="a bench JSON, or a file of figures with its keys")
     p.add_argument("png", type=Path, help="where to write the chart")
     args = p.parse_args(argv)
-    chart(json.loads(args.result.read_text()), args.png)
+    res = json.loads(args.result.read_text())
+    if "servers" in res or "ceiling" in res:
+        chart(res, args.png)
+    else:
+        chart_cpu_real(res, args.png)
     print(args.png)
     return 0
 

@@ -190,16 +190,23 @@ X2 = "{:.2f}x"
 
 def tables(res: dict[str, Any]) -> str:
     """The result tables in Markdown."""
-    parts = [
-        _header(res),
-        _throughput(res),
-        _cpu_per_token(res),
-        _latency(res),
-        _joins(res),
-        _costs(res),
-        _targets(res),
-        _notes(res),
-    ]
+    parts: list[list[str]] = []
+    if "servers" in res:
+        parts += [
+            _header(res),
+            _throughput(res),
+            _cpu_per_token(res),
+            _latency(res),
+            _joins(res),
+            _costs(res),
+        ]
+    if res.get("cpu_real"):
+        from benchmarks.cpu_real import table
+
+        parts.append(["", table(res["cpu_real"])])
+    parts.append(_targets(res))
+    if "servers" in res:
+        parts.append(_notes(res))
     return "\n".join(line for part in parts for line in part)
 
 

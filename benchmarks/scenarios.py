@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 APPLIANCE = "appliance"
 MLX_SERVER = "mlx_lm.server"
@@ -85,6 +86,11 @@ class Plan:
     # requests_per_client (on one H200 a one-client run of 3 requests, 1.4 s, gave 1.50x
     # mlx_lm.server, and runs of 6 requests minutes later 1.98x and 2.05x).
     min_requests: int = 8
+    # What runs: "serving" (the three side by side) and/or "cpu-real" (SmolLM2 on the CPU).
+    scenarios: tuple[str, ...] = ("serving",)
+    cpu_repeat: int = 3
+    cpu_decode_tokens: int = 64
+    llama_python: Optional[str] = None  # a Python with llama_cpp, for the cpu-real peer
 
     @property
     def cmax(self) -> int:

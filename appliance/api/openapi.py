@@ -782,6 +782,20 @@ ADMIN_HEALTH: Schema = {
         "uptime_s": {"type": "number", "minimum": 0},
         "version": {"type": "string"},
         "backend": NULLABLE_STR,
+        "cpu_blas": {
+            "type": "object",
+            "description": "The BLAS MLX's CPU backend multiplies with (engine.cpu_blas): the "
+            "optimized library preloaded (null: the mlx wheel's own), the gemv-forwarding "
+            "library in front of it, and why.",
+            "required": ["setting", "library", "gemv_forward", "reason"],
+            "properties": {
+                "setting": {"type": "string"},
+                "library": NULLABLE_STR,
+                "gemv_forward": NULLABLE_STR,
+                "reason": {"type": "string"},
+                "on_cpu": {"type": "boolean"},
+            },
+        },
         "safe_mode": {"type": "boolean"},
         "safe_mode_reason": NULLABLE_STR,
         "safe_mode_exit": {

@@ -15,6 +15,7 @@ from .schema import (
     CacheTrimTask,
     CrashLoopConfig,
     DistributedConfig,
+    EngineConfig,
     HelperNode,
     HelpersConfig,
     IdleEvictionTask,
@@ -58,6 +59,7 @@ def register_schemas() -> None:
         ("helpers", HelpersConfig),
         ("distributed", DistributedConfig),
         ("service", ServiceConfig),
+        ("engine", EngineConfig),
         ("responses", ResponsesConfig),
     ):
         cs.store(group="schema", name=name, node=node)
@@ -71,6 +73,7 @@ __all__ = [
     "ConfigError",
     "CrashLoopConfig",
     "DistributedConfig",
+    "EngineConfig",
     "HelperNode",
     "HelpersConfig",
     "IdleEvictionTask",

@@ -172,6 +172,13 @@ class ModelSpec:
     demo_shape: str = key(
         "demo", "Shape of the builtin demo model.", check=OneOf(("demo", "llama-1b"))
     )
+    cpu_weights: str = key(
+        "auto",
+        "On the CPU backend, quantized layers as stored or dequantized to dense float32 "
+        "(auto: dense when an optimized BLAS is in use and the dense weights take at most a "
+        "quarter of memory). GPUs keep the weights as stored.",
+        check=OneOf(("auto", "dense", "quantized")),
+    )
 
 
 def _default_catalog() -> dict[str, ModelSpec]:
@@ -512,6 +519,26 @@ class DistributedConfig:
     hostfile: Optional[str] = key(None, "An mlx.launch hostfile instead of hosts.")
 
 
+def _blas(v: Any) -> bool:
+    return v in ("auto", "bundled") or (isinstance(v, str) and v.startswith("/"))
+
+
+@dataclass
+class EngineConfig:
+    cpu_blas: str = key(
+        "auto",
+        "Linux, MLX on the CPU: the BLAS MLX multiplies with. auto: an installed OpenBLAS "
+        "(libopenblas0-pthread) if found, preloaded by starting the process again; bundled: "
+        "the mlx wheel's reference BLAS; or the absolute path of a library with CBLAS symbols.",
+        check=Holds(_blas, "auto | bundled | an absolute path to a BLAS library"),
+    )
+    cpu_gemv_forward: bool = key(
+        True,
+        "With a preloaded BLAS, send one-row matrix products (a decode step) to its gemv "
+        "through a small library compiled once with the system C compiler.",
+    )
+
+
 @dataclass
 class ServiceConfig:
     """How `python -m appliance.recipes` renders the launchd plist and systemd unit."""
@@ -585,6 +612,7 @@ class AppConfig:
     distributed: DistributedConfig = key(
         help="A model split across ranks.", factory=DistributedConfig
     )
+    engine: EngineConfig = key(help="How MLX computes in this process.", factory=EngineConfig)
     service: ServiceConfig = key(
         help="How the launchd / systemd service files are rendered.", factory=ServiceConfig
     )

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from ..config import ModelSpec
 from ..errors import ModelLoadError
+from .cpu import WeightSizes
 
 DEMO_PREFIX = "builtin:"
 
@@ -64,8 +65,30 @@ def resolve_path(
         ) from None
 
 
-def estimate_bytes(path: Path, spec: ModelSpec) -> int:
-    """Weights as loaded plus the KV cache of one full context."""
+def estimate_bytes(path: Path, spec: ModelSpec, weights: Optional[int] = None) -> int:
+    """Weights as loaded (`weights`, else as stored) plus the KV cache of one full context."""
+    if weights is None:
+        weights = weight_sizes(path).native
+    return weights + kv_bytes_per_token(path) * spec.context_length
+
+
+_FLOAT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+_INT_BYTES = {"U8": 1, "I8": 1, "U16": 2, "I16": 2, "U32": 4, "I32": 4, "U64": 8, "I64": 8}
+
+
+def _safetensors_header(file: Path) -> dict[str, Any]:
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 0 < size < 1 << 28:
+            raise ValueError(f"{file}: not a safetensors file")
+        header = json.loads(f.read(size))
+    return {k: v for k, v in header.items() if k != "__metadata__"}
+
+
+def weight_sizes(path: Path) -> WeightSizes:
+    """A model's weight bytes held as stored (16-bit floats on a GPU), with floats in float32
+    (the CPU backend), and all dense in float32, from the GGUF header or the safetensors
+    headers (no tensor data is read)."""
     if is_gguf(path):
         from . import gguf
         from .mlx_ext.cuda import on_cuda
@@ -73,11 +96,49 @@ def estimate_bytes(path: Path, spec: ModelSpec) -> int:
         info = gguf.inspect(path)
         if info.problem:
             raise ModelLoadError(f"{path}: {info.problem}")
-        float_bytes = 2 if on_cuda() else 4  # float32 compute on the CPU (gguf.default_dtype)
-        weights = info.memory_bytes(float_bytes=float_bytes)
-    else:
-        weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    return weights + kv_bytes_per_token(path) * spec.context_length
+        return WeightSizes(
+            native=info.memory_bytes(float_bytes=2 if on_cuda() else 4),
+            float32=info.memory_bytes(float_bytes=4),
+            dense=info.memory_bytes(float_bytes=4, dequantize=True),
+            quantized=any(t not in ("F32", "F16", "BF16", "F64") for t, _ in info.tensor_sizes),
+        )
+    files = sorted(path.glob("*.safetensors"))
+    native = sum(f.stat().st_size for f in files)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    quant = config.get("quantization") or config.get("quantization_config") or {}
+    float32 = dense = 0
+    quantized = False
+    try:
+        for f in files:
+            header = _safetensors_header(f)
+            for name, t in header.items():
+                n = 1
+                for d in t["shape"]:
+                    n *= int(d)
+                dtype = t["dtype"]
+                if dtype in _FLOAT_BYTES:
+                    float32 += 4 * n
+                    module = name.rsplit(".", 1)[0]
+                    packed = header.get(f"{module}.weight", {}).get("dtype") in _INT_BYTES
+                    if not (name.endswith((".scales", ".biases")) and packed):
+                        dense += 4 * n
+                    continue
+                float32 += _INT_BYTES.get(dtype, 4) * n
+                module = name.rsplit(".", 1)[0]
+                if name.endswith(".weight") and f"{module}.scales" in header:
+                    quantized = True
+                    own = quant.get(module)
+                    layer: dict[str, Any] = own if isinstance(own, dict) else quant
+                    bits = int(layer.get("bits", quant.get("bits", 4)) or 4)
+                    dense += 4 * n * (_INT_BYTES.get(dtype, 4) * 8 // bits)
+                else:
+                    dense += 4 * n
+    except (OSError, ValueError, KeyError, TypeError):
+        return WeightSizes(native, 2 * native, 2 * native, bool(quant))
+    return WeightSizes(native, float32 or native, dense or native, quantized)
 
 
 def kv_bytes_per_token(path: Path) -> int:

@@ -13,7 +13,8 @@ from typing import Any, Optional
 from ..config import ModelsConfig, ModelSpec
 from ..errors import EngineFailure, InsufficientMemory, ModelLoadError, ModelNotFound
 from . import distributed
-from .loading import as_folder, load_model, set_chat_template
+from .cpu import WeightPlan
+from .loading import as_folder, load_model, set_chat_template, weight_plan
 from .memory import free_bytes, mlx_active
 from .paths import estimate_bytes, kv_bytes_per_token, resolve_path
 from .process import AnyWorker, ProcessWorker
@@ -169,12 +170,17 @@ class ModelRegistry:
                     param="model",
                 )
 
+            plans: list[Optional[WeightPlan]] = [None]
+
             def prepare() -> Path:
                 # On the model's own thread: resolve the folder, check the memory it needs.
                 path = resolve_path(
                     spec, self.cfg.builtin_dir, allow_downloads=self.cfg.allow_downloads
                 )
-                need = estimate_bytes(path, spec)
+                plan, weights = weight_plan(path, spec.cpu_weights)
+                plans[0] = plan
+                info.extra["weights"] = plan.summary()
+                need = estimate_bytes(path, spec, weights)
                 info.memory_estimate_bytes = need
                 info.extra["kv_bytes_per_token"] = kv_bytes_per_token(path)
                 free = free_bytes()
@@ -198,6 +204,7 @@ class ModelRegistry:
                     path,
                     builtin_dir=self.cfg.builtin_dir,
                     trust_remote_code=spec.trust_remote_code,
+                    plan=plans[0],
                 )
 
             worker: AnyWorker
@@ -213,6 +220,7 @@ class ModelRegistry:
                     unfused_attention_elements=self.cfg.cuda_unfused_attention_elements,
                     decode_kernel=self.cfg.cuda_decode_kernel,
                     trust_remote_code=spec.trust_remote_code,
+                    cpu_weights=spec.cpu_weights,
                     memory_limit=self.memory_limit,
                     on_death=self._died,
                 )

@@ -56,10 +56,81 @@ def test_chart_leaves_out_panels_without_figures(tmp_path: Path) -> None:
         assert _panels(png) == panels
 
 
-@pytest.mark.parametrize(
-    "figures", sorted((ROOT / "docs" / "performance").glob("*.json")), ids=lambda p: p.name
+# The bench's result files (cpu-step-*.json are benchmarks.cpu_step's runs, a table's source).
+BENCH_RESULTS = sorted(
+    p for p in (ROOT / "docs" / "performance").glob("*.json") if not p.name.startswith("cpu-step")
 )
+
+
+@pytest.mark.parametrize("figures", BENCH_RESULTS, ids=lambda p: p.name)
 def test_the_documented_figures_render(figures: Path, tmp_path: Path) -> None:
     png = tmp_path / "chart.png"
     assert chart_main([str(figures), str(png)]) == 0
     assert png.stat().st_size > 10_000
+
+
+def _cpu_real(with_llama: bool) -> dict[str, object]:
+    def who(prefill: list[float], decode: list[float]) -> dict[str, object]:
+        return {
+            "prompt_tokens": 120,
+            "decode_tokens": 64,
+            "prefill_tok_s": prefill,
+            "decode_tok_s": decode,
+            "prefill_best_tok_s": max(prefill),
+            "decode_best_tok_s": max(decode),
+        }
+
+    from benchmarks.cpu_real import ratios
+
+    res: dict[str, object] = {
+        "model": "SmolLM2",
+        "repeat": 2,
+        "straightforward": who([7.0, 8.0], [7.5, 7.0]),
+        "appliance": who([250.0, 240.0], [15.0, 16.0]),
+        "appliance_engine": who([300.0, 280.0], [20.0, 18.0]),
+        "llama_cpp": who([260.0, 250.0], [70.0, 69.0]) if with_llama else None,
+    }
+    res["ratios"] = ratios(res)
+    return res
+
+
+def test_cpu_real_ratios_table_and_targets() -> None:
+    from benchmarks.cpu_real import table, targets
+    from benchmarks.report import tables
+
+    cr = _cpu_real(with_llama=True)
+    assert cr["ratios"]["appliance_prefill"] == pytest.approx(250 / 8)  # type: ignore[index]
+    assert cr["ratios"]["appliance_decode"] == pytest.approx(16 / 7.5)  # type: ignore[index]
+    text = table(cr)
+    assert "| appliance, over HTTP | 250.0 | 31.2x | 16.0 | 2.1x |" in text
+    assert "llama.cpp" in text and "prefill >= 20x: 31.2x met" in text
+    rows = targets(cr)
+    assert [r["passed"] for r in rows] == [True, True]
+    # a run of the cpu-real scenario alone: its table and its targets, no serving tables
+    res = {"cpu_real": cr, "targets": rows, "targets_kind": "cpu"}
+    out = tables(res)
+    assert "straightforward load" in out and "PASS" in out and "mlx_lm.server" not in out
+    slow = _cpu_real(with_llama=False)
+    slow["appliance"]["decode_best_tok_s"] = 10.0  # type: ignore[index]
+    from benchmarks.cpu_real import ratios
+
+    slow["ratios"] = ratios(slow)
+    assert [r["passed"] for r in targets(slow)] == [True, False]
+    assert "llama.cpp" not in table(slow) and "decode >= 2x: 1.3x NOT met" in table(slow)
+
+
+def test_cpu_real_chart_renders_from_a_result_file(tmp_path: Path) -> None:
+    src = tmp_path / "cpu-real.json"
+    src.write_text(json.dumps({"cpu_real": _cpu_real(with_llama=True), "machine": {}}))
+    png = tmp_path / "cpu-real.png"
+    assert chart_main([str(src), str(png)]) == 0
+    assert png.stat().st_size > 10_000
+
+
+def test_scenario_flag() -> None:
+    from benchmarks.bench import parser
+
+    assert parser().parse_args([]).scenario == "auto"
+    assert parser().parse_args(["--scenario", "cpu-real"]).scenario == "cpu-real"
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--scenario", "nope"])

@@ -85,3 +85,42 @@ def test_tables_match_their_figure_files(heading: str) -> None:
         assert row[4] == f"{app['tokens_per_s'] / mlx['tokens_per_s']:.2f}x"
         assert row[5] == f"{app['tokens_per_s'] / ceiling['tokens_per_s']:.2f}x"
         assert row[6] == f"{app['tokens_per_s'] / ceiling['tokens_per_s_median']:.2f}x"
+
+
+def test_the_smollm2_cpu_table_is_the_benchs_own_from_its_figure_file() -> None:
+    """The cpu-real table is what the bench prints from the JSON beside it, row for row."""
+    from benchmarks.cpu_real import table
+
+    res = json.loads((DOC.parent / "performance" / "cpu-real-2core.json").read_text())
+    section = DOC.read_text(encoding="utf-8").split("### 2-core x86-64 CPU, SmolLM2\n", 1)[1]
+    documented = [line for line in section.split("\n#", 1)[0].splitlines() if line.startswith("|")]
+    printed = [line for line in table(res["cpu_real"]).splitlines() if line.startswith("|")]
+    assert documented == printed
+    assert all(t["passed"] for t in res["targets"])
+
+
+def test_the_cpu_choices_table_is_the_best_of_its_runs() -> None:
+    """Each row of "What each choice gives" is its combination's best figures in the JSON."""
+    res = json.loads((DOC.parent / "performance" / "cpu-step-2core.json").read_text())
+    section = DOC.read_text(encoding="utf-8").split("### What each choice gives\n", 1)[1]
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in section.split("\n#", 1)[0].splitlines()
+        if line.startswith("| `")
+    ]
+    assert len(rows) == len(res["combinations"]) == 5
+    for row, combo in zip(rows, res["combinations"], strict=True):
+        args, runs = combo["args"], combo["runs"]
+        assert row[0].startswith(f"`{args[args.index('--blas') + 1]}`")
+        assert f"(`{args[args.index('--weights') + 1]}`)" in row[1]
+        gemv = "-" if args[1] == "bundled" else ("off" if "--no-gemv-forward" in args else "on")
+        assert row[2] == gemv
+        step = min(r["step_ms"]["least"] for r in runs)
+        assert row[3:] == [
+            f"{max(r['prefill_tok_s'] for r in runs):.1f}",
+            f"{step:.1f}",
+            f"{1000 / step:.1f}",
+            f"{min(r['products_alone_ms']['least'] for r in runs):.1f}",
+            str(len(runs)),
+        ]
+    assert "PLACEHOLDER" not in DOC.read_text(encoding="utf-8")

@@ -11,11 +11,13 @@ import sys
 import threading
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any, cast
 
 from ... import exits
 from ...errors import EngineFailure, ModelLoadError
 from ..commands import Call, Cancel, Fault, Stop, Submit
+from ..loading import load_model, weight_plan
 from ..types import Generation
 from ..worker import ModelWorker
 from .client import STATS_S
@@ -34,13 +36,14 @@ class _EngineWorker(ModelWorker):
         path = init["path"]
 
         def loader() -> tuple[Any, Any]:
-            from mlx_lm import load
-
-            try:
-                model, tokenizer = load(path, tokenizer_config={"trust_remote_code": trust})[:2]
-            except Exception as exc:
-                raise ModelLoadError(f"model {init['name']!r} could not be loaded: {exc}") from None
-            return model, tokenizer
+            # The server resolved the folder and checked memory; the weights' plan (float32 on
+            # the CPU, dense or not) is made again here, on the same BLAS (LD_PRELOAD is
+            # inherited) and the same rule.
+            folder = Path(path)
+            plan = weight_plan(folder, init.get("cpu_weights", "auto"))[0]
+            return load_model(
+                init["name"], folder, builtin_dir=None, trust_remote_code=trust, plan=plan
+            )
 
         super().__init__(
             init["name"],

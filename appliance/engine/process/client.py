@@ -52,6 +52,7 @@ class ProcessWorker(WorkerThread):
         decode_kernel: bool,
         trust_remote_code: bool,
         memory_limit: Optional[int],
+        cpu_weights: str = "auto",
         on_death: Optional[Callable[[str, BaseException], None]] = None,
     ) -> None:
         self.name = name
@@ -66,6 +67,7 @@ class ProcessWorker(WorkerThread):
             "unfused_attention_elements": unfused_attention_elements,
             "decode_kernel": decode_kernel,
             "trust_remote_code": trust_remote_code,
+            "cpu_weights": cpu_weights,
             "memory_limit": memory_limit,
             "log_level": logging.getLogger().getEffectiveLevel(),
         }
