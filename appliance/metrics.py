@@ -139,6 +139,18 @@ class _LiveCollector(Collector):
         for model, nbytes in e.prompt_cache_bytes.items():
             pc.add_metric([model], float(nbytes))
         yield pc
+        yield g(
+            "kv_reserved_bytes",
+            "KV-cache bytes reserved by the requests holding slots ((prompt + max_tokens) "
+            "tokens each).",
+            e.kv_reserved_bytes,
+        )
+        evicted = CounterMetricFamily(
+            p + "prompt_cache_evicted_bytes",
+            "Prompt-cache bytes evicted to make room for requests.",
+        )
+        evicted.add_metric([], float(e.kv_evicted_bytes))
+        yield evicted
         joins = CounterMetricFamily(
             p + "batch_joins", "Times waiting requests joined the running batch.", labels=["model"]
         )

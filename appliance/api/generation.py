@@ -100,8 +100,9 @@ class Generate:
             prepared.params,
             high_priority=request.high_priority,
             scope=req.scope,
+            prompt_param=where,
         )
-        if engine.admission.would_wait():
+        if engine.would_wait(name, len(prepared.prompt), max_tokens):
             gen = await _unless_client_leaves(req, start, engine)
         else:
             gen = await start

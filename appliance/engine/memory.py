@@ -95,6 +95,12 @@ def free_bytes() -> int:
     return int(system_memory().available)
 
 
+def total_bytes() -> int:
+    """The most memory MLX could use on this machine: the device's on CUDA, the system's
+    elsewhere (Metal shares it with the system; the CPU backend uses it)."""
+    return _cuda_total() or int(system_memory().total)
+
+
 @dataclass(frozen=True)
 class MemoryStats:
     """Memory at one moment: the process's RSS, MLX's active / peak / cache bytes (None where

@@ -13,6 +13,7 @@ from typing import Any, Optional
 from ..config import ModelSpec
 from ..errors import ModelLoadError
 from .cpu import WeightSizes
+from .governor import KVShape
 
 DEMO_PREFIX = "builtin:"
 
@@ -143,10 +144,21 @@ def weight_sizes(path: Path) -> WeightSizes:
 
 def kv_bytes_per_token(path: Path) -> int:
     """KV cache bytes per token (2 * layers * kv_heads * head_dim * dtype), 0 when unknown."""
+    shape = kv_shape(path)
+    return shape.bytes_per_token() if shape is not None else 0
+
+
+def kv_shape(path: Path) -> Optional[KVShape]:
+    """The shape of one token's keys and values (config.json, or a GGUF file's header); None
+    when unknown."""
     if is_gguf(path):
         from . import gguf
 
-        return int(gguf.inspect(path).kv_bytes_per_token)
+        info = gguf.inspect(path)
+        if not (info.n_layers and info.n_kv_heads and info.head_dim):
+            return None
+        float_bytes = gguf.default_dtype().size  # what the loaded model computes in
+        return KVShape(info.n_layers, info.n_kv_heads, info.head_dim, float_bytes)
     try:
         cfg = json.loads((path / "config.json").read_text())
         text_cfg = cfg.get("text_config", cfg)
@@ -155,6 +167,10 @@ def kv_bytes_per_token(path: Path) -> int:
         kv_heads = int(text_cfg.get("num_key_value_heads", heads))
         head_dim = int(text_cfg.get("head_dim") or text_cfg["hidden_size"] // heads)
         dtype_bytes = 2 if str(text_cfg.get("torch_dtype", "bfloat16")) != "float32" else 4
-        return 2 * layers * kv_heads * head_dim * dtype_bytes
+        from .cpu import mlx_on_cpu
+
+        if mlx_on_cpu():  # every model computes in float32 there (cpu.to_cpu_compute)
+            dtype_bytes = 4
+        return KVShape(layers, kv_heads, head_dim, dtype_bytes)
     except (OSError, KeyError, ValueError, TypeError, ZeroDivisionError):
-        return 0
+        return None

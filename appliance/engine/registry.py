@@ -14,9 +14,10 @@ from ..config import ModelsConfig, ModelSpec
 from ..errors import EngineFailure, InsufficientMemory, ModelLoadError, ModelNotFound
 from . import distributed
 from .cpu import WeightPlan
+from .governor import weights_bytes
 from .loading import as_folder, load_model, set_chat_template, weight_plan
 from .memory import free_bytes, mlx_active
-from .paths import estimate_bytes, kv_bytes_per_token, resolve_path
+from .paths import estimate_bytes, kv_bytes_per_token, kv_shape, resolve_path
 from .process import AnyWorker, ProcessWorker
 from .types import ModelInfo
 from .worker import ModelWorker, batching
@@ -182,7 +183,13 @@ class ModelRegistry:
                 info.extra["weights"] = plan.summary()
                 need = estimate_bytes(path, spec, weights)
                 info.memory_estimate_bytes = need
-                info.extra["kv_bytes_per_token"] = kv_bytes_per_token(path)
+                shape = kv_shape(path)
+                # What the governor counts per token: quantized where the model sets kv_bits.
+                kv_bits = getattr(spec, "kv_bits", None)
+                info.extra["kv_bytes_per_token"] = shape.bytes_per_token(kv_bits) if shape else 0
+                info.extra["weights_bytes"] = max(
+                    0, need - kv_bytes_per_token(path) * spec.context_length
+                )
                 free = free_bytes()
                 if self.memory_limit is not None:
                     free = min(free, self.memory_limit - mlx_active())
@@ -242,6 +249,7 @@ class ModelRegistry:
             try:
                 await worker.start()
                 set_chat_template(worker.tokenizer, spec.chat_template, name)
+                await self._measure_weights(worker, info)
             except BaseException as exc:
                 if worker.alive:  # loaded, then refused: nothing half-loaded stays behind
                     worker.stop()
@@ -259,6 +267,25 @@ class ModelRegistry:
             log.info("model %s loaded in %.2f s", name, seconds)
             self._emit("loaded", name, seconds=seconds)
             return info
+
+    async def _measure_weights(self, worker: AnyWorker, info: ModelInfo) -> None:
+        """The loaded parameters' bytes, for the memory governor (the file-based estimate stays
+        when the model can't be asked)."""
+        try:
+            fut = worker.call(weights_bytes)
+            info.extra["weights_bytes"] = int(await asyncio.wait_for(asyncio.wrap_future(fut), 30))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("model %s: could not measure its weights: %s", info.name, exc)
+
+    def weights_bytes(self) -> int:
+        """Bytes of the loaded models' weights (as measured after the load)."""
+        total = 0
+        for name in self.loaded():
+            value = self._info[name].extra.get("weights_bytes")
+            total += value if isinstance(value, int) else 0
+        return total
 
     async def unload(self, name: str, timeout_s: float = 30.0) -> ModelInfo:
         """Stop a model: wait for its requests up to `timeout_s`, then fail the rest."""

@@ -11,8 +11,8 @@ from ..config import LimitsConfig, ModelsConfig
 from ..errors import InsufficientMemory, PromptTooLong
 from .admission import Admission
 from .arrivals import Arrivals
+from .governor import Held, MemoryGovernor
 from .limits import Limits, LimitsInForce
-from .memory import free_bytes, mlx_active
 from .process import AnyWorker
 from .registry import ModelRegistry, resolve_alias
 from .types import EngineStats, Generation, SamplingParams
@@ -56,6 +56,14 @@ class Engine:
         self._reloads: set[asyncio.Task[None]] = set()
         self.registry.on_death = self._on_death
         self.registry.memory_limit = limits.mlx_memory_limit_bytes
+        self.governor = MemoryGovernor(
+            limits.mlx_memory_limit_bytes,
+            per_token=self.kv_bytes_per_token,
+            weights=self.registry.weights_bytes,
+            workers=self._loaded_workers,
+        )
+        self._needs: dict[int, int] = {}  # KV bytes reserved by each generation holding a slot
+        self.admission.room = _Room(self)
 
     def stats(self) -> EngineStats:
         """A snapshot of the engine's state (admission, loaded models, caches, joins)."""
@@ -85,6 +93,8 @@ class Engine:
             batch_joins=joins,
             prompt_cache_entries=entries,
             waiting_by_model={k: v for k, v in self._waiting.items() if v},
+            kv_reserved_bytes=adm.reserved,
+            kv_evicted_bytes=self.governor.evicted_bytes,
         )
 
     def observe(self, observer: RequestObserver) -> None:
@@ -141,17 +151,22 @@ class Engine:
         *,
         high_priority: bool = False,
         scope: Optional[dict[str, Any]] = None,
+        prompt_param: str = "messages",
     ) -> Generation:
-        """Wait for a slot (or raise QueueFull), then put the request in the batch. `scope`: the
-        HTTP request's ASGI scope, counted as on its way (arrivals.py) until it is submitted."""
-        self.check_memory(worker.name, len(prompt_tokens), params.max_tokens)
-        waits = self.admission.would_wait()
+        """Wait for a slot and room for its KV cache (or raise QueueFull, InsufficientMemory,
+        or InvalidRequest when it could never fit), then put the request in the batch. `scope`:
+        the HTTP request's ASGI scope, counted as on its way (arrivals.py) until it is
+        submitted; `prompt_param`: the request field a too long prompt is named by."""
+        need = await self.check_memory(
+            worker.name, len(prompt_tokens), params.max_tokens, prompt_param=prompt_param
+        )
+        waits = self.admission.would_wait(need)
         if scope is not None and waits:
             self.arrivals.admitting(scope)  # it waits for a slot, not for the front
         if waits:
             self._waiting[worker.name] = self._waiting.get(worker.name, 0) + 1
         try:
-            queued = await self.admission.acquire(high_priority)
+            queued = await self.admission.acquire(high_priority, need)
         except Exception as exc:
             self._emit("rejected", None, model=worker.name, error=exc)
             raise
@@ -161,6 +176,7 @@ class Engine:
         gen = Generation(worker.name, prompt_tokens, params)
         gen.t_admitted = gen.t_created + queued
         self._holding[id(gen)] = gen
+        self._needs[id(gen)] = need
         self.registry.touch(worker.name)
         self._emit("admitted", gen, queued_s=queued)
         if (
@@ -170,13 +186,17 @@ class Engine:
         worker.submit(gen)
         return gen
 
+    def would_wait(self, name: str, prompt_len: int, max_tokens: int) -> bool:
+        """True when such a request now would queue (for a slot or for memory), or be refused."""
+        return self.admission.would_wait(self.governor.need(name, prompt_len, max_tokens))
+
     def finish(self, gen: Generation, status: str = "ok") -> None:
         """Leave the batch if still in it and give the slot back. Idempotent."""
         if id(gen) not in self._holding:
             return
         del self._holding[id(gen)]
         gen.cancel()
-        self.admission.release()
+        self.admission.release(self._needs.pop(id(gen), 0))
         self._emit("finished", gen, status=status)
 
     def fail_all(self, message: str) -> None:
@@ -217,41 +237,53 @@ class Engine:
                 what = "auto_load" if name in auto else "recovery"
                 log.error("%s of %s failed: %s", what, name, exc)
 
-    # -- memory guard
+    # -- memory governor (governor.py)
     def kv_bytes_per_token(self, name: str) -> int:
         value = self.registry.info(name).extra.get("kv_bytes_per_token")
         return value if isinstance(value, int) else 0
 
+    def _loaded_workers(self) -> list[tuple[str, Any]]:
+        return [(n, w) for n in self.registry.loaded() if (w := self.registry.worker(n))]
+
     def free_memory(self) -> int:
-        """Bytes a new request's KV cache may take: system memory available (on CUDA, the
+        """Bytes a new request's KV cache may take now: system memory available (on CUDA, the
         device's memory less MLX's), or the MLX limit less MLX's active memory, less what
-        requests in flight will still allocate."""
-        free = free_bytes()
-        limit = self.limits.mlx_memory_limit_bytes
-        if limit is not None:
-            free = min(free, limit - mlx_active())
-        outstanding = 0
-        for gen in self._holding.values():
+        requests holding slots will still allocate."""
+        held = []
+        for key, gen in self._holding.items():
             left = gen.params.max_tokens - len(gen.tokens)
             if gen.t_first is None:  # not prefilled yet: the prompt's KV is still to come
                 left += len(gen.prompt_tokens)
-            outstanding += self.kv_bytes_per_token(gen.model) * max(0, left)
-        return free - outstanding
+            held.append(Held(self._needs.get(key, 0), self.kv_bytes_per_token(gen.model) * left))
+        # Slots granted whose generation is not made yet: their whole reservation is to come.
+        granted = self.admission.reserved - sum(h.need for h in held)
+        return self.governor.free(held) - max(0, granted)
 
-    def check_memory(self, name: str, prompt_len: int, max_tokens: int) -> None:
-        """Refuse, before prefill, a request whose KV cache would not fit (503)."""
-        per_token = self.kv_bytes_per_token(name)
-        if not per_token:
-            return
-        need = per_token * (prompt_len + max_tokens)
+    async def check_memory(
+        self, name: str, prompt_len: int, max_tokens: int, *, prompt_param: str = "messages"
+    ) -> int:
+        """The KV bytes the request reserves (0: its model's shape is unknown). Raises
+        InvalidRequest when it could never fit; evicts prompt caches when it does not fit now;
+        raises InsufficientMemory (503) when it still does not and nothing running would free
+        memory by ending."""
+        need = self.governor.need(name, prompt_len, max_tokens)
+        if not need:
+            return 0
+        self.governor.check_ever_fits(name, prompt_len, max_tokens, prompt_param=prompt_param)
         free = self.free_memory()
-        if need > free:
+        if need <= free:
+            return need
+        await self.governor.make_room(name, need - free)
+        free = self.free_memory()
+        if need > free and not self.admission.running:
             raise InsufficientMemory(
                 f"not enough memory for this request: its KV cache needs about {need} bytes "
-                f"({prompt_len} prompt + {max_tokens} max tokens) and {max(0, free)} are free; "
+                f"({prompt_len} prompt + {max_tokens} max tokens) and {max(0, free)} are free "
+                "with no request running (memory is held outside this server's requests); "
                 "lower max_tokens or retry later",
-                retry_after=5,
+                retry_after=self.admission.retry_after(),
             )
+        return need
 
     # -- generation thread failures
     def _on_death(self, name: str, exc: BaseException) -> None:
@@ -311,3 +343,19 @@ class Engine:
             task.cancel()
         await asyncio.gather(*self._reloads, return_exceptions=True)
         await self.registry.close()
+
+
+class _Room:
+    """Admission's view of the memory governor (admission.Room)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def fits(self, need: int) -> bool:
+        return need <= self.engine.free_memory()
+
+    async def make_room(self, need: int) -> None:
+        engine = self.engine
+        shortfall = need - engine.free_memory()
+        if shortfall > 0 and engine.governor.evictable():
+            await engine.governor.make_room("", shortfall)

@@ -244,3 +244,7 @@ class EngineStats:
     # process), and requests waiting in the admission queue for a slot.
     prompt_cache_entries: dict[str, int] = field(default_factory=dict)
     waiting_by_model: dict[str, int] = field(default_factory=dict)
+    # The memory governor: KV bytes reserved by the requests holding slots, and prompt-cache
+    # bytes evicted to admit requests (over the process's life).
+    kv_reserved_bytes: int = 0
+    kv_evicted_bytes: int = 0

@@ -354,6 +354,9 @@ class ModelWorker(WorkerThread):
             self._out_step(events, now)
             for g3, error in failed:
                 self._out_fail([g3], error)
+            # Idle, the thread blocks here with these still bound: a finished row's cache would
+            # outlive its eviction from the prompt cache (the memory governor counts on it).
+            responses = r = None
 
     # -- where the thread's results go: the event loop here; the pipe in an engine process
     def _out_step(self, events: list[tuple[Any, ...]], now: float) -> None:

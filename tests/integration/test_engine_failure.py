@@ -1,18 +1,19 @@
 """Engine failures on a real appliance: a generation thread that dies (through the test-only
-fault injection, APPLIANCE_FAULT_INJECTION=1), and the KV-cache memory guard under a tiny MLX
-memory limit."""
+fault injection, APPLIANCE_FAULT_INJECTION=1), and the memory governor under a tiny MLX memory
+limit: requests that could never fit, wait, evict the prompt cache or are refused, never a crash."""
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from ._resilience import BASE, Stream, metric, wait_until
+from ._resilience import BASE, Stream, loaded, metric, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -95,44 +96,144 @@ def test_dead_generation_thread_fails_its_requests_reloads_then_gives_up(
     assert state["clean_shutdown"] is False  # so the next start counts it as a crash
 
 
-def test_a_request_whose_kv_cache_would_not_fit_is_refused(
-    appliance_factory: Any, demo_model_dir: Path
-) -> None:
+KV_PER_TOKEN = 2 * 4 * 2 * 32 * 4  # layers, KV heads, head_dim, float32 (the demo's config)
+NO_EOS = {"1": -100, "4": -100}  # the demo's end tokens: every answer runs to max_tokens
+
+
+def _tokens(n: int, seed: int) -> list[int]:
+    """A prompt of n token ids, different for each seed (no shared cached prefix)."""
+    return [10 + (seed * 131 + i * 7) % 1000 for i in range(n)]
+
+
+def _long(prompt_tokens: int, max_tokens: int, seed: int, **extra: Any) -> dict[str, Any]:
+    body = {"prompt": _tokens(prompt_tokens, seed), "max_tokens": max_tokens}
+    return {**body, "logit_bias": NO_EOS, **extra}
+
+
+@pytest.fixture(scope="module")
+def tight(module_appliance_factory: Any, demo_model_dir: Path) -> Any:
+    """Two models under an MLX memory limit that leaves the KV cache about 3 MB: one request of
+    1400 tokens (2.9 MB) fits, not two. Each model fitted when it loaded (weights and a full
+    context); with both loaded, demo's full context (4.2 MB) no longer can."""
     weights = (demo_model_dir / "model.safetensors").stat().st_size
-    kv_per_token = 2 * 4 * 2 * 32 * 4  # layers, KV heads, head_dim, float32 (the demo's config)
-    # Room for the weights and about 6 MB: one 1900-token request (3.9 MB) fits, not two.
-    limit = weights + 6_000_000
-    a = appliance_factory(
+    limit = 2 * weights + 3_000_000
+    a = module_appliance_factory(
         *BASE,
         f"limits.mlx_memory_limit_bytes={limit}",
-        "models.prompt_cache_bytes=0",
+        "limits.max_queued=2",
+        "limits.queue_timeout_s=1.5",
         "models.catalog.demo.max_tokens=2000",
+        "+models.catalog.small.path=builtin:demo",
+        "+models.catalog.small.context_length=256",
+        "models.auto_load=[demo,small]",
     )
     assert f"MLX memory limit set to {limit} bytes" in a.log()
-    big = {"prompt": "Once upon a time", "max_tokens": 1900}
-    assert 1900 * kv_per_token > 2_500_000
+    wait_until(lambda: sorted(loaded(a.url)) == ["demo", "small"], what="both models loaded")
+    return a
 
-    with httpx.Client(base_url=a.url, timeout=60) as client:
+
+def test_a_request_that_could_never_fit_is_400_naming_the_field(tight: Any) -> None:
+    with httpx.Client(base_url=tight.url, timeout=60) as client:
+        r = client.post("/v1/completions", json={"prompt": "Once", "max_tokens": 2000})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == "max_tokens" and err["code"] == "insufficient_memory", err
+        assert "max_tokens may be at most" in err["message"]
+        room = int(err["message"].rsplit(" ", 1)[1])
+        assert 1300 < room < 1500  # about 3 MB / 2048 bytes a token, less the prompt
+        # (the ceiling counts the weights; MLX holds a few KB more besides)
+        body = {"prompt": "Once", "max_tokens": room - 50, "stream": True}
+        with client.stream("POST", "/v1/completions", json=body) as ok:
+            assert ok.status_code == 200  # admitted (the answer itself is not needed)
+
+        r = client.post("/v1/completions", json={"prompt": _tokens(1700, 1), "max_tokens": 1})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == "prompt" and "shorten the prompt" in err["message"], err
+    assert tight.proc.poll() is None
+
+
+def test_a_request_that_fits_later_waits_then_is_refused_with_retry_after(tight: Any) -> None:
+    big = _long(4, 1100, seed=2)
+    with httpx.Client(base_url=tight.url, timeout=60) as client:
         with client.stream("POST", "/v1/completions", json={**big, "stream": True}) as first:
             assert first.status_code == 200
             lines = first.iter_lines()
             wait_until(lambda: next(lines).startswith("data:"), timeout=30, what="the first tokens")
+            # (prompt + max_tokens) x bytes per token, reserved while it runs
+            assert metric(tight.url, "lmx_kv_reserved_bytes") == (4 + 1100) * KV_PER_TOKEN
+            t0 = time.monotonic()
             refused = client.post("/v1/completions", json=big)
+            waited = time.monotonic() - t0
             assert refused.status_code == 503, refused.text
             err = refused.json()["error"]
-            assert err["code"] == "insufficient_memory"
-            assert "KV cache" in err["message"]
+            assert err["code"] == "insufficient_memory" and "KV cache" in err["message"]
             assert refused.headers.get("Retry-After")
+            assert waited >= 1.4  # it waited in the queue (queue_timeout_s) before the refusal
             small = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 50})
             assert small.status_code == 200, small.text
 
         # The first stream is gone (client closed): the big request fits again.
         def fits() -> bool:
             with client.stream("POST", "/v1/completions", json={**big, "stream": True}) as r:
-                return r.status_code == 200  # the guard answers before prefill
+                return r.status_code == 200
 
         wait_until(fits, timeout=30, every=0.3, what="room again")
-    assert (metric(a.url, "lmx_rejected_requests_total", reason="insufficient_memory") or 0) >= 1
+    assert (
+        metric(tight.url, "lmx_rejected_requests_total", reason="insufficient_memory") or 0
+    ) >= 1
+    wait_until(lambda: metric(tight.url, "lmx_kv_reserved_bytes") == 0, what="nothing reserved")
+
+
+def test_the_prompt_cache_is_evicted_before_a_request_is_refused(tight: Any) -> None:
+    url = tight.url
+    evicted0 = metric(url, "lmx_prompt_cache_evicted_bytes_total") or 0
+    with httpx.Client(base_url=url, timeout=60) as client:
+        r = client.post("/v1/completions", json=_long(400, 200, seed=3))
+        assert r.status_code == 200, r.text
+        held = wait_until(
+            lambda: metric(url, "lmx_prompt_cache_bytes", model="demo"), what="a cached prefix"
+        )
+        assert held >= 600 * KV_PER_TOKEN * 0.9
+        # 2.5 MB: fits in the 3 MB only without the cached 1.2 MB
+        body = _long(900, 300, seed=4, stream=True)
+        with client.stream("POST", "/v1/completions", json=body) as second:
+            assert second.status_code == 200
+            lines = second.iter_lines()
+            wait_until(lambda: next(lines).startswith("data:"), timeout=30, what="the first tokens")
+            assert (metric(url, "lmx_prompt_cache_bytes", model="demo") or 0) < held
+            for _ in lines:  # to the end
+                pass
+    evicted = metric(url, "lmx_prompt_cache_evicted_bytes_total") or 0
+    assert evicted - evicted0 >= held * 0.5
+    assert "prompt cache to admit a request" in tight.log()
+
+
+def test_concurrent_long_prompts_get_clean_answers_and_the_server_serves_on(tight: Any) -> None:
+    url = tight.url
+    results: list[httpx.Response] = []
+
+    def send(seed: int) -> None:
+        r = httpx.post(url + "/v1/completions", json=_long(400, 1000, seed=seed), timeout=60)
+        results.append(r)
+
+    threads = [threading.Thread(target=send, args=(10 + i,), daemon=True) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    statuses = sorted(r.status_code for r in results)
+    assert len(statuses) == 6 and set(statuses) <= {200, 429, 503}, statuses
+    assert 200 in statuses and statuses.count(200) < 6, statuses
+    for r in results:
+        if r.status_code != 200:
+            assert r.headers.get("Retry-After"), r.text
+            assert r.json()["error"]["code"] in ("server_busy", "insufficient_memory"), r.text
+    assert httpx.get(url + "/healthz", timeout=5).status_code == 200
+    ok = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 8}, timeout=30)
+    assert ok.status_code == 200, ok.text
+    assert tight.proc.poll() is None
+    wait_until(lambda: metric(url, "lmx_kv_reserved_bytes") == 0, what="nothing reserved")
 
 
 @pytest.mark.timeout(60)

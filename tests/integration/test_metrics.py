@@ -205,6 +205,7 @@ REASONS = (
     "forbidden_host",
     "too_large",
     "draining",
+    "insufficient_memory",
     "safe_mode",
 )
 

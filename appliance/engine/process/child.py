@@ -16,6 +16,7 @@ from typing import Any, cast
 
 from ... import exits
 from ...errors import EngineFailure, ModelLoadError
+from .. import governor
 from ..commands import Call, Cancel, Fault, Stop, Submit
 from ..loading import load_model, weight_plan
 from ..types import Generation
@@ -117,7 +118,7 @@ def main() -> None:
     cuda.mlx_env_defaults()
     conn = Connection(int(sys.argv[1]))
     init = conn.recv()
-    worker = _EngineWorker(conn, init)
+    worker = governor.engine_worker = _EngineWorker(conn, init)
     root = logging.getLogger()
     root.handlers[:] = [_LogToServer(worker)]
     root.setLevel(init["log_level"])
