@@ -378,7 +378,7 @@ def test_a_prefill_budget_splits_a_long_arrival_between_decode_steps(model: Any)
 def test_prefill_budget_learns_from_step_times() -> None:
     b = batching.PrefillBudget(0, 512)
     assert b.per_row(1, decoding=False) == 512  # alone: whole chunks
-    assert b.per_row(2, decoding=True) == b.FLOOR  # nothing measured yet: small
+    assert b.per_row(2, decoding=True) == b.START  # nothing measured yet: small
     b.decoded(0.004)
     b.prefilled(100, 0.004 + 0.010, 0.004)  # 0.1 ms a token
     assert b.per_row(1, decoding=True) == 30  # 3/4 of a 4 ms step

@@ -304,7 +304,8 @@ class PrefillBudget:
     whole `prefill_step_size` chunks. `limit` None: no budget (mlx-lm's way)."""
 
     SHARE = 0.75
-    FLOOR = 8  # tokens a row at least: below, a step's fixed cost dominates
+    FLOOR = 1  # tokens a row at least (a learnt budget below it would stop the prefill)
+    START = 8  # tokens a row before anything is measured
     EMA = 0.2
 
     def __init__(self, limit: Optional[int], step: int) -> None:
@@ -320,7 +321,7 @@ class PrefillBudget:
         if self.limit > 0:
             total = self.limit
         elif self.step_s is None or self.token_s is None:
-            total = self.FLOOR * rows  # nothing measured yet: start small, the cost is learnt
+            total = self.START * rows  # nothing measured yet: start small, the cost is learnt
         else:
             total = int(self.SHARE * self.step_s / max(self.token_s, 1e-9))
         return max(self.FLOOR, min(self.step, total // rows))
