@@ -201,6 +201,19 @@ class ModelsConfig:
         "CUDA, where a kernel launch per cache array outweighs a short prefill; else 0).",
         check=Between(0, unit="tokens"),
     )
+    prompt_cache_dir: Optional[str] = key(
+        None,
+        "Folder of the prompt cache's disk tier: cached prefixes evicted from memory, or held "
+        "when the model is idle, unloaded or the appliance stops, are written there (one "
+        "subfolder per model) and read back when a prompt starts with one (null: off).",
+        check=Holds(bool, "a folder path"),
+    )
+    prompt_cache_disk_bytes: int = key(
+        8 * 1024**3,
+        "Bytes of prompt cache files kept in prompt_cache_dir, per model (least recently "
+        "used removed first).",
+        check=Between(0, unit="bytes"),
+    )
     cuda_unfused_attention_elements: int = key(
         1 << 27,
         "CUDA: prefill attention up to this many scores (batch x heads x query x key "

@@ -244,3 +244,5 @@ class EngineStats:
     # process), and requests waiting in the admission queue for a slot.
     prompt_cache_entries: dict[str, int] = field(default_factory=dict)
     waiting_by_model: dict[str, int] = field(default_factory=dict)
+    # Per model with a disk tier: (prompt tokens served from it so far, bytes of its files).
+    prompt_cache_disk: dict[str, tuple[int, int]] = field(default_factory=dict)

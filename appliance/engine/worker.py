@@ -46,7 +46,16 @@ def batching(spec: Any) -> dict[str, Any]:
 
 def empty_stats() -> dict[str, int]:
     """A worker's counters before any request: prompt cache use and joins (see metrics.py)."""
-    return {"cache_hits": 0, "cache_misses": 0, "cached_tokens": 0, "joins": 0, "joined": 0}
+    return {
+        "cache_hits": 0,
+        "cache_misses": 0,
+        "cached_tokens": 0,
+        "joins": 0,
+        "joined": 0,
+        "disk_hits": 0,  # requests whose cached prefix came from the disk tier
+        "disk_tokens": 0,  # prompt tokens served from it
+        "disk_bytes": 0,  # bytes of the disk tier's files (a gauge)
+    }
 
 
 class WorkerThread:
@@ -103,6 +112,8 @@ class ModelWorker(WorkerThread):
         on_death: Optional[Callable[[str, BaseException], None]] = None,
         link: Any = None,
         arriving: Callable[[], int] = lambda: 0,
+        prompt_cache_dir: Optional[str] = None,
+        prompt_cache_disk_bytes: int = 0,
     ) -> None:
         self.name = name
         self.path = path
@@ -115,6 +126,9 @@ class ModelWorker(WorkerThread):
         self._max_kv_size = max_kv_size
         self._prompt_cache_bytes = prompt_cache_bytes
         self._prompt_cache_min_tokens = prompt_cache_min_tokens  # None: by backend, at load
+        self._prompt_cache_dir = prompt_cache_dir  # the disk tier (disk_cache.py), None: off
+        self._prompt_cache_disk_bytes = prompt_cache_disk_bytes
+        self._disk: Any = None  # a disk_cache.DiskTier once loaded
         self._join_window_s = join_window_s
         self._fast_joins = fast_joins  # see batching.py
         self._fuse_projections = fuse_projections  # see fusion.py
@@ -192,6 +206,7 @@ class ModelWorker(WorkerThread):
         self._settle_load(None)
         try:
             self._serve(gen, mx)
+            self._flush_disk()
         except BaseException as exc:  # the thread boundary: fail every request, report
             log.exception("generation thread of %s died", self.name)
             self.dead = exc
@@ -255,6 +270,7 @@ class ModelWorker(WorkerThread):
                 except queue.Empty:
                     if timeout is not None and not waiting:
                         policy.idle()  # idle for a while: nobody is coming back
+                        self._idle()
                         continue
                     break
                 timeout = None
@@ -370,6 +386,7 @@ class ModelWorker(WorkerThread):
         from .mlx_ext import fusion, prompt_cache
 
         self.model, self.tokenizer = self._loader()
+        identity = self._model_identity()
         fused = self._fuse()
         if cuda.install(self._unfused_attention_elements, self._decode_kernel):
             log.info(
@@ -385,6 +402,7 @@ class ModelWorker(WorkerThread):
         # mlx-lm's, with a lookup that does not walk every cached token (prompt_cache.py)
         cache_cls = prompt_cache.PromptCache if prompt_cache.usable() else LRUPromptCache
         self.prompt_cache = cache_cls(max_size=64, max_bytes=self._prompt_cache_bytes)
+        self._open_disk(identity)
         if self._prompt_cache_min_tokens is None:
             self._prompt_cache_min_tokens = 32 if on_cuda() else 0
         cls: Any = BatchGenerator
@@ -532,8 +550,11 @@ class ModelWorker(WorkerThread):
             processors.append(grammar)  # last: nothing after it lifts the mask
         cache = None
         rest = prompt
+        from_disk = False
         if self._prompt_cache_bytes > 0:
             cache, rest = self.prompt_cache.fetch_nearest_cache(self.path, prompt)
+            if self._disk is not None:
+                cache, rest, from_disk = self._from_disk(prompt, cache, rest)
         cached = len(prompt) - len(rest)
         if cache is not None and cached == len(prompt) and cached > 1:
             # An exact hit: the last prompt token must still go through the model to give the
@@ -546,6 +567,9 @@ class ModelWorker(WorkerThread):
         if cache is not None and max(1, self._prompt_cache_min_tokens or 0) <= cached < len(prompt):
             self.stats["cache_hits"] += 1
             self.stats["cached_tokens"] += cached
+            if from_disk:
+                self.stats["disk_hits"] += 1
+                self.stats["disk_tokens"] += cached
         else:
             self.stats["cache_misses"] += 1
             cache, rest, cached = None, prompt, 0
@@ -558,6 +582,100 @@ class ModelWorker(WorkerThread):
             logits_processors=[processors],
         )
         return int(uid), cached, grammar
+
+    # -- the prompt cache's disk tier (disk_cache.py): read in _insert, written when idle
+    def _model_identity(self) -> Optional[str]:
+        """The loaded model's identity for the disk tier (before fusion renames parameters)."""
+        if self._prompt_cache_dir is None or self._link is not None or self._max_kv_size:
+            return None
+        from .disk_cache import model_identity
+
+        return model_identity(self.model)
+
+    def _open_disk(self, identity: Optional[str]) -> None:
+        """Open this model's folder of the disk tier: off in a group of ranks (each rank would
+        have to read the same files at the same step), with a rotating cache (mlx-lm's file
+        format does not keep its settings) or without a memory cache."""
+        if self._prompt_cache_dir is None or self._prompt_cache_bytes <= 0:
+            return
+        if identity is None:
+            log.warning(
+                "model %s: no disk tier for the prompt cache (%s)",
+                self.name,
+                "split across ranks" if self._link is not None else "max_kv_size is set",
+            )
+            return
+        from .disk_cache import DiskCache, DiskTier, folder_for
+
+        folder = folder_for(self._prompt_cache_dir, self.name)
+        t0 = time.perf_counter()
+        disk = DiskCache(folder, self._prompt_cache_disk_bytes, identity, "kv_bits=None")
+        self._disk = DiskTier(disk, pending_bytes=self._prompt_cache_bytes)
+        if hasattr(self.prompt_cache, "on_evict"):
+            self.prompt_cache.on_evict = self._disk.spill
+        self.stats["disk_bytes"] = disk.nbytes
+        log.info(
+            "model %s: prompt cache disk tier %s: %d files, %d bytes (%d removed) in %.2f s",
+            self.name,
+            folder,
+            len(disk),
+            disk.nbytes,
+            disk.removed,
+            time.perf_counter() - t0,
+        )
+
+    def _from_disk(self, prompt: list[int], cache: Any, rest: list[int]) -> tuple[Any, Any, bool]:
+        """The memory's match, or a longer one from disk (then kept in memory as well)."""
+        found = self._disk.lookup(prompt, len(prompt) - len(rest) if cache is not None else 0)
+        self.stats["disk_bytes"] = self._disk.disk.nbytes
+        if found is None:
+            return cache, rest, False
+        tokens, loaded = found
+        self.prompt_cache.insert_cache(self.path, tokens, loaded, cache_type="assistant")
+        self.prompt_cache.trim_to(n_bytes=self._prompt_cache_bytes)
+        better, rest2 = self.prompt_cache.fetch_nearest_cache(self.path, prompt)
+        if better is None or len(rest2) >= len(rest):
+            return cache, rest, False
+        return better, rest2, True
+
+    def _idle(self, budget_s: float = 0.2) -> None:
+        """Idle: write what the disk tier lacks for up to `budget_s`, while nothing arrives."""
+        if self._disk is None:
+            return
+        self._write_disk(time.perf_counter() + budget_s, lambda: not self._inbox.empty())
+
+    def _flush_disk(self, budget_s: float = 8.0) -> None:
+        """At unload or shutdown: write the memory entries to disk, most recent first, within
+        `budget_s` (the registry waits 10 s for the thread)."""
+        if self._disk is None:
+            return
+        t0 = time.perf_counter()
+        done = self._write_disk(t0 + budget_s)
+        log.info(
+            "model %s: prompt cache written to disk in %.2f s (%s; %d files, %d bytes)",
+            self.name,
+            time.perf_counter() - t0,
+            "complete" if done else "cut short",
+            len(self._disk.disk),
+            self._disk.disk.nbytes,
+        )
+
+    def _write_disk(self, deadline: float, busy: Callable[[], bool] = lambda: False) -> bool:
+        try:
+            cache = self.prompt_cache
+            done = bool(
+                self._disk.write_some(
+                    lambda: cache.entries(self.path) if hasattr(cache, "entries") else [],
+                    getattr(cache, "version", None),
+                    deadline,
+                    busy,
+                )
+            )
+        except Exception:  # the disk tier never takes the model down
+            log.exception("model %s: writing the prompt cache to disk failed", self.name)
+            return False
+        self.stats["disk_bytes"] = self._disk.disk.nbytes
+        return done
 
 
 def _run_to_end(

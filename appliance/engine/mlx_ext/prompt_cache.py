@@ -35,9 +35,21 @@ class Trie(PromptTrie):  # type: ignore[misc]
 
     _trie: dict[Any, dict[Any, Any]]
 
-    def __init__(self, usable: Callable[[Any], bool] = lambda value: True) -> None:
+    def __init__(
+        self,
+        usable: Callable[[Any], bool] = lambda value: True,
+        on_pop: Optional[Callable[[Any, list[int], Any], None]] = None,
+    ) -> None:
         super().__init__()
         self._usable = usable
+        self._on_pop = on_pop
+
+    def pop(self, model: Any, tokens: list[int]) -> Any:
+        # LRUPromptCache pops only to evict (superseded prefixes go through pop_prefixes).
+        value = super().pop(model, tokens)
+        if self._on_pop is not None:
+            self._on_pop(model, tokens, value)
+        return value
 
     def search(self, model: Any, tokens: list[int]) -> PromptTrieResult:
         if model not in self._trie:
@@ -104,12 +116,39 @@ def _shortest_below(node: dict[Any, Any]) -> Optional[tuple[list[Any], Any]]:
 
 
 class PromptCache(LRUPromptCache):  # type: ignore[misc]
-    """LRUPromptCache over `Trie`: everything else is mlx-lm's."""
+    """LRUPromptCache over `Trie`; `on_evict(tokens, caches, nbytes)` hears of each entry
+    evicted (to spill it to disk), and `version` counts inserts."""
 
-    def __init__(self, max_size: int = 10, max_bytes: int = 1 << 63) -> None:
+    def __init__(
+        self,
+        max_size: int = 10,
+        max_bytes: int = 1 << 63,
+        on_evict: Optional[Callable[[list[int], list[Any], int], None]] = None,
+    ) -> None:
         super().__init__(max_size=max_size, max_bytes=max_bytes)
+        self.on_evict = on_evict
+        self.version = 0
         # A longer match is only reused when its cache can be trimmed (fetch_nearest_cache).
-        self._trie = Trie(lambda entry: can_trim_prompt_cache(entry.prompt_cache))
+        self._trie = Trie(lambda entry: can_trim_prompt_cache(entry.prompt_cache), self._popped)
+
+    def _popped(self, model: Any, tokens: list[int], entry: Any) -> None:
+        if self.on_evict is not None:
+            self.on_evict(list(tokens), entry.prompt_cache, entry.nbytes)
+
+    def insert_cache(
+        self, model: Any, tokens: list[int], prompt_cache: list[Any], **kw: Any
+    ) -> None:
+        self.version += 1
+        super().insert_cache(model, tokens, prompt_cache, **kw)
+
+    def entries(self, model: Any) -> list[tuple[list[int], list[Any]]]:
+        """`model`'s cached sequences and their caches, most recently inserted first."""
+        out = []
+        for lru in self._lru._lrus.values():
+            for m, tokens in reversed(lru):
+                if m == model:
+                    out.append((list(tokens), self._trie.get(m, tokens).prompt_cache))
+        return out
 
 
 def usable() -> bool:
@@ -119,6 +158,8 @@ def usable() -> bool:
         c = LRUPromptCache(max_size=1)
     except Exception:
         return False
-    return type(getattr(c, "_trie", None)) is PromptTrie and isinstance(
-        getattr(c._trie, "_trie", None), dict
+    return (
+        type(getattr(c, "_trie", None)) is PromptTrie
+        and isinstance(getattr(c._trie, "_trie", None), dict)
+        and isinstance(getattr(getattr(c, "_lru", None), "_lrus", None), dict)
     )

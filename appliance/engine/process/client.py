@@ -53,6 +53,8 @@ class ProcessWorker(WorkerThread):
         trust_remote_code: bool,
         memory_limit: Optional[int],
         on_death: Optional[Callable[[str, BaseException], None]] = None,
+        prompt_cache_dir: Optional[str] = None,
+        prompt_cache_disk_bytes: int = 0,
     ) -> None:
         self.name = name
         self.path = path
@@ -63,6 +65,8 @@ class ProcessWorker(WorkerThread):
             "batching": batching,
             "prompt_cache_bytes": prompt_cache_bytes,
             "prompt_cache_min_tokens": prompt_cache_min_tokens,
+            "prompt_cache_dir": prompt_cache_dir,
+            "prompt_cache_disk_bytes": prompt_cache_disk_bytes,
             "unfused_attention_elements": unfused_attention_elements,
             "decode_kernel": decode_kernel,
             "trust_remote_code": trust_remote_code,
