@@ -169,6 +169,13 @@ class ModelSpec:
         "The model's tool-call format (hermes, qwen3_coder, llama3, mistral, glm, harmony, "
         "an mlx-lm parser name, or none); null: detected from the chat template and tokens.",
     )
+    kv_bits: Optional[int] = key(
+        None,
+        "Keep this model's cached prompt prefixes quantized to 4 or 8 bits (in memory and on "
+        "disk; about 1/4 or 1/2 the bytes of 16-bit ones), dequantized when a prompt reuses "
+        "one (null: as the model computes them).",
+        check=OneOf((4, 8)),
+    )
     demo_shape: str = key(
         "demo", "Shape of the builtin demo model.", check=OneOf(("demo", "llama-1b"))
     )

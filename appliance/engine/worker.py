@@ -41,6 +41,7 @@ def batching(spec: Any) -> dict[str, Any]:
         "join_window_s": spec.join_window_s,
         "fast_joins": spec.fast_joins,
         "fuse_projections": spec.fuse_projections,
+        "kv_bits": spec.kv_bits,
     }
 
 
@@ -114,6 +115,7 @@ class ModelWorker(WorkerThread):
         arriving: Callable[[], int] = lambda: 0,
         prompt_cache_dir: Optional[str] = None,
         prompt_cache_disk_bytes: int = 0,
+        kv_bits: Optional[int] = None,
     ) -> None:
         self.name = name
         self.path = path
@@ -129,6 +131,7 @@ class ModelWorker(WorkerThread):
         self._prompt_cache_dir = prompt_cache_dir  # the disk tier (disk_cache.py), None: off
         self._prompt_cache_disk_bytes = prompt_cache_disk_bytes
         self._disk: Any = None  # a disk_cache.DiskTier once loaded
+        self._kv_bits = kv_bits  # cached prefixes kept quantized (prompt_cache.py)
         self._join_window_s = join_window_s
         self._fast_joins = fast_joins  # see batching.py
         self._fuse_projections = fuse_projections  # see fusion.py
@@ -400,8 +403,15 @@ class ModelWorker(WorkerThread):
         args = getattr(self.model, "args", None)
         self.vocab_size = int(getattr(args, "vocab_size", 0) or len(self.tokenizer._tokenizer))
         # mlx-lm's, with a lookup that does not walk every cached token (prompt_cache.py)
-        cache_cls = prompt_cache.PromptCache if prompt_cache.usable() else LRUPromptCache
-        self.prompt_cache = cache_cls(max_size=64, max_bytes=self._prompt_cache_bytes)
+        if prompt_cache.usable():
+            self.prompt_cache = prompt_cache.PromptCache(
+                max_size=64, max_bytes=self._prompt_cache_bytes, kv_bits=self._kv_bits
+            )
+        else:
+            self.prompt_cache = LRUPromptCache(max_size=64, max_bytes=self._prompt_cache_bytes)
+            if self._kv_bits is not None:
+                log.warning("model %s: kv_bits needs the appliance's prompt cache", self.name)
+                self._kv_bits = None
         self._open_disk(identity)
         if self._prompt_cache_min_tokens is None:
             self._prompt_cache_min_tokens = 32 if on_cuda() else 0
@@ -609,7 +619,9 @@ class ModelWorker(WorkerThread):
 
         folder = folder_for(self._prompt_cache_dir, self.name)
         t0 = time.perf_counter()
-        disk = DiskCache(folder, self._prompt_cache_disk_bytes, identity, "kv_bits=None")
+        disk = DiskCache(
+            folder, self._prompt_cache_disk_bytes, identity, f"kv_bits={self._kv_bits}"
+        )
         self._disk = DiskTier(disk, pending_bytes=self._prompt_cache_bytes)
         if hasattr(self.prompt_cache, "on_evict"):
             self.prompt_cache.on_evict = self._disk.spill
