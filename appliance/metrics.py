@@ -164,6 +164,22 @@ class _LiveCollector(Collector):
             joined.add_metric([model], float(n_joined))
         yield joins
         yield joined
+        disk_hits = CounterMetricFamily(
+            p + "prefix_cache_disk_hits",
+            "Prompt tokens served from the prompt cache's disk tier (counted in "
+            "prefix_cache_hits too).",
+            labels=["model"],
+        )
+        disk_bytes = GaugeMetricFamily(
+            p + "prompt_cache_disk_bytes",
+            "Bytes of the prompt cache's files on disk.",
+            labels=["model"],
+        )
+        for model, (tokens, nbytes) in e.prompt_cache_disk.items():
+            disk_hits.add_metric([model], float(tokens))
+            disk_bytes.add_metric([model], float(nbytes))
+        yield disk_hits
+        yield disk_bytes
         for name, doc, key in (
             ("helper_up", "1 when the helper node answers.", "helper_up"),
             ("helper_circuit_open", "1 while the helper's circuit breaker is open.", "helper_open"),

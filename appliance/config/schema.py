@@ -169,6 +169,13 @@ class ModelSpec:
         "The model's tool-call format (hermes, qwen3_coder, llama3, mistral, glm, harmony, "
         "an mlx-lm parser name, or none); null: detected from the chat template and tokens.",
     )
+    kv_bits: Optional[int] = key(
+        None,
+        "Keep this model's cached prompt prefixes quantized to 4 or 8 bits (in memory and on "
+        "disk; about 1/4 or 1/2 the bytes of 16-bit ones), dequantized when a prompt reuses "
+        "one (null: as the model computes them).",
+        check=OneOf((4, 8)),
+    )
     demo_shape: str = key(
         "demo", "Shape of the builtin demo model.", check=OneOf(("demo", "llama-1b"))
     )
@@ -207,6 +214,19 @@ class ModelsConfig:
         "Shortest cached prefix reused; a shorter one is prefilled again (null: 32 on "
         "CUDA, where a kernel launch per cache array outweighs a short prefill; else 0).",
         check=Between(0, unit="tokens"),
+    )
+    prompt_cache_dir: Optional[str] = key(
+        None,
+        "Folder of the prompt cache's disk tier: cached prefixes evicted from memory, or held "
+        "when the model is idle, unloaded or the appliance stops, are written there (one "
+        "subfolder per model) and read back when a prompt starts with one (null: off).",
+        check=Holds(bool, "a folder path"),
+    )
+    prompt_cache_disk_bytes: int = key(
+        8 * 1024**3,
+        "Bytes of prompt cache files kept in prompt_cache_dir, per model (least recently "
+        "used removed first).",
+        check=Between(0, unit="bytes"),
     )
     cuda_unfused_attention_elements: int = key(
         1 << 27,

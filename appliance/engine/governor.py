@@ -102,6 +102,15 @@ def evict(worker: Any, n_bytes: int) -> Any:
     return worker.call(functools.partial(_trim_in_engine_process, n_bytes))
 
 
+# A prompt's cache is kept when its prefill ends (worker._keep_prefilled) only from this length:
+# below, another session's prefill of the shared part costs less than the copy and its space.
+PREFILLED_MIN_TOKENS = 256
+
+
+def _cache_budget(worker: Any) -> int:
+    return int(getattr(worker, "_prompt_cache_bytes", 0) or 0)
+
+
 @dataclass(frozen=True)
 class Held:
     """A request holding (or granted) a slot, as the governor counts it: its reservation and
@@ -133,7 +142,16 @@ class MemoryGovernor:
         self.evicted_bytes = 0  # prompt-cache bytes evicted to admit requests, over the life
 
     def need(self, model: str, prompt_tokens: int, max_tokens: int) -> int:
-        return kv_need(self.per_token(model), prompt_tokens, max_tokens)
+        """A request's reservation: its KV at its longest, and the copy of its prompt's KV the
+        prompt cache takes when the prefill ends (PREFILLED_MIN_TOKENS and up)."""
+        per_token = self.per_token(model)
+        need = kv_need(per_token, prompt_tokens, max_tokens)
+        cap = next((_cache_budget(w) for n, w in self._workers() if n == model), 0)
+        if cap > 0 and prompt_tokens >= PREFILLED_MIN_TOKENS:
+            copy = min(cap, per_token * prompt_tokens)
+            if need + copy <= self.ceiling():  # else counted as the request alone: see worker
+                need += copy
+        return need
 
     def capacity(self) -> int:
         """Bytes MLX may hold in all: the configured limit, within the machine's memory (the

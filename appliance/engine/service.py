@@ -71,6 +71,7 @@ class Engine:
         caches: dict[str, int] = {}
         entries: dict[str, int] = {}
         joins: dict[str, tuple[int, int]] = {}
+        disk: dict[str, tuple[int, int]] = {}
         loaded = reg.loaded()
         for name in loaded:
             w = reg.worker(name)
@@ -81,6 +82,8 @@ class Engine:
                 if hasattr(w.prompt_cache, "__len__"):
                     entries[name] = len(w.prompt_cache)
             joins[name] = (w.stats["joins"], w.stats["joined"])
+            if w.stats.get("disk_bytes") or w.stats.get("disk_tokens"):
+                disk[name] = (w.stats.get("disk_tokens", 0), w.stats.get("disk_bytes", 0))
         return EngineStats(
             running=adm.running,
             waiting=adm.waiting,
@@ -95,6 +98,7 @@ class Engine:
             waiting_by_model={k: v for k, v in self._waiting.items() if v},
             kv_reserved_bytes=adm.reserved,
             kv_evicted_bytes=self.governor.evicted_bytes,
+            prompt_cache_disk=disk,
         )
 
     def observe(self, observer: RequestObserver) -> None:

@@ -248,3 +248,5 @@ class EngineStats:
     # bytes evicted to admit requests (over the process's life).
     kv_reserved_bytes: int = 0
     kv_evicted_bytes: int = 0
+    # Per model with a disk tier: (prompt tokens served from it so far, bytes of its files).
+    prompt_cache_disk: dict[str, tuple[int, int]] = field(default_factory=dict)

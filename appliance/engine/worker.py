@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 from ..errors import EngineFailure, InvalidRequest
 from .commands import Call, Cancel, Command, Fault, Stop, Submit
+from .governor import PREFILLED_MIN_TOKENS
 from .join import JoinPolicy
 from .memory import on_cuda
 from .mlx_ext import cuda
@@ -41,17 +42,22 @@ def batching(spec: Any) -> dict[str, Any]:
         "join_window_s": spec.join_window_s,
         "fast_joins": spec.fast_joins,
         "fuse_projections": spec.fuse_projections,
+        "kv_bits": spec.kv_bits,
     }
-
-
-# A prompt's cache is kept when its prefill ends only from this length: below, another
-# session's prefill of the shared part costs less than the copy and the cache space.
-PREFILLED_MIN_TOKENS = 256
 
 
 def empty_stats() -> dict[str, int]:
     """A worker's counters before any request: prompt cache use and joins (see metrics.py)."""
-    return {"cache_hits": 0, "cache_misses": 0, "cached_tokens": 0, "joins": 0, "joined": 0}
+    return {
+        "cache_hits": 0,
+        "cache_misses": 0,
+        "cached_tokens": 0,
+        "joins": 0,
+        "joined": 0,
+        "disk_hits": 0,  # requests whose cached prefix came from the disk tier
+        "disk_tokens": 0,  # prompt tokens served from it
+        "disk_bytes": 0,  # bytes of the disk tier's files (a gauge)
+    }
 
 
 class WorkerThread:
@@ -108,6 +114,9 @@ class ModelWorker(WorkerThread):
         on_death: Optional[Callable[[str, BaseException], None]] = None,
         link: Any = None,
         arriving: Callable[[], int] = lambda: 0,
+        prompt_cache_dir: Optional[str] = None,
+        prompt_cache_disk_bytes: int = 0,
+        kv_bits: Optional[int] = None,
     ) -> None:
         self.name = name
         self.path = path
@@ -120,6 +129,10 @@ class ModelWorker(WorkerThread):
         self._max_kv_size = max_kv_size
         self._prompt_cache_bytes = prompt_cache_bytes
         self._prompt_cache_min_tokens = prompt_cache_min_tokens  # None: by backend, at load
+        self._prompt_cache_dir = prompt_cache_dir  # the disk tier (disk_cache.py), None: off
+        self._prompt_cache_disk_bytes = prompt_cache_disk_bytes
+        self._disk: Any = None  # a disk_cache.DiskTier once loaded
+        self._kv_bits = kv_bits  # cached prefixes kept quantized (prompt_cache.py)
         self._join_window_s = join_window_s
         self._fast_joins = fast_joins  # see batching.py
         self._fuse_projections = fuse_projections  # see fusion.py
@@ -197,6 +210,7 @@ class ModelWorker(WorkerThread):
         self._settle_load(None)
         try:
             self._serve(gen, mx)
+            self._flush_disk()
         except BaseException as exc:  # the thread boundary: fail every request, report
             log.exception("generation thread of %s died", self.name)
             self.dead = exc
@@ -260,6 +274,7 @@ class ModelWorker(WorkerThread):
                 except queue.Empty:
                     if timeout is not None and not waiting:
                         policy.idle()  # idle for a while: nobody is coming back
+                        self._idle()
                         continue
                     break
                 timeout = None
@@ -379,6 +394,7 @@ class ModelWorker(WorkerThread):
         from .mlx_ext import fusion, prompt_cache
 
         self.model, self.tokenizer = self._loader()
+        identity = self._model_identity()
         fused = self._fuse()
         if cuda.install(self._unfused_attention_elements, self._decode_kernel):
             log.info(
@@ -392,8 +408,16 @@ class ModelWorker(WorkerThread):
         args = getattr(self.model, "args", None)
         self.vocab_size = int(getattr(args, "vocab_size", 0) or len(self.tokenizer._tokenizer))
         # mlx-lm's, with a lookup that does not walk every cached token (prompt_cache.py)
-        cache_cls = prompt_cache.PromptCache if prompt_cache.usable() else LRUPromptCache
-        self.prompt_cache = cache_cls(max_size=64, max_bytes=self._prompt_cache_bytes)
+        if prompt_cache.usable():
+            self.prompt_cache = prompt_cache.PromptCache(
+                max_size=64, max_bytes=self._prompt_cache_bytes, kv_bits=self._kv_bits
+            )
+        else:
+            self.prompt_cache = LRUPromptCache(max_size=64, max_bytes=self._prompt_cache_bytes)
+            if self._kv_bits is not None:
+                log.warning("model %s: kv_bits needs the appliance's prompt cache", self.name)
+                self._kv_bits = None
+        self._open_disk(identity)
         if self._prompt_cache_min_tokens is None:
             self._prompt_cache_min_tokens = 32 if on_cuda() else 0
         cls: Any = BatchGenerator
@@ -529,7 +553,10 @@ class ModelWorker(WorkerThread):
         if not done:
             return
         for tokens, cache in done:
-            if len(tokens) >= PREFILLED_MIN_TOKENS:
+            room = self._prompt_cache_bytes - gen.prompt_cache_nbytes
+            # a copy the cache's budget can't hold beside the running batch would be trimmed at
+            # once: not made (the memory governor counts the copy only where it fits, too)
+            if len(tokens) >= PREFILLED_MIN_TOKENS and _nbytes(cache) <= room:
                 self._cache_insert(gen, tokens, cache, "user")
         done.clear()
 
@@ -558,8 +585,11 @@ class ModelWorker(WorkerThread):
             processors.append(grammar)  # last: nothing after it lifts the mask
         cache = None
         rest = prompt
+        from_disk = False
         if self._prompt_cache_bytes > 0:
             cache, rest = self.prompt_cache.fetch_nearest_cache(self.path, prompt)
+            if self._disk is not None:
+                cache, rest, from_disk = self._from_disk(prompt, cache, rest)
         cached = len(prompt) - len(rest)
         if cache is not None and cached == len(prompt) and cached > 1:
             # An exact hit: the last prompt token must still go through the model to give the
@@ -572,6 +602,9 @@ class ModelWorker(WorkerThread):
         if cache is not None and max(1, self._prompt_cache_min_tokens or 0) <= cached < len(prompt):
             self.stats["cache_hits"] += 1
             self.stats["cached_tokens"] += cached
+            if from_disk:
+                self.stats["disk_hits"] += 1
+                self.stats["disk_tokens"] += cached
         else:
             self.stats["cache_misses"] += 1
             cache, rest, cached = None, prompt, 0
@@ -584,6 +617,106 @@ class ModelWorker(WorkerThread):
             logits_processors=[processors],
         )
         return int(uid), cached, grammar
+
+    # -- the prompt cache's disk tier (disk_cache.py): read in _insert, written when idle
+    def _model_identity(self) -> Optional[str]:
+        """The loaded model's identity for the disk tier (before fusion renames parameters)."""
+        if self._prompt_cache_dir is None or self._link is not None or self._max_kv_size:
+            return None
+        from .disk_cache import model_identity
+
+        return model_identity(self.model)
+
+    def _open_disk(self, identity: Optional[str]) -> None:
+        """Open this model's folder of the disk tier: off in a group of ranks (each rank would
+        have to read the same files at the same step), with a rotating cache (mlx-lm's file
+        format does not keep its settings) or without a memory cache."""
+        if self._prompt_cache_dir is None or self._prompt_cache_bytes <= 0:
+            return
+        if identity is None:
+            log.warning(
+                "model %s: no disk tier for the prompt cache (%s)",
+                self.name,
+                "split across ranks" if self._link is not None else "max_kv_size is set",
+            )
+            return
+        from .disk_cache import DiskCache, DiskTier, folder_for
+
+        folder = folder_for(self._prompt_cache_dir, self.name)
+        t0 = time.perf_counter()
+        disk = DiskCache(
+            folder, self._prompt_cache_disk_bytes, identity, f"kv_bits={self._kv_bits}"
+        )
+        self._disk = DiskTier(disk, pending_bytes=self._prompt_cache_bytes)
+        if hasattr(self.prompt_cache, "on_evict"):
+            self.prompt_cache.on_evict = self._disk.spill
+        self.stats["disk_bytes"] = disk.nbytes
+        log.info(
+            "model %s: prompt cache disk tier %s: %d files, %d bytes (%d removed) in %.2f s",
+            self.name,
+            folder,
+            len(disk),
+            disk.nbytes,
+            disk.removed,
+            time.perf_counter() - t0,
+        )
+
+    def _from_disk(self, prompt: list[int], cache: Any, rest: list[int]) -> tuple[Any, Any, bool]:
+        """The memory's match, or a longer one from disk (then kept in memory as well)."""
+        found = self._disk.lookup(prompt, len(prompt) - len(rest) if cache is not None else 0)
+        self.stats["disk_bytes"] = self._disk.disk.nbytes
+        if found is None:
+            return cache, rest, False
+        tokens, loaded = found
+        self.prompt_cache.insert_cache(self.path, tokens, loaded, cache_type="assistant")
+        self.prompt_cache.trim_to(n_bytes=self._prompt_cache_bytes)
+        better, rest2 = self.prompt_cache.fetch_nearest_cache(self.path, prompt)
+        if better is None or len(rest2) >= len(rest):
+            return cache, rest, False
+        return better, rest2, True
+
+    def _idle(self, budget_s: float = 0.2) -> None:
+        """Idle: write what the disk tier lacks for up to `budget_s`, while nothing arrives."""
+        if self._disk is None:
+            return
+        self._write_disk(time.perf_counter() + budget_s, lambda: not self._inbox.empty())
+
+    def _flush_disk(self, budget_s: float = 8.0) -> None:
+        """At unload or shutdown: write the memory entries to disk, most recent first, within
+        `budget_s` (the registry waits 10 s for the thread)."""
+        if self._disk is None:
+            return
+        t0 = time.perf_counter()
+        done = self._write_disk(t0 + budget_s)
+        log.info(
+            "model %s: prompt cache written to disk in %.2f s (%s; %d files, %d bytes)",
+            self.name,
+            time.perf_counter() - t0,
+            "complete" if done else "cut short",
+            len(self._disk.disk),
+            self._disk.disk.nbytes,
+        )
+
+    def _write_disk(self, deadline: float, busy: Callable[[], bool] = lambda: False) -> bool:
+        try:
+            cache = self.prompt_cache
+            done = bool(
+                self._disk.write_some(
+                    lambda: cache.entries(self.path) if hasattr(cache, "entries") else [],
+                    getattr(cache, "version", None),
+                    deadline,
+                    busy,
+                )
+            )
+        except Exception:  # the disk tier never takes the model down
+            log.exception("model %s: writing the prompt cache to disk failed", self.name)
+            return False
+        self.stats["disk_bytes"] = self._disk.disk.nbytes
+        return done
+
+
+def _nbytes(cache: list[Any]) -> int:
+    return int(sum(c.nbytes for c in cache))
 
 
 def _run_to_end(

@@ -17,6 +17,9 @@ shortest to copy less, which costs far more to find than copying a longer one (a
 Only if that sequence's cache can't be trimmed (a rotating cache, `max_kv_size`, past its size)
 is the shortest searched for, as mlx-lm does but level by level without copying paths: a
 shorter one may still fit. Exact and prefix matches are unchanged.
+
+With a model's `kv_bits`, entries are kept as mlx-lm's QuantizedKVCache (affine, group 64, or
+32 for heads of 32) and dequantized when fetched: mlx-lm's batch caches take plain KVCaches.
 """
 
 from __future__ import annotations
@@ -24,7 +27,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Optional
 
-from mlx_lm.models.cache import LRUPromptCache, PromptTrie, PromptTrieResult, can_trim_prompt_cache
+from mlx_lm.models.cache import (
+    KVCache,
+    LRUPromptCache,
+    PromptTrie,
+    PromptTrieResult,
+    QuantizedKVCache,
+    can_trim_prompt_cache,
+)
 
 TARGETS = "mlx-lm 0.32 (models.cache.LRUPromptCache over a PromptTrie)"
 
@@ -35,9 +45,21 @@ class Trie(PromptTrie):  # type: ignore[misc]
 
     _trie: dict[Any, dict[Any, Any]]
 
-    def __init__(self, usable: Callable[[Any], bool] = lambda value: True) -> None:
+    def __init__(
+        self,
+        usable: Callable[[Any], bool] = lambda value: True,
+        on_pop: Optional[Callable[[Any, list[int], Any], None]] = None,
+    ) -> None:
         super().__init__()
         self._usable = usable
+        self._on_pop = on_pop
+
+    def pop(self, model: Any, tokens: list[int]) -> Any:
+        # LRUPromptCache pops only to evict (superseded prefixes go through pop_prefixes).
+        value = super().pop(model, tokens)
+        if self._on_pop is not None:
+            self._on_pop(model, tokens, value)
+        return value
 
     def search(self, model: Any, tokens: list[int]) -> PromptTrieResult:
         if model not in self._trie:
@@ -104,12 +126,103 @@ def _shortest_below(node: dict[Any, Any]) -> Optional[tuple[list[Any], Any]]:
 
 
 class PromptCache(LRUPromptCache):  # type: ignore[misc]
-    """LRUPromptCache over `Trie`: everything else is mlx-lm's."""
+    """LRUPromptCache over `Trie`; `on_evict(tokens, caches, nbytes)` hears of each entry
+    evicted (to spill it to disk), and `version` counts inserts. With `kv_bits` (4 or 8) the
+    entries are kept quantized (mlx-lm's QuantizedKVCache) and handed out as plain KVCaches,
+    which the batch's caches are made of."""
 
-    def __init__(self, max_size: int = 10, max_bytes: int = 1 << 63) -> None:
+    def __init__(
+        self,
+        max_size: int = 10,
+        max_bytes: int = 1 << 63,
+        on_evict: Optional[Callable[[list[int], list[Any], int], None]] = None,
+        kv_bits: Optional[int] = None,
+    ) -> None:
         super().__init__(max_size=max_size, max_bytes=max_bytes)
+        self.on_evict = on_evict
+        self.version = 0
+        self.kv_bits = kv_bits
         # A longer match is only reused when its cache can be trimmed (fetch_nearest_cache).
-        self._trie = Trie(lambda entry: can_trim_prompt_cache(entry.prompt_cache))
+        self._trie = Trie(lambda entry: can_trim_prompt_cache(entry.prompt_cache), self._popped)
+
+    def _popped(self, model: Any, tokens: list[int], entry: Any) -> None:
+        if self.on_evict is not None:
+            self.on_evict(list(tokens), entry.prompt_cache, entry.nbytes)
+
+    def insert_cache(
+        self, model: Any, tokens: list[int], prompt_cache: list[Any], **kw: Any
+    ) -> None:
+        self.version += 1
+        if self.kv_bits is not None:
+            prompt_cache = quantize(prompt_cache, self.kv_bits)
+        super().insert_cache(model, tokens, prompt_cache, **kw)
+
+    def fetch_nearest_cache(self, model: Any, tokens: list[int]) -> tuple[Any, list[int]]:
+        cache, rest = super().fetch_nearest_cache(model, tokens)
+        if cache is not None and self.kv_bits is not None:
+            cache = dequantize(cache)
+        return cache, rest
+
+    def entries(self, model: Any) -> list[tuple[list[int], list[Any]]]:
+        """`model`'s cached sequences and their caches, most recently inserted first."""
+        out = []
+        for lru in self._lru._lrus.values():
+            for m, tokens in reversed(lru):
+                if m == model:
+                    out.append((list(tokens), self._trie.get(m, tokens).prompt_cache))
+        return out
+
+
+def group_size(head_dim: int) -> Optional[int]:
+    """The quantization group for a KV head of this size: 64 where it divides (as mlx-lm's
+    QuantizedKVCache), else 32 (the demo model's heads); None if neither does."""
+    return next((g for g in (64, 32) if head_dim % g == 0), None)
+
+
+def quantize(cache: list[Any], bits: int) -> list[Any]:
+    """A sequence's caches quantized to `bits`, cut to their length; caches of other kinds,
+    already quantized or with heads no group divides are kept as they are."""
+    import mlx.core as mx
+
+    out: list[Any] = []
+    done: list[Any] = []
+    c: Any
+    for c in cache:
+        g = group_size(c.keys.shape[-1]) if type(c) is KVCache and c.keys is not None else None
+        if g is None or group_size(c.values.shape[-1]) is None:
+            out.append(c)
+            continue
+        n = c.offset
+        q: Any = QuantizedKVCache(group_size=g, bits=bits)
+        q.offset = n
+        q.keys = mx.quantize(c.keys[..., :n, :], group_size=g, bits=bits)
+        q.values = mx.quantize(c.values[..., :n, :], group_size=g, bits=bits)
+        done.extend((*q.keys, *q.values))
+        out.append(q)
+    mx.async_eval(done)  # now, without waiting: the full-precision copy can then go
+    return out
+
+
+def dequantize(cache: list[Any]) -> list[Any]:
+    """Plain KVCaches of quantized ones (a batch's caches are built from KVCaches)."""
+    import mlx.core as mx
+
+    def plain(parts: Any, n: int, g: int, bits: int) -> Any:
+        w, scales, biases = (x[..., :n, :] for x in parts)
+        return mx.dequantize(w, scales, biases, group_size=g, bits=bits)
+
+    out: list[Any] = []
+    c: Any
+    for c in cache:
+        if type(c) is not QuantizedKVCache:
+            out.append(c)
+            continue
+        k = KVCache()
+        k.offset = c.offset
+        k.keys = plain(c.keys, c.offset, c.group_size, c.bits)
+        k.values = plain(c.values, c.offset, c.group_size, c.bits)
+        out.append(k)
+    return out
 
 
 def usable() -> bool:
@@ -119,6 +232,8 @@ def usable() -> bool:
         c = LRUPromptCache(max_size=1)
     except Exception:
         return False
-    return type(getattr(c, "_trie", None)) is PromptTrie and isinstance(
-        getattr(c._trie, "_trie", None), dict
+    return (
+        type(getattr(c, "_trie", None)) is PromptTrie
+        and isinstance(getattr(c._trie, "_trie", None), dict)
+        and isinstance(getattr(getattr(c, "_lru", None), "_lrus", None), dict)
     )

@@ -54,6 +54,8 @@ class _EngineWorker(ModelWorker):
             **init["batching"],
             prompt_cache_bytes=init["prompt_cache_bytes"],
             prompt_cache_min_tokens=init["prompt_cache_min_tokens"],
+            prompt_cache_dir=init.get("prompt_cache_dir"),
+            prompt_cache_disk_bytes=init.get("prompt_cache_disk_bytes", 0),
             unfused_attention_elements=init["unfused_attention_elements"],
             decode_kernel=init["decode_kernel"],
         )

@@ -54,6 +54,8 @@ class ProcessWorker(WorkerThread):
         memory_limit: Optional[int],
         cpu_weights: str = "auto",
         on_death: Optional[Callable[[str, BaseException], None]] = None,
+        prompt_cache_dir: Optional[str] = None,
+        prompt_cache_disk_bytes: int = 0,
     ) -> None:
         self.name = name
         self.path = path
@@ -64,6 +66,8 @@ class ProcessWorker(WorkerThread):
             "batching": batching,
             "prompt_cache_bytes": prompt_cache_bytes,
             "prompt_cache_min_tokens": prompt_cache_min_tokens,
+            "prompt_cache_dir": prompt_cache_dir,
+            "prompt_cache_disk_bytes": prompt_cache_disk_bytes,
             "unfused_attention_elements": unfused_attention_elements,
             "decode_kernel": decode_kernel,
             "trust_remote_code": trust_remote_code,

@@ -1,0 +1,92 @@
+"""The prompt cache's disk tier across a restart of a real appliance serving the demo model."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from appliance.engine.disk_cache import SUFFIX, DiskCache
+
+pytestmark = pytest.mark.timeout(180)
+
+BUDGET = 3 * 1024 * 1024
+SYSTEM = "You are a careful agent. Tools: read_file, write_file, run_tests, search. " * 12
+
+
+def _chat(url: str, messages: list[dict[str, str]]) -> tuple[str, int, int]:
+    r = httpx.post(
+        url + "/v1/chat/completions",
+        json={"model": "demo", "messages": messages, "max_tokens": 8, "temperature": 0},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    usage = body["usage"]
+    cached = usage["prompt_tokens_details"]["cached_tokens"]
+    return body["choices"][0]["message"]["content"], usage["prompt_tokens"], cached
+
+
+def _disk_hits(url: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    m = re.search(r'^lmx_prefix_cache_disk_hits_total\{model="demo"\} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir())
+
+
+def test_a_known_conversation_hits_the_disk_after_a_restart(
+    appliance_factory: Any, tmp_path: Path
+) -> None:
+    root = tmp_path / "prompt-cache"
+    settings = (
+        f"models.prompt_cache_dir={root}",
+        f"models.prompt_cache_disk_bytes={BUDGET}",
+        "models.prompt_cache_min_tokens=0",
+    )
+    first = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "List the files."}]
+    a = appliance_factory(*settings, home=tmp_path / "one")
+    answer, prompt_tokens, cached = _chat(a.url, first)
+    assert cached == 0
+    assert a.stop() == 0  # SIGTERM: the memory cache is written on the way out
+    folder = root / "demo"
+    files = [p for p in folder.iterdir() if p.name.endswith(SUFFIX)]
+    assert files, "nothing was written at shutdown"
+
+    # Beside the good file: a torn copy of it and a file of another model.
+    torn = folder / ("f" * 40 + SUFFIX)
+    torn.write_bytes(files[0].read_bytes()[:-64])
+    other = DiskCache(tmp_path / "elsewhere", BUDGET, "another-model", "kv_bits=None")
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+
+    kv = KVCache()
+    kv.update_and_fetch(mx.zeros((1, 2, 40, 32)), mx.zeros((1, 2, 40, 32)))
+    assert other.write(list(range(40)), [kv] * 4)
+    foreign = next((tmp_path / "elsewhere").iterdir())
+    foreign.rename(folder / foreign.name)
+
+    b = appliance_factory(*settings, home=tmp_path / "two")
+    assert not torn.exists() and not (folder / foreign.name).exists()
+    turn2 = [
+        *first,
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "Now run the tests."},
+    ]
+    _, prompt2, cached2 = _chat(b.url, turn2)
+    # The first turn of the restarted server reuses the previous prompt from disk: all of it
+    # but its last token, which the template's assistant header merges with the answer.
+    assert prompt_tokens - 1 <= cached2 < prompt2
+    assert _disk_hits(b.url) == cached2
+
+    # Many other conversations: the folder stays within its budget.
+    for i in range(6):
+        _chat(b.url, [{"role": "system", "content": f"{i} " + SYSTEM}, first[1]])
+    assert b.stop() == 0
+    assert _size(folder) <= BUDGET
+    assert len(list(folder.iterdir())) >= 2

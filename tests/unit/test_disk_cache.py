@@ -1,0 +1,134 @@
+"""The prompt cache's disk tier on real files and real MLX arrays (no model)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models.cache import KVCache
+
+from appliance.engine.disk_cache import (
+    MARGIN_TOKENS,
+    SUFFIX,
+    TMP_PREFIX,
+    DiskCache,
+    DiskTier,
+    folder_for,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _cache(n: int, seed: int = 0, layers: int = 2) -> list[Any]:
+    """Caches of `n` positions, as a finished sequence leaves them (a buffer longer than n)."""
+    mx.random.seed(seed)
+    out = []
+    for _ in range(layers):
+        c = KVCache()
+        c.update_and_fetch(mx.random.normal((1, 2, n, 32)), mx.random.normal((1, 2, n, 32)))
+        out.append(c)
+    return out
+
+
+def _open(folder: Path, budget: int = 1 << 30, model: str = "m1") -> DiskCache:
+    return DiskCache(folder, budget, model, "kv_bits=None")
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_a_written_cache_is_found_after_a_restart_and_loads_equal(tmp_path: Path) -> None:
+    tokens = list(range(100, 180))
+    cache = _cache(len(tokens))
+    disk = _open(tmp_path)
+    assert disk.write(tokens, cache)
+    assert not disk.write(tokens, cache)  # already there
+    assert [f.endswith(SUFFIX) for f in _files(tmp_path)] == [True]
+
+    again = _open(tmp_path)  # a new index, from the headers alone
+    assert len(again) == 1 and again.nbytes == disk.nbytes
+    entry, common = again.best(tokens[:50] + [7, 7, 7])
+    assert entry is not None and common == 50
+    loaded = again.load(entry)
+    assert loaded is not None and [c.offset for c in loaded] == [80, 80]
+    for a, b in zip(loaded, cache, strict=True):
+        assert mx.array_equal(a.keys, b.keys[..., :80, :]).item()
+        assert mx.array_equal(a.values, b.values[..., :80, :]).item()
+    assert again.best([1, 2, 3]) == (None, 0)
+
+
+def test_torn_foreign_and_unfinished_files_are_removed_at_start(tmp_path: Path) -> None:
+    disk = _open(tmp_path)
+    disk.write(list(range(10, 60)), _cache(50))
+    disk.write(list(range(200, 260)), _cache(60, seed=1))
+    torn, kept = sorted(tmp_path.iterdir(), key=lambda p: p.stat().st_size)
+    torn.write_bytes(torn.read_bytes()[:-100])
+    (tmp_path / f"{TMP_PREFIX}abc{SUFFIX}").write_bytes(b"half a write")
+    (tmp_path / f"{'0' * 40}{SUFFIX}").write_bytes(b"\xff" * 64)  # not even a header
+    other = _open(tmp_path / "other", model="m2")
+    other.write(list(range(10, 60)), _cache(50))
+    foreign = next((tmp_path / "other").iterdir())
+    os.replace(foreign, tmp_path / foreign.name)
+
+    again = _open(tmp_path)
+    assert _files(tmp_path) == sorted(["other", kept.name])
+    assert len(again) == 1 and again.removed == 4
+
+
+def test_a_corrupted_file_is_removed_on_read_and_never_loaded(tmp_path: Path) -> None:
+    disk = _open(tmp_path)
+    tokens = list(range(10, 90))
+    disk.write(tokens, _cache(80))
+    (path,) = tmp_path.iterdir()
+    data = bytearray(path.read_bytes())
+    data[-40] ^= 0xFF  # one flipped byte in the last tensor: the header still parses
+    path.write_bytes(bytes(data))
+    again = _open(tmp_path)
+    entry, _ = again.best(tokens)
+    assert entry is not None
+    assert again.load(entry) is None
+    assert not path.exists() and len(again) == 0 and again.nbytes == 0
+
+
+def test_the_budget_evicts_least_recently_used_and_prefixes_go(tmp_path: Path) -> None:
+    one = _open(tmp_path)
+    one.write(list(range(1000, 1064)), _cache(64))
+    size = one.nbytes
+    disk = _open(tmp_path, budget=int(size * 2.5))
+    a, b, c = (list(range(s, s + 64)) for s in (1, 2000, 3000))
+    disk.write(a, _cache(64))
+    disk.write(b, _cache(64))
+    entry, _ = disk.best(a)
+    assert entry is not None and disk.load(entry) is not None  # a is now the most recent
+    disk.write(c, _cache(64))
+    assert disk.nbytes <= disk.budget
+    assert disk.has(a) and disk.has(c) and not disk.has(b)
+    # A longer sequence makes its strict prefix useless: only the longer one stays.
+    disk.write(a + [5, 6, 7], _cache(67))
+    assert disk.has(a + [5, 6, 7]) and not disk.has(a)
+    assert len(_files(tmp_path)) == len(disk)
+    # Something larger than the whole budget is never written.
+    assert not disk.write(list(range(9000, 9400)), _cache(400))
+
+
+def test_the_tier_loads_only_past_the_margin_and_spills_when_idle(tmp_path: Path) -> None:
+    tier = DiskTier(_open(tmp_path), pending_bytes=1 << 30)
+    tokens = list(range(10, 10 + 2 * MARGIN_TOKENS + 10))
+    tier.spill(tokens, _cache(len(tokens)), 0)
+    assert tier.disk.nbytes == 0  # nothing written until asked
+    assert tier.write_some(lambda: [], None, deadline=float("inf"))
+    assert tier.disk.has(tokens)
+    # Memory already covers all but a few of the tokens the file holds: not worth a read.
+    assert tier.lookup(tokens + [1], have=len(tokens) - 5) is None
+    found = tier.lookup(tokens + [1], have=len(tokens) - MARGIN_TOKENS - 5)
+    assert found is not None and found[0] == tokens
+
+
+def test_model_folders_are_kept_apart(tmp_path: Path) -> None:
+    assert folder_for(str(tmp_path), "demo") == tmp_path / "demo"
+    a, b = folder_for(str(tmp_path), "x/y"), folder_for(str(tmp_path), "x_y")
+    assert a != b and a.parent == tmp_path
