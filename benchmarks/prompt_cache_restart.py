@@ -2,6 +2,7 @@
 against a cold prefill of the same prompt. Run by hand:
 
     python -m benchmarks.prompt_cache_restart [--model demo] [--repeat 3] [--chars 3200]
+                                              [--set KEY=VALUE ...]
 
 Per repetition: an appliance with a fresh `models.prompt_cache_dir` answers turn 1 of a
 conversation (a long system prompt) and stops (SIGTERM: its cache goes to disk); a second one on
@@ -81,6 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="demo")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--chars", type=int, default=3200, help="system prompt length")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every server (e.g. models.catalog.demo.demo_shape=llama-1b)",
+    )
     args = ap.parse_args(argv)
     system = ("You are a coding agent. Tools: read_file(path), run_tests(), search(q). " * 200)[
         : args.chars
@@ -89,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.repeat):
         with tempfile.TemporaryDirectory(prefix="pc-restart-") as tmp:
             work = Path(tmp)
-            disk = [f"models.prompt_cache_dir={work / 'cache'}"]
+            disk = [*args.set, f"models.prompt_cache_dir={work / 'cache'}"]
             first = [
                 {"role": "system", "content": f"{i} {system}"},
                 {"role": "user", "content": "What does the project do?"},
@@ -105,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             proc, url = _serve("disk", work, args.model, disk)
             _, t_warm, p2, cached = _turn(url, args.model, second)
             proc.stop()
-            proc, url = _serve("cold", work, args.model, [])
+            proc, url = _serve("cold", work, args.model, list(args.set))
             _, t_cold, _, cold_cached = _turn(url, args.model, second)
             proc.stop()
             assert cold_cached == 0

@@ -105,7 +105,9 @@ SCHEMAS: list[tuple[str, dict[str, Any]]] = [
                 "name": S,
                 "members": {
                     "type": "array",
-                    "items": obj({"name": S}),
+                    # bounded: greedy SmolLM2 repeats a digit inside an open member name until
+                    # max_tokens (a valid prefix, but cut: finish_reason "length")
+                    "items": obj({"name": {"type": "string", "maxLength": 24}}),
                     "minItems": 1,
                     "maxItems": 2,
                 },
