@@ -204,9 +204,11 @@ class ModelsConfig:
         help="Models loaded at start (and pinned against idle eviction).",
         factory=lambda: ["smollm2"],
     )
-    prompt_cache_bytes: int = key(
-        256 * 1024 * 1024,
-        "Bytes of KV cache kept for prompt-prefix reuse, per model.",
+    prompt_cache_bytes: Optional[int] = key(
+        None,
+        "Bytes of KV cache kept for prompt-prefix reuse, per model (null: a quarter of the "
+        "memory MLX may use: the device's on CUDA, else the system's; the memory governor "
+        "evicts it before refusing a request).",
         check=Between(0, unit="bytes"),
     )
     prompt_cache_min_tokens: Optional[int] = key(

@@ -116,6 +116,7 @@ def run_follower(models: Any) -> int:
     import asyncio
 
     from .loading import as_folder
+    from .memory import prompt_cache_budget
     from .paths import resolve_path
     from .worker import ModelWorker, batching
 
@@ -129,7 +130,9 @@ def run_follower(models: Any) -> int:
         loader=lambda: load_sharded(path),
         loop=asyncio.new_event_loop(),  # never run: a follower hands nothing to a loop
         **batching(spec),
-        prompt_cache_bytes=models.prompt_cache_bytes,
+        # the same budget as rank 0's (its cache decisions must match): hosts of a group that
+        # differ in memory need models.prompt_cache_bytes set
+        prompt_cache_bytes=prompt_cache_budget(models.prompt_cache_bytes),
         prompt_cache_min_tokens=models.prompt_cache_min_tokens,
         unfused_attention_elements=models.cuda_unfused_attention_elements,
         decode_kernel=models.cuda_decode_kernel,

@@ -101,6 +101,13 @@ def total_bytes() -> int:
     return _cuda_total() or int(system_memory().total)
 
 
+def prompt_cache_budget(configured: Optional[int]) -> int:
+    """Each model's prompt-cache budget: the configured bytes, else a quarter of the memory MLX
+    may use here (agents' conversations are tens of thousands of tokens each; the memory
+    governor evicts the cache before it refuses a request)."""
+    return int(configured) if configured is not None else total_bytes() // 4
+
+
 @dataclass(frozen=True)
 class MemoryStats:
     """Memory at one moment: the process's RSS, MLX's active / peak / cache bytes (None where

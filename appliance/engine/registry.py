@@ -16,7 +16,7 @@ from . import distributed
 from .cpu import WeightPlan
 from .governor import weights_bytes
 from .loading import as_folder, load_model, set_chat_template, weight_plan
-from .memory import free_bytes, mlx_active
+from .memory import free_bytes, mlx_active, prompt_cache_budget
 from .paths import estimate_bytes, kv_bytes_per_token, kv_shape, resolve_path
 from .process import AnyWorker, ProcessWorker
 from .types import ModelInfo
@@ -222,7 +222,7 @@ class ModelRegistry:
                     prepare=lambda: as_folder(prepare(), self.cfg.builtin_dir),
                     loop=loop,
                     batching=batching(spec),
-                    prompt_cache_bytes=self.cfg.prompt_cache_bytes,
+                    prompt_cache_bytes=prompt_cache_budget(self.cfg.prompt_cache_bytes),
                     prompt_cache_min_tokens=self.cfg.prompt_cache_min_tokens,
                     prompt_cache_dir=self.cfg.prompt_cache_dir,
                     prompt_cache_disk_bytes=self.cfg.prompt_cache_disk_bytes,
@@ -240,7 +240,7 @@ class ModelRegistry:
                     loader=loader,
                     loop=loop,
                     **batching(spec),
-                    prompt_cache_bytes=self.cfg.prompt_cache_bytes,
+                    prompt_cache_bytes=prompt_cache_budget(self.cfg.prompt_cache_bytes),
                     prompt_cache_min_tokens=self.cfg.prompt_cache_min_tokens,
                     prompt_cache_dir=self.cfg.prompt_cache_dir,
                     prompt_cache_disk_bytes=self.cfg.prompt_cache_disk_bytes,

@@ -425,7 +425,11 @@ class ModelWorker(WorkerThread):
         if self._fast_joins:
             if fast.usable():
                 cls = fast.BatchGenerator
-                extra["prefill_budget"] = self._prefill_budget
+                # learnt from step times, the budget would differ between the ranks of a group,
+                # whose steps must match: there it is off unless fixed
+                learnt = self._prefill_budget == 0
+                split = self._link is not None
+                extra["prefill_budget"] = None if learnt and split else self._prefill_budget
             else:
                 log.warning(
                     "model %s: this mlx-lm's batching is not the one fast_joins extends; "
@@ -553,9 +557,9 @@ class ModelWorker(WorkerThread):
         if not done:
             return
         for tokens, cache in done:
-            room = self._prompt_cache_bytes - gen.prompt_cache_nbytes
-            # a copy the cache's budget can't hold beside the running batch would be trimmed at
-            # once: not made (the memory governor counts the copy only where it fits, too)
+            room = self._prompt_cache_bytes
+            # a copy the cache's budget can't hold would be trimmed at once: not made (the
+            # memory governor counts the copy only where it fits, too)
             if len(tokens) >= PREFILLED_MIN_TOKENS and _nbytes(cache) <= room:
                 self._cache_insert(gen, tokens, cache, "user")
         done.clear()
@@ -571,7 +575,9 @@ class ModelWorker(WorkerThread):
         leaves: Any = tree_flatten([c.state for c in cache])
         mx.async_eval([a for _, a in leaves if isinstance(a, mx.array)])
         self.prompt_cache.insert_cache(self.path, tokens, cache, cache_type=kind)
-        self.prompt_cache.trim_to(n_bytes=self._prompt_cache_bytes - gen.prompt_cache_nbytes)
+        # the cache's own budget: the running batch is the memory governor's to count (taking
+        # it out of this budget emptied the cache whenever long conversations ran)
+        self.prompt_cache.trim_to(n_bytes=self._prompt_cache_bytes)
 
     def _insert(self, gen: Any, prompt: list[int], params: SamplingParams) -> tuple[int, int, Any]:
         """Put a prompt in the batch (with its cached prefix); (uid, cached tokens, grammar

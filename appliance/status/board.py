@@ -244,7 +244,11 @@ class StatusBoard:
             "memory": memory_view(
                 m, int(vm.total), int(vm.available), self.limits.mlx_memory_limit_bytes
             ),
-            "prompt_cache": cache_view(stats, self.traffic.models, self.models.prompt_cache_bytes),
+            "prompt_cache": cache_view(
+                stats,
+                self.traffic.models,
+                memory.prompt_cache_budget(self.models.prompt_cache_bytes),
+            ),
             "errors": errors_view(self.errors.items()),
             "history": history_view(
                 self.history.samples, self.history.interval_s, self.history.window_s
