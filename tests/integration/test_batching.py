@@ -384,4 +384,10 @@ def test_prefill_budget_learns_from_step_times() -> None:
     assert b.per_row(1, decoding=True) == 30  # 3/4 of a 4 ms step
     assert b.per_row(3, decoding=True) == 10
     assert batching.PrefillBudget(64, 512).per_row(2, decoding=True) == 32
+    # a prefill that seemed free (noise) grows the budget twofold a step, not to a whole chunk
+    c = batching.PrefillBudget(0, 512)
+    assert c.per_row(1, decoding=True) == c.START
+    c.decoded(0.004)
+    c.prefilled(8, 0.004, 0.004)
+    assert [c.per_row(1, decoding=True) for _ in range(3)] == [16, 32, 64]
     assert batching.PrefillBudget(None, 512).per_row(2, decoding=True) == 512

@@ -313,6 +313,7 @@ class PrefillBudget:
         self.step = step
         self.step_s: Optional[float] = None  # a steady decode step, smoothed
         self.token_s: Optional[float] = None  # a prefilled token (with padding), smoothed
+        self.last = 0  # the learnt total of the step before (it may at most double a step)
 
     def per_row(self, rows: int, decoding: bool) -> int:
         """Tokens each of `rows` prompts may prefill in this step."""
@@ -324,6 +325,10 @@ class PrefillBudget:
             total = self.START * rows  # nothing measured yet: start small, the cost is learnt
         else:
             total = int(self.SHARE * self.step_s / max(self.token_s, 1e-9))
+            # a noisy measurement must not turn into one long stall: grow at most twofold
+            total = min(total, max(self.START * rows, 2 * self.last))
+        if self.limit == 0:
+            self.last = total
         return max(self.FLOOR, min(self.step, total // rows))
 
     def decoded(self, seconds: float) -> None:
