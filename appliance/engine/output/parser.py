@@ -919,6 +919,18 @@ class _XmlValues(_Handler):
         else:
             self.p.args(self.pending_key + json.dumps(whole, ensure_ascii=False))
 
+    def end_value(self, marker: str, own_end: str) -> None:
+        """The value read up to `marker` is complete: close it (converted unless a streamed
+        string), and consume `marker` when it is the value's own end tag."""
+        if self.in_string:
+            self.close_value()
+        else:
+            self.close_value(self.convert("".join(self.value)))
+        self.value = []
+        self.vstate = 0
+        if marker == own_end:
+            self.consume(len(marker))
+
     def close_args(self) -> None:
         if self.in_string:
             self.close_value()
@@ -1019,14 +1031,7 @@ class _XmlCall(_XmlValues):
             marker = self.read_value(final, self.ENDS, "\n")
             if marker is None:
                 return False
-            if self.in_string:
-                self.close_value()
-            else:
-                self.close_value(self.convert("".join(self.value)))
-            self.value = []
-            self.vstate = 0
-            if marker == self.PARAM_END:
-                self.consume(len(marker))
+            self.end_value(marker, self.PARAM_END)
             self.state = "params"
             return True
         if st in ("params", "after"):
@@ -1180,14 +1185,7 @@ class _GlmCall(_XmlValues):
             marker = self.read_value(final, (self.VALUE_END, self.KEY, TOOL_CALL_END), _WS)
             if marker is None:
                 return False
-            if self.in_string:
-                self.close_value()
-            else:
-                self.close_value(self.convert("".join(self.value)))
-            self.value = []
-            self.vstate = 0
-            if marker == self.VALUE_END:
-                self.consume(len(marker))
+            self.end_value(marker, self.VALUE_END)
             self.state = "args"
             return True
         return False
