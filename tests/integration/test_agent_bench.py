@@ -9,7 +9,6 @@ mlx_lm.server and appliance run on loopback ports; the demo model comes from dem
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +19,7 @@ from tokenizers import Tokenizer
 from benchmarks.agent import SHAPES, longest_prompt
 from benchmarks.agent_report import main as report_main
 
-ROOT = Path(__file__).resolve().parents[2]
-PYTHONPATH = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+from .test_bench import bench_env
 
 
 def test_demo_shape_fits_the_demo_models_context(demo_model_dir: Path) -> None:
@@ -40,15 +38,7 @@ def test_agent_scenario_end_to_end(tmp_path: Path, demo_cache: Path) -> None:
     out = tmp_path / "results"
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    env = {
-        **os.environ,
-        "XDG_CACHE_HOME": str(demo_cache),
-        "PYTHONUNBUFFERED": "1",
-        "TMPDIR": str(scratch),
-        "PYTHONPATH": PYTHONPATH,
-    }
-    for key in ("LMX_ADMIN_KEY", "LMX_API_KEYS"):
-        env.pop(key, None)
+    env = bench_env(demo_cache, scratch)
     proc = subprocess.run(
         [
             sys.executable,

@@ -25,6 +25,21 @@ ROOT = Path(__file__).resolve().parents[2]
 PYTHONPATH = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
 
+def bench_env(demo_cache: Path, scratch: Path) -> dict[str, str]:
+    """The environment a bench run gets in a test: the session's model cache, this checkout on
+    the path, temporary folders under `scratch`, no keys from the caller's environment."""
+    env = {
+        **os.environ,
+        "XDG_CACHE_HOME": str(demo_cache),
+        "PYTHONUNBUFFERED": "1",
+        "TMPDIR": str(scratch),
+        "PYTHONPATH": PYTHONPATH,
+    }
+    for key in ("LMX_ADMIN_KEY", "LMX_API_KEYS"):
+        env.pop(key, None)
+    return env
+
+
 def _number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and v >= 0
 
@@ -35,15 +50,7 @@ def test_bench_end_to_end(tmp_path: Path, demo_cache: Path) -> None:
     # Every process the bench starts runs in its temporary folder, here under tmp_path.
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    env = {
-        **os.environ,
-        "XDG_CACHE_HOME": str(demo_cache),
-        "PYTHONUNBUFFERED": "1",
-        "TMPDIR": str(scratch),
-        "PYTHONPATH": PYTHONPATH,
-    }
-    for key in ("LMX_ADMIN_KEY", "LMX_API_KEYS"):
-        env.pop(key, None)
+    env = bench_env(demo_cache, scratch)
     proc = subprocess.run(
         [
             sys.executable,
