@@ -109,8 +109,11 @@ class ModelSpec:
         "Unload after this many idle seconds (0: never).",
         check=Between(0, unit="seconds (0 = never evicted)"),
     )
-    prefill_step_size: int = key(
-        512, "Prompt tokens processed per prefill step.", check=Between(1, unit="tokens")
+    prefill_step_size: Optional[int] = key(
+        None,
+        "Prompt tokens processed per prefill step (null: 2048 on a GPU, where longer chunks "
+        "run faster, 512 on the CPU).",
+        check=Between(1, unit="tokens"),
     )
     prefill_budget_tokens: Optional[int] = key(
         0,
@@ -231,9 +234,10 @@ class ModelsConfig:
         check=Between(0, unit="bytes"),
     )
     cuda_unfused_attention_elements: int = key(
-        1 << 27,
+        1 << 31,
         "CUDA: prefill attention up to this many scores (batch x heads x query x key "
-        "length) runs as matmul + softmax instead of cuDNN, which builds a graph per new shape "
+        "length) runs as matmul + softmax, in pieces of bounded memory, instead of cuDNN, "
+        "which builds a graph per new shape, so once per chunk after a cached prefix "
         "(0: always cuDNN).",
         check=Between(0, unit="scores"),
     )

@@ -89,6 +89,13 @@ class WorkerThread:
             pass
 
 
+def default_prefill_step(mx: Any) -> int:
+    """Prompt tokens a prefill step takes when the profile says none: on a GPU 2048, as mlx-lm
+    does (on an H100, 8,000 tokens after a cached prefix took 0.44 s in 2,048-token chunks and
+    0.56-0.65 s in 512-token ones); on the CPU 512, which holds a decoding stream less long."""
+    return 2048 if mx.default_device() == mx.gpu else 512
+
+
 class ModelWorker(WorkerThread):
     """Owns one model on its own thread; the registry talks to it through `submit` and `call`."""
 
@@ -99,7 +106,7 @@ class ModelWorker(WorkerThread):
         *,
         loader: Callable[[], tuple[Any, Any]],
         loop: asyncio.AbstractEventLoop,
-        prefill_step_size: int,
+        prefill_step_size: Optional[int],
         completion_batch_size: int,
         prefill_batch_size: int,
         max_kv_size: Optional[int],
@@ -441,7 +448,7 @@ class ModelWorker(WorkerThread):
             stop_tokens=[[t] for t in sorted(self.tokenizer.eos_token_ids)],
             completion_batch_size=self._completion_batch_size,
             prefill_batch_size=self._prefill_batch_size,
-            prefill_step_size=self._prefill_step_size,
+            prefill_step_size=self._prefill_step_size or default_prefill_step(mx),
             max_kv_size=self._max_kv_size,
             stream=mx.default_stream(mx.default_device()),
             **extra,

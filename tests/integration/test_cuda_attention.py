@@ -59,6 +59,37 @@ def test_unfused_attention_matches_the_fused_kernel(hq: int, hk: int, lq: int, l
         )
 
 
+@pytest.mark.parametrize("hq,hk", [(8, 8), (8, 2)])
+def test_long_attention_runs_in_pieces_with_the_same_result(hq: int, hk: int) -> None:
+    lq, lk = 13, 29  # a chunk after a cached prefix, split into runs of 4, 4, 4 and 1 queries
+    q, k, v = _qkv(2, hq, hk, lq, lk)
+    causal_array = mx.arange(lk - lq, lk)[:, None] >= mx.arange(lk)[None]
+    padded = mx.broadcast_to(causal_array, (2, 1, lq, lk)) & (mx.arange(lk) >= 3)
+    keys_only = mx.broadcast_to(mx.arange(lk) >= 2, (2, 1, 1, lk))  # one row for every query
+    additive = mx.where(padded, 0.0, -1e9).astype(mx.float32)
+    block = 2 * hq * lk * 4
+    pieces: list[int] = []
+    inner = cuda._unfused
+
+    def counted(q: Any, *a: Any) -> Any:
+        pieces.append(q.shape[-2])
+        return inner(q, *a)
+
+    cuda._unfused = counted
+    try:
+        for mask in ("causal", causal_array, padded, keys_only, additive, None):
+            want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
+            pieces.clear()
+            got = cuda.unfused_attention(q, k, v, 0.125, mask, block=block)
+            assert pieces == [4, 4, 4, 1]
+            assert got.shape == want.shape
+            assert mx.allclose(got, want, atol=1e-5, rtol=1e-4).item(), (
+                mask if isinstance(mask, str) else mask.shape
+            )
+    finally:
+        cuda._unfused = inner
+
+
 @pytest.mark.skipif(memory.on_cuda(), reason="asserts what happens off CUDA")
 def test_only_cuda_is_patched(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not cuda.install(1 << 27)  # this machine: the CPU backend

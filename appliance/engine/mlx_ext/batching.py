@@ -64,9 +64,9 @@ def usable() -> bool:
         cls = getattr(G, cls_name, None)
         if cls is None or not all(hasattr(cls, m) for m in members):
             return False
-    return all(hasattr(G, f) for f in ("_extend_cache", "TokenBuffer")) and hasattr(
-        _cache, "BatchKVCache"
-    )
+    return all(
+        hasattr(G, f) for f in ("_extend_cache", "TokenBuffer", "_right_pad_prompts")
+    ) and hasattr(_cache, "BatchKVCache")
 
 
 @functools.cache
@@ -137,6 +137,37 @@ def _extract_rows(caches: list[Any], rows: list[int]) -> list[list[Any]]:
             layers.append(kv)
         out.append(layers)
     return out
+
+
+def _prefill_chunk(batch: Any, tokens: list[list[int]]) -> None:
+    """PromptProcessingBatch.prompt for one chunk (each row's tokens at most prefill_step_size),
+    without emptying MLX's buffer cache after it. mlx-lm empties it after every chunk, and with
+    a chunk a step (prefill beside decoding streams) every step then allocated its buffers anew:
+    on an H100 with the 1B shape, 2.5 ms of a 21 ms step that prefilled 235 tokens. The cache
+    is emptied when a prompt's prefill ends instead (BatchGenerator._join_ready)."""
+    import mlx.core as mx
+
+    if len(batch.uids) != len(tokens):
+        raise ValueError("The batch length doesn't match the number of inputs")
+    if not tokens:
+        return
+    for sti, ti in zip(batch.tokens, tokens, strict=True):
+        sti += ti
+    lengths = [len(p) for p in tokens]
+    longest = max(lengths)
+    padding = [longest - n for n in lengths]
+    if max(padding) > 0:
+        x = G._right_pad_prompts(tokens, max_length=longest)
+        for c in batch.prompt_cache:
+            c.prepare(lengths=lengths, right_padding=padding)
+    else:
+        x = mx.array(tokens)
+    batch.model(x, cache=batch.prompt_cache)
+    mx.eval([c.state for c in batch.prompt_cache])
+    if max(padding) > 0:
+        for c in batch.prompt_cache:
+            c.finalize()
+        mx.eval([c.state for c in batch.prompt_cache])
 
 
 class GenerationBatch(G.GenerationBatch):  # type: ignore[misc]
@@ -407,6 +438,9 @@ class BatchGenerator(G.BatchGenerator):  # type: ignore[misc]
             )
         if prefilled:
             self._generation_batch.join(batch, last)
+            import mlx.core as mx
+
+            mx.clear_cache()  # once a prompt, not once a chunk (_prefill_chunk)
         else:
             self._generation_batch.extend(batch.generate([[t] for t in last]))
 
@@ -483,7 +517,7 @@ class BatchGenerator(G.BatchGenerator):  # type: ignore[misc]
 
         counters.prompt_tokens += sum(len(p) for p in prompts)
         tic = time.perf_counter()
-        self._prompt_batch.prompt(prompts)
+        _prefill_chunk(self._prompt_batch, prompts)
         counters.prompt_time += time.perf_counter() - tic
         if prompts and decoding:
             self._prefilled = len(prompts) * max(len(p) for p in prompts)

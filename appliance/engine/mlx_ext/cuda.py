@@ -10,12 +10,17 @@ running stream; the cache also counts misses, and MLX aborts once they pass twic
 
 `install(max_elements, decode_kernel)` routes attention whose score matrix has at most
 `max_elements` entries (batch x query heads x query length x key length) through plain matmul +
-softmax, the same arithmetic as mlx-lm's quantized-cache attention; larger ones (long prompts,
-where one graph build is small beside the prefill) keep cuDNN. Decode steps (one query) without
-a mask keep MLX's own vector kernel; with the boolean mask of a batch whose rows are padded (which
-MLX's vector kernel does not take) they go through this module's own kernel,
-`masked_decode_attention`, when `decode_kernel` is on and the kernel passed a check against MLX at
-install. Only on CUDA; Metal and CPU are not patched.
+softmax, the same arithmetic as mlx-lm's quantized-cache attention, in runs of queries of at most
+UNFUSED_BLOCK scores (bounded memory); larger ones (very long contexts, where one graph build is
+small beside the chunk's attention) keep cuDNN. A prompt that continues a cached prefix brings a
+new key length with every chunk, so through cuDNN each chunk paid a graph build: on an H100 with
+the 1B shape, 8,000 new tokens after 6,000 cached took 1.6-1.7 s through cuDNN against 0.44 s
+unfused in 2,048-token chunks (`benchmarks/accelerator/prefill_anatomy.py`).
+
+Decode steps (one query) without a mask keep MLX's own vector kernel; with the boolean mask of a
+batch whose rows are padded (which MLX's vector kernel does not take) they go through this
+module's own kernel, `masked_decode_attention`, when `decode_kernel` is on and the kernel passed
+a check against MLX at install. Only on CUDA; Metal and CPU are not patched.
 """
 
 from __future__ import annotations
@@ -74,8 +79,37 @@ def usable() -> bool:
 _state: dict[str, Any] = {"original": None, "max_elements": 0, "decode_kernel": False}
 
 
-def unfused_attention(q: Any, k: Any, v: Any, scale: float, mask: Any) -> Any:
-    """softmax(q k^T * scale + mask) v with grouped-query heads, in q's dtype (precise softmax)."""
+# The most scores one piece of the unfused attention holds: longer inputs go in runs of queries,
+# so a 2048-token chunk against 30k cached keys needs about 256 MiB of scores at a time, not 4 GiB.
+UNFUSED_BLOCK = 1 << 27
+
+
+def unfused_attention(
+    q: Any, k: Any, v: Any, scale: float, mask: Any, block: int = UNFUSED_BLOCK
+) -> Any:
+    """softmax(q k^T * scale + mask) v with grouped-query heads, in q's dtype (precise softmax),
+    in runs of queries of at most `block` scores each."""
+    import mlx.core as mx
+
+    b, n_q, length, _ = q.shape
+    k_len = k.shape[-2]
+    rows = max(1, block // max(1, b * n_q * k_len))
+    if length <= rows:
+        return _unfused(q, k, v, scale, mask)
+    parts = []
+    for start in range(0, length, rows):
+        end = min(length, start + rows)
+        m = mask
+        if isinstance(mask, str):  # "causal": the queries are the last `length` positions
+            first = k_len - length
+            m = mx.arange(first + start, first + end)[:, None] >= mx.arange(k_len)[None]
+        elif mask is not None and mask.ndim >= 2 and mask.shape[-2] == length:
+            m = mask[..., start:end, :]
+        parts.append(_unfused(q[..., start:end, :], k, v, scale, m))
+    return mx.concatenate(parts, axis=-2)
+
+
+def _unfused(q: Any, k: Any, v: Any, scale: float, mask: Any) -> Any:
     import mlx.core as mx
 
     b, n_q, length, d = q.shape
