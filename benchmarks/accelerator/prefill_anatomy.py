@@ -24,6 +24,7 @@ from typing import Any
 
 CONFIGS = {
     "defaults": [],
+    "defaults-bigblock": [],
     "budget-off": ["++models.catalog.demo.prefill_budget_tokens=null"],
     "step-2048": ["++models.catalog.demo.prefill_step_size=2048"],
     "cudnn-always": ["models.cuda_unfused_attention_elements=0"],
@@ -196,11 +197,17 @@ def main() -> None:
     import mlx.core as mx
 
     clear = mx.clear_cache
+    from appliance.engine.mlx_ext import cuda
+
+    block = cuda.UNFUSED_BLOCK
+
     for name, overrides in configs.items():
         # "-nocc": MLX's buffer cache is never cleared (mlx-lm clears it after every prefill chunk)
-        mx.clear_cache = (lambda: None) if name.endswith("-nocc") else clear
+        mx.clear_cache = (lambda: None) if "-nocc" in name else clear
+        # "-bigblock": the unfused attention in one piece
+        cuda.UNFUSED_BLOCK = 1 << 40 if "-bigblock" in name else block
         out.append(asyncio.run(run_config(name, overrides, args, calls)))
-    mx.clear_cache = clear
+    mx.clear_cache, cuda.UNFUSED_BLOCK = clear, block
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(out) + "\n")
