@@ -80,9 +80,10 @@ _state: dict[str, Any] = {"original": None, "max_elements": 0, "decode_kernel": 
 
 
 # The most scores one piece of the unfused attention holds (2 GiB in bf16): longer inputs go in
-# runs of queries, so a 2048-token chunk against 64k cached keys holds 2 GiB of scores at a time,
-# not 8. Not smaller: each piece costs launches and copies, and on an H200 with the 1B shape
-# pieces of 2^27 scores made 8,000 tokens after 6,000 cached take 0.72-0.78 s instead of 0.44-0.49.
+# runs of queries, so at the default bound of 2^31 scores (a 2048-token chunk against 32k keys
+# with 32 heads) 2 GiB of scores are held at a time, not 4. Not smaller: each piece costs
+# launches and copies, and on an H200 with the 1B shape pieces of 2^27 scores made 8,000 tokens
+# after 6,000 cached take 0.72-0.78 s instead of 0.44-0.49.
 UNFUSED_BLOCK = 1 << 30
 
 
