@@ -225,6 +225,7 @@ def main(argv: list[str]) -> int:
     trace.wrap(batching.BatchGenerator, "_next", "step", step=True)
     trace.wrap(batching.GenerationBatch, "next", "decode")
     trace.wrap(batching.GenerationBatch, "join", "newbatch")
+    trace.wrap(batching, "_prefill_chunk", "prefill")  # its prefill, a function of the module
     print(asyncio.run(_run(args, trace)), flush=True)
     return 0
 
