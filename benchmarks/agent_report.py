@@ -17,8 +17,6 @@ Definitions (turns numbered from 1):
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +30,7 @@ from benchmarks.agent import (
     split_gaps,
     token_gaps,
 )
+from benchmarks.chart import rerender, save
 from benchmarks.common import percentile
 from benchmarks.report import fmt, fmt_ms
 from benchmarks.scenarios import APPLIANCE, MLX_SERVER, SERVERS
@@ -319,22 +318,17 @@ def agent_chart(res: dict[str, Any], path: Path) -> None:
         f" — {where}",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.agent_report",
-        description="Re-render the agent scenario's chart from a result file.",
+    return rerender(
+        argv,
+        "python -m benchmarks.agent_report",
+        "the agent scenario's chart",
+        "a JSON of `python -m benchmarks --agent`",
+        agent_chart,
     )
-    p.add_argument("result", type=Path, help="a JSON of `python -m benchmarks --agent`")
-    p.add_argument("png", type=Path, help="where to write the chart")
-    args = p.parse_args(argv)
-    agent_chart(json.loads(args.result.read_text()), args.png)
-    print(args.png)
-    return 0
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -97,9 +98,7 @@ def chart(res: dict[str, Any], path: Path) -> None:
     if res.get("chart_note"):
         title += "\n" + res["chart_note"]
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def chart_cpu_real(res: dict[str, Any], path: Path) -> None:
@@ -146,26 +145,50 @@ def chart_cpu_real(res: dict[str, Any], path: Path) -> None:
         f"{mach.get('cpu', '?')} ({mach.get('cores', '?')} cores)",
         fontsize=9,
     )
+    save(fig, path)
+
+
+def save(fig: Any, path: Path) -> None:
+    """Lay the figure out, write it as a PNG and free it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.chart",
-        description="Re-render the bench's chart from a result file.",
-    )
-    p.add_argument("result", type=Path, help="a bench JSON, or a file of figures with its keys")
+def rerender(
+    argv: Optional[list[str]],
+    prog: str,
+    what: str,
+    result_help: str,
+    draw: Callable[[dict[str, Any], Path], None],
+) -> int:
+    """A re-rendering command: `prog RESULT.json OUT.png` draws `draw` from a result file."""
+    p = argparse.ArgumentParser(prog=prog, description=f"Re-render {what} from a result file.")
+    p.add_argument("result", type=Path, help=result_help)
     p.add_argument("png", type=Path, help="where to write the chart")
     args = p.parse_args(argv)
-    res = json.loads(args.result.read_text())
-    if "servers" in res or "ceiling" in res:
-        chart(res, args.png)
-    else:
-        chart_cpu_real(res, args.png)
+    draw(json.loads(args.result.read_text()), args.png)
     print(args.png)
     return 0
+
+
+def _any_chart(res: dict[str, Any], path: Path) -> None:
+    if "servers" in res or "ceiling" in res:
+        chart(res, path)
+    else:
+        chart_cpu_real(res, path)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return rerender(
+        argv,
+        "python -m benchmarks.chart",
+        "the bench's chart",
+        "a bench JSON, or a file of figures with its keys",
+        _any_chart,
+    )
 
 
 if __name__ == "__main__":
