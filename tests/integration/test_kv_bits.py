@@ -9,21 +9,11 @@ import pytest
 
 from appliance.config import compose, load
 from appliance.engine.service import Engine
-from appliance.engine.types import SamplingParams
 
 from ..conftest import with_demo
+from ._engine import generate as _generate
 
 pytestmark = pytest.mark.timeout(120)
-
-
-async def _generate(engine: Engine, prompt: list[int], n: int) -> tuple[list[int], int]:
-    worker = await engine.model("demo")
-    gen = await engine.start(worker, prompt, SamplingParams(max_tokens=n))
-    deadline = engine.deadline()
-    while (await gen.next_tokens(deadline))[0]:
-        pass
-    engine.finish(gen)
-    return list(gen.tokens), gen.cached_tokens
 
 
 def test_a_quantized_cache_is_reused_answers_alike_and_holds_fewer_bytes(

@@ -12,18 +12,9 @@ from appliance.engine.service import Engine
 from appliance.engine.types import SamplingParams
 
 from ..conftest import with_demo
+from ._engine import generate as _generate
 
 pytestmark = pytest.mark.timeout(120)
-
-
-async def _generate(engine: Engine, prompt: list[int], n: int) -> tuple[list[int], int]:
-    worker = await engine.model("demo")
-    gen = await engine.start(worker, prompt, SamplingParams(max_tokens=n))
-    deadline = engine.deadline()
-    while (await gen.next_tokens(deadline))[0]:
-        pass
-    engine.finish(gen)
-    return list(gen.tokens), gen.cached_tokens
 
 
 def test_an_exact_hit_reuses_all_but_the_last_prompt_token(
