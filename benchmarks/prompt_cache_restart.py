@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
             proc, url = _serve("disk", work, args.model, disk)
             _, t_warm, p2, cached = _turn(url, args.model, second)
             proc.stop()
+            for line in (work / "disk.log").read_text(errors="replace").splitlines():
+                if "read from disk" in line:
+                    say(line.strip())
             proc, url = _serve("cold", work, args.model, list(args.set))
             _, t_cold, _, cold_cached = _turn(url, args.model, second)
             proc.stop()

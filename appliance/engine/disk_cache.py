@@ -3,10 +3,13 @@
 Each file is one cached sequence in mlx-lm's own prompt-cache format (safetensors, written by
 `save_prompt_cache`, read by `load_prompt_cache`), named by a digest of the model's identity,
 the settings that change the KV (kv_bits and its group size) and the token ids. Its metadata
-holds those token ids, the identity and a SHA-256 of the tokens and every tensor (name, shape,
-dtype, bytes). At start an index is built from the files' headers alone; a file is removed when
-it is torn (shorter than its header says, or an unfinished write), foreign (another model or
-other settings) or corrupted (its digest does not match on read): it never reaches a sequence.
+holds those token ids, the identity and a SHA-256 of the tokens and of every tensor's name,
+shape, dtype and SHA-256 (a tree of hashes: the tensors are hashed in parallel threads, straight
+from the file's bytes before MLX reads them, so a read costs about what the file's read costs
+and not one core's SHA-256 of the whole file). At start an index is built from the files'
+headers alone; a file is removed when it is torn (shorter than its header says, or an unfinished
+write), foreign (another model or other settings) or corrupted (its digest does not match on
+read): it never reaches a sequence.
 
 The folder is bounded by bytes: least recently used files go first, and a file whose tokens are
 a strict prefix of a newer one's is removed when that one is written (it holds nothing more).
@@ -21,11 +24,13 @@ import base64
 import hashlib
 import json
 import logging
+import mmap
 import os
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -34,7 +39,7 @@ import numpy as np
 
 log = logging.getLogger("appliance.engine")
 
-FORMAT = "1"
+FORMAT = "2"  # 1: one SHA-256 of everything (such files are removed as foreign)
 SUFFIX = ".safetensors"
 TMP_PREFIX = ".tmp-"
 # A disk entry is loaded only when it covers this many more prompt tokens than memory does:
@@ -43,6 +48,19 @@ MARGIN_TOKENS = 32
 # mlx-lm classes a file may name (load_prompt_cache looks the name up in its module).
 CLASSES = ("KVCache", "QuantizedKVCache")
 MAX_HEADER = 256 << 20
+# safetensors' names of the dtypes a KV cache holds (bf16/f16/f32 keys and values; uint32 packed
+# quantized ones with their scales and biases)
+DTYPES = {
+    "bfloat16": "BF16",
+    "float16": "F16",
+    "float32": "F32",
+    "uint32": "U32",
+    "int32": "I32",
+    "uint8": "U8",
+    "int8": "I8",
+    "bool": "BOOL",
+}
+_pool: Optional[ThreadPoolExecutor] = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,22 +112,83 @@ def _token_bytes(tokens: Iterable[int]) -> bytes:
     return np.asarray(list(tokens), dtype="<i4").tobytes()
 
 
+def _sha256s(buffers: Sequence[Any]) -> list[bytes]:
+    """Each buffer's SHA-256, in parallel threads (hashlib lets go of the GIL on large data)."""
+    global _pool
+    if len(buffers) < 2:
+        return [hashlib.sha256(b).digest() for b in buffers]
+    if _pool is None:
+        _pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="kv-digest")
+    return list(_pool.map(lambda b: hashlib.sha256(b).digest(), buffers))
+
+
+def _leaf_key(name: str) -> tuple[int, ...]:
+    """Order of a tensor named like "3.1" or "3.0.2" (layer, keys/values, part) in the digest:
+    the order of mlx-lm's tree_flatten of the caches' states."""
+    return tuple(int(p) for p in name.split("."))
+
+
+def _combine(tokens: bytes, leaves: Iterable[tuple[str, tuple[int, ...], str, bytes]]) -> str:
+    h = hashlib.sha256(tokens)
+    for name, shape, dtype, digest in leaves:
+        h.update(f"{name}:{shape}:{dtype};".encode())
+        h.update(digest)
+    return h.hexdigest()
+
+
 def _digest(tokens: bytes, cache: list[Any]) -> str:
-    """SHA-256 of the token ids and every array of the caches' states, in file order."""
+    """The digest of a sequence's caches as written: the token ids, then every tensor's name,
+    shape, dtype and SHA-256, in file order."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    h = hashlib.sha256(tokens)
+    def as_array(v: Any) -> Any:  # as save_prompt_cache stores a state's scalars
+        if isinstance(v, mx.array):
+            return v
+        if isinstance(v, str):
+            return mx.array([ord(c) for c in v])
+        return mx.array([]) if v is None else mx.array(v)
+
     leaves: Any = tree_flatten([c.state for c in cache])
-    for name, a in leaves:
-        if isinstance(a, mx.array):
-            b: Any = mx.contiguous(a)
-            mx.eval(b)
-            h.update(f"{name}:{tuple(b.shape)}:{b.dtype}".encode())
-            h.update(memoryview(b))
-        else:
-            h.update(f"{name}={a}".encode())
-    return h.hexdigest()
+    arrays = [(n, mx.contiguous(as_array(a))) for n, a in leaves]
+    mx.eval([a for _, a in arrays])
+    hashes = _sha256s([memoryview(a) for _, a in arrays])  # type: ignore[arg-type]
+    return _combine(
+        tokens,
+        (
+            (n, tuple(a.shape), DTYPES[str(a.dtype).rsplit(".", 1)[-1]], d)
+            for (n, a), d in zip(arrays, hashes, strict=True)
+        ),
+    )
+
+
+def _file_digest(path: Path, tokens: bytes) -> tuple[str, Any]:
+    """The digest of the tensors in a file as stored (the same as `_digest` of what it holds),
+    and the digest its metadata gives."""
+    header, start, size = read_header(path)
+    expected = (header.get("__metadata__") or {}).get("0.lmx_digest")
+    tensors = sorted(
+        ((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda t: _leaf_key(t[0])
+    )
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size != size:
+            raise ValueError("torn")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            view = memoryview(m)
+            try:
+                parts = [
+                    view[start + t["data_offsets"][0] : start + t["data_offsets"][1]]
+                    for _, t in tensors
+                ]
+                hashes = _sha256s(parts)
+                del parts
+            finally:
+                view.release()
+    leaves = (
+        (k, tuple(int(x) for x in t["shape"]), str(t["dtype"]), d)
+        for (k, t), d in zip(tensors, hashes, strict=True)
+    )
+    return _combine(tokens, leaves), expected
 
 
 def compact(cache: list[Any]) -> Optional[list[Any]]:
@@ -143,9 +222,9 @@ def compact(cache: list[Any]) -> Optional[list[Any]]:
     return out
 
 
-def read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """A safetensors file's header (JSON) and the size the file must have; ValueError if the
-    header can't be parsed."""
+def read_header(path: Path) -> tuple[dict[str, Any], int, int]:
+    """A safetensors file's header (JSON), where its data starts and the size the file must
+    have; ValueError if the header can't be parsed."""
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
@@ -163,7 +242,7 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     for name, t in header.items():
         if name != "__metadata__":
             end = max(end, int(t["data_offsets"][1]))
-    return header, 8 + n + end
+    return header, 8 + n, 8 + n + end
 
 
 class DiskCache:
@@ -214,7 +293,7 @@ class DiskCache:
 
     def _entry_of(self, path: Path) -> tuple[Optional[DiskEntry], str]:
         """The index entry of a file, or None and why it is not this model's or is broken."""
-        header, size = read_header(path)
+        header, _, size = read_header(path)
         actual = path.stat().st_size
         if actual != size:
             return None, f"torn ({actual} bytes, its header says {size})"
@@ -286,10 +365,10 @@ class DiskCache:
             again, why = self._entry_of(entry.path)  # the file may have changed since the scan
             if again is None:
                 raise ValueError(why)
-            cache, meta = load_prompt_cache(str(entry.path), return_metadata=True)
-            raw = entry.tokens.tobytes()
-            if _digest(raw, cache) != meta.get("lmx_digest"):
+            digest, expected = _file_digest(entry.path, entry.tokens.tobytes())
+            if digest != expected:  # checked before MLX reads a byte of it
                 raise ValueError("its contents do not match their digest")
+            cache = load_prompt_cache(str(entry.path))
             if any(c.offset > len(entry.tokens) for c in cache):
                 raise ValueError("more cached positions than tokens")
         except FileNotFoundError:

@@ -676,11 +676,18 @@ class ModelWorker(WorkerThread):
 
     def _from_disk(self, prompt: list[int], cache: Any, rest: list[int]) -> tuple[Any, Any, bool]:
         """The memory's match, or a longer one from disk (then kept in memory as well)."""
+        t0 = time.perf_counter()
         found = self._disk.lookup(prompt, len(prompt) - len(rest) if cache is not None else 0)
         self.stats["disk_bytes"] = self._disk.disk.nbytes
         if found is None:
             return cache, rest, False
         tokens, loaded = found
+        log.info(
+            "model %s: a cached prefix of %d tokens read from disk in %.0f ms",
+            self.name,
+            len(tokens),
+            (time.perf_counter() - t0) * 1000,
+        )
         self.prompt_cache.insert_cache(self.path, tokens, loaded, cache_type="assistant")
         self.prompt_cache.trim_to(n_bytes=self._prompt_cache_bytes)
         better, rest2 = self.prompt_cache.fetch_nearest_cache(self.path, prompt)

@@ -79,6 +79,20 @@ def test_torn_foreign_and_unfinished_files_are_removed_at_start(tmp_path: Path) 
     assert len(again) == 1 and again.removed == 4
 
 
+def test_files_of_an_earlier_format_are_removed_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from appliance.engine import disk_cache
+
+    with monkeypatch.context() as m:
+        m.setattr(disk_cache, "FORMAT", "1")
+        old = _open(tmp_path)
+        assert old.write(list(range(10, 60)), _cache(50))
+        assert len(_open(tmp_path)) == 1  # that format reads its own files
+    again = _open(tmp_path)
+    assert len(again) == 0 and again.removed == 1 and _files(tmp_path) == []
+
+
 def test_a_corrupted_file_is_removed_on_read_and_never_loaded(tmp_path: Path) -> None:
     disk = _open(tmp_path)
     tokens = list(range(10, 90))
