@@ -12,7 +12,7 @@ PORT=18500
 python3 -m appliance ++server.port=$PORT ++server.host=127.0.0.1 ++logging.file=none \
   ++limits.max_running=$C ++limits.max_queued=$((4 * C)) ++rate_limits.inference=null \
   "++models.catalog.demo.path=$M" ++models.catalog.demo.max_tokens=256 \
-  ++models.catalog.demo.completion_batch_size=$C ++models.auto_load=[demo] > "$O/server.log" 2>&1 &
+  ++models.catalog.demo.completion_batch_size=$C ++models.default=demo ++models.auto_load=[demo] > "$O/server.log" 2>&1 &
 SP=$!
 for _ in $(seq 1 240); do
   [ "$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:$PORT/readyz)" = 200 ] && break
