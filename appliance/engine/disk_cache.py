@@ -48,17 +48,23 @@ MARGIN_TOKENS = 32
 # mlx-lm classes a file may name (load_prompt_cache looks the name up in its module).
 CLASSES = ("KVCache", "QuantizedKVCache")
 MAX_HEADER = 256 << 20
-# safetensors' names of the dtypes a KV cache holds (bf16/f16/f32 keys and values; uint32 packed
-# quantized ones with their scales and biases)
+# safetensors' names of the dtypes mx.save_safetensors writes (all but float64, which it can't).
+# A KV cache holds bf16/f16/f32 keys and values, or uint32 packed quantized ones with their scales
+# and biases; the rest are here so that no state a cache class adds can make a write fail.
 DTYPES = {
-    "bfloat16": "BF16",
-    "float16": "F16",
-    "float32": "F32",
-    "uint32": "U32",
-    "int32": "I32",
-    "uint8": "U8",
-    "int8": "I8",
     "bool": "BOOL",
+    "uint8": "U8",
+    "uint16": "U16",
+    "uint32": "U32",
+    "uint64": "U64",
+    "int8": "I8",
+    "int16": "I16",
+    "int32": "I32",
+    "int64": "I64",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float32": "F32",
+    "complex64": "C64",
 }
 _pool: Optional[ThreadPoolExecutor] = None
 
