@@ -30,6 +30,10 @@ from .types import Generation, SamplingParams, TopLogprob
 
 log = logging.getLogger("appliance.engine")
 
+# An engine step that took longer while sequences were decoding is logged: each of them waited
+# that long for a token (a stall an operator can then see, with what the step prefilled).
+SLOW_STEP_S = 0.25
+
 
 def batching(spec: Any) -> dict[str, Any]:
     """A catalog entry's batching settings (and projection fusion) as ModelWorker takes them."""
@@ -341,11 +345,21 @@ class ModelWorker(WorkerThread):
                     policy.ended_at(time.perf_counter())
             if not active:
                 continue
+            t_step = time.perf_counter()
             _, responses = gen.next()
             self._keep_prefilled(gen)
             if not responses:
                 continue
             now = time.perf_counter()
+            if now - t_step > SLOW_STEP_S:
+                log.info(
+                    "model %s: a step took %.0f ms (streams decoding: %d; prompt tokens "
+                    "prefilled: %d)",
+                    self.name,
+                    (now - t_step) * 1000,
+                    len(responses),
+                    getattr(gen, "_prefilled", 0),
+                )
             events = []
             failed: list[tuple[Generation, BaseException]] = []
             for r in responses:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -195,3 +196,38 @@ def test_a_request_waits_for_those_on_their_way_only_so_long(
     held, alone = asyncio.run(scenario())
     assert ARRIVING_WAIT_S <= held < ARRIVING_WAIT_S + 1.0, held
     assert alone < ARRIVING_WAIT_S, alone
+
+
+def test_a_step_that_holds_decoding_streams_is_logged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without a prefill budget a long prompt is prefilled in one chunk between two decode
+    steps: the stream decoding meanwhile waits for it, and the log says so, with the tokens."""
+    from appliance.engine import worker as worker_mod
+
+    monkeypatch.setattr(worker_mod, "SLOW_STEP_S", 0.05)  # a decode step alone: a few ms
+
+    async def go() -> None:
+        cfg = load(
+            compose(["logging.file=none", "+models.catalog.demo.prefill_budget_tokens=null"])
+        )
+        engine = Engine(cfg.models, cfg.limits)
+        try:
+            worker = await engine.model("demo")
+            tok = worker.tokenizer
+            decoding = await engine.start(
+                worker, list(tok.encode("Once upon a time")), SamplingParams(max_tokens=200)
+            )
+            while not await decoding.wait_event():  # its first token: it decodes
+                pass
+            long = list(tok.encode("The old mill by the river turned all day. " * 120))
+            arrival = await engine.start(worker, long, SamplingParams(max_tokens=2))
+            await asyncio.gather(_run(engine, arrival), _run(engine, decoding))
+        finally:
+            await engine.close()
+
+    with caplog.at_level(logging.INFO, logger="appliance.engine"):
+        asyncio.run(go())
+    slow = [r.getMessage() for r in caplog.records if "a step took" in r.getMessage()]
+    assert slow, "no slow step logged"
+    assert any("streams decoding: 1;" in m and "prefilled: 0)" not in m for m in slow), slow
