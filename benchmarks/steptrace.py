@@ -46,13 +46,13 @@ class Trace:
         orig: Callable[..., Any] = getattr(cls, name)
         trace = self
 
-        def wrapped(obj: Any, *args: Any) -> Any:
+        def wrapped(obj: Any, *args: Any, **kwargs: Any) -> Any:
             if label in trace.inside:
-                return orig(obj, *args)
+                return orig(obj, *args, **kwargs)
             trace.inside.add(label)
             t = time.perf_counter()
             try:
-                out = orig(obj, *args)
+                out = orig(obj, *args, **kwargs)
             finally:
                 trace.inside.discard(label)
             if trace.on:

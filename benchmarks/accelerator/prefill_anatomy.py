@@ -9,7 +9,9 @@ arrives alone ("alone"), and again while three sessions (the prefix plus 400 tok
 ("beside"). For each configuration (a list of profile overrides of the model) it prints the long
 prompt's TTFT, the engine calls (next()) during it with their median and longest time, the
 prefilled tokens a call, and the decoding streams' longest gap during the prefill against their
-steady gap. Each case runs twice with new tokens (so new attention shapes), both printed.
+steady gap. Each case runs twice with new tokens (so new attention shapes), both printed. A
+name ending in "-nocc", "-bigblock" or "-wait" never clears MLX's buffer cache, takes the
+unfused attention in one piece, or waits for every prefill chunk as mlx-lm does (in that order).
 """
 
 from __future__ import annotations
@@ -200,14 +202,18 @@ def main() -> None:
     from appliance.engine.mlx_ext import cuda
 
     block = cuda.UNFUSED_BLOCK
+    from appliance.engine.mlx_ext import batching
 
     for name, overrides in configs.items():
+        # "-wait": every prefill chunk waited for, as mlx-lm does (not launched beside decoding)
+        batching.BatchGenerator.launch_prefill = "-wait" not in name
         # "-nocc": MLX's buffer cache is never cleared (mlx-lm clears it after every prefill chunk)
         mx.clear_cache = (lambda: None) if "-nocc" in name else clear
         # "-bigblock": the unfused attention in one piece
         cuda.UNFUSED_BLOCK = 1 << 40 if "-bigblock" in name else block
         out.append(asyncio.run(run_config(name, overrides, args, calls)))
     mx.clear_cache, cuda.UNFUSED_BLOCK = clear, block
+    batching.BatchGenerator.launch_prefill = True
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(out) + "\n")
