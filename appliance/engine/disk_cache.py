@@ -168,10 +168,12 @@ def _digest(tokens: bytes, cache: list[Any]) -> str:
     )
 
 
-def _file_digest(path: Path, tokens: bytes) -> tuple[str, Any]:
+def _file_digest(
+    path: Path, tokens: bytes, parsed: tuple[dict[str, Any], int, int]
+) -> tuple[str, Any]:
     """The digest of the tensors in a file as stored (the same as `_digest` of what it holds),
-    and the digest its metadata gives."""
-    header, start, size = read_header(path)
+    and the digest its metadata gives; `parsed` is the file's read_header()."""
+    header, start, size = parsed
     expected = (header.get("__metadata__") or {}).get("0.lmx_digest")
     tensors = sorted(
         ((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda t: _leaf_key(t[0])
@@ -297,9 +299,12 @@ class DiskCache:
             self.nbytes += entry.nbytes
         self._fit(0)
 
-    def _entry_of(self, path: Path) -> tuple[Optional[DiskEntry], str]:
-        """The index entry of a file, or None and why it is not this model's or is broken."""
-        header, _, size = read_header(path)
+    def _entry_of(
+        self, path: Path, parsed: Optional[tuple[dict[str, Any], int, int]] = None
+    ) -> tuple[Optional[DiskEntry], str]:
+        """The index entry of a file, or None and why it is not this model's or is broken;
+        `parsed`: its read_header(), when the caller has it."""
+        header, _, size = parsed or read_header(path)
         actual = path.stat().st_size
         if actual != size:
             return None, f"torn ({actual} bytes, its header says {size})"
@@ -368,10 +373,11 @@ class DiskCache:
         from mlx_lm.models.cache import load_prompt_cache
 
         try:
-            again, why = self._entry_of(entry.path)  # the file may have changed since the scan
+            parsed = read_header(entry.path)  # the file may have changed since the scan
+            again, why = self._entry_of(entry.path, parsed)
             if again is None:
                 raise ValueError(why)
-            digest, expected = _file_digest(entry.path, entry.tokens.tobytes())
+            digest, expected = _file_digest(entry.path, entry.tokens.tobytes(), parsed)
             if digest != expected:  # checked before MLX reads a byte of it
                 raise ValueError("its contents do not match their digest")
             cache = load_prompt_cache(str(entry.path))
