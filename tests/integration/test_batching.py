@@ -380,14 +380,42 @@ def test_prefill_budget_learns_from_step_times() -> None:
     assert b.per_row(1, decoding=False) == 512  # alone: whole chunks
     assert b.per_row(2, decoding=True) == b.START  # nothing measured yet: small
     b.decoded(0.004)
-    b.prefilled(100, 0.004 + 0.010, 0.004)  # 0.1 ms a token
-    assert b.per_row(1, decoding=True) == 30  # 3/4 of a 4 ms step
-    assert b.per_row(3, decoding=True) == 10
+    b.prefilled(100, 0, 0.004 + 0.010, 0.004)  # 0.1 ms a token
+    # 3/4 of a 4 ms step: 30 tokens, taken as 1 +- 1/4 of it in turn
+    pair = [b.per_row(1, decoding=True) for _ in range(2)]
+    assert sorted(pair) == [22, 38] and b.last == 30
     assert batching.PrefillBudget(64, 512).per_row(2, decoding=True) == 32
     # a prefill that seemed free (noise) grows the budget twofold a step, not to a whole chunk
     c = batching.PrefillBudget(0, 512)
     assert c.per_row(1, decoding=True) == c.START
     c.decoded(0.004)
-    c.prefilled(8, 0.004, 0.004)
-    assert [c.per_row(1, decoding=True) for _ in range(3)] == [16, 32, 64]
+    c.prefilled(8, 0, 0.004, 0.004)
+    for want in (16, 32, 64):
+        c.per_row(1, decoding=True)
+        assert c.last == want
     assert batching.PrefillBudget(None, 512).per_row(2, decoding=True) == 512
+
+
+@pytest.mark.parametrize(
+    ("step_ms", "fixed_ms", "token_ms", "rows", "later"),
+    [(2.7, 2.4, 0.35, 1, 0.0), (2.7, 2.4, 0.35, 3, 0.5), (5.6, 2.5, 0.034, 3, 0.8)],
+)
+def test_prefill_budget_separates_a_steps_fixed_cost(
+    step_ms: float, fixed_ms: float, token_ms: float, rows: int, later: float
+) -> None:
+    """Every step that prefills pays a fixed part (the model's layers run once more) whatever
+    its size: the budget spends 3/4 of a decode step on tokens beyond it, even where a share
+    `later` of a chunk's cost shows in the next step (a chunk launched, not waited for). Charged
+    to the tokens, the fixed part made the budget shrink to a token a row (the first two cases
+    are the demo model's figures on two CPU cores, the last a 1B model's on a GPU)."""
+    b = batching.PrefillBudget(0, 2048)
+    b.decoded(step_ms / 1000)
+    before = 0
+    for _ in range(80):
+        n = b.per_row(rows, decoding=True) * rows
+        ms = step_ms + fixed_ms + token_ms * ((1 - later) * n + later * before)
+        b.prefilled(n, before, ms / 1000, step_ms / 1000)
+        before = n
+    want = 0.75 * step_ms / token_ms
+    assert 0.8 * want <= b.last <= 1.2 * want
+    assert b.fixed_s * 1000 == pytest.approx(fixed_ms, rel=0.1)

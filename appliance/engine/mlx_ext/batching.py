@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+from collections import deque
+from collections.abc import Sequence
 from typing import Any, Optional
 
 G: Any = importlib.import_module(
@@ -336,22 +338,41 @@ class PrefillBudget:
     so a long arrival holds each running stream for as long as a whole chunk takes: about a
     second a chunk for the demo model on two CPU cores, where a decode step takes 3-4 ms. With
     a budget the chunks shrink while anyone decodes: `limit` tokens a step (across the prompts,
-    counting the padding of the shorter ones), or with `limit` 0 as many as fit in about
-    `SHARE` of a steady decode step, from the measured cost of a prefilled token, so a
-    decoding stream's gaps stay within about twice its steady ones. Alone, prompts prefill in
-    whole `prefill_step_size` chunks. `limit` None: no budget (mlx-lm's way)."""
+    counting the padding of the shorter ones), or with `limit` 0 as many as the learnt cost of
+    a step's prefill allows. Alone, prompts prefill in whole `prefill_step_size` chunks.
+    `limit` None: no budget (mlx-lm's way).
+
+    The learnt budget fits what a call costs beyond a steady decode step as a fixed part plus a
+    cost for each token of its own chunk and of the chunk before (a chunk launched beside
+    decoding runs while the next call builds its step, so its cost shows partly there), by
+    least squares over the last WINDOW calls around prefills. The fixed part (the layers run
+    once more, their kernels launched) is paid by any call that prefills, however few tokens it
+    takes; the budget spends SHARE of a steady decode step on the tokens beyond it. Charging the
+    fixed part to the tokens instead (one cost a token) made small chunks look dear, which made
+    chunks smaller: the budget fell to a token a row (2 CPU cores, demo model: fixed 2.4 ms,
+    0.35 ms a token, a decode step 2.7 ms), and a prompt arriving beside a long answer waited for
+    it to end. Chunk sizes follow a pattern of two calls at 1 + DITHER of the budget and two at
+    1 - DITHER (a token a row at least), so that the parts can be told apart."""
 
     SHARE = 0.75
     FLOOR = 1  # tokens a row at least (a learnt budget below it would stop the prefill)
     START = 8  # tokens a row before anything is measured
     EMA = 0.2
+    WINDOW = 32  # calls the cost is fitted over
+    DITHER = 0.25
+    # A fitted cost a token is not believed below this share of the average cost a token
+    # (noise in a near-flat fit would otherwise allow huge chunks)
+    MIN_MARGINAL = 0.1
 
     def __init__(self, limit: Optional[int], step: int) -> None:
         self.limit = limit
         self.step = step
         self.step_s: Optional[float] = None  # a steady decode step, smoothed
-        self.token_s: Optional[float] = None  # a prefilled token (with padding), smoothed
+        self.token_s: Optional[float] = None  # what one more prefilled token costs
+        self.fixed_s = 0.0  # what a call's prefill costs whatever its size
         self.last = 0  # the learnt total of the step before (it may at most double a step)
+        self._samples: deque[tuple[int, int, float]] = deque(maxlen=self.WINDOW)
+        self._phase = 0  # where the next step is in the dither's pattern
 
     def per_row(self, rows: int, decoding: bool) -> int:
         """Tokens each of `rows` prompts may prefill in this step."""
@@ -360,25 +381,49 @@ class PrefillBudget:
         if self.limit > 0:
             total = self.limit
         elif self.step_s is None or self.token_s is None:
-            total = self.START * rows  # nothing measured yet: start small, the cost is learnt
+            total = self.last = self.START * rows  # nothing measured yet: start small, learn
         else:
             total = int(self.SHARE * self.step_s / max(self.token_s, 1e-9))
             # a noisy measurement must not turn into one long stall: grow at most twofold
             total = min(total, max(self.START * rows, 2 * self.last))
-        if self.limit == 0:
             self.last = total
+            per = max(self.FLOOR, min(self.step, total // rows))
+            self._phase = (self._phase + 1) % 4
+            delta = max(1, round(per * self.DITHER))  # a token a row at least: sizes differ
+            return min(self.step, per + delta) if self._phase < 2 else max(self.FLOOR, per - delta)
         return max(self.FLOOR, min(self.step, total // rows))
 
     def decoded(self, seconds: float) -> None:
-        """A call that stepped the running batch and prefilled nothing took `seconds`."""
+        """A call that stepped the running batch, with no prefill in it or just before it, took
+        `seconds`."""
         self.step_s = _smooth(self.step_s, seconds, self.EMA)
 
-    def prefilled(self, tokens: int, seconds: float, step_s: float) -> None:
-        """A call that stepped the batch (its own wait `step_s`) then prefilled `tokens`
-        (padding included) took `seconds` in all."""
+    def prefilled(self, tokens: int, before: int, seconds: float, step_s: float) -> None:
+        """A call that stepped the batch (its own wait `step_s`) then prefilled `tokens`, the
+        call before it `before` (padding included), took `seconds` in all."""
         if self.step_s is None:  # no steady step seen yet: its own wait is the best guess
             self.step_s = step_s
-        self.token_s = _smooth(self.token_s, max(seconds - self.step_s, 0.0) / tokens, self.EMA)
+        self._samples.append((tokens, before, max(seconds - self.step_s, 0.0)))
+        self.fixed_s, self.token_s = _fit_cost(self._samples, self.MIN_MARGINAL)
+
+
+def _fit_cost(samples: Sequence[tuple[int, int, float]], min_share: float) -> tuple[float, float]:
+    """(fixed, a token) of cost = fixed + a x (tokens + tokens before) with the two token counts
+    fitted apart, over (tokens, tokens before, cost) samples by least squares; the average cost a
+    token (no fixed part) where the fit can't say, and at least `min_share` of it."""
+    import numpy as np
+
+    rows = np.asarray(samples, dtype=np.float64)
+    tokens = float(rows[:, 0].sum())
+    average = float(rows[:, 2].sum()) / max(tokens, 1.0)
+    if len(rows) < 6:
+        return 0.0, average
+    x = np.column_stack([np.ones(len(rows)), rows[:, 0], rows[:, 1]])
+    coef, _, rank, _ = np.linalg.lstsq(x, rows[:, 2], rcond=None)
+    fixed, per_token = float(coef[0]), float(coef[1] + coef[2])
+    if rank < 3 or fixed < 0 or per_token <= 0:
+        return 0.0, average
+    return fixed, max(per_token, min_share * average)
 
 
 def _smooth(old: Optional[float], new: float, weight: float) -> float:
@@ -404,6 +449,7 @@ class BatchGenerator(G.BatchGenerator):  # type: ignore[misc]
         # this one still generates find the prefix they share (a system prompt and tools).
         self.keep_prefilled = False
         self.prefilled: list[tuple[list[int], list[Any]]] = []
+        self._before = 0  # prompt tokens the call before prefilled beside decoding
 
     def _empty_prompt_batch(self) -> Any:
         return G.PromptProcessingBatch.empty(
@@ -456,15 +502,19 @@ class BatchGenerator(G.BatchGenerator):  # type: ignore[misc]
         import time
 
         # Timed whole: MLX runs a decode step and the prefill after it on one stream, so the
-        # prefill's wait includes the step; the step's share is what a steady step takes.
+        # prefill's wait includes the step; the step's share is what a steady step takes. A
+        # chunk launched beside decoding runs while the next call builds its step, so the
+        # budget hears of the chunk before as well.
         self._decode_s = 0.0
         self._prefilled = 0
+        before, self._before = self._before, 0
         tic = time.perf_counter()
         out = self._step_and_prefill()
         if self._decode_s > 0:
             took = time.perf_counter() - tic
-            if self._prefilled:
-                self.budget.prefilled(self._prefilled, took, self._decode_s)
+            self._before = self._prefilled
+            if self._prefilled or before:
+                self.budget.prefilled(self._prefilled, before, took, self._decode_s)
             else:
                 self.budget.decoded(took)
         return out
