@@ -1,0 +1,107 @@
+"""Where the first turn after a restart spends its time: the disk tier against a cold prefill.
+
+    python3 -m benchmarks.accelerator.restart_timeline write DIR
+    python3 -m benchmarks.accelerator.restart_timeline read DIR
+    python3 -m benchmarks.accelerator.restart_timeline cold DIR
+
+The engine in this process (no HTTP), the 1B shape by default (SHAPE=demo for the demo model,
+with V=200 for its vocabulary). `write` answers a turn of N (8,437) tokens with
+`models.prompt_cache_dir` under DIR and stops, which writes the cache to disk; `read`, a new
+process on the same folder, answers turn 2 (turn 1, its answer and 32 new tokens) as its first
+request, then a variant of it from memory; `cold` answers the same turn 2 without the disk tier.
+Each request prints its TTFT and a timeline from its start: every engine call (next), the disk
+read (disk.load) with its digest, and the prompt cache's look-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from appliance.config import compose, load
+from appliance.engine import disk_cache, worker
+from appliance.engine.mlx_ext import batching, prompt_cache
+from appliance.engine.service import Engine
+from appliance.engine.types import SamplingParams
+
+VOCAB = int(os.environ.get("V", 30000))
+EVENTS: list[tuple[str, float, float]] = []
+START = [0.0]
+
+
+def timed(owner: Any, attr: str, name: str) -> None:
+    inner: Callable[..., Any] = getattr(owner, attr)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        out = inner(*args, **kwargs)
+        t1 = time.perf_counter()
+        EVENTS.append((name, 1000 * (t0 - START[0]), 1000 * (t1 - t0)))
+        return out
+
+    setattr(owner, attr, call)
+
+
+timed(batching.BatchGenerator, "next", "next")
+timed(worker.ModelWorker, "_insert", "worker insert")
+timed(disk_cache.DiskCache, "load", "disk.load")
+timed(disk_cache, "_file_digest", "  file digest")
+timed(prompt_cache.PromptCache, "fetch_nearest_cache", "cache look-up")
+
+
+async def turn(engine: Engine, model: Any, prompt: list[int], label: str) -> list[int]:
+    EVENTS.clear()
+    START[0] = time.perf_counter()
+    gen = await engine.start(model, prompt, SamplingParams(max_tokens=8))
+    tokens: list[int] = []
+    first = None
+    deadline = engine.deadline()
+    while True:
+        new, _ = await gen.next_tokens(deadline)
+        if not new:
+            break
+        first = first or time.perf_counter()
+        tokens.extend(new)
+    engine.finish(gen)
+    ttft = 1000 * ((first or time.perf_counter()) - START[0])
+    print(f"== {label}: {len(prompt)} tokens, TTFT {ttft:.1f} ms", flush=True)
+    for name, at, took in EVENTS[:14]:
+        print(f"   {at:8.1f} ms  {name:<16} {took:8.1f} ms", flush=True)
+    return tokens
+
+
+async def main(mode: str, folder: Path) -> None:
+    sets = [
+        "logging.file=none",
+        f"++models.catalog.demo.demo_shape={os.environ.get('SHAPE', 'llama-1b')}",
+        "++models.catalog.demo.context_length=32768",
+    ]
+    if mode != "cold":
+        sets.append(f"models.prompt_cache_dir={folder / 'cache'}")
+    cfg = load(compose(sets))
+    engine = Engine(cfg.models, cfg.limits)
+    t0 = time.perf_counter()
+    model = await engine.model("demo")
+    print(f"{mode}: model loaded in {time.perf_counter() - t0:.1f} s", flush=True)
+    if mode == "write":
+        first = [(i * 7919) % VOCAB + 100 for i in range(int(os.environ.get("N", 8437)))]
+        answer = await turn(engine, model, first, "write, turn 1")
+        second = first + answer + [(i * 104729) % VOCAB + 100 for i in range(32)]
+        (folder / "turn2.json").write_text(json.dumps(second))
+    else:
+        second = json.loads((folder / "turn2.json").read_text())
+        await turn(engine, model, second, f"{mode}, turn 2 (the first request)")
+        variant = second[:-16] + [(i * 31) % VOCAB + 200 for i in range(16)]
+        await turn(engine, model, variant, f"{mode}, turn 2 again (from memory)")
+    await engine.close()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] not in ("write", "read", "cold"):
+        sys.exit(__doc__)
+    asyncio.run(main(sys.argv[1], Path(sys.argv[2])))
