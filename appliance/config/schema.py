@@ -118,8 +118,8 @@ class ModelSpec:
     prefill_budget_tokens: Optional[int] = key(
         0,
         "While other sequences decode, most prompt tokens prefilled between two of their "
-        "steps, across the prompts being prefilled (0: as many as cost about 3/4 of a decode "
-        "step beyond what any step that prefills costs, learnt as it runs; null: "
+        "steps, across the prompts being prefilled (0: as many as take about 3/4 of a decode "
+        "step, learnt as it runs, so their inter-token gaps stay within about 2x; null: "
         "prefill_step_size per prompt, as mlx-lm does). Needs fast_joins.",
         check=Between(0, unit="tokens"),
     )

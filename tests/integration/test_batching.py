@@ -381,19 +381,23 @@ def test_prefill_budget_learns_from_step_times() -> None:
     assert b.per_row(2, decoding=True) == b.START  # nothing measured yet: small
     b.decoded(0.004)
     b.prefilled(100, 0, 0.004 + 0.010, 0.004)  # 0.1 ms a token
-    # 3/4 of a 4 ms step: 30 tokens, taken as 1 +- 1/4 of it in turn
-    pair = [b.per_row(1, decoding=True) for _ in range(2)]
-    assert sorted(pair) == [22, 38] and b.last == 30
+    assert b.per_row(1, decoding=True) == 30  # 3/4 of a 4 ms step
+    assert b.per_row(3, decoding=True) == 10
     assert batching.PrefillBudget(64, 512).per_row(2, decoding=True) == 32
     # a prefill that seemed free (noise) grows the budget twofold a step, not to a whole chunk
     c = batching.PrefillBudget(0, 512)
     assert c.per_row(1, decoding=True) == c.START
     c.decoded(0.004)
     c.prefilled(8, 0, 0.004, 0.004)
-    for want in (16, 32, 64):
-        c.per_row(1, decoding=True)
-        assert c.last == want
+    assert [c.per_row(1, decoding=True) for _ in range(3)] == [16, 32, 64]
     assert batching.PrefillBudget(None, 512).per_row(2, decoding=True) == 512
+    # fitted apart, a 4 ms step's 3/4 taken as 1 +- 1/4 of it in turn
+    d = batching.PrefillBudget(0, 512)
+    d.fixed_part = True
+    assert d.per_row(2, decoding=True) == d.START
+    d.decoded(0.004)
+    d.prefilled(100, 0, 0.004 + 0.010, 0.004)
+    assert sorted(d.per_row(1, decoding=True) for _ in range(2)) == [22, 38] and d.last == 30
 
 
 @pytest.mark.parametrize(
@@ -404,18 +408,26 @@ def test_prefill_budget_separates_a_steps_fixed_cost(
     step_ms: float, fixed_ms: float, token_ms: float, rows: int, later: float
 ) -> None:
     """Every step that prefills pays a fixed part (the model's layers run once more) whatever
-    its size: the budget spends 3/4 of a decode step on tokens beyond it, even where a share
-    `later` of a chunk's cost shows in the next step (a chunk launched, not waited for). Charged
-    to the tokens, the fixed part made the budget shrink to a token a row (the first two cases
-    are the demo model's figures on two CPU cores, the last a 1B model's on a GPU)."""
-    b = batching.PrefillBudget(0, 2048)
-    b.decoded(step_ms / 1000)
-    before = 0
-    for _ in range(80):
-        n = b.per_row(rows, decoding=True) * rows
-        ms = step_ms + fixed_ms + token_ms * ((1 - later) * n + later * before)
-        b.prefilled(n, before, ms / 1000, step_ms / 1000)
-        before = n
+    its size. Fitted apart (`fixed_part`), the budget spends 3/4 of a decode step on tokens
+    beyond it, even where a share `later` of a chunk's cost shows in the next step (a chunk
+    launched, not waited for); charged to the tokens (the default), the budget shrinks to a
+    token a row or close to it (the first two cases are the demo model's figures on two CPU
+    cores, the last a 1B model's on a GPU)."""
+
+    def run(fixed_part: bool) -> batching.PrefillBudget:
+        b = batching.PrefillBudget(0, 2048)
+        b.fixed_part = fixed_part
+        b.decoded(step_ms / 1000)
+        before = 0
+        for _ in range(80):
+            n = b.per_row(rows, decoding=True) * rows
+            ms = step_ms + fixed_ms + token_ms * ((1 - later) * n + later * before)
+            b.prefilled(n, before, ms / 1000, step_ms / 1000)
+            before = n
+        return b
+
     want = 0.75 * step_ms / token_ms
-    assert 0.8 * want <= b.last <= 1.2 * want
-    assert b.fixed_s * 1000 == pytest.approx(fixed_ms, rel=0.1)
+    fitted = run(True)
+    assert 0.8 * want <= fitted.last <= 1.2 * want
+    assert fitted.fixed_s * 1000 == pytest.approx(fixed_ms, rel=0.1)
+    assert run(False).last < 0.5 * want

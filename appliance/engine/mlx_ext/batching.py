@@ -342,18 +342,24 @@ class PrefillBudget:
     a step's prefill allows. Alone, prompts prefill in whole `prefill_step_size` chunks.
     `limit` None: no budget (mlx-lm's way).
 
-    The learnt budget fits what a call costs beyond a steady decode step as a fixed part plus a
-    cost for each token of its own chunk and of the chunk before (a chunk launched beside
-    decoding runs while the next call builds its step, so its cost shows partly there), by
-    least squares over the last WINDOW calls around prefills. The fixed part (the layers run
-    once more, their kernels launched) is paid by any call that prefills, however few tokens it
-    takes; the budget spends SHARE of a steady decode step on the tokens beyond it. Charging the
-    fixed part to the tokens instead (one cost a token) made small chunks look dear, which made
-    chunks smaller: the budget fell to a token a row (2 CPU cores, demo model: fixed 2.4 ms,
-    0.35 ms a token, a decode step 2.7 ms), and a prompt arriving beside a long answer waited for
-    it to end. Chunk sizes follow a pattern of two calls at 1 + DITHER of the budget and two at
-    1 - DITHER (a token a row at least), so that the parts can be told apart."""
+    The learnt budget charges what a call costs beyond a steady decode step to the tokens it
+    prefilled (one cost a token) and takes as many as fit in SHARE of a steady step. A step that
+    prefills at all also pays a fixed part (the layers run once more, their kernels launched),
+    which that charge makes small chunks look dear: on two CPU cores with the demo model (fixed
+    2.4 ms, 0.35 ms a token, a decode step 2.7 ms) the budget falls to a token a row, and a
+    prompt arriving beside a long answer mostly waits for it to end. With `fixed_part` on, the
+    cost is fitted as a fixed part plus a cost for each token of the call's own chunk and of
+    the chunk before (a chunk launched beside decoding runs while the next call builds its
+    step), by least squares over the last WINDOW calls around prefills, and SHARE of a steady
+    step goes to the tokens beyond the fixed part; chunk sizes then follow a pattern of two calls
+    at 1 + DITHER of the budget and two at 1 - DITHER (a token a row at least), so that the parts
+    can be told apart."""
 
+    # Off: one cost a token, the fixed part included (below). On only for an A/B
+    # (prefill_anatomy's "-line" configurations): on two CPU cores it prefilled a long prompt
+    # beside long answers 1.6-2.3x faster, but in the agent scenario its prompts finished, and
+    # joined the batch, while the others still decoded, and their worst gaps grew.
+    fixed_part = False
     SHARE = 0.75
     FLOOR = 1  # tokens a row at least (a learnt budget below it would stop the prefill)
     START = 8  # tokens a row before anything is measured
@@ -387,6 +393,8 @@ class PrefillBudget:
             # a noisy measurement must not turn into one long stall: grow at most twofold
             total = min(total, max(self.START * rows, 2 * self.last))
             self.last = total
+            if not self.fixed_part:
+                return max(self.FLOOR, min(self.step, total // rows))
             per = max(self.FLOOR, min(self.step, total // rows))
             self._phase = (self._phase + 1) % 4
             delta = max(1, round(per * self.DITHER))  # a token a row at least: sizes differ
@@ -401,8 +409,15 @@ class PrefillBudget:
     def prefilled(self, tokens: int, before: int, seconds: float, step_s: float) -> None:
         """A call that stepped the batch (its own wait `step_s`) then prefilled `tokens`, the
         call before it `before` (padding included), took `seconds` in all."""
+        if not self.fixed_part and not tokens:  # the call after a prefill, as a steady one
+            self.decoded(seconds)
+            return
         if self.step_s is None:  # no steady step seen yet: its own wait is the best guess
             self.step_s = step_s
+        if not self.fixed_part:  # one cost a token, the fixed part included
+            extra = max(seconds - self.step_s, 0.0)
+            self.token_s = _smooth(self.token_s, extra / tokens, self.EMA)
+            return
         self._samples.append((tokens, before, max(seconds - self.step_s, 0.0)))
         self.fixed_s, self.token_s = _fit_cost(self._samples, self.MIN_MARGINAL)
 
