@@ -355,10 +355,11 @@ class PrefillBudget:
     at 1 + DITHER of the budget and two at 1 - DITHER (a token a row at least), so that the parts
     can be told apart."""
 
-    # Off: one cost a token, the fixed part included (below). On only for an A/B
-    # (prefill_anatomy's "-line" configurations): on two CPU cores it prefilled a long prompt
-    # beside long answers 1.6-2.3x faster, but in the agent scenario its prompts finished, and
-    # joined the batch, while the others still decoded, and their worst gaps grew.
+    # Off: one cost a token, the fixed part included. On only for an A/B (prefill_anatomy's
+    # "-line" configurations): on two CPU cores it prefilled 1,000 tokens beside three long
+    # answers in 2.8-4.1 s against 3.1-6.5 s, but in the agent scenario its long prompts
+    # finished, and joined the batch, while the others still decoded, and their worst gaps grew
+    # (docs/performance.md).
     fixed_part = False
     SHARE = 0.75
     FLOOR = 1  # tokens a row at least (a learnt budget below it would stop the prefill)
