@@ -27,7 +27,6 @@ import logging
 import mmap
 import os
 import struct
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -68,6 +67,8 @@ DTYPES = {
     "complex64": "C64",
 }
 _pool: Optional[ThreadPoolExecutor] = None
+# Runs a file's digest beside MLX's read of it; not _pool, whose threads the digest itself uses
+_checker = ThreadPoolExecutor(1, thread_name_prefix="kv-check")
 
 
 @dataclass(frozen=True, eq=False)
@@ -231,28 +232,6 @@ def compact(cache: list[Any]) -> Optional[list[Any]]:
     return out
 
 
-class _Background:
-    """`fn(*args)` in a thread of its own (not the digest pool, whose threads it uses)."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
-        self._out: list[Any] = []
-        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-        try:
-            self._out.append((True, fn(*args)))
-        except BaseException as exc:  # handed to the caller by result()
-            self._out.append((False, exc))
-
-    def result(self) -> Any:
-        self._thread.join()
-        ok, value = self._out[0]
-        if not ok:
-            raise value
-        return value
-
-
 def _evaluate(cache: list[Any]) -> None:
     """Read a loaded cache's arrays now (MLX loads lazily)."""
     import mlx.core as mx
@@ -412,7 +391,7 @@ class DiskCache:
             # The digest is computed from the file in other threads while MLX reads it into
             # arrays here (each took about as long as the other: 44 and 126 ms for 280 MB on
             # an H100's host); the caches are handed out only once it matches.
-            check = _Background(_file_digest, entry.path, entry.tokens.tobytes(), parsed)
+            check = _checker.submit(_file_digest, entry.path, entry.tokens.tobytes(), parsed)
             cache = load_prompt_cache(str(entry.path))
             _evaluate(cache)
             digest, expected = check.result()
