@@ -21,42 +21,26 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from appliance.config import compose, load
 from appliance.engine import disk_cache, worker
 from appliance.engine.mlx_ext import batching, prompt_cache
 from appliance.engine.service import Engine
 from appliance.engine.types import SamplingParams
+from benchmarks.accelerator.steps import Timeline
 
 VOCAB = int(os.environ.get("V", 30000))
-EVENTS: list[tuple[str, float, float]] = []
-START = [0.0]
-
-
-def timed(owner: Any, attr: str, name: str) -> None:
-    inner: Callable[..., Any] = getattr(owner, attr)
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
-        out = inner(*args, **kwargs)
-        t1 = time.perf_counter()
-        EVENTS.append((name, 1000 * (t0 - START[0]), 1000 * (t1 - t0)))
-        return out
-
-    setattr(owner, attr, call)
-
-
-timed(batching.BatchGenerator, "next", "next")
-timed(worker.ModelWorker, "_insert", "worker insert")
-timed(disk_cache.DiskCache, "load", "disk.load")
-timed(disk_cache, "_file_digest", "  file digest")
-timed(prompt_cache.PromptCache, "fetch_nearest_cache", "cache look-up")
+TIMELINE = Timeline()
+TIMELINE.wrap(batching.BatchGenerator, "next", "next")
+TIMELINE.wrap(worker.ModelWorker, "_insert", "worker insert")
+TIMELINE.wrap(disk_cache.DiskCache, "load", "disk.load")
+TIMELINE.wrap(disk_cache, "_file_digest", "  file digest")
+TIMELINE.wrap(prompt_cache.PromptCache, "fetch_nearest_cache", "cache look-up")
 
 
 async def turn(engine: Engine, model: Any, prompt: list[int], label: str) -> list[int]:
-    EVENTS.clear()
-    START[0] = time.perf_counter()
+    TIMELINE.restart()
     gen = await engine.start(model, prompt, SamplingParams(max_tokens=8))
     tokens: list[int] = []
     first = None
@@ -68,9 +52,9 @@ async def turn(engine: Engine, model: Any, prompt: list[int], label: str) -> lis
         first = first or time.perf_counter()
         tokens.extend(new)
     engine.finish(gen)
-    ttft = 1000 * ((first or time.perf_counter()) - START[0])
+    ttft = 1000 * ((first or time.perf_counter()) - TIMELINE.start)
     print(f"== {label}: {len(prompt)} tokens, TTFT {ttft:.1f} ms", flush=True)
-    for name, at, took in EVENTS[:14]:
+    for at, took, name, _ in TIMELINE.events[:14]:
         print(f"   {at:8.1f} ms  {name:<16} {took:8.1f} ms", flush=True)
     return tokens
 

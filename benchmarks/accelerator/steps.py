@@ -1,5 +1,5 @@
-"""Shared by the accelerator scripts: the median decode step of a BatchGenerator class, and the
-mean time of an evaluated MLX call."""
+"""Shared by the accelerator scripts: the median decode step of a BatchGenerator class, the
+mean time of an evaluated MLX call, and a timeline of calls to wrapped methods."""
 
 import statistics
 import time
@@ -55,3 +55,33 @@ def median_step_ms(
         out.append(1000 * (time.perf_counter() - t))
     g.close()
     return statistics.median(out)
+
+
+class Timeline:
+    """Calls to wrapped methods, each as (ms from `start`, ms it took, name, info about it)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, float, str, str]] = []
+        self.start = 0.0
+
+    def restart(self) -> None:
+        self.events.clear()
+        self.start = time.perf_counter()
+
+    def wrap(
+        self, owner: Any, attr: str, name: str, info: Optional[Callable[[Any], str]] = None
+    ) -> None:
+        """Time every call of `owner.attr` (a method, or a module's function when `info` is
+        None); `info(self_of_the_call)` describes a method's object after the call."""
+        inner: Callable[..., Any] = getattr(owner, attr)
+        timeline = self
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            out = inner(*args, **kwargs)
+            t1 = time.perf_counter()
+            what = info(args[0]) if info is not None else ""
+            timeline.events.append((1000 * (t0 - timeline.start), 1000 * (t1 - t0), name, what))
+            return out
+
+        setattr(owner, attr, call)

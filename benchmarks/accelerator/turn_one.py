@@ -19,29 +19,14 @@ import os
 import random
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from appliance.config import compose, load
 from appliance.engine import worker
 from appliance.engine.mlx_ext import batching, prompt_cache
 from appliance.engine.service import Engine
 from appliance.engine.types import SamplingParams
-
-EVENTS: list[tuple[float, float, str, str]] = []
-START = [0.0]
-
-
-def timed(cls: Any, attr: str, name: str, info: Optional[Callable[[Any], str]] = None) -> None:
-    inner: Callable[..., Any] = getattr(cls, attr)
-
-    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
-        out = inner(self, *args, **kwargs)
-        t1 = time.perf_counter()
-        EVENTS.append((1000 * (t0 - START[0]), 1000 * (t1 - t0), name, info(self) if info else ""))
-        return out
-
-    setattr(cls, attr, call)
+from benchmarks.accelerator.steps import Timeline
 
 
 def state(gen: Any) -> str:
@@ -53,9 +38,10 @@ def state(gen: Any) -> str:
     )
 
 
-timed(batching.BatchGenerator, "next", "next", state)
-timed(worker.ModelWorker, "_insert", "insert")
-timed(prompt_cache.PromptCache, "fetch_nearest_cache", "cache look-up")
+TIMELINE = Timeline()
+TIMELINE.wrap(batching.BatchGenerator, "next", "next", state)
+TIMELINE.wrap(worker.ModelWorker, "_insert", "insert")
+TIMELINE.wrap(prompt_cache.PromptCache, "fetch_nearest_cache", "cache look-up")
 
 
 async def main(overrides: list[str]) -> None:
@@ -93,13 +79,12 @@ async def main(overrides: list[str]) -> None:
         return first or 0.0, time.perf_counter() - t0
 
     for rep in (1, 2):
-        EVENTS.clear()
-        START[0] = time.perf_counter()
+        TIMELINE.restart()
         p1 = fresh(int(os.environ.get("N1", 5534)))
         out = asyncio.Event()
         s1 = asyncio.ensure_future(one(p1, out))
         await out.wait()
-        joined = 1000 * (time.perf_counter() - START[0])
+        joined = 1000 * (time.perf_counter() - TIMELINE.start)
         shared = p1[: int(os.environ.get("NP", 4157))]
         others = [
             asyncio.ensure_future(one(shared + fresh(int(os.environ.get("NJ", 1370)) + i), None))
@@ -112,7 +97,7 @@ async def main(overrides: list[str]) -> None:
             + ", ".join(f"TTFT {a * 1000:.0f} end {b * 1000:.0f}" for a, b in res[1:]),
             flush=True,
         )
-        for at, took, name, info in EVENTS:
+        for at, took, name, info in TIMELINE.events:
             if took > 1 and (name != "next" or took > 12 or joined - 20 < at < joined + 400):
                 print(f"  {at:8.1f} ms {took:7.1f} ms {name:14s} {info}", flush=True)
     await engine.close()
