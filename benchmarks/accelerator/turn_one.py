@@ -5,8 +5,9 @@
 One session's prompt (N1, 5,534 tokens) is prefilled alone and decodes 32 tokens; once its
 first token is out, three prompts that share its first NP (4,157) tokens and bring NJ (1,370)
 new ones each arrive together and prefill beside it, as sessions 2-4 do in turn 1 of
-`python -m benchmarks --agent --agent-shape 1b`. Twice in one process (new tokens the second
-time). Prints each request's TTFT and end-to-end time, then every engine call (next()) around
+`python -m benchmarks --agent --agent-shape 1b`. Once for each factor in SCALES (default "1,1",
+twice at the same lengths), in one process, the lengths scaled by it, with new tokens each
+time. Prints each request's TTFT and end-to-end time, then every engine call (next()) around
 the join with its time, the rows decoding and prefilling, the prompt tokens it prefilled and
 the learnt budget's state, and the worker's inserts and prompt-cache look-ups. The 1B shape by
 default (SHAPE=demo V=1000 for the demo model, with smaller N1, NP and NJ).
@@ -38,6 +39,7 @@ def state(gen: Any) -> str:
     )
 
 
+SIZES = (("N1", 5534), ("NP", 4157), ("NJ", 1370))
 TIMELINE = Timeline()
 TIMELINE.wrap(batching.BatchGenerator, "next", "next", state)
 TIMELINE.wrap(worker.ModelWorker, "_insert", "insert")
@@ -78,22 +80,21 @@ async def main(overrides: list[str]) -> None:
         engine.finish(gen)
         return first or 0.0, time.perf_counter() - t0
 
-    for rep in (1, 2):
+    scales = [float(x) for x in os.environ.get("SCALES", "1,1").split(",")]
+    for rep, scale in enumerate(scales, 1):
         TIMELINE.restart()
-        p1 = fresh(int(os.environ.get("N1", 5534)))
+        n1, n_shared, n_new = (int(scale * int(os.environ.get(k, d))) for k, d in SIZES)
+        p1 = fresh(n1)
         out = asyncio.Event()
         s1 = asyncio.ensure_future(one(p1, out))
         await out.wait()
         joined = 1000 * (time.perf_counter() - TIMELINE.start)
-        shared = p1[: int(os.environ.get("NP", 4157))]
-        others = [
-            asyncio.ensure_future(one(shared + fresh(int(os.environ.get("NJ", 1370)) + i), None))
-            for i in range(3)
-        ]
+        shared = p1[:n_shared]
+        others = [asyncio.ensure_future(one(shared + fresh(n_new + i), None)) for i in range(3)]
         res = await asyncio.gather(s1, *others)
         print(
-            f"=== run {rep}: session 1 TTFT {res[0][0] * 1000:.0f} ms, end {res[0][1] * 1000:.0f}"
-            f" ms; sessions 2-4 sent at {joined:.0f} ms: "
+            f"=== run {rep} (x{scale}): session 1 TTFT {res[0][0] * 1000:.0f} ms, end "
+            f"{res[0][1] * 1000:.0f} ms; sessions 2-4 sent at {joined:.0f} ms: "
             + ", ".join(f"TTFT {a * 1000:.0f} end {b * 1000:.0f}" for a, b in res[1:]),
             flush=True,
         )
