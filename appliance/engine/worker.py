@@ -535,6 +535,8 @@ class ModelWorker(WorkerThread):
         cache, tokens = _run_to_end(gen, [prompt, prompt[:-1]], [2, 3])
         if cache is not None and all(hasattr(c, "merge") for c in cache):  # else no prefix reuse
             _run_to_end(gen, [prompt[:2]], [2], caches=[cache], all_tokens=[tokens])
+        if hasattr(gen, "budget"):
+            gen.budget.forget()  # its steps' times are the kernels' compiling
         log.info("model %s: warmed up in %.2f s", self.name, time.perf_counter() - t0)
 
     def follow(self) -> None:

@@ -391,6 +391,14 @@ def test_prefill_budget_learns_from_step_times() -> None:
     c.prefilled(8, 0, 0.004, 0.004)
     assert [c.per_row(1, decoding=True) for _ in range(3)] == [16, 32, 64]
     assert batching.PrefillBudget(None, 512).per_row(2, decoding=True) == 512
+    # one slow call (a kernel compiled the first time) counts as 4 of the learnt ones at most
+    b.decoded(1.3)
+    assert b.step_s == pytest.approx(0.004 + 0.2 * 0.012)
+    b.prefilled(100, 0, 1.3, 0.004)
+    assert b.token_s == pytest.approx(0.0001 + 0.2 * 0.0003)
+    b.forget()  # after the warm-up: nothing learnt, start small
+    assert b.step_s is None and b.token_s is None
+    assert b.per_row(2, decoding=True) == b.START
     # fitted apart, a 4 ms step's 3/4 taken as 1 +- 1/4 of it in turn
     d = batching.PrefillBudget(0, 512)
     d.fixed_part = True

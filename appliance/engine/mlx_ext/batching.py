@@ -367,6 +367,10 @@ class PrefillBudget:
     EMA = 0.2
     WINDOW = 32  # calls the cost is fitted over
     DITHER = 0.25
+    # A call is counted as at most this many times what was learnt: one slow call (a kernel MLX
+    # compiles the first time a shape comes, 0.1-1.5 s on CUDA) must not set the budget for
+    # the next dozens
+    OUTLIER = 4.0
     # A fitted cost a token is not believed below this share of the average cost a token
     # (noise in a near-flat fit would otherwise allow huge chunks)
     MIN_MARGINAL = 0.1
@@ -374,6 +378,12 @@ class PrefillBudget:
     def __init__(self, limit: Optional[int], step: int) -> None:
         self.limit = limit
         self.step = step
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop what was learnt: the warm-up's steps include MLX compiling its kernels (on CUDA a
+        step of 1.1 s, where a steady one takes 5 ms, and the budget of the first requests after
+        it was no budget at all)."""
         self.step_s: Optional[float] = None  # a steady decode step, smoothed
         self.token_s: Optional[float] = None  # what one more prefilled token costs
         self.fixed_s = 0.0  # what a call's prefill costs whatever its size
@@ -405,6 +415,8 @@ class PrefillBudget:
     def decoded(self, seconds: float) -> None:
         """A call that stepped the running batch, with no prefill in it or just before it, took
         `seconds`."""
+        if self.step_s is not None:
+            seconds = min(seconds, self.OUTLIER * self.step_s)
         self.step_s = _smooth(self.step_s, seconds, self.EMA)
 
     def prefilled(self, tokens: int, before: int, seconds: float, step_s: float) -> None:
@@ -416,8 +428,10 @@ class PrefillBudget:
         if self.step_s is None:  # no steady step seen yet: its own wait is the best guess
             self.step_s = step_s
         if not self.fixed_part:  # one cost a token, the fixed part included
-            extra = max(seconds - self.step_s, 0.0)
-            self.token_s = _smooth(self.token_s, extra / tokens, self.EMA)
+            each = max(seconds - self.step_s, 0.0) / tokens
+            if self.token_s:
+                each = min(each, self.OUTLIER * self.token_s)
+            self.token_s = _smooth(self.token_s, each, self.EMA)
             return
         self._samples.append((tokens, before, max(seconds - self.step_s, 0.0)))
         self.fixed_s, self.token_s = _fit_cost(self._samples, self.MIN_MARGINAL)
