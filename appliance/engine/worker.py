@@ -527,14 +527,17 @@ class ModelWorker(WorkerThread):
         now and not in the first requests: on CUDA that is NVRTC, 7-12 s on a fresh machine (an
         H200; MLX keeps what it compiled in its PTX cache folder after that). The paths requests
         take: prompts of two lengths prefilled together (right padding), decode, a leave while
-        another runs, and a prompt joining with a cached prefix. Every rank of a group does the
-        same, in step."""
+        another runs, and a prompt joining with a cached prefix; on CUDA then every layout of the
+        masked decode kernel (cuda.build_decode_layouts). Every rank of a group does the same, in
+        step."""
         t0 = time.perf_counter()
         prompt = [int(t) for t in self.tokenizer.encode("Hello, world")][:8] or [0]
         prompt = (prompt * 4)[: max(4, len(prompt))]
         cache, tokens = _run_to_end(gen, [prompt, prompt[:-1]], [2, 3])
         if cache is not None and all(hasattr(c, "merge") for c in cache):  # else no prefix reuse
             _run_to_end(gen, [prompt[:2]], [2], caches=[cache], all_tokens=[tokens])
+        if cuda.decode_kernel_in_force():
+            cuda.build_decode_layouts()  # the layouts long contexts take, not reached here
         if hasattr(gen, "budget"):
             gen.budget.forget()  # its steps' times are the kernels' compiling
         log.info("model %s: warmed up in %.2f s", self.name, time.perf_counter() - t0)

@@ -375,6 +375,38 @@ def test_the_kernel_is_launched_one_block_per_row_and_kv_head(
     assert first["output_shapes"] == [(3, hq, 1, d)] and first["output_dtypes"] == [mx.bfloat16]
 
 
+def test_the_warm_up_builds_the_layouts_long_contexts_take(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLX compiles a custom kernel in every process the first time a template is launched. After
+    a warm-up of short padded rows (a block per KV head), build_decode_layouts launches, once, the
+    template a few rows over many keys take (a block per query head), for the heads it has seen;
+    the kernel itself stood in for, as it needs CUDA."""
+    templates: list[dict[str, Any]] = []
+
+    def fake_cuda_kernel(**spec: Any) -> Any:
+        def launch(**kw: Any) -> list[Any]:
+            templates.append(dict(kw["template"]))
+            return [mx.zeros(kw["output_shapes"][0], dtype=kw["output_dtypes"][0])]
+
+        return launch
+
+    monkeypatch.setattr(mx.fast, "cuda_kernel", fake_cuda_kernel)
+    for key, empty in (("kernel", None), ("scales", {}), ("seen", set()), ("built", set())):
+        monkeypatch.setitem(cuda._decode, key, empty)
+    q = mx.zeros((2, 32, 1, 64), mx.bfloat16)
+    k = mx.zeros((2, 8, 11, 64), mx.bfloat16)
+    cuda.masked_decode_attention(q, k, k, 0.125, _padding_mask([0, 3], 11))  # the warm-up's
+    assert [t["G"] for t in templates] == [4]
+    assert cuda.build_decode_layouts() == 1
+    assert [(t["G"], t["T"], t["D"]) for t in templates] == [
+        (4, mx.bfloat16, 64),
+        (1, mx.bfloat16, 64),
+    ]
+    assert cuda.build_decode_layouts() == 0  # built once
+    long_k = mx.zeros((2, 8, 2048, 64), mx.bfloat16)  # what serving then takes: built already
+    cuda.masked_decode_attention(q, long_k, long_k, 0.125, _padding_mask([0, 3], 2048))
+    assert templates[-1]["G"] == 1 and cuda.build_decode_layouts() == 0
+
+
 @pytest.mark.skipif(not memory.on_cuda(), reason="the kernel runs on CUDA only")
 @pytest.mark.parametrize(
     "grouped", [True, False], ids=["a-block-per-kv-head", "a-block-per-query-head"]

@@ -354,7 +354,9 @@ _DECODE_UNROLL = 2
 _DECODE_SHARED_FLOATS = 10 * 1024  # the per-warp results in shared memory: 40 of its 48 KB
 _DECODE_MAX_GROUP = 8  # query heads a KV head (each holds 16 floats a lane in registers)
 _DECODE_LAYOUT = "auto"  # or "grouped" / "per-head" (see _heads_per_block), for measuring
-_decode: dict[str, Any] = {"kernel": None, "scales": {}}
+# "seen": the (dtype, head size, query heads, KV heads) decode attention has run with; "built":
+# the kernel's templates (dtype, head size, heads a block) compiled in this process
+_decode: dict[str, Any] = {"kernel": None, "scales": {}, "seen": set(), "built": set()}
 
 
 def _decode_warps(heads: int, d: int) -> int:
@@ -375,11 +377,14 @@ def _heads_per_block(batch: int, n_kv: int, group: int, n_keys: int) -> int:
     return 1 if batch * n_kv <= 64 and n_keys >= 1024 else group
 
 
-def masked_decode_attention(q: Any, k: Any, v: Any, scale: float, mask: Any) -> Any:
+def masked_decode_attention(
+    q: Any, k: Any, v: Any, scale: float, mask: Any, heads: Optional[int] = None
+) -> Any:
     """softmax(q k^T * scale, masked) v for one query per row on CUDA, in one kernel launch.
     q: (B, Hq, 1, D); k, v: (B, Hkv, S, D) with Hq a multiple of Hkv; mask: boolean, (B or 1, 1,
     1, S). Callers check `decode_kernel_fits` first. A row with no key unmasked gets zeros (MLX's
-    attention gives the mean of its values); mlx-lm's caches always leave a row its own token."""
+    attention gives the mean of its values); mlx-lm's caches always leave a row its own token.
+    `heads`: query heads a block serves, if not _heads_per_block's choice."""
     import mlx.core as mx
 
     kernel = _decode["kernel"]
@@ -397,8 +402,10 @@ def masked_decode_attention(q: Any, k: Any, v: Any, scale: float, mask: Any) -> 
         scale_array = _decode["scales"][scale] = mx.array([scale], dtype=mx.float32)
     b, n_q, _, d = q.shape
     n_kv = k.shape[1]
-    heads = _heads_per_block(b, n_kv, n_q // n_kv, k.shape[2])
+    heads = heads or _heads_per_block(b, n_kv, n_q // n_kv, k.shape[2])
     warps = _decode_warps(heads, d)
+    _decode["seen"].add((q.dtype, d, n_q, n_kv))
+    _decode["built"].add((q.dtype, d, heads))
     return kernel(
         inputs=[q, k, v, mask, scale_array],
         template=[
@@ -413,6 +420,27 @@ def masked_decode_attention(q: Any, k: Any, v: Any, scale: float, mask: Any) -> 
         output_shapes=[(b, n_q, 1, d)],
         output_dtypes=[q.dtype],
     )[0]
+
+
+def build_decode_layouts() -> int:
+    """Compile, on tiny inputs, every template of masked_decode_attention that _heads_per_block
+    may choose for the head configurations it has run with (the worker calls this after its
+    warm-up). MLX compiles a custom kernel the first time each template is used, in every
+    process (it keeps its own kernels on disk, not custom ones): on an H100 that was a 1.3 s
+    decode step in the middle of serving, the first one of a few rows over 1,024 keys or more,
+    which the warm-up's short prompts never reach. Returns how many it compiled."""
+    import mlx.core as mx
+
+    todo = []
+    for dtype, d, n_q, n_kv in sorted(_decode["seen"], key=str):
+        for heads in sorted({n_q // n_kv, 1}):
+            if (dtype, d, heads) not in _decode["built"]:
+                q = mx.zeros((1, n_q, 1, d), dtype=dtype)
+                kv = mx.zeros((1, n_kv, 4, d), dtype=dtype)
+                mask = mx.ones((1, 1, 1, 4), dtype=mx.bool_)
+                todo.append(masked_decode_attention(q, kv, kv, 1.0, mask, heads=heads))
+    mx.eval(todo)
+    return len(todo)
 
 
 def decode_kernel_fits(q: Any, k: Any, v: Any, mask: Any) -> bool:
@@ -494,6 +522,7 @@ def probe_decode_kernel() -> Optional[str]:
     except Exception as exc:  # compile or launch failure: MLX's own path still works
         reason = f"{type(exc).__name__}: {str(exc)[:300]}"
     _decode["probe"] = reason
+    _decode["seen"].clear()  # the probe's heads are not a model's
     return reason
 
 
