@@ -3,6 +3,7 @@ log, and profiles that reorder or drop middleware."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -19,6 +20,7 @@ import pytest
 
 from appliance.builder import build
 from appliance.config import compose, load
+from appliance.engine import arrivals as arrivals_mod
 from appliance.middleware import fingerprint
 
 pytestmark = pytest.mark.timeout(120)
@@ -312,6 +314,49 @@ def test_refused_requests_are_no_longer_counted_as_on_their_way(
     assert client.simulate_get(url, host=H).status_code == 405
     assert client.simulate_get("/healthz", host=H).status_code == 200
     assert (arrivals.started, arrivals.pending, arrivals()) == (0, 0, 0)
+
+
+def test_a_generation_request_counts_as_on_its_way_while_its_body_is_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """From its handler's start a generation POST counts as on its way (a generation thread
+    that looked between the start and the parse used to see nobody coming and start a join
+    alone), for READING_S at most while its body is not parsed (a stalled client must not hold
+    every join), then as parsed until handed over; other routes count only until their handler
+    starts."""
+    monkeypatch.setattr(arrivals_mod, "READING_S", 0.05)
+    arrivals = arrivals_mod.Arrivals()
+    seen: dict[str, list[int]] = {}
+
+    async def handler(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        counts = seen.setdefault(f"{scope['method']} {scope['path']}", [])
+        counts.append(arrivals())  # its body not read yet
+        await asyncio.sleep(0.06)  # a client slower than READING_S
+        counts.append(arrivals())
+        if scope["path"].startswith("/v1/chat"):
+            arrivals.on_the_way(scope)  # parsed
+            counts.append(arrivals())
+            arrivals.admitting(scope)  # in the inbox
+            counts.append(arrivals())
+
+    async def go() -> None:
+        app = arrivals.wrap(handler)
+        for method, path in (
+            ("POST", "/v1/chat/completions"),
+            ("POST", "/v1/messages/"),
+            ("GET", "/v1/models"),
+            ("POST", "/v1/embeddings"),
+        ):
+            await app({"type": "http", "method": method, "path": path}, None, None)
+
+    asyncio.run(go())
+    assert seen == {
+        "POST /v1/chat/completions": [1, 0, 1, 0],
+        "POST /v1/messages/": [1, 0],
+        "GET /v1/models": [0, 0],
+        "POST /v1/embeddings": [0, 0],
+    }
+    assert arrivals() == 0 and not arrivals.reading
 
 
 def test_requests_in_a_load_or_in_the_batch_are_not_counted_as_on_their_way(
