@@ -183,11 +183,13 @@ class Engine:
         self._needs[id(gen)] = need
         self.registry.touch(worker.name)
         self._emit("admitted", gen, queued_s=queued)
-        if (
-            scope is not None
-        ):  # right before the inbox: the thread neither waits for it nor misses it
-            self.arrivals.admitting(scope)
-        worker.submit(gen)
+        try:
+            worker.submit(gen)
+        finally:
+            if scope is not None:
+                # Right after the inbox, not before: counted until it is there, so a generation
+                # thread that counts before it looks at its inbox never misses it (worker.py).
+                self.arrivals.admitting(scope)
         return gen
 
     def would_wait(self, name: str, prompt_len: int, max_tokens: int) -> bool:

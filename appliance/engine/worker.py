@@ -10,6 +10,7 @@ reads `commands` from its inbox; each decode step is handed to the event loop in
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import queue
@@ -277,6 +278,13 @@ class ModelWorker(WorkerThread):
             timeout = policy.timeout(time.perf_counter(), len(active), [t for _, t in waiting])
             commands: list[Command] = []
             while True:
+                # Requests on their way, counted before each look at the inbox: the front hands
+                # a request over before it stops counting it (Engine.start), so one not counted
+                # here is in the inbox by the look, or came to the front after it. Counted after
+                # the look, a request handed over in between was in neither, and the waiting
+                # ones joined without it (on two CPU cores, with the front busy templating the
+                # next arrivals, that window was a few milliseconds wide).
+                coming = self._arriving()
                 try:
                     if timeout is not None and timeout > 0:
                         item = inbox.get(timeout=timeout)
@@ -306,7 +314,8 @@ class ModelWorker(WorkerThread):
                     waiting[:] = [w for w in waiting if w[0].rid != item.rid]
                     gens.pop(item.rid, None)
             now = time.perf_counter()
-            if policy.ready(now, len(active), [t for _, t in waiting], self._arriving):
+            counted = functools.partial(int, coming)  # as read before the last look
+            if policy.ready(now, len(active), [t for _, t in waiting], counted):
                 commands.extend(w for w, _ in waiting if w.rid in gens)
                 self.stats["joins"] += 1
                 self.stats["joined"] += len(waiting)
