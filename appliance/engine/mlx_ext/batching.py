@@ -404,9 +404,9 @@ class PrefillBudget:
             # a noisy measurement must not turn into one long stall: grow at most twofold
             total = min(total, max(self.START * rows, 2 * self.last))
             self.last = total
-            if not self.fixed_part:
-                return max(self.FLOOR, min(self.step, total // rows))
             per = max(self.FLOOR, min(self.step, total // rows))
+            if not self.fixed_part:
+                return per
             self._phase = (self._phase + 1) % 4
             delta = max(1, round(per * self.DITHER))  # a token a row at least: sizes differ
             return min(self.step, per + delta) if self._phase < 2 else max(self.FLOOR, per - delta)
