@@ -2,12 +2,13 @@
 
     python3 -m benchmarks.accelerator.cache_file_read
 
-Writes a file as the disk tier does (mlx-lm's save_prompt_cache; L layers of N tokens, 8 KV
-heads of 64, bf16: 280 MB at the defaults L=16 N=8437, the 1B shape's 8k-token prefix), then
-reads it three rounds: mx.load evaluated on its default stream ("plain"), the tensors spread over
-4 or 8 CPU streams, numpy reads in 8 threads (hashed as they come) copied into MLX arrays, and
-on CUDA mx.load on the GPU stream. Each is timed for the load, a SHA-256 of every tensor (8
-threads) and a first use on the default device (a sum of every tensor).
+Writes a file as the disk tier does (mlx-lm's save_prompt_cache; L layers of N tokens, 8 KV heads
+of 64, bf16: 280 MB at the defaults L=16 N=8437, the 1B shape's 8k-token prefix), then reads it
+three rounds: mx.load evaluated on its default stream ("plain"), the disk tier's own read
+(disk_cache.read_caches) with its tensors spread over 4 or 8 CPU streams, numpy reads in 8 threads
+(hashed as they come) copied into MLX arrays, and on CUDA mx.load on the GPU stream. Each is timed
+for the load, a SHA-256 of every tensor (8 threads) and a first use on the default device (a sum of
+every tensor).
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from typing import Any, Callable
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache, save_prompt_cache
+
+from appliance.engine import disk_cache
 
 NP_DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "I32": np.int32}
 POOL = ThreadPoolExecutor(8)
-STREAMS = [mx.new_stream(mx.cpu) for _ in range(8)]
 
 
 def sync() -> None:
@@ -54,15 +57,13 @@ def plain(path: Path) -> dict[str, Any]:
 
 
 def streams(k: int) -> Callable[[Path], dict[str, Any]]:
+    """The disk tier's own read (disk_cache.read_caches) on `k` CPU streams."""
+
     def read(path: Path) -> dict[str, Any]:
-        arrays: dict[str, Any] = mx.load(str(path), stream=STREAMS[0])  # type: ignore[assignment]
-        names = sorted(arrays)
-        for i in range(1, k):
-            other: dict[str, Any] = mx.load(str(path), stream=STREAMS[i])  # type: ignore[assignment]
-            for n in names[i::k]:
-                arrays[n] = other[n]
-        mx.eval(list(arrays.values()))
-        return arrays
+        disk_cache.READ_STREAMS = k
+        caches = disk_cache.read_caches(path)
+        leaves: Any = tree_flatten([c.state for c in caches])
+        return {n: a for n, a in leaves if isinstance(a, mx.array)}  # not the offsets
 
     return read
 

@@ -95,7 +95,7 @@ async def run_config(
 ) -> str:
     from appliance.config import compose, load
     from appliance.engine.service import Engine
-    from appliance.engine.types import SamplingParams
+    from benchmarks.accelerator.steps import run_request
 
     cfg = load(
         compose(
@@ -120,17 +120,13 @@ async def run_config(
 
     async def one(prompt: list[int], max_tokens: int, stamps: list[float]) -> float:
         t0 = time.perf_counter()
-        gen = await engine.start(worker, prompt, SamplingParams(max_tokens=max_tokens))
-        deadline, first = engine.deadline(), None
-        while True:
-            new, _ = await gen.next_tokens(deadline)
-            if not new:
-                break
-            now = time.perf_counter()
-            stamps.extend([now] * len(new))
-            first = first if first is not None else now - t0
-        engine.finish(gen)
-        return first or 0.0
+
+        def seen(new: list[int]) -> None:
+            stamps.extend([time.perf_counter()] * len(new))
+
+        before = len(stamps)
+        await run_request(engine, worker, prompt, max_tokens, seen)
+        return stamps[before] - t0 if len(stamps) > before else 0.0
 
     await one(prefix + fresh(16), 2, [])  # the prefix is cached from here
     await one(prefix + fresh(600), 2, [])  # shapes seen once

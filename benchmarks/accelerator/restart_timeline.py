@@ -27,8 +27,7 @@ from appliance.config import compose, load
 from appliance.engine import disk_cache, worker
 from appliance.engine.mlx_ext import batching, prompt_cache
 from appliance.engine.service import Engine
-from appliance.engine.types import SamplingParams
-from benchmarks.accelerator.steps import Timeline
+from benchmarks.accelerator.steps import Timeline, run_request
 
 VOCAB = int(os.environ.get("V", 30000))
 TIMELINE = Timeline()
@@ -41,17 +40,11 @@ TIMELINE.wrap(prompt_cache.PromptCache, "fetch_nearest_cache", "cache look-up")
 
 async def turn(engine: Engine, model: Any, prompt: list[int], label: str) -> list[int]:
     TIMELINE.restart()
-    gen = await engine.start(model, prompt, SamplingParams(max_tokens=8))
-    tokens: list[int] = []
-    first = None
-    deadline = engine.deadline()
-    while True:
-        new, _ = await gen.next_tokens(deadline)
-        if not new:
-            break
-        first = first or time.perf_counter()
-        tokens.extend(new)
-    engine.finish(gen)
+    stamps: list[float] = []
+    tokens = await run_request(
+        engine, model, prompt, 8, lambda new: stamps.append(time.perf_counter())
+    )
+    first = stamps[0] if stamps else None
     ttft = 1000 * ((first or time.perf_counter()) - TIMELINE.start)
     print(f"== {label}: {len(prompt)} tokens, TTFT {ttft:.1f} ms", flush=True)
     for at, took, name, _ in TIMELINE.events[:14]:

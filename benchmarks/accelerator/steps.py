@@ -1,5 +1,6 @@
 """Shared by the accelerator scripts: the median decode step of a BatchGenerator class, the
-mean time of an evaluated MLX call, and a timeline of calls to wrapped methods."""
+mean time of an evaluated MLX call, a timeline of calls to wrapped methods, and one request
+through an in-process engine."""
 
 import statistics
 import time
@@ -85,3 +86,27 @@ class Timeline:
             return out
 
         setattr(owner, attr, call)
+
+
+async def run_request(
+    engine: Any,
+    model: Any,
+    prompt: list[int],
+    max_tokens: int,
+    on_tokens: Optional[Callable[[list[int]], None]] = None,
+) -> list[int]:
+    """One request through an in-process Engine, to its end: its tokens. `on_tokens(new)` is
+    called at each step that gave some (time stamps, a first-token event)."""
+    from appliance.engine.types import SamplingParams
+
+    gen = await engine.start(model, prompt, SamplingParams(max_tokens=max_tokens))
+    deadline, tokens = engine.deadline(), []
+    while True:
+        new, _ = await gen.next_tokens(deadline)
+        if not new:
+            break
+        tokens.extend(new)
+        if on_tokens is not None:
+            on_tokens(new)
+    engine.finish(gen)
+    return tokens

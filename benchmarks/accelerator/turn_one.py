@@ -26,8 +26,7 @@ from appliance.config import compose, load
 from appliance.engine import worker
 from appliance.engine.mlx_ext import batching, prompt_cache
 from appliance.engine.service import Engine
-from appliance.engine.types import SamplingParams
-from benchmarks.accelerator.steps import Timeline
+from benchmarks.accelerator.steps import Timeline, run_request
 
 
 def state(gen: Any) -> str:
@@ -66,19 +65,15 @@ async def main(overrides: list[str]) -> None:
         return [rng.randrange(100, vocab) for _ in range(n)]
 
     async def one(prompt: list[int], first_out: Optional[asyncio.Event]) -> tuple[float, float]:
-        t0 = time.perf_counter()
-        gen = await engine.start(model, prompt, SamplingParams(max_tokens=32))
-        deadline, first = engine.deadline(), None
-        while True:
-            new, _ = await gen.next_tokens(deadline)
-            if not new:
-                break
-            if first is None:
-                first = time.perf_counter() - t0
-                if first_out is not None:
-                    first_out.set()
-        engine.finish(gen)
-        return first or 0.0, time.perf_counter() - t0
+        t0, stamps = time.perf_counter(), []
+
+        def seen(new: list[int]) -> None:
+            stamps.append(time.perf_counter() - t0)
+            if first_out is not None:
+                first_out.set()
+
+        await run_request(engine, model, prompt, 32, seen)
+        return (stamps[0] if stamps else 0.0), time.perf_counter() - t0
 
     scales = [float(x) for x in os.environ.get("SCALES", "1,1").split(",")]
     for rep, scale in enumerate(scales, 1):
