@@ -34,6 +34,11 @@ log = logging.getLogger("appliance.engine")
 # An engine step that took longer while sequences were decoding is logged: each of them waited
 # that long for a token (a stall an operator can then see, with what the step prefilled).
 SLOW_STEP_S = 0.25
+# The warm-up's lone prompt on CUDA. A lone row decodes with no mask, and MLX then takes cuDNN's
+# attention over 256 keys or more (a graph built on first use: a first decode step of 468-510 ms
+# in a machine's first process, 66 ms in later ones, on an H100 and an H200), or with cuDNN off
+# its own two-pass kernel over more than 1,024; the warm-up's short prompts reached neither.
+LONG_WARM_UP = 1100
 
 
 def batching(spec: Any) -> dict[str, Any]:
@@ -537,8 +542,8 @@ class ModelWorker(WorkerThread):
         H200; MLX keeps what it compiled in its PTX cache folder after that). The paths requests
         take: prompts of two lengths prefilled together (right padding), decode, a leave while
         another runs, and a prompt joining with a cached prefix; on CUDA then every layout of the
-        masked decode kernel (cuda.build_decode_layouts). Every rank of a group does the same, in
-        step."""
+        masked decode kernel (cuda.build_decode_layouts) and a lone prompt of LONG_WARM_UP
+        tokens. Every rank of a group does the same, in step."""
         t0 = time.perf_counter()
         prompt = [int(t) for t in self.tokenizer.encode("Hello, world")][:8] or [0]
         prompt = (prompt * 4)[: max(4, len(prompt))]
@@ -547,6 +552,8 @@ class ModelWorker(WorkerThread):
             _run_to_end(gen, [prompt[:2]], [2], caches=[cache], all_tokens=[tokens])
         if cuda.decode_kernel_in_force():
             cuda.build_decode_layouts()  # the layouts long contexts take, not reached here
+        if on_cuda():  # a lone stream over LONG_WARM_UP keys
+            _run_to_end(gen, [(prompt * LONG_WARM_UP)[:LONG_WARM_UP]], [3])
         if hasattr(gen, "budget"):
             gen.budget.forget()  # its steps' times are the kernels' compiling
         log.info("model %s: warmed up in %.2f s", self.name, time.perf_counter() - t0)

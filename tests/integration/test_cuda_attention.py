@@ -459,3 +459,46 @@ def test_the_decode_kernel_matches_mlx_on_cuda(
                     mask.shape,
                     mx.max(mx.abs(got - want)).item(),
                 )
+
+
+@pytest.mark.parametrize("cuda_here", [True, False])
+def test_the_warm_up_reaches_long_contexts_on_cuda_only(
+    demo_model_dir: Any, monkeypatch: pytest.MonkeyPatch, cuda_here: bool
+) -> None:
+    """On CUDA, MLX's attention for a lone row (no mask) goes through cuDNN over 256 keys or
+    more, and through its two-pass kernel past 1,024 with cuDNN off. The warm-up there also runs
+    a lone prompt longer than both, so their first use falls before the model counts as loaded;
+    elsewhere the warm-up stays short (a large model on a CPU or a Mac would pay seconds)."""
+    import asyncio
+
+    from mlx_lm import load
+
+    from appliance.config import ModelSpec
+    from appliance.engine import worker
+
+    lengths: list[list[int]] = []
+    real = worker._run_to_end
+
+    def recording(gen: Any, prompts: list[list[int]], max_tokens: list[int], **kw: Any) -> Any:
+        lengths.append([len(p) for p in prompts])
+        return real(gen, prompts, max_tokens, **kw)
+
+    monkeypatch.setattr(worker, "_run_to_end", recording)
+    monkeypatch.setattr(worker, "on_cuda", lambda: cuda_here)
+
+    async def go() -> None:
+        w = worker.ModelWorker(
+            "demo",
+            "builtin:demo",
+            loader=lambda: tuple(load(str(demo_model_dir))[:2]),
+            loop=asyncio.get_running_loop(),
+            prompt_cache_bytes=0,
+            **worker.batching(ModelSpec()),
+        )
+        await w.start()
+        w.stop()
+        await asyncio.to_thread(w.join, 10.0)
+
+    asyncio.run(go())
+    longest = max(n for call in lengths for n in call)
+    assert (longest > 1024) is cuda_here, lengths
