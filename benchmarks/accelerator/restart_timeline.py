@@ -10,7 +10,12 @@ with V=200 for its vocabulary). `write` answers a turn of N (8,437) tokens with
 process on the same folder, answers turn 2 (turn 1, its answer and 32 new tokens) as its first
 request, then a variant of it from memory; `cold` answers the same turn 2 without the disk tier.
 Each request prints its TTFT and a timeline from its start: every engine call (next), the disk
-read (disk.load) with its digest, and the prompt cache's look-up.
+read (disk.load) with its digest, and the prompt cache's look-up. `read` works on a fresh copy of
+what `write` left (the disk tier writes again when it stops), so it can be repeated; READ picks
+how the file is read: `streams` (the disk tier's own way), `one` (one stream, the default
+device's), `touch` (the disk tier's way, and in the same evaluation a sum of every tensor on the
+default device, so that on CUDA each tensor moves to the GPU as soon as it is read rather than
+in the first engine call).
 """
 
 from __future__ import annotations
@@ -18,10 +23,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import mlx.core as mx
 
 from appliance.config import compose, load
 from appliance.engine import disk_cache, worker
@@ -36,6 +44,22 @@ TIMELINE.wrap(worker.ModelWorker, "_insert", "worker insert")
 TIMELINE.wrap(disk_cache.DiskCache, "load", "disk.load")
 TIMELINE.wrap(disk_cache, "_file_digest", "  file digest")
 TIMELINE.wrap(prompt_cache.PromptCache, "fetch_nearest_cache", "cache look-up")
+READ = os.environ.get("READ", "streams")
+_read_caches = disk_cache.read_caches
+
+
+def read_and_touch(path: Path) -> list[Any]:
+    """disk_cache.read_caches, its one evaluation also summing every tensor it reads."""
+    evaluate = mx.eval
+
+    def with_sums(arrays: list[Any]) -> None:
+        evaluate(arrays + [mx.sum(a) for a in arrays])
+
+    mx.eval = with_sums
+    try:
+        return _read_caches(path)
+    finally:
+        mx.eval = evaluate
 
 
 async def turn(engine: Engine, model: Any, prompt: list[int], label: str) -> list[int]:
@@ -58,8 +82,19 @@ async def main(mode: str, folder: Path) -> None:
         f"++models.catalog.demo.demo_shape={os.environ.get('SHAPE', 'llama-1b')}",
         "++models.catalog.demo.context_length=32768",
     ]
-    if mode != "cold":
+    if mode == "write":
         sets.append(f"models.prompt_cache_dir={folder / 'cache'}")
+    elif mode == "read":
+        shutil.rmtree(folder / "read", ignore_errors=True)
+        shutil.copytree(folder / "cache", folder / "read")
+        sets.append(f"models.prompt_cache_dir={folder / 'read'}")
+        if READ == "one":
+            disk_cache.READ_STREAMS = 1
+        elif READ == "touch":
+            disk_cache.read_caches = read_and_touch
+        elif READ != "streams":
+            sys.exit(f"READ={READ!r}: streams, one or touch")
+        print(f"read: {READ} ({disk_cache.READ_STREAMS} streams)", flush=True)
     cfg = load(compose(sets))
     engine = Engine(cfg.models, cfg.limits)
     t0 = time.perf_counter()
