@@ -67,9 +67,11 @@ DTYPES = {
     "float32": "F32",
     "complex64": "C64",
 }
-# CPU streams a file's tensors are read on, a share each (MLX reads the tensors of one stream one
-# after another): on a 16-core host 4 read a 280 MB file in 33-40 ms against 61-82 ms on one; on
-# two cores one is the fastest.
+# Streams a file's tensors are read on, a share each (MLX reads the tensors of one stream one
+# after another): the default stream (MLX loads on the GPU's on CUDA, into device memory) and
+# the others on the CPU. On a 16-core host 4 read a 280 MB file in 33-40 ms against 61-82 ms on
+# one; on two cores one is the fastest. On CUDA the tensors read on CPU streams reach the GPU
+# only when first used: on an H200 the first engine call then took as long as the read had saved.
 READ_STREAMS = max(1, min(4, (os.cpu_count() or 1) // 4))
 _streams = threading.local()  # each thread's own (MLX binds a stream to the thread that made it)
 _pool: Optional[ThreadPoolExecutor] = None
@@ -240,7 +242,8 @@ def compact(cache: list[Any]) -> Optional[list[Any]]:
 
 def read_caches(path: Path) -> list[Any]:
     """The caches in a file, read now: what mlx-lm's load_prompt_cache returns, its tensors
-    read on READ_STREAMS CPU streams at once. The caller has checked its classes (CLASSES)."""
+    read on READ_STREAMS streams at once (the default one and CPU streams). The caller has
+    checked its classes (CLASSES)."""
     import mlx.core as mx
     from mlx.utils import tree_unflatten
     from mlx_lm.models import cache as mlx_cache
