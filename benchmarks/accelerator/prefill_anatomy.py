@@ -10,9 +10,10 @@ arrives alone ("alone"), and again while three sessions (the prefix plus 400 tok
 prompt's TTFT, the engine calls (next()) during it with their median and longest time, the
 prefilled tokens a call, and the decoding streams' longest gap during the prefill against their
 steady gap. Each case runs twice with new tokens (so new attention shapes), both printed. A
-name ending in "-nocc", "-bigblock", "-wait" or "-line" never clears MLX's buffer cache, takes
-the unfused attention in one piece, waits for every prefill chunk as mlx-lm does, or has the
-learnt budget fit a step's fixed cost apart from its cost a token (in that order).
+name ending in "-nocc", "-bigblock", "-wait", "-line" or "-twopass" never clears MLX's buffer
+cache, takes the unfused attention in one piece, waits for every prefill chunk as mlx-lm does,
+has the learnt budget fit a step's fixed cost apart from its cost a token, or runs a chunk beside
+decoding rows as a forward pass of its own (in that order).
 """
 
 from __future__ import annotations
@@ -210,10 +211,13 @@ def main() -> None:
         cuda.UNFUSED_BLOCK = 1 << 40 if "-bigblock" in name else block
         # "-line": the learnt budget fits a step's fixed cost apart from its cost a token
         batching.PrefillBudget.fixed_part = "-line" in name
+        # "-twopass": a chunk beside decoding rows runs as a forward pass of its own
+        batching.BatchGenerator.mixed_prefill = "-twopass" not in name
         out.append(asyncio.run(run_config(name, overrides, args, calls)))
     mx.clear_cache, cuda.UNFUSED_BLOCK = clear, block
     batching.BatchGenerator.launch_prefill = True
     batching.PrefillBudget.fixed_part = False
+    batching.BatchGenerator.mixed_prefill = True
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(out) + "\n")

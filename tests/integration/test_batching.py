@@ -15,6 +15,7 @@ from appliance.engine.mlx_ext import batching
 pytestmark = pytest.mark.timeout(300)
 
 G: Any = importlib.import_module("mlx_lm.generate")
+_cache: Any = importlib.import_module("mlx_lm.models.cache")
 
 
 @pytest.fixture(scope="module")
@@ -333,7 +334,9 @@ def test_random_schedules_match_mlx_lm() -> None:
         assert ours == stock, (cbs, pbs, step, schedule)
 
 
-def _budget_run(model: Any, budget: Any) -> tuple[dict[int, list[int]], list[int], int]:
+def _budget_run(
+    model: Any, budget: Any, mixed_prefill: bool = True
+) -> tuple[dict[int, list[int]], list[int], int]:
     """One row decoding, then a 300-token prompt arriving: the tokens of each row, the prompt
     tokens prefilled by each next() call while the first row decoded, and the calls that took."""
     gen = batching.BatchGenerator(
@@ -344,6 +347,7 @@ def _budget_run(model: Any, budget: Any) -> tuple[dict[int, list[int]], list[int
         prefill_step_size=128,
         prefill_budget=budget,
     )
+    gen.mixed_prefill = mixed_prefill
     tokens: dict[int, list[int]] = {}
     (first,) = gen.insert([_prompt(9, 1)], max_tokens=[120])
     chunks: list[int] = []
@@ -373,6 +377,63 @@ def test_a_prefill_budget_splits_a_long_arrival_between_decode_steps(model: Any)
     assert max(learnt_chunks) <= 128 and len(learnt_chunks) > len(plain_chunks)
     assert fixed == plain
     assert learnt == plain
+
+
+def test_one_forward_pass_gives_what_the_two_give(model: Any) -> None:
+    """mixed.forward: the decode rows' logits and both groups' caches are those of a decode
+    step and a prefill run apart (padded decode rows, a prompt continuing a cached prefix)."""
+    import mlx.core as mx
+
+    from appliance.engine.mlx_ext import mixed
+
+    assert mixed.supports(model)
+    decoding = [_prompt(30, 1), _prompt(50, 2), _prompt(41, 3)]
+
+    def caches() -> tuple[list[Any], list[Any]]:
+        dec = [_cache.BatchKVCache([50 - len(p) for p in decoding]) for _ in model.layers]
+        model(mx.array([[0] * (50 - len(p)) + p for p in decoding]), cache=dec)
+        chunk = [_cache.BatchKVCache([0]) for _ in model.layers]
+        model(mx.array([_prompt(200, 9)]), cache=chunk)
+        mx.eval([c.state for c in dec + chunk])
+        return dec, chunk
+
+    inputs, chunk = mx.array([[5], [6], [7]]), mx.array([_prompt(37, 11)])
+    dec_a, chunk_a = caches()
+    want = model(inputs, cache=dec_a)
+    model(chunk, cache=chunk_a)
+    dec_b, chunk_b = caches()
+    got = mixed.forward(model, inputs, dec_b, chunk, chunk_b)
+    mx.eval(want, got, [c.state for c in dec_a + chunk_a + dec_b + chunk_b])
+    assert got.shape == want.shape == (3, 1, model.args.vocab_size)
+    assert mx.allclose(got, want, atol=1e-4).item()
+    for a, b in zip(dec_a + chunk_a, dec_b + chunk_b, strict=True):
+        assert a._idx == b._idx
+        assert mx.allclose(a.keys[..., : a._idx, :], b.keys[..., : b._idx, :], atol=1e-5).item()
+        assert mx.allclose(a.values[..., : a._idx, :], b.values[..., : b._idx, :]).item()
+
+
+def test_a_chunk_beside_decoding_rides_in_the_decode_step(
+    model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beside a decoding row a lone prompt's chunks go through the decode step's forward pass
+    (one pass a call), with the same tokens as two passes a call."""
+    from appliance.engine.mlx_ext import mixed
+
+    passes: list[tuple[int, ...]] = []
+    plain = mixed.forward
+
+    def counted(m: Any, inputs: Any, cache: Any, chunk: Any, chunk_cache: Any) -> Any:
+        passes.append(tuple(chunk.shape))
+        return plain(m, inputs, cache, chunk, chunk_cache)
+
+    monkeypatch.setattr(mixed, "forward", counted)
+    one, one_chunks, _ = _budget_run(model, 32)
+    assert len(passes) == len(one_chunks) - 1  # all but the first, taken in the call it came
+    assert all(p[0] == 1 and p[1] <= 32 for p in passes)
+    passes.clear()
+    two, two_chunks, _ = _budget_run(model, 32, mixed_prefill=False)
+    assert not passes
+    assert one == two and one_chunks == two_chunks
 
 
 def test_prefill_budget_learns_from_step_times() -> None:

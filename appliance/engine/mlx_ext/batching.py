@@ -19,6 +19,10 @@ padding is read once per change instead of once per layer (every layer of a batc
 padding: they are built, padded, merged and filtered together). Rows are also joined in the
 same call that prefilled them, so the first token comes no later than before.
 
+While rows decode and one prompt is being prefilled, its chunk rides in the decode step's forward
+pass (`mixed.forward`, for the model families it knows) instead of a forward pass of its own
+after the step.
+
 A row alone in the batch decodes through plain KVCaches over the same buffers (no attention mask,
 a scalar position), as mlx-lm's single-stream generate_step does, and goes back to BatchKVCaches
 without a copy when the batch changes: on an H100 1.4-1.8 ms a step less than the batched path
@@ -40,6 +44,8 @@ import importlib
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, Optional
+
+from appliance.engine.mlx_ext import mixed
 
 G: Any = importlib.import_module(
     "mlx_lm.generate"
@@ -184,6 +190,7 @@ class GenerationBatch(G.GenerationBatch):  # type: ignore[misc]
     token, and the step that feeds it yields no response for them."""
 
     prompt_cache: list[Any]
+    model: Any
     _next_tokens: Any
     solo = True  # a lone row decodes through plain KV caches (off only for an A/B)
 
@@ -194,6 +201,24 @@ class GenerationBatch(G.GenerationBatch):  # type: ignore[misc]
         )
         super().__init__(*args, **kwargs)
         self._primed: list[bool] = [False] * len(self.uids)
+        # A prompt chunk to prefill in the next step's forward pass (BatchGenerator's mixed
+        # steps): its tokens (rows x length) and the prompt batch's caches.
+        self.rider: Optional[tuple[Any, list[Any]]] = None
+
+    def _step(self) -> Any:
+        rider, self.rider = self.rider, None
+        if rider is None:
+            return super()._step()
+        plain = self.model
+
+        def both(inputs: Any, cache: Any = None) -> Any:
+            return mixed.forward(plain, inputs, cache, rider[0], rider[1])
+
+        self.model = both
+        try:
+            return super()._step()
+        finally:
+            self.model = plain
 
     def _go_solo(self) -> None:
         """A lone row decodes through plain KVCaches over the same buffers: the model then runs
@@ -469,6 +494,9 @@ class BatchGenerator(G.BatchGenerator):  # type: ignore[misc]
     _unprocessed_sequences: Any
     _counters: Any
     launch_prefill = True  # beside decoding rows a chunk is launched, not waited for (A/B only)
+    # Beside decoding rows a lone prompt's chunk runs in the decode step's forward pass, where
+    # the model allows (mixed.supports); off only for an A/B
+    mixed_prefill = True
 
     def __init__(self, model: Any, *, prefill_budget: Optional[int] = None, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
@@ -480,6 +508,7 @@ class BatchGenerator(G.BatchGenerator):  # type: ignore[misc]
         self.keep_prefilled = False
         self.prefilled: list[tuple[list[int], list[Any]]] = []
         self._before = 0  # prompt tokens the call before prefilled beside decoding
+        self._mixes = mixed.supports(self.model)
 
     def _empty_prompt_batch(self) -> Any:
         return G.PromptProcessingBatch.empty(
@@ -561,6 +590,9 @@ class BatchGenerator(G.BatchGenerator):  # type: ignore[misc]
         # until this call's split, so its limits count them there, and so do these.
         primed = sum(self._generation_batch._primed)
 
+        if self._mixed_step_fits(primed):
+            return self._mixed_step(primed)
+
         if len(self._generation_batch) > 0:
             tic = time.perf_counter()
             generation_responses = self._generation_batch.next()
@@ -585,11 +617,26 @@ class BatchGenerator(G.BatchGenerator):  # type: ignore[misc]
         # Rows with nothing but their last token left (a one-token prompt, a full cache hit)
         self._join_ready(prompt_responses, prefilled=False)
 
-        prompts = []
         # A step ran in this call: its tokens reach their streams only when the call returns,
         # after the prefill below, even those of rows that just ended (so: not "rows left").
         decoding = self._decode_s > 0
         step = self.budget.per_row(len(self._currently_processing), decoding)
+        prompts = self._take_chunks(step, prompt_responses)
+        counters.prompt_tokens += sum(len(p) for p in prompts)
+        tic = time.perf_counter()
+        _prefill_chunk(self._prompt_batch, prompts, wait=not (decoding and self.launch_prefill))
+        counters.prompt_time += time.perf_counter() - tic
+        if prompts and decoding:
+            self._prefilled = len(prompts) * max(len(p) for p in prompts)
+
+        # ...and those whose prefill just finished: their last token goes into the next step.
+        self._join_ready(prompt_responses, prefilled=True)
+        return prompt_responses, generation_responses
+
+    def _take_chunks(self, step: int, prompt_responses: list[Any]) -> list[list[int]]:
+        """Each prompt row's next chunk (at most `step` tokens of its current segment), taken
+        off its segments, with a progress response for each row."""
+        prompts = []
         for i, seq in enumerate(self._currently_processing):
             response = G.PromptProcessingBatch.Response(self._prompt_batch.uids[i], 0, False, False)
             segments = seq[0]
@@ -602,14 +649,55 @@ class BatchGenerator(G.BatchGenerator):  # type: ignore[misc]
             seq[1] += len(prompts[-1])
             response.progress = (seq[1], seq[2])
             prompt_responses.append(response)
+        return prompts
 
-        counters.prompt_tokens += sum(len(p) for p in prompts)
+    def _mixed_step_fits(self, primed: int) -> bool:
+        """Whether this call's decode step can carry the prefill chunk (mixed.forward): rows
+        decode with room beside them, and one prompt is being prefilled with more than its last
+        token left (that one goes into a decode step as a primed row)."""
+        if not (self.mixed_prefill and self._mixes and len(self._currently_processing) == 1):
+            return False
+        gen = self._generation_batch
+        if not len(gen) or len(gen) - primed >= self.completion_batch_size:
+            return False
+        segments = self._currently_processing[0][0]
+        return len(self._prompt_batch) == 1 and not (len(segments) == 1 and len(segments[0]) == 1)
+
+    def _mixed_step(self, primed: int) -> tuple[list[Any], list[Any]]:
+        """_step_and_prefill with the lone prompt's chunk in the decode step's forward pass; new
+        arrivals join the prompt batch after it (their prefill starts at the next call), under
+        the same limits."""
+        import time
+
+        import mlx.core as mx
+
+        counters = self._counters
+        prompt_responses: list[Any] = []
+        prompts = self._take_chunks(self.budget.per_row(1, True), prompt_responses)
+        batch = self._prompt_batch
+        batch.tokens[0] += prompts[0]
+        self._generation_batch.rider = (mx.array(prompts), batch.prompt_cache)
         tic = time.perf_counter()
-        _prefill_chunk(self._prompt_batch, prompts, wait=not (decoding and self.launch_prefill))
-        counters.prompt_time += time.perf_counter() - tic
-        if prompts and decoding:
-            self._prefilled = len(prompts) * max(len(p) for p in prompts)
-
-        # ...and those whose prefill just finished: their last token goes into the next step.
+        try:
+            generation_responses = self._generation_batch.next()
+        finally:
+            self._generation_batch.rider = None
+        self._decode_s = time.perf_counter() - tic
+        mx.async_eval([c.state for c in batch.prompt_cache])
+        counters.decode_time += self._decode_s
+        counters.generation_tokens += len(generation_responses)
+        counters.generation_steps += 1
+        if counters.generation_steps % 512 == 0:
+            mx.clear_cache()
+        counters.prompt_tokens += len(prompts[0])
+        self._prefilled = len(prompts[0])
+        n = min(
+            self.prefill_batch_size - len(self._prompt_batch) - primed,
+            self.completion_batch_size - len(self._generation_batch) + primed,
+            len(self._unprocessed_sequences),
+        )
         self._join_ready(prompt_responses, prefilled=True)
+        if n > 0:
+            self._prompt_batch.extend(self._make_batch(n))
+            self._join_ready(prompt_responses, prefilled=False)
         return prompt_responses, generation_responses
