@@ -69,10 +69,8 @@ DTYPES = {
 }
 # Streams a file's tensors are read on, a share each (MLX reads the tensors of one stream one
 # after another): the default stream (MLX loads on the GPU's on CUDA, into device memory) and
-# the others on the CPU. On a 16-core host 4 read a 280 MB file in 33-40 ms against 61-82 ms on
-# one; on two cores one is the fastest. On CUDA the tensors read on CPU streams reach the GPU
-# only when first used: on an H200 the first engine call then took as long as the read had saved.
-READ_STREAMS = max(1, min(4, (os.cpu_count() or 1) // 4))
+# the others on the CPU. None: by the host (read_streams).
+READ_STREAMS: Optional[int] = None
 _streams = threading.local()  # each thread's own (MLX binds a stream to the thread that made it)
 _pool: Optional[ThreadPoolExecutor] = None
 # Runs a file's digest beside MLX's read of it; not _pool, whose threads the digest itself uses
@@ -240,23 +238,37 @@ def compact(cache: list[Any]) -> Optional[list[Any]]:
     return out
 
 
+def read_streams() -> int:
+    """READ_STREAMS, or by the host: on CUDA one, the GPU's; else one for every four cores, at
+    most four. On a 16-core host 4 streams read a 280 MB file in 33-40 ms against 61-82 ms on
+    one, and on two cores one is the fastest. On CUDA the tensors read on CPU streams reach the
+    GPU only when first used, in the first engine call: on an H100 with the 1B shape (an
+    8,477-token turn after a restart, two runs each) one stream gave a TTFT of 92 ms (the read 55
+    ms, that call 18 ms) against 97 ms on four (41 ms, 37 ms)."""
+    if READ_STREAMS is not None:
+        return READ_STREAMS
+    from .mlx_ext import cuda
+
+    return 1 if cuda.on_cuda() else max(1, min(4, (os.cpu_count() or 1) // 4))
+
+
 def read_caches(path: Path) -> list[Any]:
     """The caches in a file, read now: what mlx-lm's load_prompt_cache returns, its tensors
-    read on READ_STREAMS streams at once (the default one and CPU streams). The caller has
+    read on read_streams() streams at once (the default one and CPU streams). The caller has
     checked its classes (CLASSES)."""
     import mlx.core as mx
     from mlx.utils import tree_unflatten
     from mlx_lm.models import cache as mlx_cache
 
+    ways = read_streams()
     mine: list[Any] = getattr(_streams, "list", None) or []
-    if len(mine) < READ_STREAMS - 1:
-        mine += [mx.new_stream(mx.cpu) for _ in range(READ_STREAMS - 1 - len(mine))]
+    if len(mine) < ways - 1:
+        mine += [mx.new_stream(mx.cpu) for _ in range(ways - 1 - len(mine))]
         _streams.list = mine
     loaded: Any = mx.load(str(path), return_metadata=True)
     arrays: dict[str, Any] = loaded[0]
     meta: dict[str, Any] = loaded[1]
     names = sorted(arrays)
-    ways = READ_STREAMS
     for i, stream in enumerate(mine[: ways - 1], 1):
         other: Any = mx.load(str(path), stream=stream)
         for n in names[i::ways]:

@@ -94,7 +94,7 @@ async def main(mode: str, folder: Path) -> None:
             disk_cache.read_caches = read_and_touch
         elif READ != "streams":
             sys.exit(f"READ={READ!r}: streams, one or touch")
-        print(f"read: {READ} ({disk_cache.READ_STREAMS} streams)", flush=True)
+        print(f"read: {READ} ({disk_cache.read_streams()} streams)", flush=True)
     cfg = load(compose(sets))
     engine = Engine(cfg.models, cfg.limits)
     t0 = time.perf_counter()

@@ -42,6 +42,23 @@ def _files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
+def test_a_file_is_read_on_the_gpus_stream_alone_on_cuda_else_by_the_cores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from appliance.engine.mlx_ext import cuda
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(cuda, "on_cuda", lambda: False)
+    assert disk_cache.read_streams() == 4
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert disk_cache.read_streams() == 1
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(cuda, "on_cuda", lambda: True)  # tensors straight into device memory
+    assert disk_cache.read_streams() == 1
+    monkeypatch.setattr(disk_cache, "READ_STREAMS", 3)  # a set value wins
+    assert disk_cache.read_streams() == 3
+
+
 @pytest.mark.parametrize("streams", [1, 3])
 @pytest.mark.parametrize("bits", [None, 8])
 def test_a_written_cache_is_found_after_a_restart_and_loads_equal(
