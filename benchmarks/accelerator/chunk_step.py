@@ -10,7 +10,9 @@ at DECODE (4,000) tokens of context, beside one prompt in a BatchKVCache at each
 (4000,18000) cached tokens. For each chunk size it times STEPS (12) steps, every one evaluated
 before the next, caches growing as in the engine (so every step has new key lengths), the median
 and longest of the last ten: the decode step alone, the chunk alone, both in one forward pass
-(mixed.py) and both as two passes.
+(mixed.py) and both as two passes. SPLITS=1 keeps the decode kernel's keys whole (no split-K)
+and CHUNK_QUERIES=0 sends every chunk through MLX's attention, as before either was
+there (cuda.py).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ DECODE = int(os.environ.get("DECODE", 4000))
 PREFIXES = [int(x) for x in os.environ.get("PREFIXES", "4000,18000").split(",")]
 CHUNKS = [int(x) for x in os.environ.get("CHUNKS", "1,2,8,64").split(",")]
 ROWS = [int(x) for x in os.environ.get("ROWS", "1,3").split(",")]
+cuda._DECODE_SPLITS = int(os.environ.get("SPLITS", 0)) or None
+cuda._DECODE_CHUNK_QUERIES = int(os.environ.get("CHUNK_QUERIES", cuda._DECODE_CHUNK_QUERIES))
 
 
 def tokens(rows: int, start: int, n: int, vocab: int) -> Any:

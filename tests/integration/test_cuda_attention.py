@@ -228,6 +228,37 @@ def test_padded_decode_steps_go_to_the_kernel_and_the_rest_to_mlx(
     assert len(kernel_calls) == 1
 
 
+def test_a_short_chunk_of_one_row_goes_to_the_kernel_as_rows_of_one_query(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A prompt prefilled a few tokens a step beside decoding streams: its chunk's L queries
+    over the cached keys reach the kernel as L rows of one query, the keys and values shared
+    (broadcast, not copied), each row its own line of the causal mask; the result is MLX's.
+    Longer chunks, chunks of several rows and masks the kernel does not take stay MLX's."""
+    monkeypatch.setattr(cuda, "_DECODE_CHUNK_QUERIES", 8)
+    kernel_calls = _kernel_stood_in_for(monkeypatch)
+    fused = mx.fast.scaled_dot_product_attention
+    assert cuda.install(0, decode_kernel=True)
+    kernel_calls.clear()
+    q, k, v = _qkv(1, 8, 2, 5, 40)
+    causal = mx.arange(35, 40)[:, None] >= mx.arange(40)[None]
+    padded = mx.expand_dims(causal & (mx.arange(40) >= 3), (0, 1))  # a BatchKVCache's mask
+    for mask in (padded, "causal"):
+        got = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
+        want = fused(q, k, v, scale=0.125, mask=mask)
+        assert got.shape == want.shape == (1, 8, 5, 64)
+        tol = 2e-3 if memory.on_cuda() else 1e-5  # CUDA's float32 matmuls round as TF32 does
+        assert mx.allclose(got, want, atol=tol).item(), mask if isinstance(mask, str) else "array"
+    assert kernel_calls == [(5, 8, 1, 64)] * 2
+    long_q = _qkv(1, 8, 2, cuda._DECODE_CHUNK_QUERIES + 1, 40)[0]
+    two_rows = _qkv(2, 8, 2, 5, 40)
+    mx.fast.scaled_dot_product_attention(long_q, k, v, scale=0.125, mask="causal")
+    mx.fast.scaled_dot_product_attention(*two_rows, scale=0.125, mask="causal")
+    mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mx.where(padded, 0.0, -1e9))
+    mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=None)
+    assert len(kernel_calls) == 2
+
+
 def test_a_real_batch_of_padded_rows_decodes_through_the_kernel(
     demo_model_dir: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -263,6 +294,47 @@ def test_a_real_batch_of_padded_rows_decodes_through_the_kernel(
     assert set(kernel_calls) == {
         (3, model.layers[0].self_attn.n_heads, 1, model.layers[0].self_attn.head_dim)
     }
+
+
+def test_a_prompt_prefilled_beside_a_decoding_row_sends_its_chunks_to_the_kernel(
+    demo_model_dir: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The appliance's generator, a prompt arriving while a row decodes and prefilled 8 tokens a
+    step in the decode step's forward pass: its chunks (up to _DECODE_CHUNK_QUERIES, here 8)
+    reach the kernel as 8 rows of one query, and every token is the one MLX's own attention
+    gives."""
+    from mlx_lm.utils import load
+
+    from appliance.engine.mlx_ext import batching
+
+    model, _ = load(str(demo_model_dir))
+    attn = model.layers[0].self_attn
+
+    def tokens() -> list[tuple[int, int]]:
+        gen = batching.BatchGenerator(
+            model,
+            stop_tokens=[[10**9]],
+            completion_batch_size=8,
+            prefill_batch_size=8,
+            prefill_step_size=64,
+            prefill_budget=8,
+        )
+        out = []
+        gen.insert([[5, 9, 13, 17]], max_tokens=[30])
+        for step in range(30):
+            if step == 2:
+                gen.insert([[(j * 13) % 200 + 3 for j in range(60)]], max_tokens=[4])
+            out += [(r.uid, r.token) for r in gen.next()[1]]
+        gen.close()
+        return out
+
+    want = tokens()
+    monkeypatch.setattr(cuda, "_DECODE_CHUNK_QUERIES", 8)
+    kernel_calls = _kernel_stood_in_for(monkeypatch)
+    assert cuda.install(0, decode_kernel=True)
+    kernel_calls.clear()  # install's check
+    assert tokens() == want
+    assert (8, attn.n_heads, 1, attn.head_dim) in kernel_calls
 
 
 @pytest.mark.parametrize("fault", ["raises", "wrong"])
@@ -320,7 +392,7 @@ def test_turning_both_off_gives_mlx_back_its_attention(monkeypatch: pytest.Monke
         (32, 8, 64, 11, 4, 8),
         (16, 2, 256, 11, 8, 4),
         (8, 8, 128, 11, 1, 8),
-        (32, 8, 64, 2048, 1, 8),  # 3 rows x 8 KV heads over 2,048 keys: a block per query head
+        (32, 8, 64, 1024, 1, 8),  # 3 rows x 8 KV heads over 1,024 keys: a block per query head
     ],
 )
 def test_the_kernel_is_launched_one_block_per_row_and_kv_head(
@@ -343,8 +415,9 @@ def test_the_kernel_is_launched_one_block_per_row_and_kv_head(
         return launch
 
     monkeypatch.setattr(mx.fast, "cuda_kernel", fake_cuda_kernel)
-    monkeypatch.setitem(cuda._decode, "kernel", None)
+    monkeypatch.setitem(cuda._decode, "kernels", {})
     monkeypatch.setitem(cuda._decode, "scales", {})
+    monkeypatch.setattr(cuda, "_DECODE_SPLITS", 1)  # the keys whole
     q = mx.zeros((3, hq, 1, d), mx.bfloat16)
     k = mx.zeros((3, hkv, n_keys, d), mx.bfloat16)
     v = mx.zeros((3, hkv, n_keys, d), mx.bfloat16)
@@ -375,54 +448,133 @@ def test_the_kernel_is_launched_one_block_per_row_and_kv_head(
     assert first["output_shapes"] == [(3, hq, 1, d)] and first["output_dtypes"] == [mx.bfloat16]
 
 
-def test_the_warm_up_builds_the_layouts_long_contexts_take(monkeypatch: pytest.MonkeyPatch) -> None:
-    """MLX compiles a custom kernel in every process the first time a template is launched. After
-    a warm-up of short padded rows (a block per KV head), build_decode_layouts launches, once, the
-    template a few rows over many keys take (a block per query head), for the heads it has seen;
-    the kernel itself stood in for, as it needs CUDA."""
-    templates: list[dict[str, Any]] = []
+def _fake_kernels(monkeypatch: pytest.MonkeyPatch) -> tuple[list[Any], list[Any]]:
+    """mx.fast.cuda_kernel stood in for (it needs CUDA): the kernels made and their launches,
+    each launch giving zeros of its output shapes."""
+    made: list[dict[str, Any]] = []
+    launches: list[dict[str, Any]] = []
 
     def fake_cuda_kernel(**spec: Any) -> Any:
+        made.append(spec)
+
         def launch(**kw: Any) -> list[Any]:
-            templates.append(dict(kw["template"]))
-            return [mx.zeros(kw["output_shapes"][0], dtype=kw["output_dtypes"][0])]
+            launches.append(dict(kw, name=spec["name"]))
+            return [
+                mx.zeros(shape, dtype=dtype)
+                for shape, dtype in zip(kw["output_shapes"], kw["output_dtypes"], strict=True)
+            ]
 
         return launch
 
     monkeypatch.setattr(mx.fast, "cuda_kernel", fake_cuda_kernel)
-    for key, empty in (("kernel", None), ("scales", {}), ("seen", set()), ("built", set())):
-        monkeypatch.setitem(cuda._decode, key, empty)
+    monkeypatch.setitem(cuda._decode, "kernels", {})
+    monkeypatch.setitem(cuda._decode, "scales", {})
+    return made, launches
+
+
+@pytest.mark.parametrize(
+    "b,n_keys,splits",
+    [
+        (3, 2048, 3),  # 96 (row, query head) pairs over 2,048 keys: runs for 64 blocks
+        (3, 16384, 16),  # runs of about 1,024 keys
+        (1, 16384, 16),
+        (1, 1024, 4),  # at least 64 blocks, runs of 256 keys or more
+        (8, 8192, 8),
+        (8, 2048, 1),  # 256 pairs over few keys: whole
+        (32, 8192, 1),  # 256 blocks already: whole
+        (3, 500, 1),  # too few keys to split
+    ],
+)
+def test_few_rows_over_long_keys_split_the_keys_into_runs(
+    monkeypatch: pytest.MonkeyPatch, b: int, n_keys: int, splits: int
+) -> None:
+    """Where few blocks would each walk many keys, the keys are split into runs across the
+    grid's z, a block per KV head: a kernel writes each run's softmax state in float32 (its
+    values, and its max and sum), and a second one merges them into the result, a block of
+    head-size threads for each row and query head. Both are made once."""
+    made, launches = _fake_kernels(monkeypatch)
+    q = mx.zeros((b, 32, 1, 64), mx.bfloat16)
+    k = mx.zeros((b, 8, n_keys, 64), mx.bfloat16)
+    mask = _padding_mask([i for i in range(b)], n_keys)
+    for _ in range(2):
+        out = cuda.masked_decode_attention(q, k, k, 0.125, mask)
+        assert out.shape == (b, 32, 1, 64) and out.dtype == mx.bfloat16
+    if splits == 1:
+        assert [m["name"] for m in made] == ["appliance_decode_attention_final"]
+        assert [launch["grid"][2] for launch in launches] == [1, 1]
+        return
+    assert [m["name"] for m in made] == [
+        "appliance_decode_attention_partial",
+        "appliance_decode_attention_merge",
+    ]
+    assert made[0]["output_names"] == ["part_o", "part_ml"]
+    assert made[1]["input_names"] == ["part_o", "part_ml"]
+    runs, merge = launches[:2]
+    assert runs["grid"] == (32 * 8 * 8, b, splits) and runs["threadgroup"] == (256, 1, 1)
+    assert dict(runs["template"])["G"] == 4
+    assert runs["output_shapes"] == [(b, 32, splits, 64), (b, 32, splits, 2)]
+    assert runs["output_dtypes"] == [mx.float32, mx.float32]
+    assert merge["grid"] == (64, b * 32, 1) and merge["threadgroup"] == (64, 1, 1)
+    assert merge["template"] == [("T", mx.bfloat16)]
+    assert merge["output_shapes"] == [(b, 32, 1, 64)] and merge["output_dtypes"] == [mx.bfloat16]
+
+
+def test_the_warm_up_builds_the_layouts_long_contexts_take(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLX compiles a custom kernel in every process the first time a template is launched. After
+    a warm-up of short padded rows (a block per KV head, the keys whole), build_decode_layouts
+    launches, once, the templates a few rows over many keys take (a block per query head, or the
+    keys split into runs and merged), for the heads it has seen; the kernel itself stood in for,
+    as it needs CUDA."""
+    _, launches = _fake_kernels(monkeypatch)
+    monkeypatch.setitem(cuda._decode, "seen", set())
+    monkeypatch.setitem(cuda._decode, "built", set())
+
+    def launched() -> list[tuple[str, Any, Any]]:
+        return [
+            (str(x["name"]).rsplit("_", 1)[1], dict(x["template"]).get("G"), x["grid"][2])
+            for x in launches
+        ]
+
     q = mx.zeros((2, 32, 1, 64), mx.bfloat16)
     k = mx.zeros((2, 8, 11, 64), mx.bfloat16)
     cuda.masked_decode_attention(q, k, k, 0.125, _padding_mask([0, 3], 11))  # the warm-up's
-    assert [t["G"] for t in templates] == [4]
-    assert cuda.build_decode_layouts() == 1
-    assert [(t["G"], t["T"], t["D"]) for t in templates] == [
-        (4, mx.bfloat16, 64),
-        (1, mx.bfloat16, 64),
-    ]
+    assert launched() == [("final", 4, 1)]
+    assert cuda.build_decode_layouts() == 2
+    assert launched()[1:] == [("final", 1, 1), ("partial", 4, 2), ("merge", None, 1)]
+    assert all(dict(x["template"])["T"] == mx.bfloat16 for x in launches)
     assert cuda.build_decode_layouts() == 0  # built once
-    long_k = mx.zeros((2, 8, 2048, 64), mx.bfloat16)  # what serving then takes: built already
-    cuda.masked_decode_attention(q, long_k, long_k, 0.125, _padding_mask([0, 3], 2048))
-    assert templates[-1]["G"] == 1 and cuda.build_decode_layouts() == 0
+    for n_keys in (1024, 16384):  # what serving then takes: built already
+        long_k = mx.zeros((2, 8, n_keys, 64), mx.bfloat16)
+        cuda.masked_decode_attention(q, long_k, long_k, 0.125, _padding_mask([0, 3], n_keys))
+    assert launched()[-4:] == [
+        ("partial", 4, 4),
+        ("merge", None, 1),
+        ("partial", 4, 16),
+        ("merge", None, 1),
+    ]
+    assert cuda.build_decode_layouts() == 0
 
 
 @pytest.mark.skipif(not memory.on_cuda(), reason="the kernel runs on CUDA only")
 @pytest.mark.parametrize(
     "grouped", [True, False], ids=["a-block-per-kv-head", "a-block-per-query-head"]
 )
+@pytest.mark.parametrize("splits", [0, 3], ids=["keys-whole", "keys-in-runs"])
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
 def test_the_decode_kernel_matches_mlx_on_cuda(
-    dtype: Any, grouped: bool, monkeypatch: pytest.MonkeyPatch
+    dtype: Any, grouped: bool, splits: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Against MLX's attention in float32 on the same inputs, the kernel is off by at most its
     output's rounding to `dtype` (it computes in float32): head sizes 32-256, 1-8 query heads a KV
     head, one mask for all rows or one per row, rows from unpadded to one key, q a transposed view
     and k, v views into longer buffers as a decode step has them, and k, v read with a key stride
-    (the unpacked loads). Both block layouts, whatever the batch size would choose."""
+    (the unpacked loads). Both block layouts, whatever the batch size would choose, and the keys
+    whole or split into runs (some empty, where there are few keys)."""
     monkeypatch.setattr(cuda, "_DECODE_LAYOUT", "grouped" if grouped else "per-head")
+    monkeypatch.setattr(cuda, "_DECODE_SPLITS", splits or 1)
     cases = (
         (1, 32, 8, 7, 64),
+        (3, 32, 8, 5000, 64),
         (8, 32, 8, 130, 128),
         (5, 16, 2, 513, 256),
         (3, 4, 4, 40, 32),
@@ -459,6 +611,27 @@ def test_the_decode_kernel_matches_mlx_on_cuda(
                     mask.shape,
                     mx.max(mx.abs(got - want)).item(),
                 )
+
+
+@pytest.mark.skipif(not memory.on_cuda(), reason="the kernel runs on CUDA only")
+@pytest.mark.parametrize("length", [2, 7, 16])
+def test_a_short_chunk_through_the_kernel_matches_mlx_on_cuda(length: int) -> None:
+    """A chunk of a few queries after a long cached prefix, as rows of one query through the
+    kernel (keys split into runs), against MLX's attention in float32: off by at most bf16's
+    rounding."""
+    assert cuda.install(0, decode_kernel=True)
+    mx.random.seed(length)
+    q = mx.random.normal((1, length, 32, 64)).astype(mx.bfloat16).transpose(0, 2, 1, 3)
+    k, v = (mx.random.normal((1, 8, 5000, 64)).astype(mx.bfloat16)[:, :, :4990] for _ in "kv")
+    causal = mx.arange(4990 - length, 4990)[:, None] >= mx.arange(4990)[None]
+    mask = mx.expand_dims(causal & (mx.arange(4990) >= 20), (0, 1))
+    got = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
+    want = cuda._state["original"](
+        *(x.astype(mx.float32) for x in (q, k, v)), scale=0.125, mask=mask
+    )
+    assert got.shape == (1, 32, length, 64)
+    off = mx.max(mx.abs(got.astype(mx.float32) - want)).item()
+    assert off <= 2.0**-6, off
 
 
 @pytest.mark.parametrize("cuda_here", [True, False])

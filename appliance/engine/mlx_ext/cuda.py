@@ -152,7 +152,10 @@ def _unfused(q: Any, k: Any, v: Any, scale: float, mask: Any) -> Any:
 # the warp works on 32 / (D / 8) keys at once, each by D / 8 lanes holding 8 elements (one 16-byte
 # load where the cache's rows allow it), with an online softmax per lane group and query head;
 # the partial results merge through shuffles within the warp and shared memory across warps.
-# q, k and v are read through their strides, so the cache's views are not copied.
+# q, k and v are read through their strides, so the cache's views are not copied. Where few
+# blocks would each walk many keys, the keys are split into runs across the grid's z (split-K,
+# as flash-decoding does): each block writes its run's softmax state, and a second kernel merges
+# the runs (_decode_splits).
 _DECODE_HEADER = """
 #define APPLIANCE_NEG_INF __int_as_float(0xff800000)
 __device__ inline float appliance_to_float(float x) { return x; }
@@ -246,9 +249,15 @@ _DECODE_SOURCE = """
         m[g] = APPLIANCE_NEG_INF;
         l[g] = 0.0f;
     }
-    const int per_warp = (n_keys + WARPS - 1) / WARPS;
-    const int first = warp * per_warp;
-    const int last = min(n_keys, first + per_warp);
+    // This block's part of the keys: all of them, or one of gridDim.z runs of whole 32-key
+    // groups (split-K: the last runs may be empty, and give an empty state).
+    const int split = blockIdx.z;
+    const int per_split = ((n_keys + gridDim.z - 1) / gridDim.z + 31) & ~31;
+    const int split_first = min(n_keys, split * per_split);
+    const int split_last = min(n_keys, split_first + per_split);
+    const int per_warp = (split_last - split_first + WARPS - 1) / WARPS;
+    const int first = split_first + warp * per_warp;
+    const int last = min(split_last, first + per_warp);
     for (int base = first; base < last; base += 32) {
         const int mine = base + lane;
         const unsigned bits = __ballot_sync(0xffffffffu, mine < last && mp[mine * m_step]);
@@ -345,18 +354,57 @@ _DECODE_SOURCE = """
                 acc += warp_out[w][g][e] * f;
             }
         }
-        out[(b * n_q + n_q_first + g) * D + e] =
-            appliance_from_float<T>(total > 0.0f ? acc / total : 0.0f);
+        APPLIANCE_DECODE_RESULT
     }
+"""
+# A whole key range: the block writes the normalised result.
+_DECODE_FINAL = """out[(b * n_q + n_q_first + g) * D + e] =
+            appliance_from_float<T>(total > 0.0f ? acc / total : 0.0f);"""
+# One of gridDim.z runs of the keys: the block writes its unnormalised state (its running max in
+# log2 units, its sum of weights, its weighted values), which _DECODE_MERGE_SOURCE combines.
+_DECODE_PARTIAL = """const size_t at = (size_t)(b * n_q + n_q_first + g) * gridDim.z + split;
+        part_o[at * D + e] = acc;
+        if (e == 0) {
+            part_ml[at * 2] = top;
+            part_ml[at * 2 + 1] = total;
+        }"""
+# The runs' states of one (row, query head) into its result: a block of D threads per pair.
+_DECODE_MERGE_SOURCE = """
+    const int e = threadIdx.x;
+    const size_t bh = blockIdx.y;
+    const int splits = part_ml_shape[2];
+    const int d = part_o_shape[3];
+    const float* ml = part_ml + bh * splits * 2;
+    const float* po = part_o + bh * splits * d + e;
+    float top = APPLIANCE_NEG_INF;
+    for (int s = 0; s < splits; s++) {
+        top = fmaxf(top, ml[2 * s]);
+    }
+    float total = 0.0f;
+    float acc = 0.0f;
+    if (top != APPLIANCE_NEG_INF) {
+        for (int s = 0; s < splits; s++) {
+            const float f = exp2f(ml[2 * s] - top);
+            total += ml[2 * s + 1] * f;
+            acc += po[s * d] * f;
+        }
+    }
+    out[bh * d + e] = appliance_from_float<T>(total > 0.0f ? acc / total : 0.0f);
 """
 _DECODE_HEAD_SIZES = (32, 64, 128, 256)  # D / 8 lanes a key must divide the warp's 32
 _DECODE_UNROLL = 2
 _DECODE_SHARED_FLOATS = 10 * 1024  # the per-warp results in shared memory: 40 of its 48 KB
 _DECODE_MAX_GROUP = 8  # query heads a KV head (each holds 16 floats a lane in registers)
 _DECODE_LAYOUT = "auto"  # or "grouped" / "per-head" (see _heads_per_block), for measuring
-# "seen": the (dtype, head size, query heads, KV heads) decode attention has run with; "built":
-# the kernel's templates (dtype, head size, heads a block) compiled in this process
-_decode: dict[str, Any] = {"kernel": None, "scales": {}, "seen": set(), "built": set()}
+_DECODE_SPLITS: Optional[int] = None  # runs of the keys (1: whole) instead of _decode_splits's
+# A chunk of at most this many queries of one row (a prompt prefilled a few tokens a step beside
+# decoding streams) goes through the decode kernel as that many rows of one query (0: never;
+# see _chunk_as_rows)
+_DECODE_CHUNK_QUERIES = 4
+# "kernels": the compiled kernels by name (see _decode_kernel); "seen": the (dtype, head size,
+# query heads, KV heads) decode attention has run with; "built": the templates (dtype, head size,
+# heads a block, split or not) compiled in this process
+_decode: dict[str, Any] = {"kernels": {}, "scales": {}, "seen": set(), "built": set()}
 
 
 def _decode_warps(heads: int, d: int) -> int:
@@ -365,58 +413,121 @@ def _decode_warps(heads: int, d: int) -> int:
     return 8 if 8 * heads * d <= _DECODE_SHARED_FLOATS else 4
 
 
-def _heads_per_block(batch: int, n_kv: int, group: int, n_keys: int) -> int:
+def _heads_per_block(batch: int, n_kv: int, group: int, n_keys: int, split: bool) -> int:
     """Query heads one block serves: all `group` sharing a KV head, each key loaded once for them;
-    or one, for more blocks, where few rows attend to many keys (64 or fewer (row, KV head) pairs
-    over 1,024 keys or more: 16 chained calls at 1-8 rows x 2,048 keys took 1.1-1.4 ms against
-    1.5-1.7 grouped, on an H100; grouped was as fast or faster everywhere else measured)."""
+    or, with the keys whole, one, for more blocks, where few rows attend to many keys (64 or
+    fewer (row, KV head) pairs over 1,024 keys or more: 16 chained calls at 1-8 rows x 2,048
+    keys took 1.1-1.4 ms against 1.5-1.7 grouped, on an H100; grouped was as fast or faster
+    everywhere else measured, and with the keys split)."""
     if _DECODE_LAYOUT == "grouped":
         return group
     if _DECODE_LAYOUT == "per-head":
         return 1
-    return 1 if batch * n_kv <= 64 and n_keys >= 1024 else group
+    return 1 if not split and batch * n_kv <= 64 and n_keys >= 1024 else group
 
 
-def masked_decode_attention(
-    q: Any, k: Any, v: Any, scale: float, mask: Any, heads: Optional[int] = None
-) -> Any:
-    """softmax(q k^T * scale, masked) v for one query per row on CUDA, in one kernel launch.
-    q: (B, Hq, 1, D); k, v: (B, Hkv, S, D) with Hq a multiple of Hkv; mask: boolean, (B or 1, 1,
-    1, S). Callers check `decode_kernel_fits` first. A row with no key unmasked gets zeros (MLX's
-    attention gives the mean of its values); mlx-lm's caches always leave a row its own token.
-    `heads`: query heads a block serves, if not _heads_per_block's choice."""
-    import mlx.core as mx
+def _decode_splits(batch: int, n_q: int, n_kv: int, n_keys: int) -> int:
+    """Runs the keys are split into (1: whole). Walking all the keys, each block goes through
+    them one group after another, and few rows over a long context leave most of the card idle:
+    3 padded rows over 16k keys made a decode step of the 1B model 13.5 ms, against 5.2 ms for
+    a lone row through MLX's own split kernel (H100). Split, a block per KV head (its query
+    heads sharing each load) beat a block per query head. From 16 layers' calls on an H100
+    (`decode_kernel_tune long`; 32 query heads, 8 KV heads): at 1-8 rows over 8k-32k keys the
+    best runs held about 1,024 keys each (1 row over 16k: 1.5 ms against 7.9 whole; 3 rows
+    1.0-2.1x faster, 8 rows 1.3-1.8x), and at least 64 blocks in all; over 2k keys splitting
+    paid only where 128 or fewer (row, query head) pairs would run (8 rows: 1.8 ms split, 1.5
+    whole); with 256 (row, KV head) blocks or more the keys stay whole."""
+    if _DECODE_SPLITS:
+        return _DECODE_SPLITS
+    blocks = batch * n_kv
+    if blocks >= 256 or n_keys < 512 or (n_keys < 4096 and batch * n_q > 128):
+        return 1
+    return max(1, min(n_keys // 256, max(n_keys // 1024, -(-64 // blocks))))
 
-    kernel = _decode["kernel"]
+
+def _decode_kernel(name: str) -> Any:
+    """One of the decode kernels, made once: "final" (each block over all the keys writes the
+    result), "partial" (each block over one run of the keys writes its softmax state) and
+    "merge" (the runs' states into the result)."""
+    kernel = _decode["kernels"].get(name)
     if kernel is None:
-        kernel = _decode["kernel"] = mx.fast.cuda_kernel(
-            name="appliance_masked_decode_attention",
-            input_names=["q", "k", "v", "mask", "scale"],
-            output_names=["out"],
-            source=_DECODE_SOURCE,
+        import mlx.core as mx
+
+        if name == "merge":
+            inputs, outputs, source = ["part_o", "part_ml"], ["out"], _DECODE_MERGE_SOURCE
+        else:
+            result = _DECODE_FINAL if name == "final" else _DECODE_PARTIAL
+            inputs = ["q", "k", "v", "mask", "scale"]
+            outputs = ["out"] if name == "final" else ["part_o", "part_ml"]
+            source = _DECODE_SOURCE.replace("APPLIANCE_DECODE_RESULT", result)
+        kernel = _decode["kernels"][name] = mx.fast.cuda_kernel(
+            name=f"appliance_decode_attention_{name}",
+            input_names=inputs,
+            output_names=outputs,
+            source=source,
             header=_DECODE_HEADER,
             ensure_row_contiguous=False,
         )
+    return kernel
+
+
+def masked_decode_attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    scale: float,
+    mask: Any,
+    heads: Optional[int] = None,
+    splits: Optional[int] = None,
+) -> Any:
+    """softmax(q k^T * scale, masked) v for one query per row on CUDA: one kernel launch, or two
+    where the keys are split into runs (the runs, then their merge). q: (B, Hq, 1, D); k, v: (B,
+    Hkv, S, D) with Hq a multiple of Hkv; mask: boolean, (B or 1, 1, 1, S). Callers check
+    `decode_kernel_fits` first. A row with no key unmasked gets zeros (MLX's attention gives the
+    mean of its values); mlx-lm's caches always leave a row its own token. `heads`: query heads a
+    block serves, if not _heads_per_block's choice; `splits`: runs of the keys, if not
+    _decode_splits's."""
+    import mlx.core as mx
+
     scale_array = _decode["scales"].get(scale)
     if scale_array is None:
         scale_array = _decode["scales"][scale] = mx.array([scale], dtype=mx.float32)
     b, n_q, _, d = q.shape
     n_kv = k.shape[1]
-    heads = heads or _heads_per_block(b, n_kv, n_q // n_kv, k.shape[2])
+    n_keys = k.shape[2]
+    splits = splits or _decode_splits(b, n_q, n_kv, n_keys)
+    if not heads:
+        heads = _heads_per_block(b, n_kv, n_q // n_kv, n_keys, split=splits > 1)
     warps = _decode_warps(heads, d)
     _decode["seen"].add((q.dtype, d, n_q, n_kv))
-    _decode["built"].add((q.dtype, d, heads))
-    return kernel(
-        inputs=[q, k, v, mask, scale_array],
-        template=[
-            ("T", q.dtype),
-            ("D", d),
-            ("G", heads),
-            ("WARPS", warps),
-            ("UNROLL", _DECODE_UNROLL),
-        ],
-        grid=(32 * warps * (n_q // heads), b, 1),
-        threadgroup=(32 * warps, 1, 1),
+    _decode["built"].add((q.dtype, d, heads, splits > 1))
+    template = [
+        ("T", q.dtype),
+        ("D", d),
+        ("G", heads),
+        ("WARPS", warps),
+        ("UNROLL", _DECODE_UNROLL),
+    ]
+    launch = {
+        "inputs": [q, k, v, mask, scale_array],
+        "template": template,
+        "grid": (32 * warps * (n_q // heads), b, splits),
+        "threadgroup": (32 * warps, 1, 1),
+    }
+    if splits == 1:
+        return _decode_kernel("final")(
+            **launch, output_shapes=[(b, n_q, 1, d)], output_dtypes=[q.dtype]
+        )[0]
+    part_o, part_ml = _decode_kernel("partial")(
+        **launch,
+        output_shapes=[(b, n_q, splits, d), (b, n_q, splits, 2)],
+        output_dtypes=[mx.float32, mx.float32],
+    )
+    return _decode_kernel("merge")(
+        inputs=[part_o, part_ml],
+        template=[("T", q.dtype)],
+        grid=(d, b * n_q, 1),
+        threadgroup=(d, 1, 1),
         output_shapes=[(b, n_q, 1, d)],
         output_dtypes=[q.dtype],
     )[0]
@@ -424,21 +535,27 @@ def masked_decode_attention(
 
 def build_decode_layouts() -> int:
     """Compile, on tiny inputs, every template of masked_decode_attention that _heads_per_block
-    may choose for the head configurations it has run with (the worker calls this after its
-    warm-up). MLX compiles a custom kernel the first time each template is used, in every
-    process (it keeps its own kernels on disk, not custom ones): on an H100 that was a 1.3 s
-    decode step in the middle of serving, the first one of a few rows over 1,024 keys or more,
-    which the warm-up's short prompts never reach. Returns how many it compiled."""
+    and _decode_splits may choose (the keys whole, a block per KV head or per query head; split
+    into runs, a block per KV head, with the merge), for the head configurations it has run with
+    (the worker calls this after its warm-up). MLX compiles a custom kernel the first time each
+    template is used, in every process (it keeps its own kernels on disk, not custom ones): on
+    an H100 that was a 1.3 s decode step in the middle of serving, the first one of a few rows
+    over 1,024 keys or more, which the warm-up's short prompts never reach. Returns how many it
+    compiled."""
     import mlx.core as mx
 
     todo = []
     for dtype, d, n_q, n_kv in sorted(_decode["seen"], key=str):
-        for heads in sorted({n_q // n_kv, 1}):
-            if (dtype, d, heads) not in _decode["built"]:
+        group = n_q // n_kv
+        for heads, split in sorted({(group, False), (1, False), (group, True)}):
+            if (dtype, d, heads, split) not in _decode["built"]:
                 q = mx.zeros((1, n_q, 1, d), dtype=dtype)
                 kv = mx.zeros((1, n_kv, 4, d), dtype=dtype)
                 mask = mx.ones((1, 1, 1, 4), dtype=mx.bool_)
-                todo.append(masked_decode_attention(q, kv, kv, 1.0, mask, heads=heads))
+                splits = 2 if split else 1
+                todo.append(
+                    masked_decode_attention(q, kv, kv, 1.0, mask, heads=heads, splits=splits)
+                )
     mx.eval(todo)
     return len(todo)
 
@@ -473,6 +590,37 @@ def decode_kernel_fits(q: Any, k: Any, v: Any, mask: Any) -> bool:
     )
 
 
+def _chunk_as_rows(q: Any, k: Any, v: Any, scale: float, mask: Any) -> Any:
+    """A short chunk of one row's queries, q (1, Hq, L, D) over k, v (1, Hkv, S, D), through
+    masked_decode_attention as L rows of one query each: q's views swapped, the same keys and
+    values for every row (broadcast, not copied), each row its query's line of the causal mask.
+    MLX's path for a few queries over a long cached prefix is a matmul, the mask, a softmax and
+    a matmul, each over all the keys. On an H100 (1B shape, `chunk_step`, 18,000 cached, one
+    decoding row) a step with a chunk of 2 took 8.4 ms this way against 9.9, one of 4 9.6 against
+    9.4; chunks of 8 and 16 were slower (every row walks all the keys: 13.2 and 15.2 ms against
+    8.2 and 9.0 for the chunk alone), hence _DECODE_CHUNK_QUERIES. None where the mask is not
+    one this takes (boolean, or "causal")."""
+    import mlx.core as mx
+
+    length, n_keys = q.shape[2], k.shape[2]
+    if isinstance(mask, str):
+        if mask != "causal":
+            return None
+        mask = mx.arange(n_keys - length, n_keys)[:, None] >= mx.arange(n_keys)[None]
+    elif not (isinstance(mask, mx.array) and mask.ndim == 4 and mask.shape[:3] == (1, 1, length)):
+        return None
+    else:
+        mask = mask[0, 0]
+    rows_q = mx.expand_dims(mx.swapaxes(q[0], 0, 1), 2)  # (L, Hq, 1, D)
+    rows_k = mx.broadcast_to(k, (length, *k.shape[1:]))
+    rows_v = mx.broadcast_to(v, (length, *v.shape[1:]))
+    rows_mask = mx.expand_dims(mask, (1, 2))  # (L, 1, 1, S)
+    if not decode_kernel_fits(rows_q, rows_k, rows_v, rows_mask):
+        return None
+    out = masked_decode_attention(rows_q, rows_k, rows_v, scale, rows_mask)
+    return mx.expand_dims(mx.swapaxes(out[:, :, 0, :], 0, 1), 0)
+
+
 def _routed(
     q: Any,
     k: Any,
@@ -490,14 +638,25 @@ def _routed(
             if mask is not None and _state["decode_kernel"] and decode_kernel_fits(q, k, v, mask):
                 return masked_decode_attention(q, k, v, scale, mask)
         elif length > 1:
+            if (
+                _state["decode_kernel"]
+                and length <= _DECODE_CHUNK_QUERIES
+                and q.shape[0] == 1
+                and q.ndim == 4
+                and k.ndim == 4
+            ):
+                out = _chunk_as_rows(q, k, v, scale, mask)
+                if out is not None:
+                    return out
             if q.shape[0] * q.shape[1] * length * k.shape[-2] <= _state["max_elements"]:
                 return unfused_attention(q, k, v, scale, mask)
     return original(q, k, v, *args, scale=scale, mask=mask, sinks=sinks, **kwargs)
 
 
 def probe_decode_kernel() -> Optional[str]:
-    """Run masked_decode_attention once on small padded inputs (bf16, 4 query heads a KV head,
-    head size 64) against MLX's attention in float32: None when it agrees, else why not (it could
+    """Run masked_decode_attention on small padded inputs (bf16, 4 query heads a KV head, head
+    size 64), whole and split into runs, against MLX's attention in float32: None when it
+    agrees, else why not (it could
     not be compiled, e.g. no CUDA headers for MLX's JIT, or an MLX whose custom kernels behave
     otherwise). Kept after the first call."""
     if "probe" in _decode:
@@ -515,10 +674,18 @@ def probe_decode_kernel() -> Optional[str]:
         want = (_state["original"] or mx.fast.scaled_dot_product_attention)(
             *f32, scale=0.125, mask=mask
         )
-        got = masked_decode_attention(q, k, v, 0.125, mask).astype(mx.float32)
-        off = float(cast(float, mx.max(mx.abs(got - want)).item()))
-        if not off <= 2.0**-6:
-            reason = f"its output differs from MLX's attention by {off:.3g}"
+        global _DECODE_SPLITS
+        for splits in (None, 3):  # whole, then in runs (the last one empty)
+            fixed, _DECODE_SPLITS = _DECODE_SPLITS, splits
+            try:
+                got = masked_decode_attention(q, k, v, 0.125, mask).astype(mx.float32)
+            finally:
+                _DECODE_SPLITS = fixed
+            off = float(cast(float, mx.max(mx.abs(got - want)).item()))
+            if not off <= 2.0**-6:
+                runs = f" in {splits} runs of its keys" if splits else ""
+                reason = f"its output{runs} differs from MLX's attention by {off:.3g}"
+                break
     except Exception as exc:  # compile or launch failure: MLX's own path still works
         reason = f"{type(exc).__name__}: {str(exc)[:300]}"
     _decode["probe"] = reason
@@ -527,11 +694,12 @@ def probe_decode_kernel() -> Optional[str]:
 
 
 def install(max_elements: int, decode_kernel: bool = False) -> bool:
-    """Route short prefill attention around cuDNN, and masked decode attention through
-    masked_decode_attention, on CUDA (idempotent; the last call's settings win). The decode
-    kernel is checked once first (probe_decode_kernel); if it fails, a warning says why and
-    decode attention stays MLX's. Returns whether either is in force (False off CUDA, or with
-    max_elements 0 and no decode kernel); `decode_kernel_in_force()` tells which."""
+    """Route short prefill attention around cuDNN, and masked decode attention (and a short
+    chunk of one row's queries, _chunk_as_rows) through masked_decode_attention, on CUDA
+    (idempotent; the last call's settings win). The decode kernel is checked once first
+    (probe_decode_kernel); if it fails, a warning says why and decode attention stays MLX's.
+    Returns whether either is in force (False off CUDA, or with max_elements 0 and no decode
+    kernel); `decode_kernel_in_force()` tells which."""
     _state["max_elements"] = max(0, max_elements)
     _state["decode_kernel"] = False
     if (max_elements <= 0 and not decode_kernel) or not on_cuda() or not usable():
