@@ -154,9 +154,9 @@ def prepare(
     max_tokens: Optional[int] = None,
     constrain: bool = True,
 ) -> Prepared:
-    """Render the prompt and build the grammar (on the event loop: tokenizer work, no MLX).
-    `max_tokens`: the model's cap (a thinking budget at or past it needs no grammar);
-    `constrain`: false to render only (counting tokens)."""
+    """Render the prompt and build the grammar (tokenizer work, no MLX: the front runs it on a
+    thread of its own, Generate._prepare). `max_tokens`: the model's cap (a thinking budget at
+    or past it needs no grammar); `constrain`: false to render only (counting tokens)."""
     tok = worker.tokenizer
     fmt = formats_of(worker, tool_parser)
     if request.prompt is not None:  # a completion: the text as given, no template, no tools

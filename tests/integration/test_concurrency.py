@@ -331,3 +331,41 @@ def test_a_burst_of_requests_is_prefilled_together(module_appliance: Any) -> Non
         rounds.append(joins)
     # One join a burst (without the count: two each time), at most one burst split.
     assert sum(rounds) <= 4 and max(rounds) <= 2, rounds
+
+
+def test_a_long_prompt_being_tokenized_does_not_hold_other_requests(
+    module_appliance: Any,
+) -> None:
+    """An agent's turn resends its whole conversation, and rendering and tokenizing it takes a
+    core for a while (about 0.9 s here for 700k tokens of the demo model's). Meanwhile the
+    server goes on answering: the front prepares prompts on a thread of its own, not on the
+    event loop that serves every other request and stream. The long prompt is then refused for
+    the model's context, naming the messages."""
+    text = "".join(f"w{i % 97} " for i in range(240_000))
+    done = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def long_request() -> None:
+        with httpx.Client(timeout=60) as c:
+            t0 = time.perf_counter()
+            r = c.post(
+                module_appliance.url + "/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": text}], "max_tokens": 1},
+            )
+            outcome.update(status=r.status_code, body=r.json(), took=time.perf_counter() - t0)
+            done.set()
+
+    waits = []
+    with httpx.Client(timeout=60) as c:
+        c.get(module_appliance.url + "/healthz")  # the connection made
+        sender = threading.Thread(target=long_request)
+        sender.start()
+        while not done.is_set():
+            t0 = time.perf_counter()
+            assert c.get(module_appliance.url + "/healthz").status_code == 200
+            waits.append(time.perf_counter() - t0)
+        sender.join()
+    assert outcome["status"] == 400, outcome["body"]
+    assert outcome["body"]["error"]["param"] == "messages"
+    assert outcome["took"] > 0.3  # long enough for the check to mean something
+    assert len(waits) > 3 and max(waits) < outcome["took"] / 3, (max(waits), outcome["took"])
