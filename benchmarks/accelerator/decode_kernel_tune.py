@@ -5,9 +5,10 @@
 Llama 3.2 1B's heads (32 query, 8 KV, size 64), bf16, q a transposed view and k, v views into
 longer cache buffers, rows padded by 0-6 keys. Each figure is ms for 16 calls in a chain (each
 call's output the next one's query, as layers follow each other in a step), evaluated once,
-mean of 50: the kernel with a block for each KV head's 4 query heads or for each query head,
-MLX with the mask (its four-op fallback) and MLX without a mask (its vector kernel, what a
-batch with no padding runs). Then the microseconds of Python and graph building per call.
+mean of 50: the kernel (its keys whole) with a block for each KV head's 4 query heads or for
+each query head, MLX with the mask (its four-op fallback) and MLX without a mask (its vector
+kernel, what a batch with no padding runs). Then the microseconds of Python and graph building
+per call.
 `long` (the default runs both): few rows (ROWS, default 1,2,3,4,8,16) over 2k-32k keys, the
 keys whole or split into runs (as the kernel would choose, "auto", or in a fixed number of
 runs), after a check of the split kernel against MLX in float32 at those lengths.
@@ -44,6 +45,7 @@ def inputs(b, s, hq=32, hkv=8, d=64):
 def kernel(layout):
     def step(q, k, v, m):
         cuda._DECODE_LAYOUT = layout
+        cuda._DECODE_SPLITS = 1  # the keys whole: the layouts compared as such
         return cuda.masked_decode_attention(q, k, v, 0.125, m)
 
     return step
@@ -68,7 +70,7 @@ for b in (1, 2, 4, 8, 16, 32, 64) if "short" in SECTIONS else ():
         }
         shown = ", ".join(f"{n} {ms:.3f}" for n, ms in res.items())
         print(f"  B={b:>2} S={s:>4}: {shown}", flush=True)
-cuda._DECODE_LAYOUT = "auto"
+cuda._DECODE_LAYOUT, cuda._DECODE_SPLITS = "auto", None
 
 
 def split(layout, splits):
