@@ -346,13 +346,16 @@ def test_a_long_prompt_being_tokenized_does_not_hold_other_requests(
     outcome: dict[str, Any] = {}
 
     def long_request() -> None:
-        with httpx.Client(timeout=60) as c:
-            t0 = time.perf_counter()
-            r = c.post(
-                module_appliance.url + "/v1/chat/completions",
-                json={"messages": [{"role": "user", "content": text}], "max_tokens": 1},
-            )
-            outcome.update(status=r.status_code, body=r.json(), took=time.perf_counter() - t0)
+        try:
+            with httpx.Client(timeout=60) as c:
+                t0 = time.perf_counter()
+                r = c.post(
+                    module_appliance.url + "/v1/chat/completions",
+                    json={"messages": [{"role": "user", "content": text}], "max_tokens": 1},
+                )
+                took = time.perf_counter() - t0
+                outcome.update(status=r.status_code, body=r.json(), took=took)
+        finally:
             done.set()
 
     waits = []
