@@ -42,18 +42,20 @@ def inputs(b, s, hq=32, hkv=8, d=64):
     return q, k, v, mask
 
 
-def kernel(layout):
+def split(layout, splits):
+    """The kernel with this layout, its keys in `splits` runs (1: whole; None: as it chooses)."""
+
     def step(q, k, v, m):
         cuda._DECODE_LAYOUT = layout
-        cuda._DECODE_SPLITS = 1  # the keys whole: the layouts compared as such
+        cuda._DECODE_SPLITS = splits
         return cuda.masked_decode_attention(q, k, v, 0.125, m)
 
     return step
 
 
 VARIANTS = {
-    "4 heads a block": kernel("grouped"),
-    "1 head a block": kernel("per-head"),
+    "4 heads a block": split("grouped", 1),  # the keys whole: the layouts compared as such
+    "1 head a block": split("per-head", 1),
     "MLX masked": lambda q, k, v, m: original(q, k, v, scale=0.125, mask=m),
     "MLX unmasked": lambda q, k, v, m: original(q, k, v, scale=0.125, mask=None),
 }
@@ -71,15 +73,6 @@ for b in (1, 2, 4, 8, 16, 32, 64) if "short" in SECTIONS else ():
         shown = ", ".join(f"{n} {ms:.3f}" for n, ms in res.items())
         print(f"  B={b:>2} S={s:>4}: {shown}", flush=True)
 cuda._DECODE_LAYOUT, cuda._DECODE_SPLITS = "auto", None
-
-
-def split(layout, splits):
-    def step(q, k, v, m):
-        cuda._DECODE_LAYOUT = layout
-        cuda._DECODE_SPLITS = splits  # 1: the keys whole; None: _decode_splits's choice
-        return cuda.masked_decode_attention(q, k, v, 0.125, m)
-
-    return step
 
 
 if "long" in SECTIONS:

@@ -160,7 +160,7 @@ def _kernel_stood_in_for(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...
     query shapes it is called with."""
     calls: list[tuple[int, ...]] = []
 
-    def stand_in(q: Any, k: Any, v: Any, scale: float, mask: Any) -> Any:
+    def stand_in(q: Any, k: Any, v: Any, scale: float, mask: Any, **_: Any) -> Any:
         calls.append(tuple(q.shape))
         return _reference(q, k, v, scale, mask)
 
@@ -345,7 +345,7 @@ def test_a_decode_kernel_that_fails_its_check_stays_off(
     something else (an MLX whose custom kernels behave otherwise) is checked once at install,
     left off with a warning that says why, and MLX's attention serves the decode steps."""
 
-    def broken(q: Any, k: Any, v: Any, scale: float, mask: Any) -> Any:
+    def broken(q: Any, k: Any, v: Any, scale: float, mask: Any, **_: Any) -> Any:
         if fault == "raises":
             raise RuntimeError("Failed to compile kernel: cuda_fp16.h: No such file")
         return mx.zeros(q.shape, q.dtype)
@@ -371,7 +371,9 @@ def test_turning_both_off_gives_mlx_back_its_attention(monkeypatch: pytest.Monke
     calls: list[str] = []
     monkeypatch.setattr(cuda, "unfused_attention", lambda *a: calls.append("unfused"))
     monkeypatch.setattr(
-        cuda, "masked_decode_attention", lambda *a: calls.append("kernel") or _reference(*a)
+        cuda,
+        "masked_decode_attention",
+        lambda *a, **_: calls.append("kernel") or _reference(*a),
     )
     monkeypatch.setattr(cuda, "on_cuda", lambda: True)
     assert cuda.install(1 << 20, decode_kernel=True)
