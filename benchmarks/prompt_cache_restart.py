@@ -6,8 +6,10 @@ against a cold prefill of the same prompt. Run by hand:
 
 Per repetition: an appliance with a fresh `models.prompt_cache_dir` answers turn 1 of a
 conversation (a long system prompt) and stops (SIGTERM: its cache goes to disk); a second one on
-the same folder answers turn 2 (timed: the disk tier); a third with no disk tier answers the
-same turn 2 (timed: a cold prefill). Each timed request is its server's first after start.
+the same folder answers turn 2 (timed: the disk tier, its files read back at load unless
+`--set models.prompt_cache_preload_s=0`); a third with no disk tier answers the same turn 2
+(timed: a cold prefill). Each timed request is its server's first after start, sent as soon as
+it is ready; each server's seconds from start to ready are reported beside.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from .common import HOST, child_env, free_port, say
 from .procs import Proc, wait_ready
 
 
-def _serve(name: str, work: Path, model: str, extra: list[str]) -> tuple[Proc, str]:
+def _serve(name: str, work: Path, model: str, extra: list[str]) -> tuple[Proc, str, float]:
+    """A started appliance, its URL and its seconds from start to ready."""
     port = free_port()
     argv = [
         sys.executable,
@@ -42,8 +45,8 @@ def _serve(name: str, work: Path, model: str, extra: list[str]) -> tuple[Proc, s
     ]
     proc = Proc(name, argv, child_env(), work, work / f"{name}.log").start()
     url = f"http://{HOST}:{port}"
-    wait_ready(proc, url + "/readyz", timeout=300)
-    return proc, url
+    ready = wait_ready(proc, url + "/readyz", timeout=300)
+    return proc, url, ready
 
 
 def _turn(url: str, model: str, messages: list[dict[str, str]]) -> tuple[str, float, int, int]:
@@ -94,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         : args.chars
     ]
     warm, cold = [], []
+    ups: list[tuple[float, float]] = []
     for i in range(args.repeat):
         with tempfile.TemporaryDirectory(prefix="pc-restart-") as tmp:
             work = Path(tmp)
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 {"role": "system", "content": f"{i} {system}"},
                 {"role": "user", "content": "What does the project do?"},
             ]
-            proc, url = _serve("turn1", work, args.model, disk)
+            proc, url, _ = _serve("turn1", work, args.model, disk)
             answer, _, p1, _ = _turn(url, args.model, first)
             proc.stop()
             second = [
@@ -110,22 +114,24 @@ def main(argv: list[str] | None = None) -> int:
                 {"role": "assistant", "content": answer},
                 {"role": "user", "content": "Run the tests."},
             ]
-            proc, url = _serve("disk", work, args.model, disk)
+            proc, url, up_warm = _serve("disk", work, args.model, disk)
             _, t_warm, p2, cached = _turn(url, args.model, second)
             proc.stop()
             for line in (work / "disk.log").read_text(errors="replace").splitlines():
-                if "read from disk" in line:
+                if "from disk" in line:
                     say(line.strip())
-            proc, url = _serve("cold", work, args.model, list(args.set))
+            proc, url, up_cold = _serve("cold", work, args.model, list(args.set))
             _, t_cold, _, cold_cached = _turn(url, args.model, second)
             proc.stop()
             assert cold_cached == 0
             say(
                 f"rep {i}: turn 1 {p1} tokens; turn 2 {p2} tokens, {cached} from disk: "
-                f"TTFT {t_warm * 1000:.0f} ms vs cold {t_cold * 1000:.0f} ms"
+                f"TTFT {t_warm * 1000:.0f} ms vs cold {t_cold * 1000:.0f} ms; "
+                f"ready {up_warm:.2f} s vs {up_cold:.2f} s after start"
             )
             warm.append(t_warm)
             cold.append(t_cold)
+            ups.append((up_warm, up_cold))
     w, c = statistics.median(warm), statistics.median(cold)
     print(
         json.dumps(
@@ -136,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                 "ttft_disk_s": round(w, 4),
                 "ttft_cold_s": round(c, 4),
                 "ratio": round(w / c, 3),
+                "ready_disk_s": round(statistics.median(u for u, _ in ups), 3),
+                "ready_cold_s": round(statistics.median(u for _, u in ups), 3),
             }
         )
     )

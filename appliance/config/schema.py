@@ -233,6 +233,14 @@ class ModelsConfig:
         "used removed first).",
         check=Between(0, unit="bytes"),
     )
+    prompt_cache_preload_s: float = key(
+        2.0,
+        "At load, read prompt_cache_dir's files back into memory, most recently used first, "
+        "within prompt_cache_bytes, starting no read after this many seconds; the model is "
+        "ready after, and the first turns after a restart find their prefixes in memory (0: "
+        "a file is read when a prompt first needs it).",
+        check=Between(0, unit="seconds"),
+    )
     cuda_unfused_attention_elements: int = key(
         1 << 31,
         "CUDA: prefill attention up to this many scores (batch x heads x query x key "

@@ -14,8 +14,9 @@ it never reaches a sequence.
 The folder is bounded by bytes: least recently used files go first, and a file whose tokens are
 a strict prefix of a newer one's is removed when that one is written (it holds nothing more).
 Writes are atomic (a temporary file, fsync, rename, fsync of the folder). Everything here runs
-on the model's generation thread; the worker calls it when idle, at unload and at shutdown, so
-running streams never wait for the disk.
+on the model's generation thread; the worker writes when idle, at unload and at shutdown, so
+running streams never wait for the disk, and reads the most recent files back at load (before the
+model is ready) and the others when a prompt needs one.
 """
 
 from __future__ import annotations
@@ -407,6 +408,10 @@ class DiskCache:
     def has(self, tokens: list[int]) -> bool:
         return self.key(_token_bytes(tokens)) in self._index
 
+    def recent(self) -> list[DiskEntry]:
+        """The files, most recently used first."""
+        return list(reversed(self._index.values()))
+
     # -- reading
     def best(self, prompt: list[int]) -> tuple[Optional[DiskEntry], int]:
         """The file sharing the longest prefix with `prompt`, and that prefix's length."""
@@ -425,9 +430,10 @@ class DiskCache:
                 best, n_best = e, k
         return best, n_best
 
-    def load(self, entry: DiskEntry) -> Optional[list[Any]]:
+    def load(self, entry: DiskEntry, touch: bool = True) -> Optional[list[Any]]:
         """The caches in `entry`'s file, checked against their digest; None (and the file
-        removed) if it is torn, foreign or corrupted."""
+        removed) if it is torn, foreign or corrupted. `touch`: count it as used (a prompt needs
+        it; not when read back at load)."""
         try:
             parsed = read_header(entry.path)  # the file may have changed since the scan
             again, why = self._entry_of(entry.path, parsed)
@@ -452,11 +458,12 @@ class DiskCache:
             self.nbytes -= entry.nbytes
             self._remove(entry.path, str(exc))
             return None
-        self._index.move_to_end(entry.key)
-        try:
-            os.utime(entry.path)  # recency survives a restart
-        except OSError:
-            pass
+        if touch:
+            self._index.move_to_end(entry.key)
+            try:
+                os.utime(entry.path)  # recency survives a restart
+            except OSError:
+                pass
         return list(cache)
 
     # -- writing
@@ -560,6 +567,26 @@ class DiskTier:
         if cache is None:
             return None
         return [int(t) for t in entry.tokens], cache
+
+    def preload(self, room: int, deadline: float) -> list[tuple[list[int], list[Any]]]:
+        """The most recently used files' tokens and caches, newest first, as many as fit `room`
+        bytes, reading none after `deadline` (perf_counter); a bad file is removed on the way,
+        and the files' recency is left as it was (nothing asked for them yet)."""
+        out: list[tuple[list[int], list[Any]]] = []
+        for entry in self.disk.recent():
+            if room <= 0 or time.perf_counter() >= deadline:
+                break
+            if entry.nbytes > room + entry.nbytes // 16:  # a file is its cache and a header
+                continue
+            cache = self.disk.load(entry, touch=False)
+            if cache is None:
+                continue
+            n = sum(int(c.nbytes) for c in cache)
+            if n > room:
+                continue
+            out.append(([int(t) for t in entry.tokens], cache))
+            room -= n
+        return out
 
     def write_some(
         self,

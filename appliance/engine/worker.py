@@ -20,6 +20,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, Optional
 
+import numpy as np
+
 from ..errors import EngineFailure, InvalidRequest
 from .commands import Call, Cancel, Command, Fault, Stop, Submit
 from .governor import PREFILLED_MIN_TOKENS
@@ -133,6 +135,7 @@ class ModelWorker(WorkerThread):
         arriving: Callable[[], int] = lambda: 0,
         prompt_cache_dir: Optional[str] = None,
         prompt_cache_disk_bytes: int = 0,
+        prompt_cache_preload_s: float = 0.0,
         kv_bits: Optional[int] = None,
     ) -> None:
         self.name = name
@@ -148,6 +151,8 @@ class ModelWorker(WorkerThread):
         self._prompt_cache_min_tokens = prompt_cache_min_tokens  # None: by backend, at load
         self._prompt_cache_dir = prompt_cache_dir  # the disk tier (disk_cache.py), None: off
         self._prompt_cache_disk_bytes = prompt_cache_disk_bytes
+        self._prompt_cache_preload_s = prompt_cache_preload_s  # the disk tier read back at load
+        self._preloaded: list[Any] = []  # their token arrays, until a prompt first uses each
         self._disk: Any = None  # a disk_cache.DiskTier once loaded
         self._kv_bits = kv_bits  # cached prefixes kept quantized (prompt_cache.py)
         self._join_window_s = join_window_s
@@ -482,6 +487,7 @@ class ModelWorker(WorkerThread):
             **extra,
         )
         self._warm_up(gen)
+        self._preload_disk()
         if self._prompt_cache_bytes > 0 and hasattr(gen, "keep_prefilled"):
             gen.keep_prefilled = True
         self._grammar_bridge()
@@ -650,7 +656,7 @@ class ModelWorker(WorkerThread):
         if cache is not None and max(1, self._prompt_cache_min_tokens or 0) <= cached < len(prompt):
             self.stats["cache_hits"] += 1
             self.stats["cached_tokens"] += cached
-            if from_disk:
+            if from_disk or self._first_use_of_preloaded(prompt, cached):
                 self.stats["disk_hits"] += 1
                 self.stats["disk_tokens"] += cached
         else:
@@ -708,6 +714,41 @@ class ModelWorker(WorkerThread):
             disk.removed,
             time.perf_counter() - t0,
         )
+
+    def _preload_disk(self) -> None:
+        """At load: the disk tier's most recently used files back into memory (within the
+        memory's budget, for up to prompt_cache_preload_s), so that the first turns after a
+        restart find their prefixes there instead of waiting for the disk."""
+        if self._disk is None or self._prompt_cache_preload_s <= 0:
+            return
+        t0 = time.perf_counter()
+        room = self._prompt_cache_bytes - int(getattr(self.prompt_cache, "nbytes", 0))
+        found = self._disk.preload(room, t0 + self._prompt_cache_preload_s)
+        for tokens, cache in reversed(found):  # oldest first: the newest ends most recent
+            self.prompt_cache.insert_cache(self.path, tokens, cache, cache_type="assistant")
+            self._preloaded.append(np.asarray(tokens, dtype=np.int64))
+        self.prompt_cache.trim_to(n_bytes=self._prompt_cache_bytes)
+        self.stats["disk_bytes"] = self._disk.disk.nbytes
+        log.info(
+            "model %s: %d prompt cache files of %d (%d tokens) read back from disk in %.2f s",
+            self.name,
+            len(found),
+            len(self._disk.disk),
+            sum(len(t) for t, _ in found),
+            time.perf_counter() - t0,
+        )
+
+    def _first_use_of_preloaded(self, prompt: list[int], cached: int) -> bool:
+        """Whether a memory hit of `cached` tokens is the first use of a prefix read back from
+        disk at load (then it counts as served from disk, as a read at its arrival would)."""
+        if not self._preloaded:
+            return False
+        head = np.asarray(prompt[:cached], dtype=np.int64)
+        for i, tokens in enumerate(self._preloaded):
+            if len(tokens) >= cached and np.array_equal(tokens[:cached], head):
+                del self._preloaded[i]
+                return True
+        return False
 
     def _from_disk(self, prompt: list[int], cache: Any, rest: list[int]) -> tuple[Any, Any, bool]:
         """The memory's match, or a longer one from disk (then kept in memory as well)."""

@@ -90,3 +90,65 @@ def test_a_known_conversation_hits_the_disk_after_a_restart(
     assert b.stop() == 0
     assert _size(folder) <= BUDGET
     assert len(list(folder.iterdir())) >= 2
+
+
+def test_the_most_recent_conversations_are_back_in_memory_when_the_server_is_ready(
+    appliance_factory: Any, tmp_path: Path
+) -> None:
+    root = tmp_path / "prompt-cache"
+    settings = (
+        f"models.prompt_cache_dir={root}",
+        f"models.prompt_cache_disk_bytes={BUDGET}",
+        "models.prompt_cache_min_tokens=0",
+    )
+    older = [{"role": "system", "content": "0 " + SYSTEM}, {"role": "user", "content": "Hi."}]
+    newer = [{"role": "system", "content": "1 " + SYSTEM}, {"role": "user", "content": "Hi."}]
+    a = appliance_factory(*settings, home=tmp_path / "one")
+    answers = [_chat(a.url, older)[0], _chat(a.url, newer)[0]]
+    assert a.stop() == 0
+    folder = root / "demo"
+    sizes = [p.stat().st_size for p in folder.iterdir() if p.name.endswith(SUFFIX)]
+    assert len(sizes) == 2, sizes
+
+    # Memory for one of the two: the newer one is read back before the server says ready.
+    b = appliance_factory(
+        *settings, f"models.prompt_cache_bytes={max(sizes) * 3 // 2}", home=tmp_path / "two"
+    )
+    log = b.log()
+    assert re.search(r"1 prompt cache files of 2 \(\d+ tokens\) read back from disk", log), log
+    # With the files gone, only what is in memory can still be reused.
+    for p in folder.iterdir():
+        p.unlink()
+    turn2 = [
+        [*conv, {"role": "assistant", "content": answer}, {"role": "user", "content": "Go on."}]
+        for conv, answer in zip((older, newer), answers, strict=True)
+    ]
+    _, prompt_new, cached_new = _chat(b.url, turn2[1])
+    _, prompt_old, cached_old = _chat(b.url, turn2[0])
+    assert 0 < cached_new < prompt_new
+    assert cached_old < prompt_old // 10  # the template's opening, which both share
+    # Counted as served from disk, as a read at the request would have been.
+    assert _disk_hits(b.url) == cached_new
+    assert "read from disk" not in b.log()
+
+
+def test_with_preload_off_a_file_is_read_when_a_prompt_needs_it(
+    appliance_factory: Any, tmp_path: Path
+) -> None:
+    root = tmp_path / "prompt-cache"
+    settings = (
+        f"models.prompt_cache_dir={root}",
+        f"models.prompt_cache_disk_bytes={BUDGET}",
+        "models.prompt_cache_min_tokens=0",
+    )
+    first = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi."}]
+    a = appliance_factory(*settings, home=tmp_path / "one")
+    answer, _, _ = _chat(a.url, first)
+    assert a.stop() == 0
+    b = appliance_factory(*settings, "models.prompt_cache_preload_s=0", home=tmp_path / "two")
+    assert "read back from disk" not in b.log()
+    turn2 = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "Go."}]
+    _, prompt2, cached2 = _chat(b.url, turn2)
+    assert 0 < cached2 < prompt2
+    assert _disk_hits(b.url) == cached2
+    assert re.search(r"a cached prefix of \d+ tokens read from disk", b.log())

@@ -173,3 +173,35 @@ def test_model_folders_are_kept_apart(tmp_path: Path) -> None:
     assert folder_for(str(tmp_path), "demo") == tmp_path / "demo"
     a, b = folder_for(str(tmp_path), "x/y"), folder_for(str(tmp_path), "x_y")
     assert a != b and a.parent == tmp_path
+
+
+def test_a_preload_reads_the_most_recent_files_that_fit_and_keeps_their_order(
+    tmp_path: Path,
+) -> None:
+    disk = _open(tmp_path)
+    a, b, c = (list(range(s, s + 64)) for s in (1, 2000, 3000))
+    paths = []
+    for tokens in (a, b, c):
+        disk.write(tokens, _cache(64, seed=tokens[0]))
+        paths.append(disk.folder / (disk.key(disk_cache._token_bytes(tokens)) + SUFFIX))
+    one = sum(int(x.nbytes) for x in disk_cache.compact(_cache(64)) or [])  # as files hold it
+    # b's file is broken: the preload removes it and goes on to a.
+    path_b = paths[1]
+    data = bytearray(path_b.read_bytes())
+    data[-40] ^= 0xFF
+    path_b.write_bytes(bytes(data))
+    for i, path in enumerate(paths):  # c is the most recent
+        os.utime(path, (1_000_000 + i, 1_000_000 + i))
+    tier = DiskTier(_open(tmp_path), pending_bytes=0)
+    order = [e.tokens.tolist() for e in tier.disk.recent()]
+    assert order == [c, b, a]
+
+    got = tier.preload(room=2 * one, deadline=float("inf"))
+    assert [tokens for tokens, _ in got] == [c, a]
+    want = _cache(64, seed=c[0])
+    assert mx.array_equal(got[0][1][0].keys[..., :64, :], want[0].keys[..., :64, :])
+    assert not path_b.exists() and not tier.disk.has(b)
+    assert [e.tokens.tolist() for e in tier.disk.recent()] == [c, a]  # recency untouched
+    # Room for one: the newest alone; no time left: nothing is read.
+    assert [t for t, _ in tier.preload(room=one, deadline=float("inf"))] == [c]
+    assert tier.preload(room=2 * one, deadline=0.0) == []

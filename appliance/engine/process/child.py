@@ -56,6 +56,7 @@ class _EngineWorker(ModelWorker):
             prompt_cache_min_tokens=init["prompt_cache_min_tokens"],
             prompt_cache_dir=init.get("prompt_cache_dir"),
             prompt_cache_disk_bytes=init.get("prompt_cache_disk_bytes", 0),
+            prompt_cache_preload_s=init.get("prompt_cache_preload_s", 0.0),
             unfused_attention_elements=init["unfused_attention_elements"],
             decode_kernel=init["decode_kernel"],
         )

@@ -56,6 +56,7 @@ class ProcessWorker(WorkerThread):
         on_death: Optional[Callable[[str, BaseException], None]] = None,
         prompt_cache_dir: Optional[str] = None,
         prompt_cache_disk_bytes: int = 0,
+        prompt_cache_preload_s: float = 0.0,
     ) -> None:
         self.name = name
         self.path = path
@@ -68,6 +69,7 @@ class ProcessWorker(WorkerThread):
             "prompt_cache_min_tokens": prompt_cache_min_tokens,
             "prompt_cache_dir": prompt_cache_dir,
             "prompt_cache_disk_bytes": prompt_cache_disk_bytes,
+            "prompt_cache_preload_s": prompt_cache_preload_s,
             "unfused_attention_elements": unfused_attention_elements,
             "decode_kernel": decode_kernel,
             "trust_remote_code": trust_remote_code,
