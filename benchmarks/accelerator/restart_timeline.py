@@ -16,6 +16,9 @@ how the file is read: `streams` (the disk tier's own way), `one` (one stream, th
 device's), `touch` (the disk tier's way, and in the same evaluation a sum of every tensor on the
 default device, so that on CUDA each tensor moves to the GPU as soon as it is read rather than
 in the first engine call).
+PRELOAD=0 makes `read` find the file when the request needs it (models.prompt_cache_preload_s);
+by default the file is read back into memory at load, before the request, and the model's load
+time printed includes it.
 """
 
 from __future__ import annotations
@@ -94,7 +97,13 @@ async def main(mode: str, folder: Path) -> None:
             disk_cache.read_caches = read_and_touch
         elif READ != "streams":
             sys.exit(f"READ={READ!r}: streams, one or touch")
-        print(f"read: {READ} ({disk_cache.read_streams()} streams)", flush=True)
+        preload = os.environ.get("PRELOAD")  # seconds: the profile's default when unset
+        if preload is not None:
+            sets.append(f"models.prompt_cache_preload_s={preload}")
+        print(
+            f"read: {READ} ({disk_cache.read_streams()} streams), preload {preload or 'default'}",
+            flush=True,
+        )
     cfg = load(compose(sets))
     engine = Engine(cfg.models, cfg.limits)
     t0 = time.perf_counter()
