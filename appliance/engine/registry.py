@@ -13,6 +13,7 @@ from typing import Any, Optional
 from ..config import ModelsConfig, ModelSpec
 from ..errors import EngineFailure, InsufficientMemory, ModelLoadError, ModelNotFound
 from . import distributed
+from .chat import formats_of
 from .cpu import WeightPlan
 from .governor import weights_bytes
 from .loading import as_folder, load_model, set_chat_template, weight_plan
@@ -256,6 +257,7 @@ class ModelRegistry:
                 await worker.start()
                 set_chat_template(worker.tokenizer, spec.chat_template, name)
                 await self._measure_weights(worker, info)
+                await asyncio.to_thread(_detect_formats, worker, spec.tool_parser, name)
             except BaseException as exc:
                 if worker.alive:  # loaded, then refused: nothing half-loaded stays behind
                     worker.stop()
@@ -331,3 +333,12 @@ class ModelRegistry:
             worker.stop()
             await asyncio.to_thread(worker.join, 10.0)
             self._info[name].state = "unloaded"
+
+
+def _detect_formats(worker: AnyWorker, tool_parser: Optional[str], name: str) -> None:
+    """Read the model's tool-call and thinking formats from its template and vocabulary now,
+    not in its first request (it imports mlx-lm's tool parsers and walks the vocabulary)."""
+    try:
+        formats_of(worker, tool_parser)
+    except Exception as exc:  # the requests will say what is wrong, as before
+        log.warning("model %s: its output formats are not known: %s", name, exc)
