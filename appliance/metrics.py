@@ -147,7 +147,7 @@ class _LiveCollector(Collector):
         )
         evicted = CounterMetricFamily(
             p + "prompt_cache_evicted_bytes",
-            "Prompt-cache bytes evicted to make room for requests.",
+            "Prompt-cache bytes evicted to make room for requests or a model load.",
         )
         evicted.add_metric([], float(e.kv_evicted_bytes))
         yield evicted

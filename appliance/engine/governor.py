@@ -212,9 +212,10 @@ class MemoryGovernor:
             code="insufficient_memory",
         )
 
-    async def make_room(self, model: str, shortfall: int) -> int:
+    async def make_room(self, model: str, shortfall: int, purpose: str = "admit a request") -> int:
         """Evict prompt-cache entries, the requesting model's first, until `shortfall` bytes
-        are freed or the caches are empty, and free MLX's buffer cache; the bytes evicted."""
+        are freed or the caches are empty, and free MLX's buffer cache; the bytes evicted.
+        `purpose` is what the log says it was for."""
         if shortfall <= 0:
             return 0
         workers = sorted(self._cached_workers(), key=lambda nw: nw[0] != model)
@@ -234,9 +235,7 @@ class MemoryGovernor:
                 continue
             if isinstance(got, int) and got > 0:
                 evicted += got
-                log.info(
-                    "evicted %d bytes of model %s's prompt cache to admit a request", got, name
-                )
+                log.info("evicted %d bytes of model %s's prompt cache to %s", got, name, purpose)
                 if not _here(worker.prompt_cache):
                     # an engine process reports its size only every few steps: count it now
                     worker.prompt_cache.nbytes = max(0, held - got)

@@ -6,7 +6,7 @@ import asyncio
 import fnmatch
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, Optional
 
@@ -58,6 +58,9 @@ class ModelRegistry:
         self.memory_limit: Optional[int] = None  # limits.mlx_memory_limit_bytes, set by the engine
         # Requests the HTTP front holds on their way to an engine (arrivals.py), set by the engine
         self.arriving: Callable[[], int] = lambda: 0
+        # Evicts the loaded models' prompt caches for a load (model, bytes short) -> bytes
+        # evicted: the memory governor's, set by the engine
+        self.make_room: Optional[Callable[[str, int], Coroutine[Any, Any, int]]] = None
 
     # -- observers (metrics, state file)
     def subscribe(self, listener: Listener) -> None:
@@ -191,9 +194,15 @@ class ModelRegistry:
                 info.extra["weights_bytes"] = max(
                     0, need - kv_bytes_per_token(path) * spec.context_length
                 )
-                free = free_bytes()
-                if self.memory_limit is not None:
-                    free = min(free, self.memory_limit - mlx_active())
+                free = self._free_for_load()
+                if need > free and self.make_room is not None:
+                    # The other models' prompt caches go before a load is refused, as they go
+                    # before a request is (the governor's eviction, on the event loop)
+                    evict = asyncio.run_coroutine_threadsafe(
+                        self.make_room(name, need - free), loop
+                    )
+                    if evict.result(timeout=60) > 0:
+                        free = self._free_for_load()
                 if need > free:
                     raise InsufficientMemory(
                         f"model {name!r} needs about {need / 2**30:.1f} GiB "
@@ -275,6 +284,14 @@ class ModelRegistry:
             log.info("model %s loaded in %.2f s", name, seconds)
             self._emit("loaded", name, seconds=seconds)
             return info
+
+    def _free_for_load(self) -> int:
+        """Bytes a model may load into: the system's (the device's on CUDA), within the MLX
+        memory limit less what MLX holds."""
+        free = free_bytes()
+        if self.memory_limit is not None:
+            free = min(free, self.memory_limit - mlx_active())
+        return free
 
     async def _measure_weights(self, worker: AnyWorker, info: ModelInfo) -> None:
         """The loaded parameters' bytes, for the memory governor (the file-based estimate stays

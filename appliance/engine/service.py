@@ -62,6 +62,9 @@ class Engine:
             weights=self.registry.weights_bytes,
             workers=self._loaded_workers,
         )
+        self.registry.make_room = lambda model, short: self.governor.make_room(
+            model, short, purpose=f"load model {model}"
+        )
         self._needs: dict[int, int] = {}  # KV bytes reserved by each generation holding a slot
         self.admission.room = _Room(self)
 

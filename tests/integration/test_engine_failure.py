@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from ._resilience import BASE, Stream, loaded, metric, wait_until
+from ._resilience import ADMIN_ENV, ADMIN_KEY, BASE, Stream, loaded, metric, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -285,3 +285,42 @@ def test_a_start_cancelled_mid_load_leaves_the_thread_quiet() -> None:
         assert errors == []
     finally:
         threading.excepthook = hook
+
+
+def test_a_load_evicts_the_other_models_prompt_caches_before_it_is_refused(
+    appliance_factory: Any, demo_model_dir: Path
+) -> None:
+    """`small` (weights and 1000 tokens of KV, 2 MB) fits the limit beside demo's weights only
+    while demo's prompt cache (1.2 MB and more) is not held."""
+    weights = (demo_model_dir / "model.safetensors").stat().st_size
+    a = appliance_factory(
+        *BASE,
+        f"limits.mlx_memory_limit_bytes={2 * weights + 3_000_000}",
+        "+models.catalog.small.path=builtin:demo",
+        "+models.catalog.small.context_length=1000",
+        "models.auto_load=[demo]",
+        env=ADMIN_ENV,
+    )
+    with httpx.Client(base_url=a.url, timeout=60) as client:
+        r = client.post("/v1/completions", json=_long(400, 200, seed=5))
+        assert r.status_code == 200, r.text
+        held = wait_until(
+            lambda: metric(a.url, "lmx_prompt_cache_bytes", model="demo"), what="a cached prefix"
+        )
+        assert held >= 600 * KV_PER_TOKEN * 0.9
+        r = client.post(
+            "/admin/models/load",
+            json={"model": "small"},
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        assert sorted(loaded(a.url)) == ["demo", "small"]
+        assert (metric(a.url, "lmx_prompt_cache_evicted_bytes_total") or 0) >= held * 0.5
+        assert "prompt cache to load model small" in a.log()
+        # Both serve.
+        for model in ("demo", "small"):
+            r = client.post(
+                "/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 3}
+            )
+            assert r.status_code == 200, r.text
