@@ -358,12 +358,13 @@ def _detect_formats(worker: AnyWorker, tool_parser: Optional[str], name: str) ->
     imported, the vocabulary walked, the Jinja template compiled: 10-40 ms)."""
     try:
         formats_of(worker, tool_parser)
-        tok = worker.tokenizer
-        if getattr(tok, "chat_template", None):
-            tok.encode(
-                tok.apply_chat_template(
-                    [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
-                )
-            )
     except Exception as exc:  # the requests will say what is wrong, as before
-        log.warning("model %s: its formats or chat template not read ahead: %s", name, exc)
+        log.warning("model %s: its output formats are not known: %s", name, exc)
+    tok = worker.tokenizer
+    if not getattr(tok, "chat_template", None):
+        return
+    hello = [{"role": "user", "content": "Hi"}]
+    try:
+        tok.encode(tok.apply_chat_template(hello, tokenize=False, add_generation_prompt=True))
+    except Exception as exc:  # a template that wants more than one user message: only a warm-up
+        log.debug("model %s: chat template not warmed up: %s", name, exc)
