@@ -195,7 +195,7 @@ class ModelRegistry:
                     0, need - kv_bytes_per_token(path) * spec.context_length
                 )
                 free = self._free_for_load()
-                if need > free and self.make_room is not None:
+                if need > free and self.make_room is not None and not _on(loop):
                     # The other models' prompt caches go before a load is refused, as they go
                     # before a request is (the governor's eviction, on the event loop)
                     evict = asyncio.run_coroutine_threadsafe(
@@ -368,3 +368,11 @@ def _detect_formats(worker: AnyWorker, tool_parser: Optional[str], name: str) ->
         tok.encode(tok.apply_chat_template(hello, tokenize=False, add_generation_prompt=True))
     except Exception as exc:  # a template that wants more than one user message: only a warm-up
         log.debug("model %s: chat template not warmed up: %s", name, exc)
+
+
+def _on(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether this thread runs `loop` (then it must not wait for a coroutine on it)."""
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False

@@ -723,11 +723,15 @@ class ModelWorker(WorkerThread):
             return
         t0 = time.perf_counter()
         room = self._prompt_cache_bytes - int(getattr(self.prompt_cache, "nbytes", 0))
-        found = self._disk.preload(room, t0 + self._prompt_cache_preload_s)
-        for tokens, cache in reversed(found):  # oldest first: the newest ends most recent
-            self.prompt_cache.insert_cache(self.path, tokens, cache, cache_type="assistant")
-            self._preloaded.append(np.asarray(tokens, dtype=np.int64))
-        self.prompt_cache.trim_to(n_bytes=self._prompt_cache_bytes)
+        try:
+            found = self._disk.preload(room, t0 + self._prompt_cache_preload_s)
+            for tokens, cache in reversed(found):  # oldest first: the newest ends most recent
+                self.prompt_cache.insert_cache(self.path, tokens, cache, cache_type="assistant")
+                self._preloaded.append(np.asarray(tokens, dtype=np.int64))
+            self.prompt_cache.trim_to(n_bytes=self._prompt_cache_bytes)
+        except Exception:  # the disk tier never takes the model down: the files wait on disk
+            log.exception("model %s: reading the prompt cache back from disk failed", self.name)
+            return
         self.stats["disk_bytes"] = self._disk.disk.nbytes
         log.info(
             "model %s: %d prompt cache files of %d (%d tokens) read back from disk in %.2f s",
