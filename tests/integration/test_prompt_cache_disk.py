@@ -36,6 +36,19 @@ def _disk_hits(url: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
+def _settings(root: Path) -> tuple[str, ...]:
+    """A disk tier in `root`, within BUDGET, every cached prefix reused."""
+    return (
+        f"models.prompt_cache_dir={root}",
+        f"models.prompt_cache_disk_bytes={BUDGET}",
+        "models.prompt_cache_min_tokens=0",
+    )
+
+
+def _next_turn(conv: list[dict[str, str]], answer: str, ask: str) -> list[dict[str, str]]:
+    return [*conv, {"role": "assistant", "content": answer}, {"role": "user", "content": ask}]
+
+
 def _size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir())
 
@@ -44,11 +57,7 @@ def test_a_known_conversation_hits_the_disk_after_a_restart(
     appliance_factory: Any, tmp_path: Path
 ) -> None:
     root = tmp_path / "prompt-cache"
-    settings = (
-        f"models.prompt_cache_dir={root}",
-        f"models.prompt_cache_disk_bytes={BUDGET}",
-        "models.prompt_cache_min_tokens=0",
-    )
+    settings = _settings(root)
     first = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "List the files."}]
     a = appliance_factory(*settings, home=tmp_path / "one")
     answer, prompt_tokens, cached = _chat(a.url, first)
@@ -73,11 +82,7 @@ def test_a_known_conversation_hits_the_disk_after_a_restart(
 
     b = appliance_factory(*settings, home=tmp_path / "two")
     assert not torn.exists() and not (folder / foreign.name).exists()
-    turn2 = [
-        *first,
-        {"role": "assistant", "content": answer},
-        {"role": "user", "content": "Now run the tests."},
-    ]
+    turn2 = _next_turn(first, answer, "Now run the tests.")
     _, prompt2, cached2 = _chat(b.url, turn2)
     # The first turn of the restarted server reuses the previous prompt from disk: all of it
     # but its last token, which the template's assistant header merges with the answer.
@@ -96,11 +101,7 @@ def test_the_most_recent_conversations_are_back_in_memory_when_the_server_is_rea
     appliance_factory: Any, tmp_path: Path
 ) -> None:
     root = tmp_path / "prompt-cache"
-    settings = (
-        f"models.prompt_cache_dir={root}",
-        f"models.prompt_cache_disk_bytes={BUDGET}",
-        "models.prompt_cache_min_tokens=0",
-    )
+    settings = _settings(root)
     older = [{"role": "system", "content": "0 " + SYSTEM}, {"role": "user", "content": "Hi."}]
     newer = [{"role": "system", "content": "1 " + SYSTEM}, {"role": "user", "content": "Hi."}]
     a = appliance_factory(*settings, home=tmp_path / "one")
@@ -120,7 +121,7 @@ def test_the_most_recent_conversations_are_back_in_memory_when_the_server_is_rea
     for p in folder.iterdir():
         p.unlink()
     turn2 = [
-        [*conv, {"role": "assistant", "content": answer}, {"role": "user", "content": "Go on."}]
+        _next_turn(conv, answer, "Go on.")
         for conv, answer in zip((older, newer), answers, strict=True)
     ]
     _, prompt_new, cached_new = _chat(b.url, turn2[1])
@@ -136,18 +137,14 @@ def test_with_preload_off_a_file_is_read_when_a_prompt_needs_it(
     appliance_factory: Any, tmp_path: Path
 ) -> None:
     root = tmp_path / "prompt-cache"
-    settings = (
-        f"models.prompt_cache_dir={root}",
-        f"models.prompt_cache_disk_bytes={BUDGET}",
-        "models.prompt_cache_min_tokens=0",
-    )
+    settings = _settings(root)
     first = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi."}]
     a = appliance_factory(*settings, home=tmp_path / "one")
     answer, _, _ = _chat(a.url, first)
     assert a.stop() == 0
     b = appliance_factory(*settings, "models.prompt_cache_preload_s=0", home=tmp_path / "two")
     assert "read back from disk" not in b.log()
-    turn2 = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "Go."}]
+    turn2 = _next_turn(first, answer, "Go.")
     _, prompt2, cached2 = _chat(b.url, turn2)
     assert 0 < cached2 < prompt2
     assert _disk_hits(b.url) == cached2
