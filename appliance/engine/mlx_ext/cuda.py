@@ -656,9 +656,8 @@ def _routed(
 def probe_decode_kernel() -> Optional[str]:
     """Run masked_decode_attention on small padded inputs (bf16, 4 query heads a KV head, head
     size 64), whole and split into runs, against MLX's attention in float32: None when it
-    agrees, else why not (it could
-    not be compiled, e.g. no CUDA headers for MLX's JIT, or an MLX whose custom kernels behave
-    otherwise). Kept after the first call."""
+    agrees, else why not (it could not be compiled, e.g. no CUDA headers for MLX's JIT, or an
+    MLX whose custom kernels behave otherwise). Kept after the first call."""
     if "probe" in _decode:
         return cast(Optional[str], _decode["probe"])
     import mlx.core as mx
